@@ -1,0 +1,189 @@
+//! `fleetsync-agent`: runs on each instance and pulls `s3://bucket/prefix`
+//! into local disk. Parsing and printing only; the work is in the library.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use fleetsync::pull::{DEFAULT_CONCURRENCY, DEFAULT_STATE_DIR};
+use fleetsync::{exit, ClientOptions, IfBusy, PullOptions, PullReport, S3Url};
+
+mod progress;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  ok: DEST matches the source
+  1  partial failure: some files failed (see the report), or the pull failed as a whole
+  2  usage or configuration error (flags, credentials, bucket, endpoint, permissions); nothing changed
+  3  busy: another pull holds the node lock and --if-busy fail was given";
+
+#[derive(Parser)]
+#[command(name = "fleetsync-agent", version, about = "Pulls s3://BUCKET/PREFIX into a local directory, fast and safely.", after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// More log output on stderr (-v info, -vv debug). RUST_LOG also works.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make DEST match the source: download what changed, delete what was removed.
+    #[command(after_help = EXIT_CODES)]
+    Pull(PullArgs),
+}
+
+#[derive(clap::Args)]
+struct PullArgs {
+    /// The source, s3://BUCKET[/PREFIX].
+    source: String,
+    /// The directory to keep in sync with the source.
+    #[arg(long)]
+    dest: PathBuf,
+    /// Where the node lock and the record of placed files live (outside DEST).
+    #[arg(long, env = "FLEETSYNC_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Downloads in flight.
+    #[arg(long, default_value_t = DEFAULT_CONCURRENCY)]
+    concurrency: usize,
+    /// Keep files the source no longer has.
+    #[arg(long)]
+    no_delete: bool,
+    /// Print the plan and touch nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print one JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+    /// When another pull is running: wait for it (and coalesce), or fail with exit code 3.
+    #[arg(long, value_enum, default_value = "wait")]
+    if_busy: IfBusyArg,
+    /// AWS region of the bucket (default: the standard AWS chain, then us-east-1).
+    #[arg(long)]
+    region: Option<String>,
+    /// Path-style S3 addressing, for S3-compatible servers.
+    #[arg(long, env = "FLEETSYNC_S3_PATH_STYLE")]
+    path_style: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum IfBusyArg {
+    Wait,
+    Fail,
+}
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("fleetsync-agent: {e:#}");
+            ExitCode::from(exit::CONFIG as u8)
+        }
+    }
+}
+
+fn try_main() -> anyhow::Result<i32> {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    match cli.command {
+        Command::Pull(args) => runtime.block_on(pull(args)),
+    }
+}
+
+/// `pull`: one sync of DEST from the source. Prints the summary on stderr,
+/// the plan (dry run) on stdout, or the JSON report with `--json`.
+async fn pull(args: PullArgs) -> anyhow::Result<i32> {
+    let dest_label = args.dest.display().to_string();
+    let source = match S3Url::parse(&args.source) {
+        Ok(s) => s,
+        Err(e) => return Ok(fail(&args, args.source.clone(), dest_label, e)),
+    };
+    let opts = PullOptions {
+        source: source.clone(),
+        dest: args.dest.clone(),
+        state_dir: args.state_dir.clone(),
+        concurrency: args.concurrency,
+        delete: !args.no_delete,
+        dry_run: args.dry_run,
+        if_busy: match args.if_busy {
+            IfBusyArg::Wait => IfBusy::Wait,
+            IfBusyArg::Fail => IfBusy::Fail,
+        },
+        client: ClientOptions { region: args.region.clone(), path_style: args.path_style },
+    };
+    let observer = progress::for_stderr();
+    let result = fleetsync::pull(&opts, observer.clone()).await;
+    observer.finish();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => return Ok(fail(&args, source.to_string(), dest_label, e)),
+    };
+    eprintln!("{}", report.summary());
+    for e in &report.errors {
+        eprintln!("  failed: {}: {}", e.key, e.error);
+    }
+    if report.errors_omitted > 0 {
+        eprintln!("  ... and {} more failures", report.errors_omitted);
+    }
+    if args.json {
+        print_stdout(&serde_json::to_string(&report)?);
+    } else if let Some(plan) = &report.plan {
+        print_plan(&report, plan);
+    }
+    Ok(report.exit_code)
+}
+
+/// Reports a pull that failed as a whole: one line on stderr, and the JSON
+/// report too when asked, so that the bastion always has something to parse.
+fn fail(args: &PullArgs, source: String, dest: String, err: fleetsync::Error) -> i32 {
+    eprintln!("fleetsync-agent: {err}");
+    let report = PullReport::failed(source, dest, &err);
+    if args.json {
+        print_stdout(&serde_json::to_string(&report).expect("reports serialize"));
+    }
+    report.exit_code
+}
+
+fn print_plan(report: &PullReport, plan: &fleetsync::report::Plan) {
+    let mut out = String::new();
+    for p in &plan.fetch {
+        out.push_str(&format!("fetch  {p}\n"));
+    }
+    if report.counts.downloaded > plan.fetch.len() as u64 {
+        out.push_str(&format!("fetch  ... and {} more\n", report.counts.downloaded - plan.fetch.len() as u64));
+    }
+    for p in &plan.delete {
+        out.push_str(&format!("delete {p}\n"));
+    }
+    if report.counts.deleted > plan.delete.len() as u64 {
+        out.push_str(&format!("delete ... and {} more\n", report.counts.deleted - plan.delete.len() as u64));
+    }
+    print_stdout(out.trim_end());
+}
+
+/// Writes a line to stdout; a closed pipe (`| head`) is a normal end, not
+/// an error worth a panic.
+fn print_stdout(s: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{s}").and_then(|()| out.flush());
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+

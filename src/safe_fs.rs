@@ -1,0 +1,326 @@
+//! File-system operations inside DEST that never follow a symlink.
+//!
+//! Everything below DEST is reached by walking from an open directory
+//! descriptor one component at a time with `openat(O_NOFOLLOW|O_DIRECTORY)`,
+//! then acting with the `*at` calls on the final directory. A symlink planted
+//! anywhere inside DEST (say `DEST/assets -> /etc`) therefore makes that one
+//! file fail with an error instead of redirecting the write. DEST itself is
+//! opened normally: it is the operator's choice and may be a symlink.
+//!
+//! rustix is used rather than cap-std because cap-std follows symlinks that
+//! stay inside the sandbox, and we want none followed at all.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::keypath::{RelPath, STAGING_DIR};
+
+/// Mode of directories we create. Directory markers carry no mode we trust.
+const DIR_MODE: u32 = 0o755;
+
+/// An open DEST and its staging directory.
+///
+/// Owning the descriptors (rather than re-opening paths) is what makes the
+/// walk immune to DEST's ancestors being swapped while we work.
+#[derive(Debug)]
+pub(crate) struct DestDir {
+    root: OwnedFd,
+    /// `None` when opened read-only (dry runs): nothing may be written then.
+    staging: Option<OwnedFd>,
+    path: PathBuf,
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+impl DestDir {
+    /// Opens (creating if needed) DEST and a fresh staging directory in it.
+    /// A staging directory left by a killed pull is removed first: its files
+    /// were never renamed into place, so they are garbage by definition.
+    pub(crate) fn open(path: &Path) -> std::io::Result<DestDir> {
+        std::fs::create_dir_all(path)?;
+        let root = open_root(path)?;
+        remove_tree_at(&root, STAGING_DIR)?;
+        rfs::mkdirat(&root, STAGING_DIR, Mode::from_raw_mode(0o700))?;
+        let staging = rfs::openat(&root, STAGING_DIR, dir_flags(), Mode::empty())?;
+        Ok(DestDir { root, staging: Some(staging), path: path.to_path_buf() })
+    }
+
+    /// Opens DEST for looking only (dry runs): creates nothing, and `None`
+    /// when DEST does not exist yet.
+    pub(crate) fn open_read_only(path: &Path) -> std::io::Result<Option<DestDir>> {
+        match open_root(path) {
+            Ok(root) => Ok(Some(DestDir { root, staging: None, path: path.to_path_buf() })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn staging(&self) -> std::io::Result<&OwnedFd> {
+        self.staging.as_ref().ok_or_else(|| std::io::Error::other("DEST was opened read-only"))
+    }
+
+    /// Creates a new staging file with a unique name; returns it and its name.
+    pub(crate) fn create_staged(&self, seq: u64) -> std::io::Result<(File, String)> {
+        let name = format!("{seq:x}.{:08x}", rand::random::<u32>());
+        let fd = rfs::openat(
+            self.staging()?,
+            name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        Ok((File::from(fd), name))
+    }
+
+    /// Removes a staging file (a download that failed or was abandoned).
+    pub(crate) fn discard_staged(&self, name: &str) {
+        if let Some(staging) = &self.staging {
+            let _ = rfs::unlinkat(staging, name, AtFlags::empty());
+        }
+    }
+
+    /// Renames a finished staging file to `path`, creating parent directories
+    /// as needed. The rename replaces whatever entry is at `path` (a file or a
+    /// symlink: the link itself is replaced, never followed) atomically, so a
+    /// reader sees the old content or the new, never a mix.
+    pub(crate) fn commit_staged(&self, name: &str, path: &RelPath) -> std::io::Result<()> {
+        let (parents, file_name) = path.split_parent();
+        let dir = self.walk(&parents, true)?;
+        let parent = dir.as_ref().map(|d| d.as_fd()).unwrap_or(self.root.as_fd());
+        rfs::renameat(self.staging()?, name, parent, file_name).map_err(|e| match e {
+            Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST => {
+                std::io::Error::other("a directory is in the way of this file (not placed by fleetsync)")
+            }
+            e => e.into(),
+        })
+    }
+
+    /// Creates the directory `path` (a directory marker) and its parents.
+    pub(crate) fn make_dir(&self, path: &RelPath) -> std::io::Result<()> {
+        let parts: Vec<&str> = path.components().collect();
+        self.walk(&parts, true).map(drop)
+    }
+
+    /// `lstat` of `path`, without following any symlink on the way.
+    /// `Ok(None)` when something on the way does not exist or is not a
+    /// directory we may enter.
+    pub(crate) fn stat(&self, path: &RelPath) -> std::io::Result<Option<rfs::Stat>> {
+        let (parents, file_name) = path.split_parent();
+        let dir = match self.walk(&parents, false) {
+            Ok(dir) => dir,
+            Err(e) if is_absent(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let parent = dir.as_ref().map(|d| d.as_fd()).unwrap_or(self.root.as_fd());
+        match rfs::statat(parent, file_name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the file at `path` (if it is there), then every parent
+    /// directory that this left empty, up to but not including DEST. A
+    /// directory in `keep` (a marker in the source) stays even when empty.
+    pub(crate) fn remove_file(&self, path: &RelPath, keep: &dyn Fn(&str) -> bool) -> std::io::Result<()> {
+        let (parents, file_name) = path.split_parent();
+        let mut chain = Vec::with_capacity(parents.len());
+        for (i, c) in parents.iter().enumerate() {
+            let from = chain.last().unwrap_or(&self.root);
+            match rfs::openat(from, *c, dir_flags(), Mode::empty()) {
+                Ok(fd) => chain.push(fd),
+                // Gone or replaced by a symlink: our file is not there.
+                Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(()),
+                Err(e) => return Err(std::io::Error::from(e)).map_err(|e| ctx(e, &parents[..=i].join("/"))),
+            }
+        }
+        let parent = chain.last().unwrap_or(&self.root);
+        match rfs::unlinkat(parent, file_name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(Errno::ISDIR) => return Ok(()), // a directory now: not ours to remove
+            Err(e) => return Err(e.into()),
+        }
+        // Walk back up, removing directories that are now empty.
+        for depth in (0..parents.len()).rev() {
+            let dir_path = parents[..=depth].join("/");
+            if keep(&dir_path) {
+                break;
+            }
+            chain.pop();
+            let parent = chain.last().unwrap_or(&self.root);
+            match rfs::unlinkat(parent, parents[depth], AtFlags::REMOVEDIR) {
+                Ok(()) => {}
+                Err(_) => break, // not empty (or not ours): stop here
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks `parts` below DEST without following symlinks, creating missing
+    /// directories when `create`. `None` stands for DEST itself.
+    fn walk(&self, parts: &[&str], create: bool) -> std::io::Result<Option<OwnedFd>> {
+        let mut cur: Option<OwnedFd> = None;
+        for (i, c) in parts.iter().enumerate() {
+            let from = cur.as_ref().map(|d| d.as_fd()).unwrap_or(self.root.as_fd());
+            let next = match rfs::openat(from, *c, dir_flags(), Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) if create => {
+                    match rfs::mkdirat(from, *c, Mode::from_raw_mode(DIR_MODE)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(ctx(e.into(), &parts[..=i].join("/"))),
+                    }
+                    rfs::openat(from, *c, dir_flags(), Mode::empty()).map_err(|e| ctx(e.into(), &parts[..=i].join("/")))?
+                }
+                // O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR
+                // (or ELOOP); lstat says which it was, for the message.
+                Err(Errno::LOOP | Errno::NOTDIR) => {
+                    let is_link = rfs::statat(from, *c, AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Symlink);
+                    let e = if is_link {
+                        std::io::Error::other("is a symlink; fleetsync never follows symlinks inside DEST")
+                    } else {
+                        std::io::Error::new(std::io::ErrorKind::NotADirectory, "is a file where a directory is needed")
+                    };
+                    return Err(ctx(e, &parts[..=i].join("/")));
+                }
+                Err(e) => return Err(ctx(e.into(), &parts[..=i].join("/"))),
+            };
+            cur = Some(next);
+        }
+        Ok(cur)
+    }
+}
+
+impl Drop for DestDir {
+    /// The staging directory is empty after a pull that ran to the end; after
+    /// an abort it holds abandoned downloads. Either way it goes.
+    fn drop(&mut self) {
+        if self.staging.is_some() {
+            let _ = remove_tree_at(&self.root, STAGING_DIR);
+        }
+    }
+}
+
+fn open_root(path: &Path) -> std::io::Result<OwnedFd> {
+    let file = File::open(path)?;
+    if !file.metadata()?.is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"));
+    }
+    Ok(file.into())
+}
+
+fn is_absent(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory)
+        || e.raw_os_error() == Some(Errno::LOOP.raw_os_error())
+}
+
+fn ctx(e: std::io::Error, at: &str) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{at}: {e}"))
+}
+
+/// Removes `name` under `dir` recursively without following symlinks
+/// (`std::fs::remove_dir_all` is symlink-safe since Rust 1.58.1).
+fn remove_tree_at(dir: &OwnedFd, name: &str) -> std::io::Result<()> {
+    match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory => {
+            let path = PathBuf::from(format!("/proc/self/fd/{}/{name}", std::os::fd::AsRawFd::as_raw_fd(dir)));
+            std::fs::remove_dir_all(path)
+        }
+        Ok(_) => rfs::unlinkat(dir, name, AtFlags::empty()).map_err(Into::into),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keypath::{map_key, Entry};
+
+    fn rel(s: &str) -> RelPath {
+        match map_key(s, "").unwrap() {
+            Some(Entry::File(p)) => p,
+            _ => unreachable!(),
+        }
+    }
+
+    fn stage(d: &DestDir, body: &[u8]) -> String {
+        use std::io::Write;
+        let (mut f, name) = d.create_staged(1).unwrap();
+        f.write_all(body).unwrap();
+        name
+    }
+
+    #[test]
+    fn commit_creates_parents_and_replaces_atomically() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = DestDir::open(tmp.path()).unwrap();
+        let n = stage(&d, b"one");
+        d.commit_staged(&n, &rel("a/b/c.txt")).unwrap();
+        let n = stage(&d, b"two");
+        d.commit_staged(&n, &rel("a/b/c.txt")).unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("a/b/c.txt")).unwrap(), b"two");
+    }
+
+    #[test]
+    fn a_planted_symlink_directory_is_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dest.join("assets")).unwrap();
+        let d = DestDir::open(&dest).unwrap();
+        let n = stage(&d, b"evil");
+        let e = d.commit_staged(&n, &rel("assets/x.txt")).unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_planted_symlink_file_is_replaced_not_written_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), b"keep").unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("f")).unwrap();
+        let d = DestDir::open(tmp.path()).unwrap();
+        let n = stage(&d, b"new");
+        d.commit_staged(&n, &rel("f")).unwrap();
+        assert_eq!(std::fs::read(outside.path()).unwrap(), b"keep");
+        assert!(!std::fs::symlink_metadata(tmp.path().join("f")).unwrap().file_type().is_symlink());
+    }
+
+    #[test]
+    fn remove_prunes_empty_parents_but_not_dest_or_kept_dirs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = DestDir::open(tmp.path()).unwrap();
+        for p in ["a/b/c.txt", "k/x/y.txt"] {
+            let n = stage(&d, b"x");
+            d.commit_staged(&n, &rel(p)).unwrap();
+        }
+        d.remove_file(&rel("a/b/c.txt"), &|_| false).unwrap();
+        assert!(!tmp.path().join("a").exists());
+        d.remove_file(&rel("k/x/y.txt"), &|p| p == "k/x").unwrap();
+        assert!(tmp.path().join("k/x").is_dir());
+        assert!(tmp.path().exists());
+    }
+
+    #[test]
+    fn leftover_staging_from_a_crash_is_cleared_and_removed_on_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join(STAGING_DIR).join("sub")).unwrap();
+        std::fs::write(tmp.path().join(STAGING_DIR).join("partial"), b"x").unwrap();
+        let d = DestDir::open(tmp.path()).unwrap();
+        assert_eq!(std::fs::read_dir(tmp.path().join(STAGING_DIR)).unwrap().count(), 0);
+        drop(d);
+        assert!(!tmp.path().join(STAGING_DIR).exists());
+    }
+}

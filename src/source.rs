@@ -1,0 +1,185 @@
+//! Where a pull reads from: the `s3://bucket/prefix` URL and the S3 client.
+//!
+//! The client is built from the standard AWS chain (aws-config), so
+//! credentials, region and `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` behave
+//! exactly as in the AWS CLI; there is no test-only code path.
+
+use std::fmt;
+use std::time::Duration;
+
+use aws_config::{meta::region::RegionProviderChain, retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion};
+
+use crate::error::{Error, Result};
+
+/// A parsed `s3://BUCKET[/PREFIX]`. The prefix is treated as a directory:
+/// `s3://b/app` and `s3://b/app/` both mean the keys under `app/`, and a key's
+/// path in DEST is the key with that prefix removed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct S3Url {
+    pub bucket: String,
+    /// Empty, or ending in `/`.
+    pub prefix: String,
+}
+
+impl S3Url {
+    pub fn parse(url: &str) -> Result<S3Url> {
+        let bad = |why: &str| Error::Config(format!("source {url:?} is not valid: {why} (expected s3://BUCKET[/PREFIX])"));
+        let rest = url.strip_prefix("s3://").ok_or_else(|| bad("it must start with s3://"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("the bucket name is empty"));
+        }
+        if !bucket.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
+            return Err(bad("the bucket name has characters S3 does not allow"));
+        }
+        let mut prefix = prefix.to_string();
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(S3Url { bucket: bucket.to_string(), prefix })
+    }
+
+    /// The same URL for another key under this bucket (used for lock objects).
+    pub fn with_key(&self, key: &str) -> S3Url {
+        S3Url { bucket: self.bucket.clone(), prefix: key.to_string() }
+    }
+}
+
+impl fmt::Display for S3Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+/// How to reach S3, beyond what the standard AWS chain provides.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Region override; otherwise the standard chain, then us-east-1.
+    pub region: Option<String>,
+    /// Path-style addressing (`http://host/bucket/key`), for S3-compatible
+    /// servers that do not serve virtual-hosted buckets.
+    pub path_style: bool,
+}
+
+/// Builds an S3 client from the standard AWS configuration chain.
+///
+/// Retries: the SDK's standard mode with more attempts than its default of 3,
+/// because a fleet pull makes thousands of requests and one 503 SlowDown must
+/// not fail a file. Timeouts: a stalled connection is abandoned and retried
+/// rather than hanging the node's pull forever.
+pub async fn s3_client(opts: &ClientOptions) -> aws_sdk_s3::Client {
+    let region = RegionProviderChain::first_try(opts.region.clone().map(aws_config::Region::new))
+        .or_default_provider()
+        .or_else("us-east-1");
+    let shared = aws_config::defaults(BehaviorVersion::latest())
+        .region(region)
+        .retry_config(RetryConfig::standard().with_max_attempts(6).with_initial_backoff(Duration::from_millis(50)))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .read_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .load()
+        .await;
+    let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(opts.path_style).build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// What went wrong with one S3 call, reduced to what callers branch on.
+#[derive(Debug)]
+pub(crate) struct S3Failure {
+    /// HTTP status, when the server answered.
+    pub status: Option<u16>,
+    /// S3 error code (`NoSuchBucket`, `AccessDenied`, ...), when it sent one.
+    pub code: Option<String>,
+    /// The whole error chain on one line.
+    pub message: String,
+    /// The request never got an answer (connection refused, DNS, timeout,
+    /// credentials could not be loaded).
+    pub no_response: bool,
+}
+
+impl S3Failure {
+    pub(crate) fn from_sdk<E>(err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> S3Failure
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        let code = err.code().map(str::to_string);
+        let no_response = matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ConstructionFailure(_));
+        let message = match (&code, status) {
+            (Some(code), Some(status)) => format!("{code}: {} (HTTP {status})", err.message().unwrap_or("no message")),
+            (None, Some(status)) => format!("HTTP {status}"),
+            _ => error_chain(err),
+        };
+        S3Failure { status, code, message, no_response }
+    }
+
+    /// Whether the user has to fix something (credentials, bucket name,
+    /// endpoint, permissions) rather than the call being unlucky.
+    pub(crate) fn is_configuration(&self) -> bool {
+        self.no_response
+            || matches!(self.status, Some(301 | 400 | 401 | 403 | 404))
+            || matches!(
+                self.code.as_deref(),
+                Some(
+                    "NoSuchBucket" | "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch"
+                        | "ExpiredToken" | "InvalidToken" | "PermanentRedirect" | "AuthorizationHeaderMalformed"
+                )
+            )
+    }
+
+    /// A short explanation with the fix, for the common configuration errors.
+    pub(crate) fn hint(&self) -> &'static str {
+        match (self.code.as_deref(), self.status) {
+            (Some("NoSuchBucket"), _) => "check the bucket name in the source URL",
+            (Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken"), _) | (_, Some(401)) => {
+                "check the AWS credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance role)"
+            }
+            (Some("AccessDenied"), _) | (_, Some(403)) => "grant s3:ListBucket and s3:GetObject on the source to this identity",
+            (Some("PermanentRedirect" | "AuthorizationHeaderMalformed"), _) | (_, Some(301)) => "set the bucket's region with --region",
+            _ if self.no_response => "check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, the network and the credentials chain",
+            _ => "see the message",
+        }
+    }
+}
+
+/// An error and its sources on one line: `dispatch failure: io error:
+/// Connection refused`, without the Debug dumps the SDK's own context adds.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = e.source();
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bucket_and_prefix_as_directory() {
+        let u = S3Url::parse("s3://my-bucket/app/www").unwrap();
+        assert_eq!(u.bucket, "my-bucket");
+        assert_eq!(u.prefix, "app/www/");
+        assert_eq!(S3Url::parse("s3://b-1").unwrap().prefix, "");
+        assert_eq!(S3Url::parse("s3://b-1/").unwrap().prefix, "");
+        assert_eq!(u.to_string(), "s3://my-bucket/app/www/");
+    }
+
+    #[test]
+    fn rejects_non_s3_urls_with_a_hint() {
+        for bad in ["http://b/x", "s3://", "s3:///x", "s3://b b/x", "bucket/x"] {
+            let e = S3Url::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("s3://BUCKET"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Test fixtures: the local world's S3 server (started by `infra/local/test`),
+//! a fresh bucket per test, sample trees, and the agent binary.
+#![allow(dead_code)] // each test binary uses a different part of this
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use futures::StreamExt;
+
+/// The local world's S3 endpoint. Tests refuse to run anywhere else: they
+/// create and fill buckets, which must never happen against a real account.
+pub fn endpoint() -> String {
+    let ep = std::env::var("FLEETSYNC_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
+        panic!("the integration tests need the local world: run them with `infra/local/test` (it starts a local S3 server)")
+    });
+    assert!(ep.starts_with("http://127."), "FLEETSYNC_TEST_S3_ENDPOINT must be a loopback address, got {ep}");
+    assert_eq!(std::env::var("AWS_ENDPOINT_URL_S3").ok().as_deref(), Some(ep.as_str()), "AWS_ENDPOINT_URL_S3 must point at the test world");
+    ep
+}
+
+pub async fn client() -> aws_sdk_s3::Client {
+    endpoint();
+    fleetsync::source::s3_client(&fleetsync::ClientOptions::default()).await
+}
+
+/// A bucket of its own for one test, so tests can run in parallel and count
+/// their own requests.
+pub struct Bucket {
+    pub name: String,
+    pub client: aws_sdk_s3::Client,
+}
+
+/// Requests the server saw for one bucket, by type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Requests {
+    pub list: u64,
+    pub get: u64,
+    pub put: u64,
+    pub head: u64,
+    pub other: u64,
+}
+
+impl Bucket {
+    pub async fn new(test: &str) -> Bucket {
+        let client = client().await;
+        let name = format!("t-{}-{:08x}", test.replace('_', "-"), rand::random::<u32>());
+        client.create_bucket().bucket(&name).send().await.expect("create bucket");
+        Bucket { name, client }
+    }
+
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{}", self.name, prefix)
+    }
+
+    pub async fn put(&self, key: &str, body: &[u8]) -> String {
+        self.put_with_meta(key, body, None).await
+    }
+
+    pub async fn put_with_meta(&self, key: &str, body: &[u8], mode: Option<&str>) -> String {
+        let mut req = self.client.put_object().bucket(&self.name).key(key).body(body.to_vec().into());
+        if let Some(m) = mode {
+            req = req.metadata("mode", m);
+        }
+        req.send().await.unwrap_or_else(|e| panic!("put {key}: {e:?}")).e_tag().unwrap().to_string()
+    }
+
+    /// Uploads a whole tree under `prefix`, 32 PUTs at a time.
+    pub async fn put_tree(&self, prefix: &str, tree: &BTreeMap<String, Vec<u8>>) {
+        futures::stream::iter(tree.iter())
+            .map(|(k, v)| async move { self.put(&format!("{prefix}{k}"), v).await })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+    }
+
+    pub async fn delete(&self, key: &str) {
+        self.client.delete_object().bucket(&self.name).key(key).send().await.expect("delete");
+    }
+
+    /// Uploads `body` as a multipart object (ETag `md5-N`).
+    pub async fn put_multipart(&self, key: &str, body: &[u8], part: usize) {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        let up = self.client.create_multipart_upload().bucket(&self.name).key(key).send().await.unwrap();
+        let id = up.upload_id().unwrap();
+        let mut parts = Vec::new();
+        for (i, chunk) in body.chunks(part).enumerate() {
+            let n = i as i32 + 1;
+            let r = self
+                .client
+                .upload_part()
+                .bucket(&self.name)
+                .key(key)
+                .upload_id(id)
+                .part_number(n)
+                .body(chunk.to_vec().into())
+                .send()
+                .await
+                .unwrap();
+            parts.push(CompletedPart::builder().part_number(n).e_tag(r.e_tag().unwrap()).build());
+        }
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.name)
+            .key(key)
+            .upload_id(id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// What the server has counted for this bucket so far (its Prometheus
+    /// metrics, so the count is the server's, not our own claim).
+    pub fn requests(&self) -> Requests {
+        let url = std::env::var("FLEETSYNC_S3_METRICS").expect("FLEETSYNC_S3_METRICS is set by infra/local/test");
+        let out = Command::new("curl").args(["-sf", &url]).output().expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut r = Requests::default();
+        let needle = format!("bucket=\"{}\"", self.name);
+        for line in text.lines().filter(|l| l.starts_with("SeaweedFS_s3_request_total{") && l.contains(&needle)) {
+            let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            let n = n as u64;
+            match line.split("type=\"").nth(1).and_then(|t| t.split('"').next()) {
+                Some("LIST") => r.list += n,
+                Some("GET") => r.get += n,
+                Some("PUT") => r.put += n,
+                Some("HEAD") => r.head += n,
+                _ => r.other += n,
+            }
+        }
+        r
+    }
+}
+
+/// A codebase-like tree: nested directories, small files, deterministic.
+pub fn sample_tree(files: usize, seed: u64) -> BTreeMap<String, Vec<u8>> {
+    let mut tree = BTreeMap::new();
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..files {
+        let dir = format!("src/mod{}/sub{}", next() % 8, next() % 4);
+        let len = 16 + (next() % 4000) as usize;
+        let body: Vec<u8> = (0..len).map(|_| (next() % 251) as u8).collect();
+        tree.insert(format!("{dir}/file{i}.php"), body);
+    }
+    tree.insert("index.php".into(), b"<?php echo 'hello';".to_vec());
+    tree
+}
+
+/// Every regular file under `dir` with its content (skipping nothing: a
+/// stray staging file would show up and fail the comparison).
+pub fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                walk(base, &e.path(), out);
+            } else {
+                let rel = e.path().strip_prefix(base).unwrap().to_string_lossy().into_owned();
+                let body = if ft.is_symlink() { b"<symlink>".to_vec() } else { std::fs::read(e.path()).unwrap() };
+                out.insert(rel, body);
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Asserts DEST holds exactly `tree`, byte for byte.
+pub fn assert_tree(dest: &Path, tree: &BTreeMap<String, Vec<u8>>) {
+    let got = read_tree(dest);
+    let missing: Vec<_> = tree.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
+    let extra: Vec<_> = got.keys().filter(|k| !tree.contains_key(*k)).take(5).collect();
+    let differ: Vec<_> = tree.iter().filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v)).map(|(k, _)| k).take(5).collect();
+    assert!(missing.is_empty() && extra.is_empty() && differ.is_empty(), "DEST differs: missing {missing:?}, extra {extra:?}, different {differ:?}");
+}
+
+/// A DEST and a state dir in one temp dir (removed on drop).
+pub struct Node {
+    pub tmp: tempfile::TempDir,
+    pub dest: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Node {
+    pub fn new() -> Node {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("www");
+        let state = tmp.path().join("state");
+        Node { tmp, dest, state }
+    }
+
+    pub fn options(&self, source: &str) -> fleetsync::PullOptions {
+        fleetsync::PullOptions {
+            source: fleetsync::S3Url::parse(source).unwrap(),
+            dest: self.dest.clone(),
+            state_dir: self.state.clone(),
+            concurrency: 16,
+            delete: true,
+            dry_run: false,
+            if_busy: fleetsync::IfBusy::Wait,
+            client: fleetsync::ClientOptions::default(),
+        }
+    }
+
+    /// Pulls in-process through the library.
+    pub async fn pull(&self, source: &str) -> fleetsync::PullReport {
+        fleetsync::pull(&self.options(source), Arc::new(fleetsync::progress::Quiet)).await.expect("pull succeeds")
+    }
+
+    /// The agent binary, set up to pull `source` into this node.
+    pub fn agent(&self, source: &str) -> Command {
+        let mut c = Command::new(agent_bin());
+        c.args(["pull", source, "--dest"]).arg(&self.dest).arg("--state-dir").arg(&self.state).arg("--json");
+        c
+    }
+}
+
+/// Runs a command and parses the JSON report it printed on stdout.
+pub fn run_json(cmd: &mut Command) -> (i32, serde_json::Value, String) {
+    let out = cmd.output().expect("agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON report ({e}): {stdout}\nstderr: {stderr}"));
+    (out.status.code().unwrap_or(-1), json, stderr)
+}
+
+/// Path to a freshly built `fleetsync-agent` (built once per test binary,
+/// so `cargo test` alone never runs a stale agent).
+pub fn agent_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/debug
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "fleetsync-agent"])
+            .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building fleetsync-agent failed");
+        profile_dir.join("fleetsync-agent")
+    })
+    .clone()
+}

@@ -1,0 +1,228 @@
+//! Safety, end to end: hostile keys, planted symlinks, configuration
+//! errors, a full disk and SIGKILL mid-pull. In each case nothing outside
+//! DEST is touched and nothing inside it is lost or left half-written.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{assert_tree, read_tree, run_json, sample_tree, Bucket, Node};
+
+/// Everything in DEST except the staging directory a killed pull leaves
+/// (it never holds a final name, and the next pull removes it).
+fn live_tree(dest: &Path) -> BTreeMap<String, Vec<u8>> {
+    read_tree(dest).into_iter().filter(|(k, _)| !k.starts_with(".fleetsync.tmp/")).collect()
+}
+
+#[tokio::test]
+async fn hostile_keys_fail_the_pull_before_anything_is_written() {
+    // The keys SeaweedFS will store; `..`, `.`, `//` and over-long names it
+    // refuses or rewrites itself, and the mapping's unit tests cover those.
+    let cases: &[(&[&str], &str)] = &[
+        (&["zz/new\nline.php"], "control character"),
+        (&["zz/tab\tname"], "control character"),
+        (&[".fleetsync.tmp/x"], "reserved"),
+        (&["zz/a", "zz/a/b"], "both"),
+    ];
+    for (i, (keys, reason)) in cases.iter().enumerate() {
+        let b = Bucket::new(&format!("hostile{i}")).await;
+        let tree = sample_tree(200, 10 + i as u64);
+        b.put_tree("", &tree).await;
+        let node = Node::new();
+        let (code, _, _) = run_json(&mut node.agent(&b.url("")));
+        assert_eq!(code, 0);
+
+        // Change a file and add new ones, then the hostile key(s): none of
+        // it may reach DEST, although downloads start before LIST ends.
+        let changed = tree.keys().next().unwrap();
+        b.put(changed, b"new content").await;
+        b.put_tree("", &sample_tree(50, 99).into_iter().map(|(k, v)| (format!("new/{k}"), v)).collect()).await;
+        for k in *keys {
+            b.put(k, b"hostile").await;
+        }
+        let (code, json, stderr) = run_json(&mut node.agent(&b.url("")));
+        assert_eq!(code, 1, "{stderr}");
+        assert_eq!(json["status"], "failed");
+        let msg = json["error"].as_str().unwrap();
+        assert!(msg.contains(reason), "{msg}");
+        assert!(msg.contains(&format!("{:?}", keys.last().unwrap())) || msg.contains(keys.last().unwrap()), "the error names the key: {msg}");
+        assert_eq!(stderr.lines().filter(|l| l.contains("refusing")).count(), 1, "one clear line: {stderr}");
+        assert_tree(&node.dest, &tree);
+    }
+}
+
+#[tokio::test]
+async fn planted_symlinks_are_never_followed() {
+    let b = Bucket::new("symlink").await;
+    b.put("assets/app.js", b"js").await;
+    b.put("config.php", b"<?php").await;
+    b.put("ok.txt", b"ok").await;
+    let node = Node::new();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("config.php"), b"precious").unwrap();
+    std::fs::create_dir_all(&node.dest).unwrap();
+    std::os::unix::fs::symlink(outside.path(), node.dest.join("assets")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("config.php"), node.dest.join("config.php")).unwrap();
+
+    let (code, json, _) = run_json(&mut node.agent(&b.url("")));
+    assert_eq!(code, 1, "{json}");
+    assert_eq!(json["counts"]["failed"], 1);
+    assert_eq!(json["errors"][0]["key"], "assets/app.js");
+    assert!(json["errors"][0]["error"].as_str().unwrap().contains("symlink"));
+    // Nothing written through either link.
+    let outside_files = read_tree(outside.path());
+    assert_eq!(outside_files.len(), 1);
+    assert_eq!(outside_files["config.php"], b"precious");
+    // The file-level link was replaced by the real file, not written through.
+    assert!(!std::fs::symlink_metadata(node.dest.join("config.php")).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read(node.dest.join("ok.txt")).unwrap(), b"ok");
+}
+
+#[tokio::test]
+async fn configuration_errors_exit_2_with_one_line_and_touch_nothing() {
+    let b = Bucket::new("config").await;
+    let tree = sample_tree(20, 5);
+    b.put_tree("", &tree).await;
+    let node = Node::new();
+    assert_eq!(run_json(&mut node.agent(&b.url(""))).0, 0);
+
+    let cases: Vec<(&str, Command, &str)> = vec![
+        ("missing bucket", node.agent("s3://no-such-bucket-here/x"), "NoSuchBucket"),
+        ("wrong credentials", { let mut c = node.agent(&b.url("")); c.env("AWS_SECRET_ACCESS_KEY", "wrong"); c }, "credentials"),
+        ("unreachable endpoint", { let mut c = node.agent(&b.url("")); c.env("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1"); c }, "AWS_ENDPOINT_URL"),
+        ("bad source", node.agent("https://example/x"), "s3://BUCKET"),
+    ];
+    for (what, mut cmd, needle) in cases {
+        let (code, json, stderr) = run_json(&mut cmd);
+        assert_eq!(code, 2, "{what}: {stderr}");
+        assert_eq!(json["exit_code"], 2, "{what}");
+        let lines: Vec<_> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{what}: one line, got {stderr}");
+        assert!(lines[0].contains(needle), "{what}: {stderr}");
+        assert_tree(&node.dest, &tree);
+    }
+
+    // DEST that is a file.
+    let file = node.tmp.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = Command::new(common::agent_bin())
+        .args(["pull", &b.url(""), "--state-dir"])
+        .arg(&node.state)
+        .arg("--dest")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+
+    // State dir inside DEST.
+    let out = Command::new(common::agent_bin())
+        .args(["pull", &b.url(""), "--dest"])
+        .arg(&node.dest)
+        .arg("--state-dir")
+        .arg(node.dest.join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside the served tree"));
+}
+
+/// A tmpfs mounted for one test and unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "fleetsync-test"]).arg(dir.path()).status().unwrap();
+        assert!(st.success(), "mounting a tmpfs for the disk-full test failed (the tests run as root on the CI machine)");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[tokio::test]
+async fn disk_full_fails_cleanly_and_keeps_the_live_tree() {
+    let b = Bucket::new("diskfull").await;
+    let tree = sample_tree(50, 6);
+    b.put_tree("", &tree).await;
+    let disk = SmallDisk::new("1m");
+    let node = Node::new();
+    let dest = disk.0.path().join("www");
+    let pull = |source: &str| {
+        let mut c = Command::new(common::agent_bin());
+        c.args(["pull", source, "--json", "--state-dir"]).arg(&node.state).arg("--dest").arg(&dest);
+        c
+    };
+    assert_eq!(run_json(&mut pull(&b.url(""))).0, 0);
+
+    // An update that cannot fit: the changed file and the new big one fail,
+    // and the old version of the changed file stays intact.
+    let changed = tree.keys().next().unwrap();
+    b.put(changed, &vec![7u8; 2 << 20]).await;
+    b.put("huge.bin", &vec![1u8; 3 << 20]).await;
+    let (code, json, stderr) = run_json(&mut pull(&b.url("")));
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(json["counts"]["failed"], 2, "{json}");
+    assert!(json["errors"][0]["error"].as_str().unwrap().contains("No space left"), "{json}");
+    assert_tree(&dest, &tree);
+}
+
+#[tokio::test]
+async fn sigkill_at_any_moment_leaves_no_partial_file_and_the_next_pull_converges() {
+    let b = Bucket::new("sigkill").await;
+    let mut v1 = sample_tree(1500, 7);
+    for i in 0..8 {
+        v1.insert(format!("media/blob{i}.bin"), vec![i as u8; 300 << 10]);
+    }
+    b.put_tree("", &v1).await;
+    // v2: a third of the files changed (same size), some deleted, some new.
+    let mut v2 = v1.clone();
+    for (i, (_, body)) in v2.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+        body[0] = body[0].wrapping_add(1 + i as u8 % 7);
+    }
+    let gone: Vec<String> = v2.keys().skip(1).step_by(10).cloned().collect();
+    for k in &gone {
+        v2.remove(k);
+    }
+    v2.extend(sample_tree(100, 77).into_iter().map(|(k, v)| (format!("added/{k}"), v)));
+
+    let node = Node::new();
+    let mut kills = 0;
+    for (phase, tree) in [("cold", &v1), ("update", &v2)] {
+        if phase == "update" {
+            b.put_tree("", &v2).await;
+            for k in &gone {
+                b.delete(k).await;
+            }
+        }
+        for delay_ms in [20u64, 60, 120, 200, 350, 500] {
+            let mut child = node.agent(&b.url("")).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            kills += 1;
+            // Every file under a final name is a complete version of its object.
+            for (k, body) in live_tree(&node.dest) {
+                let ok = v1.get(&k) == Some(&body) || v2.get(&k) == Some(&body);
+                assert!(ok, "{phase}, killed after {delay_ms} ms: {k} is not a complete version of its object");
+            }
+        }
+        let (code, json, stderr) = run_json(&mut node.agent(&b.url("")));
+        assert_eq!(code, 0, "{stderr}");
+        assert!(json["durations"]["lock_wait_ms"].as_u64().unwrap() < 1000, "a killed holder must not block: {json}");
+        assert_tree(&node.dest, tree);
+        assert!(!node.dest.join(".fleetsync.tmp").exists());
+        // Converged means converged: the pull after that downloads nothing.
+        let (_, json, _) = run_json(&mut node.agent(&b.url("")));
+        assert_eq!(json["counts"]["downloaded"], 0, "{json}");
+    }
+    assert_eq!(kills, 12);
+}
