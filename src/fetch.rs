@@ -1,7 +1,8 @@
 //! FETCH: downloads one object into a staging file and verifies it.
 //!
-//! A download never touches its final path: it is streamed into
-//! `DEST/.fleetsync.tmp/`, checked (MD5 against the ETag when the ETag is a
+//! A download never touches its final path: it is streamed into a
+//! temporary file (beside the final path once the listing is validated, in
+//! `DEST/.fleetsync.tmp/` before that), checked (MD5 against the ETag when the ETag is a
 //! plain MD5, length always), given its mode, and only then handed to the
 //! switch step for the rename. The GET carries `If-Match: <listed ETag>`, so
 //! an object replaced between LIST and GET answers 412 instead of mixing
@@ -13,13 +14,16 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
 
-use crate::safe_fs::DestDir;
+use crate::keypath::RelPath;
+use crate::plan::FetchJob;
+use crate::safe_fs::{DestDir, TempAt, TempName};
 use crate::source::S3Failure;
 use crate::state::Placed;
 
@@ -39,8 +43,8 @@ const ATTEMPTS: u32 = 5;
 /// A verified download waiting in the staging directory.
 #[derive(Debug)]
 pub(crate) struct Staged {
-    /// Name inside the staging directory.
-    pub name: String,
+    /// The temporary file holding the content.
+    pub temp: TempName,
     /// What the state store will record once it is renamed into place.
     pub placed: Placed,
 }
@@ -67,6 +71,16 @@ pub(crate) struct FetchCtx {
     pub client: aws_sdk_s3::Client,
     pub bucket: String,
     pub dest: Arc<DestDir>,
+    /// Set once the whole listing is validated: temporary files may then be
+    /// created beside their final path instead of in the staging directory.
+    pub gate_open: Arc<AtomicBool>,
+}
+
+impl FetchCtx {
+    fn create_temp(&self, path: &RelPath, seq: u64) -> std::io::Result<(File, TempName)> {
+        let at = if self.gate_open.load(Ordering::Acquire) { TempAt::Beside(path) } else { TempAt::Staging };
+        self.dest.create_temp(at, seq)
+    }
 }
 
 /// One failed attempt, and whether another may succeed.
@@ -79,8 +93,9 @@ enum Attempt {
     Fatal(String),
 }
 
-/// Downloads `key` (listed with `etag` and `size`) into a staging file.
-pub(crate) async fn fetch(ctx: &FetchCtx, key: &str, etag: &str, size: u64, seq: u64) -> (Result<Staged, FetchError>, FetchStats) {
+/// Downloads one object into a temporary file.
+pub(crate) async fn fetch(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> (Result<Staged, FetchError>, FetchStats) {
+    let (etag, size) = (job.etag.as_str(), job.size);
     let mut stats = FetchStats::default();
     // After a 412 we stop insisting on the listed ETag and take the current
     // object, verifying it against the ETag its own response carries.
@@ -93,9 +108,9 @@ pub(crate) async fn fetch(ctx: &FetchCtx, key: &str, etag: &str, size: u64, seq:
             tokio::time::sleep(backoff).await;
         }
         let result = if size >= RANGED_THRESHOLD && if_match.is_some() {
-            fetch_ranged(ctx, key, etag, size, seq).await
+            fetch_ranged(ctx, job, seq).await
         } else {
-            fetch_whole(ctx, key, if_match.as_deref(), seq).await
+            fetch_whole(ctx, job, if_match.as_deref(), seq).await
         };
         match result {
             Ok(staged) => return (Ok(staged), stats),
@@ -157,12 +172,12 @@ fn md5_verifiable(etag: &str, sse: Option<&aws_sdk_s3::types::ServerSideEncrypti
     etag_md5(etag)
 }
 
-async fn fetch_whole(ctx: &FetchCtx, key: &str, if_match: Option<&str>, seq: u64) -> Result<Staged, Attempt> {
+async fn fetch_whole(ctx: &Arc<FetchCtx>, job: &FetchJob, if_match: Option<&str>, seq: u64) -> Result<Staged, Attempt> {
     let mut out = ctx
         .client
         .get_object()
         .bucket(&ctx.bucket)
-        .key(key)
+        .key(&job.key)
         .set_if_match(if_match.map(str::to_string))
         .send()
         .await
@@ -173,7 +188,7 @@ async fn fetch_whole(ctx: &FetchCtx, key: &str, if_match: Option<&str>, seq: u64
     let mode = mode_from_meta(out.metadata());
 
     let mut hasher = Md5::new();
-    let mut writer = StagedWriter::new(ctx.dest.clone(), seq);
+    let mut writer = StagedWriter::new(ctx.clone(), job.path.clone(), seq);
     let mut len = 0u64;
     while let Some(chunk) = out.body.next().await {
         let chunk = chunk.map_err(|e| Attempt::Retry(format!("reading the body failed after {len} bytes: {e}")))?;
@@ -198,19 +213,20 @@ async fn fetch_whole(ctx: &FetchCtx, key: &str, if_match: Option<&str>, seq: u64
     writer.finish(mode, etag, len).await
 }
 
-async fn fetch_ranged(ctx: &FetchCtx, key: &str, etag: &str, size: u64, seq: u64) -> Result<Staged, Attempt> {
+async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<Staged, Attempt> {
     use futures::{StreamExt, TryStreamExt};
-    let dest = ctx.dest.clone();
-    let (file, name) = tokio::task::spawn_blocking(move || {
-        let (f, n) = dest.create_staged(seq)?;
+    let (key, etag, size) = (job.key.as_str(), job.etag.as_str(), job.size);
+    let (c, path) = (ctx.clone(), job.path.clone());
+    let (file, temp) = tokio::task::spawn_blocking(move || {
+        let (f, t) = c.create_temp(&path, seq)?;
         f.set_len(size)?;
-        Ok::<_, std::io::Error>((Arc::new(f), n))
+        Ok::<_, std::io::Error>((Arc::new(f), t))
     })
     .await
     .expect("staging does not panic")
-    .map_err(|e| Attempt::Fatal(format!("creating a staging file: {e}")))?;
+    .map_err(|e| Attempt::Fatal(format!("creating a temporary file: {e}")))?;
     let discard = |e: Attempt| {
-        ctx.dest.discard_staged(&name);
+        ctx.dest.discard(&temp);
         e
     };
 
@@ -290,7 +306,7 @@ async fn fetch_ranged(ctx: &FetchCtx, key: &str, etag: &str, size: u64, seq: u64
         .await
         .expect("seal does not panic")
         .map_err(|e| discard(Attempt::Fatal(format!("finishing a staging file: {e}"))))?;
-    Ok(Staged { name, placed })
+    Ok(Staged { temp, placed })
 }
 
 
@@ -311,16 +327,17 @@ fn seal(file: &File, mode: u32, etag: String, size: u64) -> std::io::Result<Plac
 /// created lazily, so a small object is one blocking call: create, write,
 /// chmod, stat.
 struct StagedWriter {
-    dest: Arc<DestDir>,
+    ctx: Arc<FetchCtx>,
+    path: RelPath,
     seq: u64,
-    file: Option<(File, String)>,
+    file: Option<(File, TempName)>,
     buf: Vec<Bytes>,
     buffered: usize,
 }
 
 impl StagedWriter {
-    fn new(dest: Arc<DestDir>, seq: u64) -> StagedWriter {
-        StagedWriter { dest, seq, file: None, buf: Vec::new(), buffered: 0 }
+    fn new(ctx: Arc<FetchCtx>, path: RelPath, seq: u64) -> StagedWriter {
+        StagedWriter { ctx, path, seq, file: None, buf: Vec::new(), buffered: 0 }
     }
 
     async fn push(&mut self, chunk: Bytes) -> Result<(), Attempt> {
@@ -332,17 +349,16 @@ impl StagedWriter {
         Ok(())
     }
 
-    /// Writes what is buffered; with `seal`, also finishes the file.
+    /// Writes what is buffered; with `seal_with`, also finishes the file.
     async fn flush(&mut self, seal_with: Option<(u32, String, u64)>) -> Result<Option<Placed>, Attempt> {
-        let dest = self.dest.clone();
-        let seq = self.seq;
+        let (ctx, path, seq) = (self.ctx.clone(), self.path.clone(), self.seq);
         let file = self.file.take();
         let buf = std::mem::take(&mut self.buf);
         self.buffered = 0;
         let (res, file) = tokio::task::spawn_blocking(move || {
-            let (mut f, name) = match file {
+            let (mut f, temp) = match file {
                 Some(f) => f,
-                None => match dest.create_staged(seq) {
+                None => match ctx.create_temp(&path, seq) {
                     Ok(f) => f,
                     Err(e) => return (Err(e), None),
                 },
@@ -351,15 +367,15 @@ impl StagedWriter {
             if let (Ok(_), Some((mode, etag, size))) = (&res, seal_with) {
                 res = seal(&f, mode, etag, size).map(Some);
             }
-            (res, Some((f, name)))
+            (res, Some((f, temp)))
         })
         .await
-        .expect("staging writes do not panic");
+        .expect("temporary file writes do not panic");
         self.file = file;
         res.map_err(|e| {
             self.discard();
             let full = e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error());
-            let msg = format!("writing a staging file in {}: {e}", self.dest.path().display());
+            let msg = format!("writing a temporary file in {}: {e}", self.ctx.dest.path().display());
             if full {
                 Attempt::Fatal(msg)
             } else {
@@ -370,13 +386,13 @@ impl StagedWriter {
 
     async fn finish(mut self, mode: u32, etag: String, size: u64) -> Result<Staged, Attempt> {
         let placed = self.flush(Some((mode, etag, size))).await?.expect("sealed");
-        let (_, name) = self.file.take().expect("file exists after a flush");
-        Ok(Staged { name, placed })
+        let (_, temp) = self.file.take().expect("file exists after a flush");
+        Ok(Staged { temp, placed })
     }
 
     fn discard(&mut self) {
-        if let Some((_, name)) = self.file.take() {
-            self.dest.discard_staged(&name);
+        if let Some((_, temp)) = self.file.take() {
+            self.ctx.dest.discard(&temp);
         }
     }
 }

@@ -16,6 +16,10 @@ use crate::error::Error;
 /// written before being renamed into place. Reserved: no key may map onto it.
 pub const STAGING_DIR: &str = ".fleetsync.tmp";
 
+/// Prefix of the temporary files written beside their final path. Reserved:
+/// no key may have a component starting with it.
+pub const TEMP_PREFIX: &str = ".fleetsync-tmp-";
+
 /// Longest file name Linux file systems accept.
 const MAX_COMPONENT: usize = 255;
 /// PATH_MAX; a longer relative path could not be opened anyway.
@@ -108,6 +112,9 @@ pub fn map_key(key: &str, prefix: &str) -> Result<Option<Entry>, Error> {
             "." => return Err(hostile("it has a '.' path component")),
             ".." => return Err(hostile("it has a '..' path component")),
             STAGING_DIR if i == 0 => return Err(hostile("its name is reserved for fleetsync's staging directory")),
+            _ if c.starts_with(TEMP_PREFIX) => {
+                return Err(hostile("its name is reserved for fleetsync's temporary files"))
+            }
             _ => {}
         }
         if c.len() > MAX_COMPONENT {
@@ -172,6 +179,7 @@ mod tests {
         assert!(refused("p/a\nb").contains("control"));
         assert!(refused(&format!("p/{}", "x".repeat(256))).contains("255"));
         assert!(refused("p/.fleetsync.tmp/x").contains("reserved"));
+        assert!(refused("p/a/.fleetsync-tmp-1-2").contains("reserved"));
         assert!(refused("q/outside").contains("prefix"));
         assert!(refused("p/..").contains(".."));
         assert!(refused("p//").contains("absolute"));

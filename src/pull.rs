@@ -94,9 +94,22 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
 
     let dest = Arc::new(open_dest(&opts.dest)?);
+    if state.interrupted() {
+        // The last pull was killed: it may have left temporary files beside
+        // their final paths. Rare, so a walk of DEST is affordable.
+        let d = dest.clone();
+        let swept = tokio::task::spawn_blocking(move || d.sweep_temps()).await.expect("sweep does not panic");
+        let swept = swept.map_err(|e| Error::io(format!("removing temporary files left in {}", opts.dest.display()), e))?;
+        tracing::info!(swept, "the previous pull was interrupted; removed its temporary files");
+    }
+    state.mark_in_progress()?;
     let state = Arc::new(state);
     let result = run(opts, client, dest, state.clone(), placed, observer, &mut report).await;
     state.flush();
+    if result.is_err() {
+        // Every temporary file was discarded on the way out.
+        state.clear_in_progress();
+    }
     let placed = result?;
     report.settle();
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
@@ -105,7 +118,9 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     let record = LastPull { started_at_ns, report: report.clone() };
     tokio::task::spawn_blocking(move || -> Result<()> {
         state.compact(&placed)?;
-        write_atomic(&last_path, &serde_json::to_vec(&record).expect("report serializes"))
+        write_atomic(&last_path, &serde_json::to_vec(&record).expect("report serializes"))?;
+        state.clear_in_progress();
+        Ok(())
     })
     .await
     .expect("state write does not panic")?;
@@ -156,8 +171,8 @@ async fn run(
     report: &mut PullReport,
 ) -> Result<HashMap<RelPath, Placed>> {
     let (mut jobs, planner) = start_planner(opts, client.clone(), Some(dest.clone()), placed, observer.clone());
-    let ctx = Arc::new(FetchCtx { client, bucket: opts.source.bucket.clone(), dest: dest.clone() });
     let gate = Gate::new();
+    let ctx = Arc::new(FetchCtx { client, bucket: opts.source.bucket.clone(), dest: dest.clone(), gate_open: gate.opened() });
     let permits = Arc::new(Semaphore::new(opts.concurrency));
     let mut tasks = JoinSet::new();
     let mut outcomes = Vec::new();
@@ -234,7 +249,7 @@ async fn download(
     observer: Arc<dyn Observer>,
 ) -> (Outcome, FetchStats) {
     let permit = permits.acquire_owned().await.expect("the semaphore is never closed");
-    let (result, stats) = fetch::fetch(&ctx, &job.key, &job.etag, job.size, seq).await;
+    let (result, stats) = fetch::fetch(&ctx, &job, seq).await;
     // The permit bounds downloads, not files waiting at the gate.
     drop(permit);
     let staged = match result {
@@ -247,7 +262,7 @@ async fn download(
     };
     observer.downloaded(staged.placed.size);
     if !gate.wait().await {
-        ctx.dest.discard_staged(&staged.name);
+        ctx.dest.discard(&staged.temp);
         return (Outcome::Abandoned, stats);
     }
     let dest = ctx.dest.clone();

@@ -10,28 +10,57 @@
 //! rustix is used rather than cap-std because cap-std follows symlinks that
 //! stay inside the sandbox, and we want none followed at all.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::keypath::{RelPath, STAGING_DIR};
+use crate::keypath::{RelPath, STAGING_DIR, TEMP_PREFIX};
 
 /// Mode of directories we create. Directory markers carry no mode we trust.
 const DIR_MODE: u32 = 0o755;
+/// Directory descriptors kept open. Far below the usual RLIMIT_NOFILE of
+/// 1024, leaving room for 64 downloads' files and the HTTP connections.
+const DIR_CACHE: usize = 512;
 
-/// An open DEST and its staging directory.
+/// An open DEST, its staging directory, and a cache of open directories.
 ///
 /// Owning the descriptors (rather than re-opening paths) is what makes the
 /// walk immune to DEST's ancestors being swapped while we work.
 #[derive(Debug)]
 pub(crate) struct DestDir {
-    root: OwnedFd,
+    root: Arc<OwnedFd>,
     /// `None` when opened read-only (dry runs): nothing may be written then.
-    staging: Option<OwnedFd>,
+    staging: Option<Arc<OwnedFd>>,
     path: PathBuf,
+    /// Directories below DEST already walked (without following symlinks),
+    /// by relative path, so that placing 10,000 files does not walk their
+    /// parents 10,000 times. A std Mutex: held for a map lookup or insert
+    /// only, never across a system call or an `.await`.
+    dirs: Mutex<HashMap<String, Arc<OwnedFd>>>,
+}
+
+/// A temporary file's name and the directory it was created in.
+#[derive(Debug)]
+pub(crate) struct TempName {
+    dir: Arc<OwnedFd>,
+    name: String,
+}
+
+/// Where to create a temporary file.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TempAt<'a> {
+    /// In `DEST/.fleetsync.tmp/`: creates nothing else in DEST, for
+    /// downloads that finish before the whole listing has been validated.
+    Staging,
+    /// Beside the file's final path, creating its parent directories: the
+    /// rename is then within one directory, which Linux does without the
+    /// file-system-wide lock a cross-directory rename takes.
+    Beside(&'a RelPath),
 }
 
 fn dir_flags() -> OFlags {
@@ -48,14 +77,14 @@ impl DestDir {
         remove_tree_at(&root, STAGING_DIR)?;
         rfs::mkdirat(&root, STAGING_DIR, Mode::from_raw_mode(0o700))?;
         let staging = rfs::openat(&root, STAGING_DIR, dir_flags(), Mode::empty())?;
-        Ok(DestDir { root, staging: Some(staging), path: path.to_path_buf() })
+        Ok(DestDir { root: Arc::new(root), staging: Some(Arc::new(staging)), path: path.to_path_buf(), dirs: Default::default() })
     }
 
     /// Opens DEST for looking only (dry runs): creates nothing, and `None`
     /// when DEST does not exist yet.
     pub(crate) fn open_read_only(path: &Path) -> std::io::Result<Option<DestDir>> {
         match open_root(path) {
-            Ok(root) => Ok(Some(DestDir { root, staging: None, path: path.to_path_buf() })),
+            Ok(root) => Ok(Some(DestDir { root: Arc::new(root), staging: None, path: path.to_path_buf(), dirs: Default::default() })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -65,38 +94,36 @@ impl DestDir {
         &self.path
     }
 
-    fn staging(&self) -> std::io::Result<&OwnedFd> {
-        self.staging.as_ref().ok_or_else(|| std::io::Error::other("DEST was opened read-only"))
-    }
-
-    /// Creates a new staging file with a unique name; returns it and its name.
-    pub(crate) fn create_staged(&self, seq: u64) -> std::io::Result<(File, String)> {
-        let name = format!("{seq:x}.{:08x}", rand::random::<u32>());
+    /// Creates a new temporary file with a unique name.
+    pub(crate) fn create_temp(&self, at: TempAt<'_>, seq: u64) -> std::io::Result<(File, TempName)> {
+        let dir = match at {
+            TempAt::Staging => self.staging.clone().ok_or_else(|| std::io::Error::other("DEST was opened read-only"))?,
+            TempAt::Beside(path) => self.dir_fd(&path.split_parent().0, true)?,
+        };
+        let name = format!("{TEMP_PREFIX}{seq:x}-{:08x}", rand::random::<u32>());
         let fd = rfs::openat(
-            self.staging()?,
+            &*dir,
             name.as_str(),
             OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )?;
-        Ok((File::from(fd), name))
+        Ok((File::from(fd), TempName { dir, name }))
     }
 
-    /// Removes a staging file (a download that failed or was abandoned).
-    pub(crate) fn discard_staged(&self, name: &str) {
-        if let Some(staging) = &self.staging {
-            let _ = rfs::unlinkat(staging, name, AtFlags::empty());
-        }
+    /// Removes a temporary file (a download that failed or was abandoned).
+    pub(crate) fn discard(&self, temp: &TempName) {
+        let _ = rfs::unlinkat(&*temp.dir, temp.name.as_str(), AtFlags::empty());
     }
 
-    /// Renames a finished staging file to `path`, creating parent directories
-    /// as needed. The rename replaces whatever entry is at `path` (a file or a
-    /// symlink: the link itself is replaced, never followed) atomically, so a
-    /// reader sees the old content or the new, never a mix.
-    pub(crate) fn commit_staged(&self, name: &str, path: &RelPath) -> std::io::Result<()> {
+    /// Renames a finished temporary file to `path`, creating parent
+    /// directories as needed. The rename replaces whatever entry is at
+    /// `path` (a file or a symlink: the link itself is replaced, never
+    /// followed) atomically, so a reader sees the old content or the new,
+    /// never a mix.
+    pub(crate) fn commit(&self, temp: &TempName, path: &RelPath) -> std::io::Result<()> {
         let (parents, file_name) = path.split_parent();
-        let dir = self.walk(&parents, true)?;
-        let parent = dir.as_ref().map(|d| d.as_fd()).unwrap_or(self.root.as_fd());
-        rfs::renameat(self.staging()?, name, parent, file_name).map_err(|e| match e {
+        let parent = self.dir_fd(&parents, true)?;
+        rfs::renameat(&*temp.dir, temp.name.as_str(), &*parent, file_name).map_err(|e| match e {
             Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST => {
                 std::io::Error::other("a directory is in the way of this file (not placed by fleetsync)")
             }
@@ -107,7 +134,7 @@ impl DestDir {
     /// Creates the directory `path` (a directory marker) and its parents.
     pub(crate) fn make_dir(&self, path: &RelPath) -> std::io::Result<()> {
         let parts: Vec<&str> = path.components().collect();
-        self.walk(&parts, true).map(drop)
+        self.dir_fd(&parts, true).map(drop)
     }
 
     /// `lstat` of `path`, without following any symlink on the way.
@@ -115,13 +142,12 @@ impl DestDir {
     /// directory we may enter.
     pub(crate) fn stat(&self, path: &RelPath) -> std::io::Result<Option<rfs::Stat>> {
         let (parents, file_name) = path.split_parent();
-        let dir = match self.walk(&parents, false) {
+        let parent = match self.dir_fd(&parents, false) {
             Ok(dir) => dir,
             Err(e) if is_absent(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let parent = dir.as_ref().map(|d| d.as_fd()).unwrap_or(self.root.as_fd());
-        match rfs::statat(parent, file_name, AtFlags::SYMLINK_NOFOLLOW) {
+        match rfs::statat(&*parent, file_name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => Ok(Some(st)),
             Err(Errno::NOENT) => Ok(None),
             Err(e) => Err(e.into()),
@@ -130,20 +156,23 @@ impl DestDir {
 
     /// Removes the file at `path` (if it is there), then every parent
     /// directory that this left empty, up to but not including DEST. A
-    /// directory in `keep` (a marker in the source) stays even when empty.
+    /// directory for which `keep` says so (a marker in the source) stays
+    /// even when empty.
     pub(crate) fn remove_file(&self, path: &RelPath, keep: &dyn Fn(&str) -> bool) -> std::io::Result<()> {
+        // Directories may disappear below: forget every cached descriptor.
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let (parents, file_name) = path.split_parent();
-        let mut chain = Vec::with_capacity(parents.len());
+        let mut chain: Vec<OwnedFd> = Vec::with_capacity(parents.len());
         for (i, c) in parents.iter().enumerate() {
-            let from = chain.last().unwrap_or(&self.root);
+            let from = chain.last().map(|d| d.as_fd()).unwrap_or(self.root.as_fd());
             match rfs::openat(from, *c, dir_flags(), Mode::empty()) {
                 Ok(fd) => chain.push(fd),
                 // Gone or replaced by a symlink: our file is not there.
                 Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(()),
-                Err(e) => return Err(std::io::Error::from(e)).map_err(|e| ctx(e, &parents[..=i].join("/"))),
+                Err(e) => return Err(ctx(e.into(), &parents[..=i].join("/"))),
             }
         }
-        let parent = chain.last().unwrap_or(&self.root);
+        let parent = chain.last().map(|d| d.as_fd()).unwrap_or(self.root.as_fd());
         match rfs::unlinkat(parent, file_name, AtFlags::empty()) {
             Ok(()) | Err(Errno::NOENT) => {}
             Err(Errno::ISDIR) => return Ok(()), // a directory now: not ours to remove
@@ -151,52 +180,96 @@ impl DestDir {
         }
         // Walk back up, removing directories that are now empty.
         for depth in (0..parents.len()).rev() {
-            let dir_path = parents[..=depth].join("/");
-            if keep(&dir_path) {
+            if keep(&parents[..=depth].join("/")) {
                 break;
             }
             chain.pop();
-            let parent = chain.last().unwrap_or(&self.root);
-            match rfs::unlinkat(parent, parents[depth], AtFlags::REMOVEDIR) {
-                Ok(()) => {}
-                Err(_) => break, // not empty (or not ours): stop here
+            let parent = chain.last().map(|d| d.as_fd()).unwrap_or(self.root.as_fd());
+            if rfs::unlinkat(parent, parents[depth], AtFlags::REMOVEDIR).is_err() {
+                break; // not empty (or not ours): stop here
             }
         }
         Ok(())
     }
 
-    /// Walks `parts` below DEST without following symlinks, creating missing
-    /// directories when `create`. `None` stands for DEST itself.
-    fn walk(&self, parts: &[&str], create: bool) -> std::io::Result<Option<OwnedFd>> {
-        let mut cur: Option<OwnedFd> = None;
-        for (i, c) in parts.iter().enumerate() {
-            let from = cur.as_ref().map(|d| d.as_fd()).unwrap_or(self.root.as_fd());
-            let next = match rfs::openat(from, *c, dir_flags(), Mode::empty()) {
-                Ok(fd) => fd,
-                Err(Errno::NOENT) if create => {
-                    match rfs::mkdirat(from, *c, Mode::from_raw_mode(DIR_MODE)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => return Err(ctx(e.into(), &parts[..=i].join("/"))),
-                    }
-                    rfs::openat(from, *c, dir_flags(), Mode::empty()).map_err(|e| ctx(e.into(), &parts[..=i].join("/")))?
+    /// Removes temporary files a killed pull left beside their final paths.
+    /// Only called after an interrupted pull, so the walk is rare. Returns
+    /// how many were removed.
+    pub(crate) fn sweep_temps(&self) -> std::io::Result<u64> {
+        fn sweep(dir: &Path, removed: &mut u64) -> std::io::Result<()> {
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                // DirEntry::file_type does not follow symlinks.
+                let ft = entry.file_type()?;
+                let name = entry.file_name();
+                if ft.is_dir() && name != STAGING_DIR {
+                    sweep(&entry.path(), removed)?;
+                } else if ft.is_file() && name.to_string_lossy().starts_with(TEMP_PREFIX) {
+                    std::fs::remove_file(entry.path())?;
+                    *removed += 1;
                 }
-                // O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR
-                // (or ELOOP); lstat says which it was, for the message.
-                Err(Errno::LOOP | Errno::NOTDIR) => {
-                    let is_link = rfs::statat(from, *c, AtFlags::SYMLINK_NOFOLLOW)
-                        .is_ok_and(|st| rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Symlink);
-                    let e = if is_link {
-                        std::io::Error::other("is a symlink; fleetsync never follows symlinks inside DEST")
-                    } else {
-                        std::io::Error::new(std::io::ErrorKind::NotADirectory, "is a file where a directory is needed")
-                    };
-                    return Err(ctx(e, &parts[..=i].join("/")));
+            }
+            Ok(())
+        }
+        let mut removed = 0;
+        sweep(&self.path, &mut removed)?;
+        Ok(removed)
+    }
+
+    /// The directory `parts` below DEST, walked without following symlinks
+    /// (creating missing directories when `create`), from the cache when
+    /// it was walked before.
+    fn dir_fd(&self, parts: &[&str], create: bool) -> std::io::Result<Arc<OwnedFd>> {
+        if parts.is_empty() {
+            return Ok(self.root.clone());
+        }
+        // Start from the deepest directory already walked.
+        let (mut cur, mut depth) = (self.root.clone(), 0);
+        {
+            let cache = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            for i in (1..=parts.len()).rev() {
+                if let Some(fd) = cache.get(&parts[..i].join("/")) {
+                    (cur, depth) = (fd.clone(), i);
+                    break;
                 }
-                Err(e) => return Err(ctx(e.into(), &parts[..=i].join("/"))),
-            };
-            cur = Some(next);
+            }
+        }
+        for i in depth..parts.len() {
+            cur = Arc::new(open_dir_at(&cur, parts[i], create).map_err(|e| ctx(e, &parts[..=i].join("/")))?);
+            let mut cache = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= DIR_CACHE {
+                cache.clear();
+            }
+            cache.insert(parts[..=i].join("/"), cur.clone());
         }
         Ok(cur)
+    }
+}
+
+/// Opens the directory `name` in `from` without following a symlink,
+/// creating it first when `create` and it is missing.
+fn open_dir_at(from: &OwnedFd, name: &str, create: bool) -> std::io::Result<OwnedFd> {
+    match rfs::openat(from, name, dir_flags(), Mode::empty()) {
+        Ok(fd) => Ok(fd),
+        Err(Errno::NOENT) if create => {
+            match rfs::mkdirat(from, name, Mode::from_raw_mode(DIR_MODE)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            open_dir_at(from, name, false)
+        }
+        // O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR (or
+        // ELOOP); lstat says which it was, for the message.
+        Err(Errno::LOOP | Errno::NOTDIR) => {
+            let is_link = rfs::statat(from, name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Symlink);
+            Err(if is_link {
+                std::io::Error::other("is a symlink; fleetsync never follows symlinks inside DEST")
+            } else {
+                std::io::Error::new(std::io::ErrorKind::NotADirectory, "is a file where a directory is needed")
+            })
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -253,9 +326,9 @@ mod tests {
         }
     }
 
-    fn stage(d: &DestDir, body: &[u8]) -> String {
+    fn stage(d: &DestDir, body: &[u8]) -> TempName {
         use std::io::Write;
-        let (mut f, name) = d.create_staged(1).unwrap();
+        let (mut f, name) = d.create_temp(TempAt::Staging, 1).unwrap();
         f.write_all(body).unwrap();
         name
     }
@@ -265,9 +338,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let d = DestDir::open(tmp.path()).unwrap();
         let n = stage(&d, b"one");
-        d.commit_staged(&n, &rel("a/b/c.txt")).unwrap();
+        d.commit(&n, &rel("a/b/c.txt")).unwrap();
         let n = stage(&d, b"two");
-        d.commit_staged(&n, &rel("a/b/c.txt")).unwrap();
+        d.commit(&n, &rel("a/b/c.txt")).unwrap();
         assert_eq!(std::fs::read(tmp.path().join("a/b/c.txt")).unwrap(), b"two");
     }
 
@@ -280,7 +353,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), dest.join("assets")).unwrap();
         let d = DestDir::open(&dest).unwrap();
         let n = stage(&d, b"evil");
-        let e = d.commit_staged(&n, &rel("assets/x.txt")).unwrap_err();
+        let e = d.commit(&n, &rel("assets/x.txt")).unwrap_err();
         assert!(e.to_string().contains("symlink"), "{e}");
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     }
@@ -293,7 +366,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), tmp.path().join("f")).unwrap();
         let d = DestDir::open(tmp.path()).unwrap();
         let n = stage(&d, b"new");
-        d.commit_staged(&n, &rel("f")).unwrap();
+        d.commit(&n, &rel("f")).unwrap();
         assert_eq!(std::fs::read(outside.path()).unwrap(), b"keep");
         assert!(!std::fs::symlink_metadata(tmp.path().join("f")).unwrap().file_type().is_symlink());
     }
@@ -304,13 +377,28 @@ mod tests {
         let d = DestDir::open(tmp.path()).unwrap();
         for p in ["a/b/c.txt", "k/x/y.txt"] {
             let n = stage(&d, b"x");
-            d.commit_staged(&n, &rel(p)).unwrap();
+            d.commit(&n, &rel(p)).unwrap();
         }
         d.remove_file(&rel("a/b/c.txt"), &|_| false).unwrap();
         assert!(!tmp.path().join("a").exists());
         d.remove_file(&rel("k/x/y.txt"), &|p| p == "k/x").unwrap();
         assert!(tmp.path().join("k/x").is_dir());
         assert!(tmp.path().exists());
+    }
+
+    #[test]
+    fn temps_beside_their_file_rename_in_place_and_are_swept() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let d = DestDir::open(tmp.path()).unwrap();
+        let (mut f, t) = d.create_temp(TempAt::Beside(&rel("x/y/z.txt")), 7).unwrap();
+        f.write_all(b"z").unwrap();
+        d.commit(&t, &rel("x/y/z.txt")).unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("x/y/z.txt")).unwrap(), b"z");
+        // A temp left by a killed pull is swept; real files are not.
+        let (_f, _left) = d.create_temp(TempAt::Beside(&rel("x/y/other")), 8).unwrap();
+        assert_eq!(d.sweep_temps().unwrap(), 1);
+        assert_eq!(std::fs::read_dir(tmp.path().join("x/y")).unwrap().count(), 1);
     }
 
     #[test]

@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
 
+/// Marker file present while a pull runs.
+const IN_PROGRESS: &str = "in-progress";
+
 /// What the agent knows about one file it placed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placed {
@@ -60,6 +63,12 @@ struct Record {
 pub(crate) struct StateStore {
     dir: PathBuf,
     journal: Mutex<BufWriter<File>>,
+    /// Whether this pull journaled anything; a no-op pull then skips
+    /// rewriting (and fsyncing) the snapshot.
+    dirty: std::sync::atomic::AtomicBool,
+    /// The previous pull did not finish (its in-progress marker was still
+    /// there): it may have left temporary files in DEST.
+    interrupted: bool,
 }
 
 impl StateStore {
@@ -83,7 +92,25 @@ impl StateStore {
             .append(true)
             .open(&journal)
             .map_err(|e| Error::io(format!("opening {}", journal.display()), e))?;
-        Ok((StateStore { dir, journal: Mutex::new(BufWriter::new(file)) }, placed))
+        let interrupted = dir.join(IN_PROGRESS).exists();
+        let store = StateStore { dir, journal: Mutex::new(BufWriter::new(file)), dirty: Default::default(), interrupted };
+        Ok((store, placed))
+    }
+
+    /// Whether the previous pull into this DEST was killed before the end.
+    pub(crate) fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+
+    /// Marks a pull as running; a marker still there at the next start
+    /// means the pull was killed.
+    pub(crate) fn mark_in_progress(&self) -> Result<()> {
+        let p = self.dir.join(IN_PROGRESS);
+        File::create(&p).map(drop).map_err(|e| Error::io(format!("writing {}", p.display()), e))
+    }
+
+    pub(crate) fn clear_in_progress(&self) {
+        let _ = std::fs::remove_file(self.dir.join(IN_PROGRESS));
     }
 
     /// Loads the state for `dest` without creating or changing anything
@@ -114,6 +141,7 @@ impl StateStore {
     fn append(&self, rec: &Record) -> Result<()> {
         let mut line = serde_json::to_vec(rec).expect("records serialize");
         line.push(b'\n');
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         j.write_all(&line).map_err(|e| Error::io(format!("appending to journal in {}", self.dir.display()), e))
     }
@@ -121,6 +149,9 @@ impl StateStore {
     /// Ends a pull: writes the full snapshot atomically and empties the
     /// journal. `placed` is the state after the pull.
     pub(crate) fn compact(&self, placed: &HashMap<RelPath, Placed>) -> Result<()> {
+        if !self.dirty.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         {
             let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
             j.flush().map_err(|e| Error::io(format!("flushing journal in {}", self.dir.display()), e))?;
@@ -228,6 +259,7 @@ mod tests {
         let (s, _) = StateStore::open(state.path(), dest).unwrap();
         let mut m = HashMap::new();
         m.insert(rel("z"), p("\"9\""));
+        s.record_placed(&rel("z"), &p("\"9\"")).unwrap();
         s.compact(&m).unwrap();
         drop(s);
         let (_, loaded) = StateStore::open(state.path(), dest).unwrap();

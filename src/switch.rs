@@ -7,6 +7,8 @@
 //! must leave DEST untouched even though pages 1-89 were already downloading.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
@@ -29,14 +31,22 @@ enum GateState {
 /// number of download tasks wait on one state change.
 pub(crate) struct Gate {
     tx: watch::Sender<GateState>,
+    /// The same "open" as a flag that downloads can read without waiting,
+    /// to create their temporary file beside the final path.
+    opened: Arc<AtomicBool>,
 }
 
 impl Gate {
     pub(crate) fn new() -> Gate {
-        Gate { tx: watch::channel(GateState::Closed).0 }
+        Gate { tx: watch::channel(GateState::Closed).0, opened: Arc::default() }
+    }
+
+    pub(crate) fn opened(&self) -> Arc<AtomicBool> {
+        self.opened.clone()
     }
 
     pub(crate) fn open(&self) {
+        self.opened.store(true, Ordering::Release);
         self.tx.send_replace(GateState::Open);
     }
 
@@ -80,8 +90,8 @@ pub(crate) fn commit(
     staged: &crate::fetch::Staged,
     path: &RelPath,
 ) -> Result<(), String> {
-    if let Err(e) = dest.commit_staged(&staged.name, path) {
-        dest.discard_staged(&staged.name);
+    if let Err(e) = dest.commit(&staged.temp, path) {
+        dest.discard(&staged.temp);
         return Err(format!("placing {} in {}: {e}", path, dest.path().display()));
     }
     state.record_placed(path, &staged.placed).map_err(|e| e.to_string())

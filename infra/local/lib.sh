@@ -73,6 +73,7 @@ JSON
     -s3.config="$dir/identities.json" -admin.ui=false -webdav=false \
     -s3.port.iceberg=0 -s3.port.lance=0 -metricsPort="$metrics" >"$dir/weed.log" 2>&1 &
   echo $! > "$dir/weed.pid"
+  disown  # stopped by s3_down; no "Killed" notice from this shell
   export AWS_ENDPOINT_URL_S3="http://127.0.0.1:$s3"
   # Prometheus metrics: request counts per bucket, type and status code.
   # Tests and the benchmark read them to count what each tool asked for.
@@ -110,7 +111,7 @@ s3_down() {
   [[ -f $dir/weed.pid ]] || return 0
   pid=$(cat "$dir/weed.pid")
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -9 "$pid" 2>/dev/null || true
   rm -f "$dir/weed.pid"
 }
