@@ -12,9 +12,12 @@
 //! - [`report`]: the summary and JSON the bastion reads;
 //!
 //! run by [`pull`] under the [`node_lock`].
+//!
+//! For the bastion, [`fleet_lock`] keeps two deploys of one group apart.
 
 mod error;
 mod fetch;
+pub mod fleet_lock;
 mod keypath;
 mod list;
 pub mod node_lock;

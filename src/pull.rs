@@ -265,11 +265,9 @@ async fn download(
         ctx.dest.discard(&staged.temp);
         return (Outcome::Abandoned, stats);
     }
-    let dest = ctx.dest.clone();
-    let path = job.path.clone();
-    let committed = tokio::task::spawn_blocking(move || switch::commit(&dest, &state, &staged, &path).map(|()| staged.placed))
-        .await
-        .expect("commit does not panic");
+    // A rename (and, for a file beside its final path, nothing else) is
+    // cheap: done on this worker for the same reason as small writes.
+    let committed = switch::commit(&ctx.dest, &state, &staged, &job.path).map(|()| staged.placed);
     match committed {
         Ok(placed) => {
             observer.placed();

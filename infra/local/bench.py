@@ -69,6 +69,17 @@ def tools(work):
     }
 
 
+def set_aside(path, trash):
+    """Moves a tree out of the way instead of deleting it. Deleting 10,000
+    files makes ext4 (with discard) do seconds of deferred work that lands on
+    whatever command runs next: measured here, a cold pull right after an
+    `rm -rf` of the previous tree took 8.7-10.2 s instead of 5.1-5.5 s. The
+    trash is deleted after the timed runs."""
+    if os.path.exists(path):
+        os.makedirs(trash, exist_ok=True)
+        os.rename(path, os.path.join(trash, f"{len(os.listdir(trash))}"))
+
+
 def run(argv, env):
     """Runs one command; returns (seconds, peak RSS in MiB, requests)."""
     before = requests_so_far()
@@ -124,14 +135,15 @@ def main():
     all_tools = tools(a.work)
     chosen = [t.strip() for t in a.tools.split(",")]
     results = {t: {"cold": [], "no-op": [], "1% changed": []} for t in chosen}
+    trash = os.path.join(a.work, "trash")
     wrong = {t: set() for t in chosen}
     for r in range(a.runs):
         expected = digest_tree(src)
         for t in chosen:
             argv, env = all_tools[t]
             dest = os.path.join(a.work, "dest-" + t.replace(" ", "-"))
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.rmtree(dest + ".state", ignore_errors=True)
+            set_aside(dest, trash)
+            set_aside(dest + ".state", trash)
             os.makedirs(dest)
             for case in ("cold", "no-op"):
                 results[t][case].append(run(argv(dest), env))
@@ -151,6 +163,7 @@ def main():
                 wrong[t].add(f"1% changed (missed {missed} of {len(changed)})")
             print(f"  round {r + 1} {t:12} {'1% changed':10} {results[t]['1% changed'][-1][0]:7.2f} s", flush=True)
 
+    shutil.rmtree(trash, ignore_errors=True)
     print()
     print("| tool | case | median s | vs fleetsync | peak RSS MiB | requests | correct |")
     print("|---|---|---|---|---|---|---|")

@@ -1,0 +1,297 @@
+//! The fleet lock: one deploy per Auto Scaling Group at a time.
+//!
+//! An S3 object (by default `s3://BUCKET/.fleetsync/locks/<asg>.json` in the
+//! source bucket) created with a conditional PutObject `If-None-Match: *`,
+//! so exactly one of any number of concurrent bastions gets it: S3 decides,
+//! not a clock or a read-then-write. The body names the holder (a random
+//! owner token, user, host, pid, command) and a lease expiry.
+//!
+//! - While held, a background task renews the lease with `If-Match: <etag>`.
+//!   If a renewal finds the object changed (someone broke or took over the
+//!   lock), the holder is told through [`HeldLock::lost`] and must stop
+//!   starting new work.
+//! - Release is a DeleteObject guarded by the same ETag, so a holder never
+//!   deletes a lock it no longer owns.
+//! - A lock whose lease has expired (its holder crashed or was paused) may
+//!   be taken over: a PutObject with `If-Match` on the stale ETag, which
+//!   again only one contender wins.
+//! - A PUT that is retried after a lost response and finds its own owner
+//!   token counts as acquired.
+//!
+//! Leases are compared against the local clock, so they must be much longer
+//! than the clock skew between bastions (the default is 60 s, renewed
+//! every 20 s).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::source::S3Failure;
+
+/// What the lock object says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// Random per acquisition: tells "my lock" from "a lock by the same user".
+    pub owner: String,
+    pub user: String,
+    pub host: String,
+    pub pid: u32,
+    pub command: String,
+    pub started_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+impl LockInfo {
+    /// A fresh description of this process as a holder.
+    pub fn for_this_process(command: &str, lease: Duration) -> LockInfo {
+        let now = now_ms();
+        LockInfo {
+            owner: format!("{:032x}", rand::random::<u128>()),
+            user: std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()),
+            host: rustix::system::uname().nodename().to_string_lossy().into_owned(),
+            pid: std::process::id(),
+            command: command.to_string(),
+            started_at_ms: now,
+            expires_at_ms: now + lease.as_millis() as u64,
+        }
+    }
+
+    pub fn expired(&self) -> bool {
+        self.expires_at_ms <= now_ms()
+    }
+
+    /// `user@host (pid N), held for 42 s: command`.
+    pub fn describe(&self) -> String {
+        let age = now_ms().saturating_sub(self.started_at_ms) / 1000;
+        format!("{}@{} (pid {}), held for {age} s: {}", self.user, self.host, self.pid, self.command)
+    }
+}
+
+/// Where the lock lives.
+#[derive(Debug, Clone)]
+pub struct LockObject {
+    pub bucket: String,
+    pub key: String,
+}
+
+impl std::fmt::Display for LockObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.key)
+    }
+}
+
+/// Why the lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("the fleet lock {object} is held by {}", holder.describe())]
+    Held { object: String, holder: LockInfo },
+    #[error(transparent)]
+    Other(#[from] Error),
+}
+
+/// A held lock. Its renewal task stops when it is dropped; call
+/// [`HeldLock::release`] to delete the object.
+pub struct HeldLock {
+    client: aws_sdk_s3::Client,
+    object: LockObject,
+    info: LockInfo,
+    /// The ETag of our current version of the object, updated by renewals.
+    /// A std Mutex: read or replaced in one step, never held across `.await`.
+    etag: Arc<Mutex<String>>,
+    lost: Arc<AtomicBool>,
+    renewal: tokio::task::JoinHandle<()>,
+    /// Whether we took over an expired lock (for the report).
+    pub took_over: Option<LockInfo>,
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+impl HeldLock {
+    pub fn info(&self) -> &LockInfo {
+        &self.info
+    }
+
+    /// Whether a renewal found the lock broken or taken over. Once true, the
+    /// holder must not start anything new.
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Stops renewing and deletes the lock, if it is still ours.
+    pub async fn release(self) -> Result<()> {
+        self.renewal.abort();
+        let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match self.client.delete_object().bucket(&self.object.bucket).key(&self.object.key).if_match(etag).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let f = S3Failure::from_sdk(&e);
+                if matches!(f.status, Some(412 | 404)) {
+                    Err(Error::S3(format!("the fleet lock {} was no longer ours at release (broken or taken over)", self.object)))
+                } else {
+                    Err(Error::S3(format!("releasing the fleet lock {}: {}", self.object, f.message)))
+                }
+            }
+        }
+    }
+}
+
+/// Takes the lock as `info` (see [`LockInfo::for_this_process`]), waiting up
+/// to `wait` for a live holder to finish. Calling it again with the same
+/// `info` after an error is safe: finding its own owner token, it succeeds.
+pub async fn acquire(
+    client: &aws_sdk_s3::Client,
+    object: &LockObject,
+    mut info: LockInfo,
+    lease: Duration,
+    wait: Duration,
+) -> Result<HeldLock, LockError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        info.expires_at_ms = now_ms() + lease.as_millis() as u64;
+        match try_acquire(client, object, &info).await? {
+            Attempt::Acquired { etag, took_over } => {
+                let etag = Arc::new(Mutex::new(etag));
+                let lost = Arc::new(AtomicBool::new(false));
+                let renewal = tokio::spawn(renew(client.clone(), object.clone(), info.clone(), lease, etag.clone(), lost.clone()));
+                return Ok(HeldLock { client: client.clone(), object: object.clone(), info, etag, lost, renewal, took_over });
+            }
+            Attempt::Held(holder) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(LockError::Held { object: object.to_string(), holder });
+                }
+                let pause = Duration::from_millis(500 + rand::random::<u64>() % 500);
+                tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
+            }
+            Attempt::Raced => {}
+        }
+    }
+}
+
+enum Attempt {
+    Acquired { etag: String, took_over: Option<LockInfo> },
+    Held(LockInfo),
+    /// The object changed between our read and our write: try again.
+    Raced,
+}
+
+async fn try_acquire(client: &aws_sdk_s3::Client, object: &LockObject, info: &LockInfo) -> Result<Attempt> {
+    let body = serde_json::to_vec_pretty(info).expect("lock info serializes");
+    let put = client.put_object().bucket(&object.bucket).key(&object.key).body(body.clone().into()).if_none_match("*").send().await;
+    match put {
+        Ok(out) => return Ok(Attempt::Acquired { etag: out.e_tag().unwrap_or_default().to_string(), took_over: None }),
+        Err(e) => {
+            let f = S3Failure::from_sdk(&e);
+            if !matches!(f.status, Some(412 | 409)) {
+                return Err(lock_error(object, "taking", &f));
+            }
+        }
+    }
+    // Someone holds it (or we do, if our earlier attempt's answer was lost).
+    let Some((current, etag)) = read(client, object).await? else { return Ok(Attempt::Raced) };
+    if current.owner == info.owner {
+        return Ok(Attempt::Acquired { etag, took_over: None });
+    }
+    if !current.expired() {
+        return Ok(Attempt::Held(current));
+    }
+    let takeover = client.put_object().bucket(&object.bucket).key(&object.key).body(body.into()).if_match(&etag).send().await;
+    match takeover {
+        Ok(out) => Ok(Attempt::Acquired { etag: out.e_tag().unwrap_or_default().to_string(), took_over: Some(current) }),
+        Err(e) => {
+            let f = S3Failure::from_sdk(&e);
+            if matches!(f.status, Some(412 | 409 | 404)) {
+                Ok(Attempt::Raced)
+            } else {
+                Err(lock_error(object, "taking over", &f))
+            }
+        }
+    }
+}
+
+/// The lock's current holder and ETag, if there is a lock.
+pub async fn read(client: &aws_sdk_s3::Client, object: &LockObject) -> Result<Option<(LockInfo, String)>> {
+    let out = match client.get_object().bucket(&object.bucket).key(&object.key).send().await {
+        Ok(out) => out,
+        Err(e) => {
+            let f = S3Failure::from_sdk(&e);
+            if f.status == Some(404) {
+                return Ok(None);
+            }
+            return Err(lock_error(object, "reading", &f));
+        }
+    };
+    let etag = out.e_tag().unwrap_or_default().to_string();
+    let body = out.body.collect().await.map_err(|e| Error::S3(format!("reading the fleet lock {object}: {e}")))?;
+    let info = serde_json::from_slice(&body.into_bytes())
+        .map_err(|e| Error::S3(format!("the fleet lock {object} is not a fleetsync lock ({e}); remove it with `fleetsync lock break`")))?;
+    Ok(Some((info, etag)))
+}
+
+/// Deletes the lock whoever holds it; returns what it broke.
+pub async fn break_lock(client: &aws_sdk_s3::Client, object: &LockObject) -> Result<Option<LockInfo>> {
+    let Some((info, etag)) = read(client, object).await? else { return Ok(None) };
+    client
+        .delete_object()
+        .bucket(&object.bucket)
+        .key(&object.key)
+        .if_match(etag)
+        .send()
+        .await
+        .map_err(|e| lock_error(object, "breaking", &S3Failure::from_sdk(&e)))?;
+    Ok(Some(info))
+}
+
+/// Renews the lease every third of its length until aborted or lost.
+async fn renew(client: aws_sdk_s3::Client, object: LockObject, mut info: LockInfo, lease: Duration, etag: Arc<Mutex<String>>, lost: Arc<AtomicBool>) {
+    let period = lease / 3;
+    // The expiry that S3 holds for us: what others will go by.
+    let mut valid_until = info.expires_at_ms;
+    loop {
+        tokio::time::sleep(period).await;
+        info.expires_at_ms = now_ms() + lease.as_millis() as u64;
+        let current = etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let body = serde_json::to_vec_pretty(&info).expect("lock info serializes");
+        match client.put_object().bucket(&object.bucket).key(&object.key).body(body.into()).if_match(current).send().await {
+            Ok(out) => {
+                *etag.lock().unwrap_or_else(|p| p.into_inner()) = out.e_tag().unwrap_or_default().to_string();
+                valid_until = info.expires_at_ms;
+            }
+            Err(e) => {
+                let f = S3Failure::from_sdk(&e);
+                if matches!(f.status, Some(412 | 404 | 409)) {
+                    tracing::error!(lock = %object, "the fleet lock was broken or taken over; stopping");
+                    lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+                // Transient: retry next period, unless the lease would run out
+                // before then, in which case someone may take it over.
+                tracing::warn!(lock = %object, error = %f.message, "renewing the fleet lock failed; will retry");
+                if now_ms() + period.as_millis() as u64 >= valid_until {
+                    tracing::error!(lock = %object, "the fleet lock's lease is running out unrenewed; stopping");
+                    lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn lock_error(object: &LockObject, what: &str, f: &S3Failure) -> Error {
+    let msg = format!("{what} the fleet lock {object} failed: {}", f.message);
+    if f.is_configuration() {
+        Error::Config(format!("{msg} ({})", f.hint()))
+    } else {
+        Error::S3(msg)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
