@@ -61,14 +61,21 @@ impl Error {
     }
 
     /// Wraps an I/O error with the operation and path it concerns. Permission
-    /// problems on DEST or the state dir are configuration errors: the fix is
-    /// on the user's side and nothing was changed.
+    /// problems and read-only file systems under DEST or the state dir are
+    /// configuration errors: the fix is on the user's side and nothing was
+    /// changed.
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         let context = context.into();
-        if source.kind() == std::io::ErrorKind::PermissionDenied {
-            return Error::Config(format!(
-                "{context}: permission denied (run as a user that may write there, or choose another directory)"
-            ));
+        match source.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                return Error::Config(format!(
+                    "{context}: permission denied (run as a user that may write there, or choose another directory)"
+                ))
+            }
+            std::io::ErrorKind::ReadOnlyFilesystem => {
+                return Error::Config(format!("{context}: read-only file system (choose a writable directory)"))
+            }
+            _ => {}
         }
         Error::Io { context, source }
     }

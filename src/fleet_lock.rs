@@ -77,6 +77,35 @@ pub struct LockObject {
     pub key: String,
 }
 
+impl LockObject {
+    /// The default lock of a group: `.fleetsync/locks/<asg>.json` in the
+    /// source bucket, so a deploy needs no other bucket or permission setup.
+    pub fn for_group(source: &crate::S3Url, asg: &str) -> Result<LockObject> {
+        let ok = !asg.is_empty()
+            && asg.len() <= 255
+            && asg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+'))
+            && asg != "."
+            && asg != "..";
+        if !ok {
+            return Err(Error::Config(format!(
+                "group name {asg:?} cannot name a lock object; give the lock's location with --lock s3://BUCKET/KEY"
+            )));
+        }
+        Ok(LockObject { bucket: source.bucket.clone(), key: format!(".fleetsync/locks/{asg}.json") })
+    }
+
+    /// A lock object given as `s3://BUCKET/KEY`.
+    pub fn parse(url: &str) -> Result<LockObject> {
+        let bad = || Error::Config(format!("lock {url:?} is not valid (expected s3://BUCKET/KEY)"));
+        let parsed = crate::S3Url::parse(url).map_err(|_| bad())?;
+        let key = parsed.prefix.trim_end_matches('/').to_string();
+        if key.is_empty() {
+            return Err(bad());
+        }
+        Ok(LockObject { bucket: parsed.bucket, key })
+    }
+}
+
 impl std::fmt::Display for LockObject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "s3://{}/{}", self.bucket, self.key)
@@ -289,6 +318,32 @@ fn lock_error(object: &LockObject, what: &str, f: &S3Failure) -> Error {
         Error::Config(format!("{msg} ({})", f.hint()))
     } else {
         Error::S3(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_and_explicit_lock_locations() {
+        let src = crate::S3Url::parse("s3://code/app").unwrap();
+        assert_eq!(LockObject::for_group(&src, "web-prod").unwrap().to_string(), "s3://code/.fleetsync/locks/web-prod.json");
+        for bad in ["", "..", "a/b", "x y", "a\nb"] {
+            assert!(LockObject::for_group(&src, bad).unwrap_err().to_string().contains("--lock"), "{bad:?}");
+        }
+        assert_eq!(LockObject::parse("s3://locks/fleet/web.json").unwrap().key, "fleet/web.json");
+        assert!(LockObject::parse("s3://locks").is_err());
+        assert!(LockObject::parse("locks/web.json").is_err());
+    }
+
+    #[test]
+    fn lock_info_describes_its_holder() {
+        let info = LockInfo::for_this_process("fleetsync sync --asg web", Duration::from_secs(60));
+        assert!(!info.expired());
+        assert_eq!(info.owner.len(), 32);
+        let d = info.describe();
+        assert!(d.contains(&format!("pid {}", std::process::id())) && d.contains("fleetsync sync --asg web"), "{d}");
     }
 }
 

@@ -11,6 +11,10 @@ use aws_config::{meta::region::RegionProviderChain, retry::RetryConfig, timeout:
 
 use crate::error::{Error, Result};
 
+/// The S3 client, re-exported so that the binaries need no direct
+/// dependency on the SDK crate.
+pub use aws_sdk_s3::Client as S3Client;
+
 /// A parsed `s3://BUCKET[/PREFIX]`. The prefix is treated as a directory:
 /// `s3://b/app` and `s3://b/app/` both mean the keys under `app/`, and a key's
 /// path in DEST is the key with that prefix removed.
@@ -37,11 +41,6 @@ impl S3Url {
             prefix.push('/');
         }
         Ok(S3Url { bucket: bucket.to_string(), prefix })
-    }
-
-    /// The same URL for another key under this bucket (used for lock objects).
-    pub fn with_key(&self, key: &str) -> S3Url {
-        S3Url { bucket: self.bucket.clone(), prefix: key.to_string() }
     }
 }
 

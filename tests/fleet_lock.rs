@@ -107,3 +107,37 @@ async fn a_retried_acquisition_finds_its_own_token() {
     again.release().await.unwrap();
     assert!(fleet_lock::break_lock(&b.client, &obj).await.unwrap().is_none(), "nothing left to break");
 }
+
+/// `fleetsync lock show` and `lock break`, through the real binary.
+#[tokio::test]
+async fn the_bastion_shows_and_breaks_the_lock() {
+    let b = Bucket::new("lockcli").await;
+    let source = b.url("app");
+    let obj = LockObject::for_group(&fleetsync::S3Url::parse(&source).unwrap(), "web").unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin("fleetsync-bastion", "fleetsync")).args(args).output().unwrap();
+        (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    let (code, out, _) = run(&["lock", "show", "--asg", "web", "--source", &source]);
+    assert_eq!((code, out.trim()), (0, format!("{obj}: not held").as_str()));
+
+    let held = fleet_lock::acquire(&b.client, &obj, LockInfo::for_this_process("fleetsync sync --asg web", LEASE), LEASE, Duration::ZERO).await.unwrap();
+    let (code, out, _) = run(&["lock", "show", "--asg", "web", "--source", &source, "--json"]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["held"], true);
+    assert_eq!(json["holder"]["command"], "fleetsync sync --asg web");
+    assert_eq!(json["holder"]["pid"], std::process::id());
+
+    let (code, out, _) = run(&["lock", "break", "--lock", &obj.to_string()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("broke the lock of") && out.contains("fleetsync sync --asg web"), "{out}");
+    assert!(fleet_lock::read(&b.client, &obj).await.unwrap().is_none());
+    tokio::time::sleep(LEASE / 3 + Duration::from_millis(500)).await;
+    assert!(held.lost(), "the holder notices at its next renewal");
+
+    let (code, _, err) = run(&["lock", "show", "--asg", "a/b", "--source", &source]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--lock"), "{err}");
+}

@@ -134,13 +134,32 @@ async fn configuration_errors_exit_2_with_one_line_and_touch_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside the served tree"));
 }
 
+#[tokio::test]
+async fn a_read_only_dest_is_a_configuration_error() {
+    let b = Bucket::new("readonly").await;
+    b.put("a.txt", b"a").await;
+    let disk = SmallDisk::new("ro,size=1m");
+    let node = Node::new();
+    let out = Command::new(common::agent_bin())
+        .args(["pull", &b.url(""), "--state-dir"])
+        .arg(&node.state)
+        .arg("--dest")
+        .arg(disk.0.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("read-only file system") && stderr.contains(&disk.0.path().display().to_string()), "{stderr}");
+}
+
 /// A tmpfs mounted for one test and unmounted when dropped.
 struct SmallDisk(tempfile::TempDir);
 
 impl SmallDisk {
-    fn new(size: &str) -> SmallDisk {
+    fn new(options: &str) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "fleetsync-test"]).arg(dir.path()).status().unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", options, "fleetsync-test"]).arg(dir.path()).status().unwrap();
         assert!(st.success(), "mounting a tmpfs for the disk-full test failed (the tests run as root on the CI machine)");
         SmallDisk(dir)
     }
@@ -157,7 +176,7 @@ async fn disk_full_fails_cleanly_and_keeps_the_live_tree() {
     let b = Bucket::new("diskfull").await;
     let tree = sample_tree(50, 6);
     b.put_tree("", &tree).await;
-    let disk = SmallDisk::new("1m");
+    let disk = SmallDisk::new("size=1m");
     let node = Node::new();
     let dest = disk.0.path().join("www");
     let pull = |source: &str| {

@@ -239,17 +239,21 @@ pub fn run_json(cmd: &mut Command) -> (i32, serde_json::Value, String) {
 /// so `cargo test` alone never runs a stale agent).
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/debug
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "fleetsync-agent"])
-            .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building fleetsync-agent failed");
-        profile_dir.join("fleetsync-agent")
-    })
-    .clone()
+    BIN.get_or_init(|| bin("fleetsync-agent", "fleetsync-agent")).clone()
+}
+
+/// Builds `package` and returns the path of its binary `name`. Integration
+/// tests of the root package cannot use `CARGO_BIN_EXE_*` for binaries of
+/// other workspace members, so they build them the way cargo would.
+pub fn bin(package: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/debug
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", package])
+        .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building {package} failed");
+    profile_dir.join(name)
 }
