@@ -24,7 +24,7 @@ use md5::{Digest, Md5};
 use crate::keypath::RelPath;
 use crate::plan::FetchJob;
 use crate::safe_fs::{DestDir, TempAt, TempName};
-use crate::source::S3Failure;
+use crate::source::ApiFailure;
 use crate::state::Placed;
 
 /// Objects at least this large are fetched as parallel ranged GETs.
@@ -139,7 +139,7 @@ fn classify<E>(err: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::Htt
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let f = S3Failure::from_sdk(&err);
+    let f = ApiFailure::from_sdk(&err);
     match (f.status, f.code.as_deref()) {
         (Some(412), _) | (_, Some("PreconditionFailed")) => Attempt::Replaced,
         (Some(404), _) | (_, Some("NoSuchKey")) => Attempt::Vanished,

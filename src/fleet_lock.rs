@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::source::S3Failure;
+use crate::source::ApiFailure;
 
 /// What the lock object says about its holder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,7 +160,7 @@ impl HeldLock {
         match self.client.delete_object().bucket(&self.object.bucket).key(&self.object.key).if_match(etag).send().await {
             Ok(_) => Ok(()),
             Err(e) => {
-                let f = S3Failure::from_sdk(&e);
+                let f = ApiFailure::from_sdk(&e);
                 if matches!(f.status, Some(412 | 404)) {
                     Err(Error::S3(format!("the fleet lock {} was no longer ours at release (broken or taken over)", self.object)))
                 } else {
@@ -216,7 +216,7 @@ async fn try_acquire(client: &aws_sdk_s3::Client, object: &LockObject, info: &Lo
     match put {
         Ok(out) => return Ok(Attempt::Acquired { etag: out.e_tag().unwrap_or_default().to_string(), took_over: None }),
         Err(e) => {
-            let f = S3Failure::from_sdk(&e);
+            let f = ApiFailure::from_sdk(&e);
             if !matches!(f.status, Some(412 | 409)) {
                 return Err(lock_error(object, "taking", &f));
             }
@@ -234,7 +234,7 @@ async fn try_acquire(client: &aws_sdk_s3::Client, object: &LockObject, info: &Lo
     match takeover {
         Ok(out) => Ok(Attempt::Acquired { etag: out.e_tag().unwrap_or_default().to_string(), took_over: Some(current) }),
         Err(e) => {
-            let f = S3Failure::from_sdk(&e);
+            let f = ApiFailure::from_sdk(&e);
             if matches!(f.status, Some(412 | 409 | 404)) {
                 Ok(Attempt::Raced)
             } else {
@@ -249,7 +249,7 @@ pub async fn read(client: &aws_sdk_s3::Client, object: &LockObject) -> Result<Op
     let out = match client.get_object().bucket(&object.bucket).key(&object.key).send().await {
         Ok(out) => out,
         Err(e) => {
-            let f = S3Failure::from_sdk(&e);
+            let f = ApiFailure::from_sdk(&e);
             if f.status == Some(404) {
                 return Ok(None);
             }
@@ -273,7 +273,7 @@ pub async fn break_lock(client: &aws_sdk_s3::Client, object: &LockObject) -> Res
         .if_match(etag)
         .send()
         .await
-        .map_err(|e| lock_error(object, "breaking", &S3Failure::from_sdk(&e)))?;
+        .map_err(|e| lock_error(object, "breaking", &ApiFailure::from_sdk(&e)))?;
     Ok(Some(info))
 }
 
@@ -293,7 +293,7 @@ async fn renew(client: aws_sdk_s3::Client, object: LockObject, mut info: LockInf
                 valid_until = info.expires_at_ms;
             }
             Err(e) => {
-                let f = S3Failure::from_sdk(&e);
+                let f = ApiFailure::from_sdk(&e);
                 if matches!(f.status, Some(412 | 404 | 409)) {
                     tracing::error!(lock = %object, "the fleet lock was broken or taken over; stopping");
                     lost.store(true, Ordering::SeqCst);
@@ -312,7 +312,7 @@ async fn renew(client: aws_sdk_s3::Client, object: LockObject, mut info: LockInf
     }
 }
 
-fn lock_error(object: &LockObject, what: &str, f: &S3Failure) -> Error {
+fn lock_error(object: &LockObject, what: &str, f: &ApiFailure) -> Error {
     let msg = format!("{what} the fleet lock {object} failed: {}", f.message);
     if f.is_configuration() {
         Error::Config(format!("{msg} ({})", f.hint()))

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::source::{S3Failure, S3Url};
+use crate::source::{ApiFailure, S3Url};
 
 /// One object as LIST reports it.
 #[derive(Debug, Clone)]
@@ -84,7 +84,7 @@ async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, 
         let page = match page {
             Ok(page) => page,
             Err(e) => {
-                let _ = tx.send(Err(list_error(source, &S3Failure::from_sdk(&e)))).await;
+                let _ = tx.send(Err(list_error(source, &ApiFailure::from_sdk(&e)))).await;
                 return None;
             }
         };
@@ -105,7 +105,7 @@ async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, 
     Some(dirs)
 }
 
-fn list_error(source: &S3Url, f: &S3Failure) -> Error {
+fn list_error(source: &S3Url, f: &ApiFailure) -> Error {
     let what = format!("listing {source} failed: {}", f.message);
     if f.is_configuration() {
         Error::Config(format!("{what} ({})", f.hint()))

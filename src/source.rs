@@ -60,17 +60,19 @@ pub struct ClientOptions {
     pub path_style: bool,
 }
 
-/// Builds an S3 client from the standard AWS configuration chain.
+/// The shared AWS configuration from the standard chain (credentials,
+/// region, `AWS_ENDPOINT_URL*`), for every SDK client fleetsync builds.
 ///
-/// Retries: the SDK's standard mode with more attempts than its default of 3,
-/// because a fleet pull makes thousands of requests and one 503 SlowDown must
-/// not fail a file. Timeouts: a stalled connection is abandoned and retried
-/// rather than hanging the node's pull forever.
-pub async fn s3_client(opts: &ClientOptions) -> aws_sdk_s3::Client {
+/// Retries: the SDK's standard mode (which also backs off on throttling)
+/// with more attempts than its default of 3, because a fleet pull makes
+/// thousands of requests and one 503 SlowDown must not fail a file.
+/// Timeouts: a stalled connection is abandoned and retried rather than
+/// hanging a node's pull or a deploy forever.
+pub async fn sdk_config(opts: &ClientOptions) -> aws_config::SdkConfig {
     let region = RegionProviderChain::first_try(opts.region.clone().map(aws_config::Region::new))
         .or_default_provider()
         .or_else("us-east-1");
-    let shared = aws_config::defaults(BehaviorVersion::latest())
+    aws_config::defaults(BehaviorVersion::latest())
         .region(region)
         .retry_config(RetryConfig::standard().with_max_attempts(6).with_initial_backoff(Duration::from_millis(50)))
         .timeout_config(
@@ -80,14 +82,20 @@ pub async fn s3_client(opts: &ClientOptions) -> aws_sdk_s3::Client {
                 .build(),
         )
         .load()
-        .await;
+        .await
+}
+
+/// Builds an S3 client from the standard AWS configuration chain.
+pub async fn s3_client(opts: &ClientOptions) -> aws_sdk_s3::Client {
+    let shared = sdk_config(opts).await;
     let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(opts.path_style).build();
     aws_sdk_s3::Client::from_conf(conf)
 }
 
-/// What went wrong with one S3 call, reduced to what callers branch on.
+/// What went wrong with one AWS API call, reduced to what callers branch
+/// on. Works for every SDK crate's errors (they share the smithy types).
 #[derive(Debug)]
-pub(crate) struct S3Failure {
+pub struct ApiFailure {
     /// HTTP status, when the server answered.
     pub status: Option<u16>,
     /// S3 error code (`NoSuchBucket`, `AccessDenied`, ...), when it sent one.
@@ -99,8 +107,8 @@ pub(crate) struct S3Failure {
     pub no_response: bool,
 }
 
-impl S3Failure {
-    pub(crate) fn from_sdk<E>(err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> S3Failure
+impl ApiFailure {
+    pub fn from_sdk<E>(err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> ApiFailure
     where
         E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
     {
@@ -113,12 +121,12 @@ impl S3Failure {
             (None, Some(status)) => format!("HTTP {status}"),
             _ => error_chain(err),
         };
-        S3Failure { status, code, message, no_response }
+        ApiFailure { status, code, message, no_response }
     }
 
     /// Whether the user has to fix something (credentials, bucket name,
     /// endpoint, permissions) rather than the call being unlucky.
-    pub(crate) fn is_configuration(&self) -> bool {
+    pub fn is_configuration(&self) -> bool {
         self.no_response
             || matches!(self.status, Some(301 | 400 | 401 | 403 | 404))
             || matches!(
@@ -131,7 +139,7 @@ impl S3Failure {
     }
 
     /// A short explanation with the fix, for the common configuration errors.
-    pub(crate) fn hint(&self) -> &'static str {
+    pub fn hint(&self) -> &'static str {
         match (self.code.as_deref(), self.status) {
             (Some("NoSuchBucket"), _) => "check the bucket name in the source URL",
             (Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken"), _) | (_, Some(401)) => {

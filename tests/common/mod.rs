@@ -242,14 +242,17 @@ pub fn agent_bin() -> PathBuf {
     BIN.get_or_init(|| bin("fleetsync-agent", "fleetsync-agent")).clone()
 }
 
-/// Builds `package` and returns the path of its binary `name`. Integration
-/// tests of the root package cannot use `CARGO_BIN_EXE_*` for binaries of
-/// other workspace members, so they build them the way cargo would.
+/// Makes sure the workspace's binaries are built and returns the path of
+/// `name`. Integration tests of the root package cannot use
+/// `CARGO_BIN_EXE_*` for binaries of other workspace members. The build
+/// selects the whole workspace, exactly as `infra/local/test` does before
+/// testing, so it is a no-op there: building one package alone may resolve
+/// features differently and recompile the SDK crates.
 pub fn bin(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/debug
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", package])
+        .args(["build", "--quiet", "--workspace"])
         .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()

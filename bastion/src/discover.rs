@@ -1,0 +1,130 @@
+//! DISCOVER: which instances of the group to sync, and why the others are
+//! skipped.
+//!
+//! DescribeAutoScalingGroups says which instances belong to the group and
+//! where they are in their lifecycle; DescribeInstances adds addresses and
+//! the EC2 state. A node is a target only when it is InService, Healthy and
+//! running: a Pending instance is not ready (issue 3's "new instances" pass
+//! catches it later), a Terminating or Standby one is leaving, an Unhealthy
+//! one is about to be replaced.
+
+use std::collections::HashMap;
+
+use fleetsync::source::ApiFailure;
+use serde::Serialize;
+
+/// One instance of the group, as discovered.
+#[derive(Debug, Clone, Serialize)]
+pub struct Node {
+    pub instance_id: String,
+    /// AutoScaling lifecycle state: InService, Pending, Standby, ...
+    pub lifecycle: String,
+    /// AutoScaling health: Healthy or Unhealthy.
+    pub health: String,
+    /// EC2 state: running, stopped, ...; "unknown" when EC2 does not list it.
+    pub state: String,
+    pub private_ip: Option<String>,
+    pub public_ip: Option<String>,
+    pub private_dns: Option<String>,
+    /// Why the node is not synced; `None` for targets.
+    pub skipped: Option<String>,
+}
+
+impl Node {
+    pub fn is_target(&self) -> bool {
+        self.skipped.is_none()
+    }
+}
+
+/// Instance IDs per DescribeInstances call: well under the API's limit, so
+/// one huge group is several small calls.
+const IDS_PER_CALL: usize = 200;
+
+/// Lists the group's instances, targets first.
+pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<Vec<Node>> {
+    let autoscaling = aws_sdk_autoscaling::Client::new(sdk);
+    let ec2 = aws_sdk_ec2::Client::new(sdk);
+    let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
+
+    let mut members = Vec::new();
+    let mut found = false;
+    let mut pages = autoscaling.describe_auto_scaling_groups().auto_scaling_group_names(asg).into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| api_error("DescribeAutoScalingGroups", &ApiFailure::from_sdk(&e)))?;
+        for group in page.auto_scaling_groups().iter().filter(|g| g.auto_scaling_group_name() == Some(asg)) {
+            found = true;
+            members.extend(group.instances().iter().cloned());
+        }
+    }
+    if !found {
+        return Err(fleetsync::Error::Config(format!(
+            "Auto Scaling Group {asg:?} not found in region {region} (check --asg and --region)"
+        ))
+        .into());
+    }
+    if members.is_empty() {
+        return Err(fleetsync::Error::Config(format!("Auto Scaling Group {asg:?} has no instances; nothing to sync")).into());
+    }
+
+    let ids: Vec<String> = members.iter().filter_map(|m| m.instance_id().map(str::to_string)).collect();
+    let mut ec2_view: HashMap<String, aws_sdk_ec2::types::Instance> = HashMap::new();
+    for chunk in ids.chunks(IDS_PER_CALL) {
+        let mut pages = ec2.describe_instances().set_instance_ids(Some(chunk.to_vec())).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| api_error("DescribeInstances", &ApiFailure::from_sdk(&e)))?;
+            for i in page.reservations().iter().flat_map(|r| r.instances()) {
+                if let Some(id) = i.instance_id() {
+                    ec2_view.insert(id.to_string(), i.clone());
+                }
+            }
+        }
+    }
+
+    let mut nodes: Vec<Node> = members
+        .iter()
+        .map(|m| {
+            let id = m.instance_id().unwrap_or_default().to_string();
+            let lifecycle = m.lifecycle_state().map(|l| l.as_str().to_string()).unwrap_or_else(|| "unknown".into());
+            let health = m.health_status().unwrap_or("unknown").to_string();
+            let ec2 = ec2_view.get(&id);
+            let state = ec2
+                .and_then(|i| i.state())
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_else(|| "unknown".into());
+            let skipped = if lifecycle != "InService" {
+                Some(format!("lifecycle state is {lifecycle}"))
+            } else if health != "Healthy" {
+                Some(format!("health is {health}"))
+            } else if state != "running" {
+                Some(format!("EC2 state is {state}"))
+            } else {
+                None
+            };
+            Node {
+                instance_id: id,
+                lifecycle,
+                health,
+                state,
+                private_ip: ec2.and_then(|i| i.private_ip_address()).map(str::to_string),
+                public_ip: ec2.and_then(|i| i.public_ip_address()).map(str::to_string),
+                private_dns: ec2.and_then(|i| i.private_dns_name()).filter(|d| !d.is_empty()).map(str::to_string),
+                skipped,
+            }
+        })
+        .collect();
+    nodes.sort_by(|a, b| (a.skipped.is_some(), &a.instance_id).cmp(&(b.skipped.is_some(), &b.instance_id)));
+    Ok(nodes)
+}
+
+fn api_error(call: &str, f: &ApiFailure) -> anyhow::Error {
+    let msg = format!("{call} failed: {}", f.message);
+    if f.is_configuration() {
+        fleetsync::Error::Config(format!(
+            "{msg} (check the AWS credentials, --region and AWS_ENDPOINT_URL; the bastion needs autoscaling:Describe* and ec2:DescribeInstances)"
+        ))
+        .into()
+    } else {
+        anyhow::anyhow!(msg)
+    }
+}
