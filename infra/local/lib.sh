@@ -129,23 +129,20 @@ moto_up() {
   die "moto_server did not answer within 20 s (log: $dir/moto.log)"
 }
 
-moto_down() {
-  local dir=$1 pid
-  [[ -f $dir/moto.pid ]] || return 0
-  pid=$(cat "$dir/moto.pid")
+# stop_pidfile FILE SECONDS: stops the process whose pid FILE holds, waits
+# up to SECONDS for it to exit (so its ports are free again), then kills it.
+stop_pidfile() {
+  local file=$1 seconds=$2 pid
+  [[ -f $file ]] || return 0
+  pid=$(cat "$file")
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 1 $((seconds * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -9 "$pid" 2>/dev/null || true
-  rm -f "$dir/moto.pid"
+  rm -f "$file"
 }
 
-# s3_down DIR: stops the SeaweedFS started by s3_up DIR and waits for it.
-s3_down() {
-  local dir=$1 pid
-  [[ -f $dir/weed.pid ]] || return 0
-  pid=$(cat "$dir/weed.pid")
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-  rm -f "$dir/weed.pid"
-}
+moto_down() { stop_pidfile "$1/moto.pid" 5; }
+
+# s3_down DIR: stops the SeaweedFS started by s3_up DIR and waits for it
+# (it takes a few seconds to shut down its master, volume and filer).
+s3_down() { stop_pidfile "$1/weed.pid" 15; }
