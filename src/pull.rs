@@ -190,7 +190,11 @@ async fn run(
     let end = match planner.await.expect("planner does not panic") {
         Ok(end) => end,
         Err(e) => {
+            // Nothing was renamed into place, and every temporary file so far
+            // is in the staging directory, which goes when DEST is dropped:
+            // stop the downloads rather than finish them for nothing.
             gate.abort();
+            tasks.abort_all();
             while tasks.join_next().await.is_some() {}
             return Err(e);
         }

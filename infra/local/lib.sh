@@ -20,7 +20,9 @@ die() { printf 'error: %s\n' "$*" >&2; exit 2; }
 # ensure_tools: installs what the local world needs, once.
 ensure_tools() {
   local missing=()
-  command -v python3 >/dev/null || missing+=(python3 python3-venv)
+  command -v python3 >/dev/null || missing+=(python3)
+  # Debian ships venv (and the ensurepip it needs) as a separate package.
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   command -v curl >/dev/null || missing+=(curl)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
