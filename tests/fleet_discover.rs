@@ -5,25 +5,11 @@ mod common;
 
 use std::process::Command;
 
-/// Runs `infra/local/fleet.py` and parses the JSON it prints.
-fn fleet(args: &[&str]) -> serde_json::Value {
-    assert!(std::env::var("FLEETSYNC_MOTO").is_ok_and(|m| m.starts_with("http://127.")), "run the tests with infra/local/test");
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/fleet.py"))
-        .args(args)
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "fleet.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
+use common::{fleet, unique};
 
 fn list(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync")).arg("list").args(args).output().unwrap();
     (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn unique(name: &str) -> String {
-    format!("{name}-{:06x}", rand::random::<u32>() & 0xffffff)
 }
 
 #[test]

@@ -13,12 +13,27 @@ reachable, which is how later steps give each instance its own sshd.
     fleet.py standby NAME INSTANCE        # EnterStandby (moto launches a replacement)
     fleet.py scale NAME N                 # SetDesiredCapacity
     fleet.py terminate INSTANCE           # TerminateInstanceInAutoScalingGroup
+    fleet.py nodes-up NAME --dir DIR      # one sshd per InService instance; prints JSON
+    fleet.py nodes-down --dir DIR         # stops them
+
+Each node is a real OpenSSH sshd bound to its instance's private IP (port
+FLEETSYNC_SSH_PORT), started in a private mount namespace where the node's
+own directory DIR/<instance-id>/srv is bind-mounted over /srv: every node has
+its own /srv (DEST and state dir), the host's /srv is untouched, and a
+command sent to a node needs no path of its own. Host keys are generated
+per node and written to DIR/known_hosts; DIR/ssh_config points the system
+ssh client at them (`ssh -F DIR/ssh_config 127.0.1.4 ...`). The node's
+sessions get the world's S3 endpoint and credentials through SetEnv, as an
+instance would get them from its role, and find fleetsync-agent on PATH.
 
 Reads FLEETSYNC_MOTO for the endpoint.
 """
 import argparse
 import json
 import os
+import signal
+import subprocess
+import time
 
 import boto3
 
@@ -63,6 +78,86 @@ def describe(ec2, asg, name):
     }
 
 
+# What a node's sessions inherit, as an instance would from its role/config.
+NODE_ENV = ["AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED"]
+
+
+def nodes_up(ec2, asg, name, root):
+    port = int(os.environ["FLEETSYNC_SSH_PORT"])
+    os.makedirs(root, exist_ok=True)
+    client_key = os.path.join(root, "id_ed25519")
+    if not os.path.exists(client_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", client_key], check=True)
+    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+    agent_dir = os.environ.get("FLEETSYNC_AGENT_DIR", "")
+    env = [f"{k}={os.environ[k]}" for k in NODE_ENV if k in os.environ]
+    env.append("PATH=" + ":".join(p for p in [agent_dir, "/usr/local/bin", "/usr/bin", "/bin"] if p))
+    nodes = []
+    for inst in describe(ec2, asg, name)["instances"]:
+        if inst["lifecycle"] != "InService" or not inst["ip"]:
+            continue
+        node = os.path.join(root, inst["id"])
+        if os.path.exists(os.path.join(node, "sshd.pid")):
+            continue  # already up
+        os.makedirs(os.path.join(node, "srv"), exist_ok=True)
+        host_key = os.path.join(node, "host_key")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key], check=True)
+        with open(os.path.join(node, "sshd_config"), "w") as f:
+            f.write(
+                f"ListenAddress {inst['ip']}:{port}\n"
+                f"HostKey {host_key}\n"
+                f"AuthorizedKeysFile {client_key}.pub\n"
+                f"PidFile {node}/sshd.pid\n"
+                "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                f"SetEnv {' '.join(env)}\n"
+            )
+        with open(os.path.join(root, "known_hosts"), "a") as f:
+            f.write(f"[{inst['ip']}]:{port} {' '.join(open(host_key + '.pub').read().split()[:2])}\n")
+        log = open(os.path.join(node, "sshd.log"), "w")
+        subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+             f'mount --bind "{node}/srv" /srv && exec /usr/sbin/sshd -D -e -f "{node}/sshd_config"'],
+            stdout=log, stderr=log, start_new_session=True,
+        )
+        nodes.append({"id": inst["id"], "ip": inst["ip"], "root": os.path.join(node, "srv")})
+    with open(os.path.join(root, "ssh_config"), "w") as f:
+        f.write(
+            f"Host 127.0.1.*\n  Port {port}\n  User root\n  IdentityFile {client_key}\n"
+            f"  UserKnownHostsFile {root}/known_hosts\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
+        )
+    # Ready when every node has written its pid file (sshd does so once listening).
+    deadline = time.time() + 20
+    for n in nodes:
+        while not os.path.exists(os.path.join(root, n["id"], "sshd.pid")):
+            if time.time() > deadline:
+                raise SystemExit(f"sshd for {n['id']} did not start: see {root}/{n['id']}/sshd.log")
+            time.sleep(0.05)
+    return {"ssh_config": os.path.join(root, "ssh_config"), "port": port, "nodes": nodes}
+
+
+def nodes_down(root):
+    """Stops every node's sshd under root and waits for each to exit (sshd
+    removes its own pid file as it goes)."""
+    pids = []
+    for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        try:
+            pid = int(open(os.path.join(root, entry, "sshd.pid")).read())
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
+            pass
+    deadline = time.time() + 5
+    for pid in pids:
+        while time.time() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    return {"stopped": len(pids)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -81,9 +176,19 @@ def main():
     sc.add_argument("name")
     sc.add_argument("size", type=int)
     sub.add_parser("terminate").add_argument("instance")
+    nu = sub.add_parser("nodes-up")
+    nu.add_argument("name")
+    nu.add_argument("--dir", required=True)
+    sub.add_parser("nodes-down").add_argument("--dir", required=True)
     a = ap.parse_args()
 
+    if a.cmd == "nodes-down":
+        print(json.dumps(nodes_down(a.dir)))
+        return
     ec2, asg = clients()
+    if a.cmd == "nodes-up":
+        print(json.dumps(nodes_up(ec2, asg, a.name, a.dir)))
+        return
     if a.cmd == "network":
         print(network(ec2))
         return

@@ -24,6 +24,9 @@ ensure_tools() {
   # Debian ships venv (and the ensurepip it needs) as a separate package.
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   command -v curl >/dev/null || missing+=(curl)
+  # One real sshd per simulated instance, and the client the bastion uses.
+  [[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
+  command -v ssh >/dev/null || missing+=(openssh-client)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -119,6 +122,9 @@ moto_up() {
   disown
   export FLEETSYNC_MOTO="http://127.0.0.1:$port"
   export AWS_ENDPOINT_URL_EC2=$FLEETSYNC_MOTO AWS_ENDPOINT_URL_AUTO_SCALING=$FLEETSYNC_MOTO
+  # The port every simulated instance's sshd listens on, at its own address.
+  FLEETSYNC_SSH_PORT=$(free_port)
+  export FLEETSYNC_SSH_PORT
   for _ in $(seq 1 100); do
     if curl -sf "$FLEETSYNC_MOTO/moto-api/" >/dev/null 2>&1; then
       python3 "$FLEETSYNC_ROOT/infra/local/fleet.py" network >/dev/null

@@ -260,3 +260,26 @@ pub fn bin(package: &str, name: &str) -> PathBuf {
     assert!(status.success(), "building {package} failed");
     profile_dir.join(name)
 }
+
+/// Runs `infra/local/fleet.py` (moto's AutoScaling and EC2, and the
+/// simulated instances' sshd) and parses the JSON it prints.
+pub fn fleet(args: &[&str]) -> serde_json::Value {
+    fleet_with_env(args, &[])
+}
+
+pub fn fleet_with_env(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    assert!(std::env::var("FLEETSYNC_MOTO").is_ok_and(|m| m.starts_with("http://127.")), "run the tests with infra/local/test");
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/fleet.py"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "fleet.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// A name no other test uses (groups live as long as the world).
+pub fn unique(name: &str) -> String {
+    format!("{name}-{:06x}", rand::random::<u32>() & 0xffffff)
+}
