@@ -4,44 +4,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use common::{assert_tree, fleet, fleet_with_env, sample_tree, unique, Bucket};
-
-/// The sshd of one group's instances, stopped when dropped.
-struct Nodes {
-    dir: tempfile::TempDir,
-    info: serde_json::Value,
-}
-
-impl Nodes {
-    fn up(asg: &str) -> Nodes {
-        let dir = tempfile::tempdir().unwrap();
-        let agent_dir = common::agent_bin().parent().unwrap().display().to_string();
-        let info = fleet_with_env(&["nodes-up", asg, "--dir", &dir.path().display().to_string()], &[("FLEETSYNC_AGENT_DIR", &agent_dir)]);
-        Nodes { dir, info }
-    }
-
-    fn ssh(&self, ip: &str, command: &str, extra: &[&str]) -> std::process::Output {
-        Command::new("ssh").arg("-F").arg(self.info["ssh_config"].as_str().unwrap()).args(extra).arg(ip).arg(command).output().unwrap()
-    }
-
-    fn list(&self) -> Vec<(String, PathBuf)> {
-        self.info["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| (n["ip"].as_str().unwrap().to_string(), PathBuf::from(n["root"].as_str().unwrap())))
-            .collect()
-    }
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        fleet(&["nodes-down", "--dir", &self.dir.path().display().to_string()]);
-    }
-}
+use common::{assert_tree, fleet, sample_tree, unique, Bucket, Nodes};
 
 #[tokio::test]
 async fn every_instance_has_its_own_sshd_and_root_and_the_agent_pulls_over_ssh() {

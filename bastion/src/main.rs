@@ -1,11 +1,14 @@
 //! `fleetsync`: the operator's and CI's command for a whole Auto Scaling
 //! Group. Parsing and printing only; the work is in the library.
 //!
-//! Today it lists a group's instances (`list`: the discover step) and
-//! manages the fleet lock (`lock show`, `lock break`); `sync` (discover ->
-//! lock -> trigger -> collect -> report) is issue 3's next step.
+//! `sync` is the product's data flow, one module per step: discover ->
+//! lock -> trigger -> collect -> report. `list` is the discover step alone;
+//! `lock show|break` manage the fleet lock.
 
+mod collect;
 mod discover;
+mod report;
+mod trigger;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -18,9 +21,10 @@ use fleetsync::{exit, ClientOptions, S3Url};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  ok
-  1  the operation failed (see the message)
-  2  usage or configuration error (flags, credentials, bucket, endpoint)";
+  0  ok (sync: every target node is in sync)
+  1  a node failed or was not attempted (see the report), or the operation failed
+  2  usage or configuration error (flags, credentials, group, bucket, endpoint)
+  3  the fleet lock is held by another deploy (the message names it)";
 
 #[derive(Parser)]
 #[command(name = "fleetsync", version, about = "Keeps every instance of an Auto Scaling Group on the same codebase from S3.", after_help = EXIT_CODES)]
@@ -31,11 +35,70 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Sync every InService instance of the group from the source (over SSH for now).
+    Sync(SyncArgs),
     /// List the group's instances: which would be synced, and why the others are skipped.
     List(ListArgs),
     /// Inspect or break the fleet lock that keeps two deploys of a group apart.
     #[command(subcommand)]
     Lock(LockCommand),
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    /// The Auto Scaling Group.
+    #[arg(long)]
+    asg: String,
+    /// The source, s3://BUCKET[/PREFIX].
+    #[arg(long)]
+    source: String,
+    /// The directory on each node.
+    #[arg(long)]
+    dest: String,
+    /// The agent's state dir on each node (default: the agent's own).
+    #[arg(long)]
+    state_dir: Option<String>,
+    /// How to reach the nodes. Only ssh is available yet (SSM is next).
+    #[arg(long, value_enum, default_value = "ssh")]
+    via: Via,
+    /// Nodes synced at once (default: all).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Stop starting nodes once more than this many have failed (default: never).
+    #[arg(long)]
+    max_errors: Option<usize>,
+    /// The fleet lock (default: s3://SOURCE_BUCKET/.fleetsync/locks/ASG.json).
+    #[arg(long)]
+    lock: Option<String>,
+    /// Seconds to wait for another deploy's lock before giving up (exit code 3).
+    #[arg(long, default_value_t = 0)]
+    lock_wait: u64,
+    /// Which address to reach nodes at.
+    #[arg(long, value_enum, default_value = "private-ip")]
+    address: trigger::AddressChoice,
+    #[arg(long)]
+    ssh_user: Option<String>,
+    /// An ssh_config file (ssh -F).
+    #[arg(long)]
+    ssh_config: Option<String>,
+    /// An ssh option KEY=VALUE, passed as `ssh -o`; repeatable.
+    #[arg(long)]
+    ssh_option: Vec<String>,
+    /// Accept and remember the host keys of new nodes instead of refusing them.
+    #[arg(long)]
+    ssh_accept_new_host_keys: bool,
+    /// Print one JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    region: Option<String>,
+    #[arg(long, env = "FLEETSYNC_S3_PATH_STYLE")]
+    path_style: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Via {
+    Ssh,
 }
 
 #[derive(Args)]
@@ -97,10 +160,124 @@ fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     match cli.command {
+        Command::Sync(args) => runtime.block_on(sync(args)),
         Command::List(args) => runtime.block_on(list(args)),
         Command::Lock(LockCommand::Show(args)) => runtime.block_on(lock_show(args)),
         Command::Lock(LockCommand::Break(args)) => runtime.block_on(lock_break(args)),
     }
+}
+
+/// How long the fleet lock's lease lasts without renewal.
+const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `sync`: discover -> lock -> trigger -> collect -> report.
+async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
+    use futures::StreamExt as _;
+    let started = std::time::Instant::now();
+    let source = S3Url::parse(&args.source)?;
+    let client_opts = ClientOptions { region: args.region.clone(), path_style: args.path_style };
+    let sdk = fleetsync::source::sdk_config(&client_opts).await;
+
+    // Discover.
+    let (targets, skipped): (Vec<_>, Vec<_>) = discover::discover(&sdk, &args.asg).await?.into_iter().partition(|n| n.is_target());
+    if targets.is_empty() {
+        return Err(fleetsync::Error::Config(format!("no instance of {:?} is InService, Healthy and running; nothing to sync", args.asg)).into());
+    }
+
+    // Lock.
+    let object = match &args.lock {
+        Some(l) => LockObject::parse(l)?,
+        None => LockObject::for_group(&source, &args.asg)?,
+    };
+    let s3 = fleetsync::source::s3_client(&client_opts).await;
+    let command: Vec<String> = std::env::args().collect();
+    let info = fleet_lock::LockInfo::for_this_process(&command.join(" "), LEASE);
+    let held = match fleet_lock::acquire(&s3, &object, info, LEASE, std::time::Duration::from_secs(args.lock_wait)).await {
+        Ok(h) => h,
+        Err(fleet_lock::LockError::Held { object, holder }) => {
+            eprintln!("fleetsync: another deploy holds the fleet lock {object}: {} (wait with --lock-wait, or break it with `fleetsync lock break`)", holder.describe());
+            return Ok(exit::BUSY);
+        }
+        Err(fleet_lock::LockError::Other(e)) => return Err(e.into()),
+    };
+    if let Some(prev) = &held.took_over {
+        log(&format!("took over an expired fleet lock from {}", prev.describe()));
+    }
+
+    // Trigger and collect.
+    let ssh = trigger::Ssh {
+        user: args.ssh_user.clone(),
+        config: args.ssh_config.clone(),
+        options: args.ssh_option.clone(),
+        accept_new_host_keys: args.ssh_accept_new_host_keys,
+        connect_timeout: std::time::Duration::from_secs(10),
+    };
+    let call = trigger::AgentCall { source: args.source.clone(), dest: args.dest.clone(), state_dir: args.state_dir.clone() };
+    let failures = std::sync::atomic::AtomicUsize::new(0);
+    let batch = args.batch.unwrap_or(targets.len()).max(1);
+    let total = targets.len();
+    let results: Vec<collect::NodeResult> = futures::stream::iter(targets.iter())
+        .map(|node| {
+            let (ssh, call, failures, held, choice, max_errors) = (&ssh, &call, &failures, &held, args.address, args.max_errors);
+            async move {
+                let address = trigger::address(node, choice).unwrap_or_default();
+                let not_attempted = |why: &str| collect::NodeResult {
+                    instance_id: node.instance_id.clone(),
+                    address: address.clone(),
+                    status: collect::NodeStatus::NotAttempted,
+                    error: Some(why.to_string()),
+                    duration_ms: 0,
+                    agent: None,
+                };
+                if held.lost() {
+                    return not_attempted("the fleet lock was lost; no new nodes are started");
+                }
+                if max_errors.is_some_and(|m| failures.load(std::sync::atomic::Ordering::SeqCst) > m) {
+                    return not_attempted("--max-errors was reached");
+                }
+                if address.is_empty() {
+                    failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return collect::NodeResult { status: collect::NodeStatus::Failed, ..not_attempted("the node has no address of the chosen kind (see --address)") };
+                }
+                let result = collect::collect(&node.instance_id, &address, ssh.run(&address, call).await);
+                if result.status != collect::NodeStatus::Ok {
+                    failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                log(&format!(
+                    "{} {} {}",
+                    node.instance_id,
+                    address,
+                    match &result.error {
+                        None => "ok".to_string(),
+                        Some(e) => format!("FAILED: {e}"),
+                    }
+                ));
+                result
+            }
+        })
+        .buffered(batch)
+        .collect()
+        .await;
+    log(&format!("{total} nodes done"));
+
+    if let Err(e) = held.release().await {
+        log(&format!("warning: {e}"));
+    }
+
+    // Report.
+    let report = report::FleetReport::new(args.asg, args.source, args.dest, results, skipped, started.elapsed().as_millis() as u64);
+    if args.json {
+        print_stdout(&serde_json::to_string(&report)?);
+    } else {
+        print_stdout(&report.table());
+    }
+    Ok(report.exit_code)
+}
+
+/// A timestamped progress line on stderr (CI logs keep them).
+fn log(msg: &str) {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    eprintln!("[{:02}:{:02}:{:02}] {msg}", (t / 3600) % 24, (t / 60) % 60, t % 60);
 }
 
 /// `list`: the discover step on its own, as a table or JSON.
@@ -123,31 +300,11 @@ async fn list(args: ListArgs) -> anyhow::Result<i32> {
             ]
         })
         .collect();
-    let mut out = table(&["INSTANCE", "ADDRESS", "STATE", "ACTION", "REASON"], &rows);
+    let mut out = report::table(&["INSTANCE", "ADDRESS", "STATE", "ACTION", "REASON"], &rows);
     let targets = nodes.iter().filter(|n| n.is_target()).count();
     out.push_str(&format!("\n{targets} of {} instances would be synced", nodes.len()));
     print_stdout(&out);
     Ok(exit::OK)
-}
-
-/// Left-aligned columns, two spaces apart.
-fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in width.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells.iter().zip(&width).map(|(c, w)| format!("{c:<w$}")).collect();
-        s.join("  ").trim_end().to_string()
-    };
-    let mut out = line(header.to_vec());
-    for row in rows {
-        out.push('\n');
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
 }
 
 /// `lock show`: the holder of the group's fleet lock, if any.

@@ -283,3 +283,51 @@ pub fn fleet_with_env(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value 
 pub fn unique(name: &str) -> String {
     format!("{name}-{:06x}", rand::random::<u32>() & 0xffffff)
 }
+
+/// The sshd of one group's instances, stopped when dropped.
+pub struct Nodes {
+    pub dir: tempfile::TempDir,
+    pub info: serde_json::Value,
+}
+
+impl Nodes {
+    pub fn ssh_config(&self) -> String {
+        self.info["ssh_config"].as_str().unwrap().to_string()
+    }
+
+    /// Stops one node's sshd, as if the instance were unreachable.
+    pub fn stop(&self, instance_id: &str) {
+        let pid: i32 = std::fs::read_to_string(self.dir.path().join(instance_id).join("sshd.pid")).unwrap().trim().parse().unwrap();
+        Command::new("kill").arg(pid.to_string()).status().unwrap();
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn up(asg: &str) -> Nodes {
+        let dir = tempfile::tempdir().unwrap();
+        let agent_dir = agent_bin().parent().unwrap().display().to_string();
+        let info = fleet_with_env(&["nodes-up", asg, "--dir", &dir.path().display().to_string()], &[("FLEETSYNC_AGENT_DIR", &agent_dir)]);
+        Nodes { dir, info }
+    }
+
+    pub fn ssh(&self, ip: &str, command: &str, extra: &[&str]) -> std::process::Output {
+        Command::new("ssh").arg("-F").arg(self.info["ssh_config"].as_str().unwrap()).args(extra).arg(ip).arg(command).output().unwrap()
+    }
+
+    pub fn list(&self) -> Vec<(String, PathBuf)> {
+        self.info["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n["ip"].as_str().unwrap().to_string(), PathBuf::from(n["root"].as_str().unwrap())))
+            .collect()
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        fleet(&["nodes-down", "--dir", &self.dir.path().display().to_string()]);
+    }
+}
+

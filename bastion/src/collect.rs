@@ -1,0 +1,82 @@
+//! COLLECT: turns what each node's agent printed into a per-node result.
+//!
+//! The agent prints one JSON report on stdout, also when it fails as a
+//! whole; its absence means the node never ran the agent (unreachable,
+//! agent not installed), and the message says which.
+
+use fleetsync::PullReport;
+use serde::Serialize;
+
+use crate::trigger::Outcome;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeStatus {
+    Ok,
+    Failed,
+    /// Not started: `--max-errors` was reached or the fleet lock was lost.
+    NotAttempted,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeResult {
+    pub instance_id: String,
+    pub address: String,
+    pub status: NodeStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub duration_ms: u64,
+    /// The agent's own report, when it printed one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<PullReport>,
+}
+
+pub fn collect(instance_id: &str, address: &str, outcome: Outcome) -> NodeResult {
+    let agent: Option<PullReport> = outcome.stdout.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str(l).ok());
+    let last_stderr = outcome.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+    let (status, error) = match (&agent, outcome.exit_code) {
+        (Some(r), Some(0)) if r.exit_code == 0 => (NodeStatus::Ok, None),
+        (Some(r), _) => (NodeStatus::Failed, Some(r.error.clone().unwrap_or_else(|| agent_failures(r)))),
+        (None, Some(127)) => (NodeStatus::Failed, Some(format!("fleetsync-agent is not installed on {instance_id} ({last_stderr})"))),
+        (None, Some(255)) => (NodeStatus::Failed, Some(format!("ssh to {address} failed: {last_stderr}"))),
+        (None, code) => (
+            NodeStatus::Failed,
+            Some(format!("the agent printed no report (exit code {}): {last_stderr}", code.map_or("none".into(), |c| c.to_string()))),
+        ),
+    };
+    NodeResult {
+        instance_id: instance_id.to_string(),
+        address: address.to_string(),
+        status,
+        error,
+        duration_ms: outcome.elapsed.as_millis() as u64,
+        agent,
+    }
+}
+
+fn agent_failures(r: &PullReport) -> String {
+    match r.errors.first() {
+        Some(e) => format!("{} files failed, first {}: {}", r.counts.failed, e.key, e.error),
+        None => format!("the agent exited with code {}", r.exit_code),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn outcome(stdout: &str, stderr: &str, code: i32) -> Outcome {
+        Outcome { stdout: stdout.into(), stderr: stderr.into(), exit_code: Some(code), elapsed: Duration::from_millis(5) }
+    }
+
+    #[test]
+    fn unreachable_and_missing_agent_are_named() {
+        let r = collect("i-1", "10.0.0.1", outcome("", "ssh: connect to host 10.0.0.1 port 22: Connection refused\n", 255));
+        assert_eq!(r.status, NodeStatus::Failed);
+        assert!(r.error.unwrap().contains("Connection refused"));
+        let r = collect("i-2", "10.0.0.2", outcome("", "bash: line 1: fleetsync-agent: command not found\n", 127));
+        let e = r.error.unwrap();
+        assert!(e.contains("not installed on i-2") && e.contains("command not found"), "{e}");
+    }
+}
