@@ -116,3 +116,74 @@ async fn hostile_arguments_reach_the_agent_verbatim() {
         assert!(!root.join(p).exists(), "{p} was created: the argument was run as a command");
     }
 }
+
+#[tokio::test]
+async fn a_failed_canary_stops_the_deploy() {
+    let b = Bucket::new("fleetcanary").await;
+    b.put("app/index.php", b"<?php").await;
+    let asg = unique("canary");
+    fleet(&["create", &asg, "--size", "3"]);
+    let nodes = Nodes::up(&asg);
+    let ids = ids(&asg);
+    nodes.stop(&ids[0]); // targets go in instance-id order: this one is the canary
+
+    let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &["--canary", "1"]);
+    assert_eq!(code, 1);
+    assert_eq!((report["totals"]["failed"].as_u64(), report["totals"]["not_attempted"].as_u64()), (Some(1), Some(2)), "{report}");
+    for (_, root) in nodes.list() {
+        assert!(!root.join("www").exists(), "no node after the canary was touched");
+    }
+}
+
+#[tokio::test]
+async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_exits() {
+    let b = Bucket::new("fleetjoin").await;
+    let tree = sample_tree(1500, 41);
+    b.put_tree("app/", &tree).await;
+    let asg = unique("join");
+    fleet(&["create", &asg, "--size", "2"]);
+    let nodes = Nodes::up(&asg);
+    let before = ids(&asg);
+
+    let child = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .args(["sync", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--state-dir", "/srv/state", "--json"])
+        .args(["--ssh-config", &nodes.ssh_config()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first pass is busy pulling 1,500 files per node: scale out now.
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    fleet(&["scale", &asg, "3"]);
+    let joined: Vec<String> = ids(&asg).into_iter().filter(|i| !before.contains(i)).collect();
+    assert_eq!(joined.len(), 1);
+    let more = Nodes::up_in(&asg, &nodes);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("joined the group during the deploy"), "the second pass found it: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["totals"]["ok"], 3, "{report}");
+    assert!(report["nodes"].as_array().unwrap().iter().any(|n| n["instance_id"] == joined[0].as_str()));
+    assert_tree(&more.join(&joined[0]).join("srv/www"), &tree);
+}
+
+#[tokio::test]
+async fn dry_run_names_the_nodes_the_command_and_the_lock_and_changes_nothing() {
+    let b = Bucket::new("fleetdry").await;
+    b.put("app/index.php", b"<?php").await;
+    let asg = unique("dry");
+    fleet(&["create", &asg, "--size", "2"]);
+    let nodes = Nodes::up(&asg);
+    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .args(["sync", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--dry-run"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("would run on 2 nodes over ssh: fleetsync-agent pull"), "{stdout}");
+    assert!(stdout.contains("is free"), "{stdout}");
+    for (_, root) in nodes.list() {
+        assert!(!root.join("www").exists());
+    }
+}

@@ -67,6 +67,12 @@ struct SyncArgs {
     /// Stop starting nodes once more than this many have failed (default: never).
     #[arg(long)]
     max_errors: Option<usize>,
+    /// Sync this many nodes first, and stop if any of them fails.
+    #[arg(long, default_value_t = 0)]
+    canary: usize,
+    /// Discover, check the lock, and print what would be done; change nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// The fleet lock (default: s3://SOURCE_BUCKET/.fleetsync/locks/ASG.json).
     #[arg(long)]
     lock: Option<String>,
@@ -167,12 +173,36 @@ fn try_main() -> anyhow::Result<i32> {
     }
 }
 
+/// `sync --dry-run`: what would be synced, how, and whether the lock is free.
+async fn dry_run(
+    args: &SyncArgs,
+    targets: &[discover::Node],
+    skipped: &[discover::Node],
+    s3: &S3Client,
+    object: &LockObject,
+) -> anyhow::Result<i32> {
+    let call = trigger::AgentCall { source: args.source.clone(), dest: args.dest.clone(), state_dir: args.state_dir.clone() };
+    let mut out = format!("would run on {} nodes over ssh: {}\n", targets.len(), call.command_line());
+    for n in targets {
+        out.push_str(&format!("  sync {} {}\n", n.instance_id, trigger::address(n, args.address).unwrap_or_else(|| "(no address)".into())));
+    }
+    for n in skipped {
+        out.push_str(&format!("  skip {}: {}\n", n.instance_id, n.skipped.as_deref().unwrap_or("")));
+    }
+    let lock = fleet_lock::read(s3, object).await?;
+    match &lock {
+        None => out.push_str(&format!("the fleet lock {object} is free")),
+        Some((info, _)) => out.push_str(&format!("the fleet lock {object} is held by {}", info.describe())),
+    }
+    print_stdout(&out);
+    Ok(if lock.is_some_and(|(info, _)| !info.expired()) { exit::BUSY } else { exit::OK })
+}
+
 /// How long the fleet lock's lease lasts without renewal.
 const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `sync`: discover -> lock -> trigger -> collect -> report.
 async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
-    use futures::StreamExt as _;
     let started = std::time::Instant::now();
     let source = S3Url::parse(&args.source)?;
     let client_opts = ClientOptions { region: args.region.clone(), path_style: args.path_style };
@@ -190,6 +220,9 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         None => LockObject::for_group(&source, &args.asg)?,
     };
     let s3 = fleetsync::source::s3_client(&client_opts).await;
+    if args.dry_run {
+        return dry_run(&args, &targets, &skipped, &s3, &object).await;
+    }
     let command: Vec<String> = std::env::args().collect();
     let info = fleet_lock::LockInfo::for_this_process(&command.join(" "), LEASE);
     let held = match fleet_lock::acquire(&s3, &object, info, LEASE, std::time::Duration::from_secs(args.lock_wait)).await {
@@ -204,61 +237,45 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         log(&format!("took over an expired fleet lock from {}", prev.describe()));
     }
 
-    // Trigger and collect.
-    let ssh = trigger::Ssh {
-        user: args.ssh_user.clone(),
-        config: args.ssh_config.clone(),
-        options: args.ssh_option.clone(),
-        accept_new_host_keys: args.ssh_accept_new_host_keys,
-        connect_timeout: std::time::Duration::from_secs(10),
+    // Trigger and collect: canaries first, then the rest, then any instance
+    // that joined the group while we were busy.
+    let fleet = Fleet {
+        ssh: trigger::Ssh {
+            user: args.ssh_user.clone(),
+            config: args.ssh_config.clone(),
+            options: args.ssh_option.clone(),
+            accept_new_host_keys: args.ssh_accept_new_host_keys,
+            connect_timeout: std::time::Duration::from_secs(10),
+        },
+        call: trigger::AgentCall { source: args.source.clone(), dest: args.dest.clone(), state_dir: args.state_dir.clone() },
+        failures: Default::default(),
+        held: &held,
+        address: args.address,
+        max_errors: args.max_errors,
+        batch: args.batch.unwrap_or(targets.len()).max(1),
     };
-    let call = trigger::AgentCall { source: args.source.clone(), dest: args.dest.clone(), state_dir: args.state_dir.clone() };
-    let failures = std::sync::atomic::AtomicUsize::new(0);
-    let batch = args.batch.unwrap_or(targets.len()).max(1);
-    let total = targets.len();
-    let results: Vec<collect::NodeResult> = futures::stream::iter(targets.iter())
-        .map(|node| {
-            let (ssh, call, failures, held, choice, max_errors) = (&ssh, &call, &failures, &held, args.address, args.max_errors);
-            async move {
-                let address = trigger::address(node, choice).unwrap_or_default();
-                let not_attempted = |why: &str| collect::NodeResult {
-                    instance_id: node.instance_id.clone(),
-                    address: address.clone(),
-                    status: collect::NodeStatus::NotAttempted,
-                    error: Some(why.to_string()),
-                    duration_ms: 0,
-                    agent: None,
-                };
-                if held.lost() {
-                    return not_attempted("the fleet lock was lost; no new nodes are started");
-                }
-                if max_errors.is_some_and(|m| failures.load(std::sync::atomic::Ordering::SeqCst) > m) {
-                    return not_attempted("--max-errors was reached");
-                }
-                if address.is_empty() {
-                    failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    return collect::NodeResult { status: collect::NodeStatus::Failed, ..not_attempted("the node has no address of the chosen kind (see --address)") };
-                }
-                let result = collect::collect(&node.instance_id, &address, ssh.run(&address, call).await);
-                if result.status != collect::NodeStatus::Ok {
-                    failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-                log(&format!(
-                    "{} {} {}",
-                    node.instance_id,
-                    address,
-                    match &result.error {
-                        None => "ok".to_string(),
-                        Some(e) => format!("FAILED: {e}"),
-                    }
-                ));
-                result
+    let canaries = args.canary.min(targets.len());
+    let (first, rest) = targets.split_at(canaries);
+    let mut results = fleet.run(first).await;
+    if canaries > 0 && results.iter().any(|r| r.status != collect::NodeStatus::Ok) {
+        log("a canary failed; no other node is started");
+        results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
+    } else {
+        results.extend(fleet.run(rest).await);
+        if !held.lost() {
+            let known: std::collections::HashSet<&str> = targets.iter().map(|n| n.instance_id.as_str()).collect();
+            let joined: Vec<_> = discover::discover(&sdk, &args.asg)
+                .await?
+                .into_iter()
+                .filter(|n| n.is_target() && !known.contains(n.instance_id.as_str()))
+                .collect();
+            if !joined.is_empty() {
+                log(&format!("{} instances joined the group during the deploy; syncing them too", joined.len()));
+                results.extend(fleet.run(&joined).await);
             }
-        })
-        .buffered(batch)
-        .collect()
-        .await;
-    log(&format!("{total} nodes done"));
+        }
+    }
+    log(&format!("{} nodes done", results.len()));
 
     if let Err(e) = held.release().await {
         log(&format!("warning: {e}"));
@@ -272,6 +289,59 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         print_stdout(&report.table());
     }
     Ok(report.exit_code)
+}
+
+/// Runs the agent on a set of nodes, `batch` at a time, honouring
+/// `--max-errors` and the state of the fleet lock.
+struct Fleet<'a> {
+    ssh: trigger::Ssh,
+    call: trigger::AgentCall,
+    /// Nodes failed so far, across passes.
+    failures: std::sync::atomic::AtomicUsize,
+    held: &'a fleet_lock::HeldLock,
+    address: trigger::AddressChoice,
+    max_errors: Option<usize>,
+    batch: usize,
+}
+
+impl Fleet<'_> {
+    async fn run(&self, nodes: &[discover::Node]) -> Vec<collect::NodeResult> {
+        use futures::StreamExt as _;
+        futures::stream::iter(nodes).map(|n| self.run_one(n)).buffered(self.batch).collect().await
+    }
+
+    async fn run_one(&self, node: &discover::Node) -> collect::NodeResult {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.held.lost() {
+            return self.not_attempted(node, "the fleet lock was lost; no new nodes are started");
+        }
+        if self.max_errors.is_some_and(|m| self.failures.load(SeqCst) > m) {
+            return self.not_attempted(node, "--max-errors was reached");
+        }
+        let Some(address) = trigger::address(node, self.address) else {
+            self.failures.fetch_add(1, SeqCst);
+            let r = self.not_attempted(node, "the node has no address of the kind chosen with --address");
+            return collect::NodeResult { status: collect::NodeStatus::Failed, ..r };
+        };
+        let result = collect::collect(&node.instance_id, &address, self.ssh.run(&address, &self.call).await);
+        if result.status != collect::NodeStatus::Ok {
+            self.failures.fetch_add(1, SeqCst);
+        }
+        let outcome = result.error.as_ref().map_or("ok".to_string(), |e| format!("FAILED: {e}"));
+        log(&format!("{} {address} {outcome}", node.instance_id));
+        result
+    }
+
+    fn not_attempted(&self, node: &discover::Node, why: &str) -> collect::NodeResult {
+        collect::NodeResult {
+            instance_id: node.instance_id.clone(),
+            address: trigger::address(node, self.address).unwrap_or_default(),
+            status: collect::NodeStatus::NotAttempted,
+            error: Some(why.to_string()),
+            duration_ms: 0,
+            agent: None,
+        }
+    }
 }
 
 /// A timestamped progress line on stderr (CI logs keep them).

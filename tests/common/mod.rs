@@ -291,6 +291,14 @@ pub struct Nodes {
 }
 
 impl Nodes {
+    /// Starts sshd for instances of `asg` that have none yet, in the same
+    /// directory as `nodes` (same keys and known_hosts); returns that directory.
+    pub fn up_in(asg: &str, nodes: &Nodes) -> PathBuf {
+        let agent_dir = agent_bin().parent().unwrap().display().to_string();
+        fleet_with_env(&["nodes-up", asg, "--dir", &nodes.dir.path().display().to_string()], &[("FLEETSYNC_AGENT_DIR", &agent_dir)]);
+        nodes.dir.path().to_path_buf()
+    }
+
     pub fn ssh_config(&self) -> String {
         self.info["ssh_config"].as_str().unwrap().to_string()
     }
