@@ -7,14 +7,17 @@ use std::process::Command;
 
 use common::{assert_tree, fleet, sample_tree, unique, Bucket, Nodes};
 
+/// `fleetsync sync` of `source` to `dest` on the group's nodes, JSON report.
+fn sync_command(asg: &str, source: &str, dest: &str, nodes: &Nodes) -> Command {
+    let mut c = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
+    c.args(["sync", "--asg", asg, "--source", source, "--dest", dest, "--state-dir", "/srv/state", "--json"])
+        .args(["--ssh-config", &nodes.ssh_config()]);
+    c
+}
+
 /// Runs `fleetsync sync` for `asg` and returns (exit code, JSON report or Null, stderr).
 fn sync(asg: &str, source: &str, dest: &str, nodes: &Nodes, extra: &[&str]) -> (i32, serde_json::Value, String) {
-    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["sync", "--asg", asg, "--source", source, "--dest", dest, "--state-dir", "/srv/state", "--json"])
-        .args(["--ssh-config", &nodes.ssh_config()])
-        .args(extra)
-        .output()
-        .unwrap();
+    let out = sync_command(asg, source, dest, nodes).args(extra).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out.status.code().unwrap(), json, stderr)
@@ -145,9 +148,7 @@ async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_e
     let nodes = Nodes::up(&asg);
     let before = ids(&asg);
 
-    let child = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["sync", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--state-dir", "/srv/state", "--json"])
-        .args(["--ssh-config", &nodes.ssh_config()])
+    let child = sync_command(&asg, &b.url("app"), "/srv/www", &nodes)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

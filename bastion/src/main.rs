@@ -82,6 +82,7 @@ struct SyncArgs {
     /// Which address to reach nodes at.
     #[arg(long, value_enum, default_value = "private-ip")]
     address: trigger::AddressChoice,
+    /// The user to log in as (default: ssh's own choice, e.g. from ssh_config).
     #[arg(long)]
     ssh_user: Option<String>,
     /// An ssh_config file (ssh -F).
@@ -96,10 +97,8 @@ struct SyncArgs {
     /// Print one JSON report on stdout.
     #[arg(long)]
     json: bool,
-    #[arg(long)]
-    region: Option<String>,
-    #[arg(long, env = "FLEETSYNC_S3_PATH_STYLE")]
-    path_style: bool,
+    #[command(flatten)]
+    aws: AwsArgs,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -115,9 +114,8 @@ struct ListArgs {
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
-    /// AWS region of the group (default: the standard AWS chain, then us-east-1).
-    #[arg(long)]
-    region: Option<String>,
+    #[command(flatten)]
+    aws: AwsArgs,
 }
 
 #[derive(Subcommand)]
@@ -143,12 +141,26 @@ struct LockArgs {
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
-    /// AWS region of the bucket (default: the standard AWS chain, then us-east-1).
+    #[command(flatten)]
+    aws: AwsArgs,
+}
+
+/// How to reach the AWS APIs, beyond the standard chain (credentials and
+/// `AWS_ENDPOINT_URL*` come from the environment, as for the AWS CLI).
+#[derive(Args)]
+struct AwsArgs {
+    /// AWS region (default: the standard AWS chain, then us-east-1).
     #[arg(long)]
     region: Option<String>,
     /// Path-style S3 addressing, for S3-compatible servers.
     #[arg(long, env = "FLEETSYNC_S3_PATH_STYLE")]
     path_style: bool,
+}
+
+impl AwsArgs {
+    fn client_options(&self) -> ClientOptions {
+        ClientOptions { region: self.region.clone(), path_style: self.path_style }
+    }
 }
 
 fn main() -> ExitCode {
@@ -205,7 +217,7 @@ const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     let started = std::time::Instant::now();
     let source = S3Url::parse(&args.source)?;
-    let client_opts = ClientOptions { region: args.region.clone(), path_style: args.path_style };
+    let client_opts = args.aws.client_options();
     let sdk = fleetsync::source::sdk_config(&client_opts).await;
 
     // Discover.
@@ -352,7 +364,7 @@ fn log(msg: &str) {
 
 /// `list`: the discover step on its own, as a table or JSON.
 async fn list(args: ListArgs) -> anyhow::Result<i32> {
-    let sdk = fleetsync::source::sdk_config(&ClientOptions { region: args.region.clone(), path_style: false }).await;
+    let sdk = fleetsync::source::sdk_config(&args.aws.client_options()).await;
     let nodes = discover::discover(&sdk, &args.asg).await?;
     if args.json {
         print_stdout(&serde_json::to_string(&nodes)?);
@@ -417,7 +429,7 @@ async fn lock_target(args: &LockArgs) -> anyhow::Result<(S3Client, LockObject)> 
         (None, Some(asg), Some(source)) => LockObject::for_group(&S3Url::parse(source)?, asg)?,
         _ => unreachable!("clap requires --lock or both --asg and --source"),
     };
-    let client = fleetsync::source::s3_client(&ClientOptions { region: args.region.clone(), path_style: args.path_style }).await;
+    let client = fleetsync::source::s3_client(&args.aws.client_options()).await;
     Ok((client, object))
 }
 
