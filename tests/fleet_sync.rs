@@ -141,24 +141,32 @@ async fn a_failed_canary_stops_the_deploy() {
 #[tokio::test]
 async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_exits() {
     let b = Bucket::new("fleetjoin").await;
-    let tree = sample_tree(1500, 41);
+    let tree = sample_tree(40, 41);
     b.put_tree("app/", &tree).await;
     let asg = unique("join");
     fleet(&["create", &asg, "--size", "2"]);
     let nodes = Nodes::up(&asg);
     let before = ids(&asg);
 
+    // Hold one node's agent lock: its pull waits (--if-busy wait), so the
+    // first pass cannot end before the new instance has its sshd.
+    let (_, root) = &nodes.list()[0];
+    std::fs::create_dir_all(root.join("state")).unwrap();
+    let node_lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join("state/node.lock")).unwrap();
+    node_lock.lock().unwrap();
+
     let child = sync_command(&asg, &b.url("app"), "/srv/www", &nodes)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The first pass is busy pulling 1,500 files per node: scale out now.
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    std::thread::sleep(std::time::Duration::from_millis(500)); // the first discovery is done
     fleet(&["scale", &asg, "3"]);
     let joined: Vec<String> = ids(&asg).into_iter().filter(|i| !before.contains(i)).collect();
     assert_eq!(joined.len(), 1);
     let more = Nodes::up_in(&asg, &nodes);
+    drop(node_lock);
+
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
