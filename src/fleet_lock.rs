@@ -218,7 +218,7 @@ async fn try_acquire(client: &aws_sdk_s3::Client, object: &LockObject, info: &Lo
         Err(e) => {
             let f = ApiFailure::from_sdk(&e);
             if !matches!(f.status, Some(412 | 409)) {
-                return Err(lock_error(object, "taking", &f));
+                return Err(f.to_error(&format!("taking the fleet lock {object}")));
             }
         }
     }
@@ -238,7 +238,7 @@ async fn try_acquire(client: &aws_sdk_s3::Client, object: &LockObject, info: &Lo
             if matches!(f.status, Some(412 | 409 | 404)) {
                 Ok(Attempt::Raced)
             } else {
-                Err(lock_error(object, "taking over", &f))
+                Err(f.to_error(&format!("taking over the fleet lock {object}")))
             }
         }
     }
@@ -253,7 +253,7 @@ pub async fn read(client: &aws_sdk_s3::Client, object: &LockObject) -> Result<Op
             if f.status == Some(404) {
                 return Ok(None);
             }
-            return Err(lock_error(object, "reading", &f));
+            return Err(f.to_error(&format!("reading the fleet lock {object}")));
         }
     };
     let etag = out.e_tag().unwrap_or_default().to_string();
@@ -273,7 +273,7 @@ pub async fn break_lock(client: &aws_sdk_s3::Client, object: &LockObject) -> Res
         .if_match(etag)
         .send()
         .await
-        .map_err(|e| lock_error(object, "breaking", &ApiFailure::from_sdk(&e)))?;
+        .map_err(|e| ApiFailure::from_sdk(&e).to_error(&format!("breaking the fleet lock {object}")))?;
     Ok(Some(info))
 }
 
@@ -312,13 +312,8 @@ async fn renew(client: aws_sdk_s3::Client, object: LockObject, mut info: LockInf
     }
 }
 
-fn lock_error(object: &LockObject, what: &str, f: &ApiFailure) -> Error {
-    let msg = format!("{what} the fleet lock {object} failed: {}", f.message);
-    if f.is_configuration() {
-        Error::Config(format!("{msg} ({})", f.hint()))
-    } else {
-        Error::S3(msg)
-    }
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -345,8 +340,4 @@ mod tests {
         let d = info.describe();
         assert!(d.contains(&format!("pid {}", std::process::id())) && d.contains("fleetsync sync --asg web"), "{d}");
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

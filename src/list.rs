@@ -18,7 +18,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::source::{ApiFailure, S3Url};
 
 /// One object as LIST reports it.
@@ -84,7 +84,7 @@ async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, 
         let page = match page {
             Ok(page) => page,
             Err(e) => {
-                let _ = tx.send(Err(list_error(source, &ApiFailure::from_sdk(&e)))).await;
+                let _ = tx.send(Err(ApiFailure::from_sdk(&e).to_error(&format!("listing {source}")))).await;
                 return None;
             }
         };
@@ -103,13 +103,4 @@ async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, 
         tx.send(Ok(objects)).await.ok()?;
     }
     Some(dirs)
-}
-
-fn list_error(source: &S3Url, f: &ApiFailure) -> Error {
-    let what = format!("listing {source} failed: {}", f.message);
-    if f.is_configuration() {
-        Error::Config(format!("{what} ({})", f.hint()))
-    } else {
-        Error::S3(what)
-    }
 }

@@ -138,6 +138,18 @@ impl ApiFailure {
             )
     }
 
+    /// The library error for a failed `what` ("listing s3://b/p/"): a
+    /// configuration error with its fix when the user must act, else an S3
+    /// error.
+    pub(crate) fn to_error(&self, what: &str) -> Error {
+        let msg = format!("{what} failed: {}", self.message);
+        if self.is_configuration() {
+            Error::Config(format!("{msg} ({})", self.hint()))
+        } else {
+            Error::S3(msg)
+        }
+    }
+
     /// A short explanation with the fix, for the common configuration errors.
     pub fn hint(&self) -> &'static str {
         match (self.code.as_deref(), self.status) {
