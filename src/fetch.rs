@@ -14,7 +14,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +25,7 @@ use crate::plan::FetchJob;
 use crate::safe_fs::{DestDir, TempAt, TempName};
 use crate::source::ApiFailure;
 use crate::state::Placed;
+use crate::switch::GateWaiter;
 
 /// Objects at least this large are fetched as parallel ranged GETs.
 pub const RANGED_THRESHOLD: u64 = 64 * 1024 * 1024;
@@ -43,7 +43,7 @@ const WRITE_BUFFER: usize = 1024 * 1024;
 /// 160,000 futex calls and 50 threads contending for 2 cores on a
 /// 10,000-file pull). Larger writes can stall on the disk, so they still go
 /// to the blocking pool.
-pub(crate) const INLINE_WRITE: usize = 256 * 1024;
+const INLINE_WRITE: usize = 256 * 1024;
 /// Attempts per object for failures the SDK does not retry itself (a body
 /// cut mid-stream, a checksum mismatch).
 const ATTEMPTS: u32 = 5;
@@ -79,14 +79,14 @@ pub(crate) struct FetchCtx {
     pub client: aws_sdk_s3::Client,
     pub bucket: String,
     pub dest: Arc<DestDir>,
-    /// Set once the whole listing is validated: temporary files may then be
+    /// Open once the whole listing is validated: temporary files may then be
     /// created beside their final path instead of in the staging directory.
-    pub gate_open: Arc<AtomicBool>,
+    pub gate: GateWaiter,
 }
 
 impl FetchCtx {
     fn create_temp(&self, path: &RelPath, seq: u64) -> std::io::Result<(File, TempName)> {
-        let at = if self.gate_open.load(Ordering::Acquire) { TempAt::Beside(path) } else { TempAt::Staging };
+        let at = if self.gate.is_open() { TempAt::Beside(path) } else { TempAt::Staging };
         self.dest.create_temp(at, seq)
     }
 }
@@ -231,7 +231,7 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
         Ok::<_, std::io::Error>((Arc::new(f), t))
     })
     .await
-    .expect("staging does not panic")
+    .expect("temporary file creation does not panic")
     .map_err(|e| Attempt::Fatal(format!("creating a temporary file: {e}")))?;
     let discard = |e: Attempt| {
         ctx.dest.discard(&temp);
@@ -313,7 +313,7 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
     let placed = tokio::task::spawn_blocking(move || seal(&file, mode, etag, size))
         .await
         .expect("seal does not panic")
-        .map_err(|e| discard(Attempt::Fatal(format!("finishing a staging file: {e}"))))?;
+        .map_err(|e| discard(Attempt::Fatal(format!("finishing a temporary file: {e}"))))?;
     Ok(Staged { temp, placed })
 }
 
@@ -332,8 +332,8 @@ fn seal(file: &File, mode: u32, etag: String, size: u64) -> std::io::Result<Plac
 }
 
 /// Streams a body into a staging file with few, large writes. The file is
-/// created lazily, so a small object is one blocking call: create, write,
-/// chmod, stat.
+/// created lazily, so a small object is written in one go (create, write,
+/// chmod, stat), on the async worker itself (see [`INLINE_WRITE`]).
 struct StagedWriter {
     ctx: Arc<FetchCtx>,
     path: RelPath,

@@ -172,7 +172,7 @@ async fn run(
 ) -> Result<HashMap<RelPath, Placed>> {
     let (mut jobs, planner) = start_planner(opts, client.clone(), Some(dest.clone()), placed, observer.clone());
     let gate = Gate::new();
-    let ctx = Arc::new(FetchCtx { client, bucket: opts.source.bucket.clone(), dest: dest.clone(), gate_open: gate.opened() });
+    let ctx = Arc::new(FetchCtx { client, bucket: opts.source.bucket.clone(), dest: dest.clone(), gate: gate.waiter() });
     let permits = Arc::new(Semaphore::new(opts.concurrency));
     let mut tasks = JoinSet::new();
     let mut outcomes = Vec::new();

@@ -7,8 +7,6 @@
 //! must leave DEST untouched even though pages 1-89 were already downloading.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use tokio::sync::watch;
 
@@ -28,25 +26,18 @@ enum GateState {
 }
 
 /// The gate between fetching and switching. A `watch` channel because any
-/// number of download tasks wait on one state change.
+/// number of download tasks wait on one state change, and can also read the
+/// current state without waiting.
 pub(crate) struct Gate {
     tx: watch::Sender<GateState>,
-    /// The same "open" as a flag that downloads can read without waiting,
-    /// to create their temporary file beside the final path.
-    opened: Arc<AtomicBool>,
 }
 
 impl Gate {
     pub(crate) fn new() -> Gate {
-        Gate { tx: watch::channel(GateState::Closed).0, opened: Arc::default() }
-    }
-
-    pub(crate) fn opened(&self) -> Arc<AtomicBool> {
-        self.opened.clone()
+        Gate { tx: watch::channel(GateState::Closed).0 }
     }
 
     pub(crate) fn open(&self) {
-        self.opened.store(true, Ordering::Release);
         self.tx.send_replace(GateState::Open);
     }
 
@@ -69,11 +60,18 @@ impl Drop for Gate {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct GateWaiter {
     rx: watch::Receiver<GateState>,
 }
 
 impl GateWaiter {
+    /// Whether the gate is open now (downloads then create their temporary
+    /// file beside the final path).
+    pub(crate) fn is_open(&self) -> bool {
+        *self.rx.borrow() == GateState::Open
+    }
+
     /// Waits for the decision; `true` means rename.
     pub(crate) async fn wait(mut self) -> bool {
         match self.rx.wait_for(|s| *s != GateState::Closed).await {
