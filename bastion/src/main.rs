@@ -157,6 +157,13 @@ struct AwsArgs {
     path_style: bool,
 }
 
+impl SyncArgs {
+    /// What every node's agent is asked to do.
+    fn agent_call(&self) -> trigger::AgentCall {
+        trigger::AgentCall { source: self.source.clone(), dest: self.dest.clone(), state_dir: self.state_dir.clone() }
+    }
+}
+
 impl AwsArgs {
     fn client_options(&self) -> ClientOptions {
         ClientOptions { region: self.region.clone(), path_style: self.path_style }
@@ -193,8 +200,7 @@ async fn dry_run(
     s3: &S3Client,
     object: &LockObject,
 ) -> anyhow::Result<i32> {
-    let call = trigger::AgentCall { source: args.source.clone(), dest: args.dest.clone(), state_dir: args.state_dir.clone() };
-    let mut out = format!("would run on {} nodes over ssh: {}\n", targets.len(), call.command_line());
+    let mut out = format!("would run on {} nodes over ssh: {}\n", targets.len(), args.agent_call().command_line());
     for n in targets {
         out.push_str(&format!("  sync {} {}\n", n.instance_id, trigger::address(n, args.address).unwrap_or_else(|| "(no address)".into())));
     }
@@ -259,13 +265,16 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
             accept_new_host_keys: args.ssh_accept_new_host_keys,
             connect_timeout: std::time::Duration::from_secs(10),
         },
-        call: trigger::AgentCall { source: args.source.clone(), dest: args.dest.clone(), state_dir: args.state_dir.clone() },
+        call: args.agent_call(),
         failures: Default::default(),
         held: &held,
         address: args.address,
         max_errors: args.max_errors,
         batch: args.batch.unwrap_or(targets.len()).max(1),
     };
+    // Set when the group could not be listed again for instances that
+    // joined: reported as the command's error once the lock is released.
+    let mut rediscover_error = None;
     let canaries = args.canary.min(targets.len());
     let (first, rest) = targets.split_at(canaries);
     let mut results = fleet.run(first).await;
@@ -275,15 +284,18 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     } else {
         results.extend(fleet.run(rest).await);
         if !held.lost() {
-            let known: std::collections::HashSet<&str> = targets.iter().map(|n| n.instance_id.as_str()).collect();
-            let joined: Vec<_> = discover::discover(&sdk, &args.asg)
-                .await?
-                .into_iter()
-                .filter(|n| n.is_target() && !known.contains(n.instance_id.as_str()))
-                .collect();
-            if !joined.is_empty() {
-                log(&format!("{} instances joined the group during the deploy; syncing them too", joined.len()));
-                results.extend(fleet.run(&joined).await);
+            // The lock is held here: a failure must not return early (`?`)
+            // and leave it to block every deploy until its lease runs out.
+            match discover::discover(&sdk, &args.asg).await {
+                Ok(now) => {
+                    let known: std::collections::HashSet<&str> = targets.iter().map(|n| n.instance_id.as_str()).collect();
+                    let joined: Vec<_> = now.into_iter().filter(|n| n.is_target() && !known.contains(n.instance_id.as_str())).collect();
+                    if !joined.is_empty() {
+                        log(&format!("{} instances joined the group during the deploy; syncing them too", joined.len()));
+                        results.extend(fleet.run(&joined).await);
+                    }
+                }
+                Err(e) => rediscover_error = Some(e.context("listing the group again for instances that joined during the deploy")),
             }
         }
     }
@@ -300,7 +312,10 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     } else {
         print_stdout(&report.table());
     }
-    Ok(report.exit_code)
+    match rediscover_error {
+        Some(e) => Err(e),
+        None => Ok(report.exit_code),
+    }
 }
 
 /// Runs the agent on a set of nodes, `batch` at a time, honouring
