@@ -4,16 +4,14 @@
 
 mod common;
 
-use common::{assert_tree, fleet, sample_tree, unique, Bucket, Nodes};
+use common::{assert_tree, sample_tree, Bucket, Nodes};
 
 #[tokio::test]
 async fn every_instance_has_its_own_sshd_and_root_and_the_agent_pulls_over_ssh() {
     let b = Bucket::new("nodes").await;
     let tree = sample_tree(100, 21);
     b.put_tree("app/", &tree).await;
-    let asg = unique("ssh");
-    fleet(&["create", &asg, "--size", "3"]);
-    let nodes = Nodes::up(&asg);
+    let (_, nodes) = Nodes::group("ssh", 3);
     assert_eq!(nodes.list().len(), 3);
 
     let pull = format!("fleetsync-agent pull {} --dest /srv/www --state-dir /srv/state --json", b.url("app"));
@@ -34,9 +32,7 @@ async fn every_instance_has_its_own_sshd_and_root_and_the_agent_pulls_over_ssh()
 
 #[tokio::test]
 async fn an_unknown_host_key_is_refused() {
-    let asg = unique("hostkey");
-    fleet(&["create", &asg, "--size", "1"]);
-    let nodes = Nodes::up(&asg);
+    let (_, nodes) = Nodes::group("hostkey", 1);
     let (ip, _) = &nodes.list()[0];
     assert!(nodes.ssh(ip, "true", &[]).status.success());
     let empty = nodes.dir.path().join("empty_known_hosts");

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{assert_tree, fleet, sample_tree, unique, Bucket, Nodes};
+use common::{assert_tree, fleet, sample_tree, Bucket, Nodes};
 
 /// `fleetsync sync` of `source` to `dest` on the group's nodes, JSON report.
 fn sync_command(asg: &str, source: &str, dest: &str, nodes: &Nodes) -> Command {
@@ -34,9 +34,7 @@ async fn every_node_converges_and_a_second_sync_downloads_nothing() {
     let b = Bucket::new("fleetsync").await;
     let tree = sample_tree(60, 31);
     b.put_tree("app/", &tree).await;
-    let asg = unique("web");
-    fleet(&["create", &asg, "--size", "3"]);
-    let nodes = Nodes::up(&asg);
+    let (asg, nodes) = Nodes::group("web", 3);
 
     let (code, report, stderr) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
     assert_eq!(code, 0, "{stderr}\n{report}");
@@ -59,9 +57,7 @@ async fn every_node_converges_and_a_second_sync_downloads_nothing() {
 async fn an_unreachable_node_fails_with_the_reason_and_max_errors_stops_the_rest() {
     let b = Bucket::new("fleetdown").await;
     b.put("app/index.php", b"<?php").await;
-    let asg = unique("down");
-    fleet(&["create", &asg, "--size", "3"]);
-    let nodes = Nodes::up(&asg);
+    let (asg, nodes) = Nodes::group("down", 3);
     let ids = ids(&asg);
     nodes.stop(&ids[0]);
 
@@ -84,9 +80,7 @@ async fn an_unreachable_node_fails_with_the_reason_and_max_errors_stops_the_rest
 async fn a_held_lock_exits_3_naming_the_holder_and_touches_no_node() {
     let b = Bucket::new("fleetheld").await;
     b.put("app/index.php", b"<?php").await;
-    let asg = unique("held");
-    fleet(&["create", &asg, "--size", "2"]);
-    let nodes = Nodes::up(&asg);
+    let (asg, nodes) = Nodes::group("held", 2);
     let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
     let lease = std::time::Duration::from_secs(60);
     let held = fleetsync::fleet_lock::acquire(&b.client, &lock, fleetsync::fleet_lock::LockInfo::for_this_process("ci deploy 42", lease), lease, std::time::Duration::ZERO)
@@ -106,9 +100,7 @@ async fn a_held_lock_exits_3_naming_the_holder_and_touches_no_node() {
 async fn hostile_arguments_reach_the_agent_verbatim() {
     let b = Bucket::new("fleetquote").await;
     b.put("app/index.php", b"<?php").await;
-    let asg = unique("quote");
-    fleet(&["create", &asg, "--size", "1"]);
-    let nodes = Nodes::up(&asg);
+    let (asg, nodes) = Nodes::group("quote", 1);
     let dest = "/srv/we ird; touch /srv/pwned1 $(touch /srv/pwned2) `touch /srv/pwned3` 'q\" x";
     let (code, report, stderr) = sync(&asg, &b.url("app"), dest, &nodes, &[]);
     assert_eq!(code, 0, "{stderr}\n{report}");
@@ -124,9 +116,7 @@ async fn hostile_arguments_reach_the_agent_verbatim() {
 async fn a_failed_canary_stops_the_deploy() {
     let b = Bucket::new("fleetcanary").await;
     b.put("app/index.php", b"<?php").await;
-    let asg = unique("canary");
-    fleet(&["create", &asg, "--size", "3"]);
-    let nodes = Nodes::up(&asg);
+    let (asg, nodes) = Nodes::group("canary", 3);
     let ids = ids(&asg);
     nodes.stop(&ids[0]); // targets go in instance-id order: this one is the canary
 
@@ -143,9 +133,7 @@ async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_e
     let b = Bucket::new("fleetjoin").await;
     let tree = sample_tree(40, 41);
     b.put_tree("app/", &tree).await;
-    let asg = unique("join");
-    fleet(&["create", &asg, "--size", "2"]);
-    let nodes = Nodes::up(&asg);
+    let (asg, nodes) = Nodes::group("join", 2);
     let before = ids(&asg);
 
     // Hold one node's agent lock: its pull waits (--if-busy wait), so the
@@ -181,9 +169,7 @@ async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_e
 async fn dry_run_names_the_nodes_the_command_and_the_lock_and_changes_nothing() {
     let b = Bucket::new("fleetdry").await;
     b.put("app/index.php", b"<?php").await;
-    let asg = unique("dry");
-    fleet(&["create", &asg, "--size", "2"]);
-    let nodes = Nodes::up(&asg);
+    let (asg, nodes) = Nodes::group("dry", 2);
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
         .args(["sync", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--dry-run"])
         .output()

@@ -291,6 +291,14 @@ pub struct Nodes {
 }
 
 impl Nodes {
+    /// A new group of `size` instances named after `name`, each with its sshd.
+    pub fn group(name: &str, size: u32) -> (String, Nodes) {
+        let asg = unique(name);
+        fleet(&["create", &asg, "--size", &size.to_string()]);
+        let nodes = Nodes::up(&asg);
+        (asg, nodes)
+    }
+
     /// Starts sshd for instances of `asg` that have none yet, in the same
     /// directory as `nodes` (same keys and known_hosts); returns that directory.
     pub fn up_in(asg: &str, nodes: &Nodes) -> PathBuf {
