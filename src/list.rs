@@ -52,7 +52,9 @@ type Pages = mpsc::Sender<Result<Vec<RemoteObject>>>;
 pub(crate) fn start(client: aws_sdk_s3::Client, source: S3Url) -> Lister {
     let (tx, rx) = mpsc::channel(PAGES_AHEAD);
     let task = tokio::spawn(async move {
-        let Some(dirs) = list_prefix(&client, &source, &source.prefix, true, &tx).await else { return };
+        let Some(dirs) = list_prefix(&client, &source, &source.prefix, true, &tx).await else {
+            return;
+        };
         futures::stream::iter(dirs)
             .map(|dir| {
                 let (client, source, tx) = (&client, &source, &tx);
@@ -70,7 +72,13 @@ pub(crate) fn start(client: aws_sdk_s3::Client, source: S3Url) -> Lister {
 /// Lists every key under `prefix`, sending each page. With `shallow`, lists
 /// one level (`delimiter=/`) and returns the sub-prefixes found. `None`
 /// when listing failed (the error was sent) or the receiver is gone.
-async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, shallow: bool, tx: &Pages) -> Option<Vec<String>> {
+async fn list_prefix(
+    client: &aws_sdk_s3::Client,
+    source: &S3Url,
+    prefix: &str,
+    shallow: bool,
+    tx: &Pages,
+) -> Option<Vec<String>> {
     let mut pages = client
         .list_objects_v2()
         .bucket(&source.bucket)
@@ -84,11 +92,19 @@ async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, 
         let page = match page {
             Ok(page) => page,
             Err(e) => {
-                let _ = tx.send(Err(ApiFailure::from_sdk(&e).to_error(&format!("listing {source}")))).await;
+                let _ = tx
+                    .send(Err(
+                        ApiFailure::from_sdk(&e).to_error(&format!("listing {source}"))
+                    ))
+                    .await;
                 return None;
             }
         };
-        dirs.extend(page.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)));
+        dirs.extend(
+            page.common_prefixes()
+                .iter()
+                .filter_map(|p| p.prefix().map(str::to_string)),
+        );
         let objects = page
             .contents()
             .iter()

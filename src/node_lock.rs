@@ -48,11 +48,17 @@ impl NodeLock {
         let start = Instant::now();
         match file.try_lock() {
             Ok(()) => return Ok((NodeLock { _file: file }, Duration::ZERO)),
-            Err(std::fs::TryLockError::WouldBlock) if if_busy == IfBusy::Fail => return Err(Error::Busy { path }),
+            Err(std::fs::TryLockError::WouldBlock) if if_busy == IfBusy::Fail => {
+                return Err(Error::Busy { path })
+            }
             Err(std::fs::TryLockError::WouldBlock) => {}
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(format!("locking {}", path.display()), e)),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io(format!("locking {}", path.display()), e))
+            }
         }
-        tracing::info!(lock = %path.display(), "another pull is running on this node; waiting for it");
+        // A warning, so it is seen by default: a pull that seems to hang is
+        // most often this, in a cron log and in the bastion's report alike.
+        tracing::warn!(lock = %path.display(), "another pull is running on this node; waiting for it");
         // flock blocks the thread, so it waits on the blocking pool.
         let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
             .await

@@ -7,7 +7,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use aws_config::{meta::region::RegionProviderChain, retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion};
+use aws_config::{
+    meta::region::RegionProviderChain, retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion,
+};
 
 use crate::error::{Error, Result};
 
@@ -27,20 +29,32 @@ pub struct S3Url {
 
 impl S3Url {
     pub fn parse(url: &str) -> Result<S3Url> {
-        let bad = |why: &str| Error::Config(format!("source {url:?} is not valid: {why} (expected s3://BUCKET[/PREFIX])"));
-        let rest = url.strip_prefix("s3://").ok_or_else(|| bad("it must start with s3://"))?;
+        let bad = |why: &str| {
+            Error::Config(format!(
+                "source {url:?} is not valid: {why} (expected s3://BUCKET[/PREFIX])"
+            ))
+        };
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad("it must start with s3://"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(bad("the bucket name is empty"));
         }
-        if !bucket.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
+        if !bucket
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
             return Err(bad("the bucket name has characters S3 does not allow"));
         }
         let mut prefix = prefix.to_string();
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
-        Ok(S3Url { bucket: bucket.to_string(), prefix })
+        Ok(S3Url {
+            bucket: bucket.to_string(),
+            prefix,
+        })
     }
 }
 
@@ -74,7 +88,11 @@ pub async fn sdk_config(opts: &ClientOptions) -> aws_config::SdkConfig {
         .or_else("us-east-1");
     aws_config::defaults(BehaviorVersion::latest())
         .region(region)
-        .retry_config(RetryConfig::standard().with_max_attempts(6).with_initial_backoff(Duration::from_millis(50)))
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(6)
+                .with_initial_backoff(Duration::from_millis(50)),
+        )
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(5))
@@ -88,7 +106,9 @@ pub async fn sdk_config(opts: &ClientOptions) -> aws_config::SdkConfig {
 /// Builds an S3 client from the standard AWS configuration chain.
 pub async fn s3_client(opts: &ClientOptions) -> aws_sdk_s3::Client {
     let shared = sdk_config(opts).await;
-    let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(opts.path_style).build();
+    let conf = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(opts.path_style)
+        .build();
     aws_sdk_s3::Client::from_conf(conf)
 }
 
@@ -108,20 +128,35 @@ pub struct ApiFailure {
 }
 
 impl ApiFailure {
-    pub fn from_sdk<E>(err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> ApiFailure
+    pub fn from_sdk<E>(
+        err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> ApiFailure
     where
         E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
     {
         use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_string);
-        let no_response = matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ConstructionFailure(_));
+        let no_response = matches!(
+            err,
+            SdkError::DispatchFailure(_)
+                | SdkError::TimeoutError(_)
+                | SdkError::ConstructionFailure(_)
+        );
         let message = match (&code, status) {
-            (Some(code), Some(status)) => format!("{code}: {} (HTTP {status})", err.message().unwrap_or("no message")),
+            (Some(code), Some(status)) => format!(
+                "{code}: {} (HTTP {status})",
+                err.message().unwrap_or("no message")
+            ),
             (None, Some(status)) => format!("HTTP {status}"),
             _ => error_chain(err),
         };
-        ApiFailure { status, code, message, no_response }
+        ApiFailure {
+            status,
+            code,
+            message,
+            no_response,
+        }
     }
 
     /// Whether the user has to fix something (credentials, bucket name,
@@ -132,8 +167,14 @@ impl ApiFailure {
             || matches!(
                 self.code.as_deref(),
                 Some(
-                    "NoSuchBucket" | "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch"
-                        | "ExpiredToken" | "InvalidToken" | "PermanentRedirect" | "AuthorizationHeaderMalformed"
+                    "NoSuchBucket"
+                        | "AccessDenied"
+                        | "InvalidAccessKeyId"
+                        | "SignatureDoesNotMatch"
+                        | "ExpiredToken"
+                        | "InvalidToken"
+                        | "PermanentRedirect"
+                        | "AuthorizationHeaderMalformed"
                 )
             )
     }

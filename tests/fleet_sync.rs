@@ -1,32 +1,22 @@
-//! `fleetsync sync --via ssh` end to end: moto's group, one real sshd per
-//! instance with its own /srv, the agent on each, the fleet lock in S3.
+//! `fleetsync sync --via ssh` end to end (moto's group, one real sshd per
+//! instance with its own /srv, the agent on each) and the fleet lock as
+//! deploys see it.
 
 mod common;
 
 use std::process::Command;
 
-use common::{assert_tree, fleet, sample_tree, Bucket, Nodes};
+use common::{assert_tree, deploy_command, fleet, ids, sample_tree, Bucket, Nodes};
 
-/// `fleetsync sync` of `source` to `dest` on the group's nodes, JSON report.
-fn sync_command(asg: &str, source: &str, dest: &str, nodes: &Nodes) -> Command {
-    let mut c = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
-    c.args(["sync", "--asg", asg, "--source", source, "--dest", dest, "--state-dir", "/srv/state", "--json"])
-        .args(["--ssh-config", &nodes.ssh_config()]);
-    c
-}
-
-/// Runs `fleetsync sync` for `asg` and returns (exit code, JSON report or Null, stderr).
-fn sync(asg: &str, source: &str, dest: &str, nodes: &Nodes, extra: &[&str]) -> (i32, serde_json::Value, String) {
-    let out = sync_command(asg, source, dest, nodes).args(extra).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap(), json, stderr)
-}
-
-fn ids(asg: &str) -> Vec<String> {
-    let mut ids: Vec<String> = fleet(&["describe", asg])["instances"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
-    ids.sort();
-    ids
+/// `fleetsync sync --via ssh` for `asg`: (exit code, JSON report or Null, stderr).
+fn sync(
+    asg: &str,
+    source: &str,
+    dest: &str,
+    nodes: &Nodes,
+    extra: &[&str],
+) -> (i32, serde_json::Value, String) {
+    common::deploy(asg, source, dest, nodes, "ssh", extra)
 }
 
 #[tokio::test]
@@ -44,13 +34,23 @@ async fn every_node_converges_and_a_second_sync_downloads_nothing() {
         assert_tree(&root.join("www"), &tree);
     }
     // The lock was released.
-    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
-    assert!(fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none());
+    let lock = fleetsync::fleet_lock::LockObject::for_group(
+        &fleetsync::S3Url::parse(&b.url("app")).unwrap(),
+        &asg,
+    )
+    .unwrap();
+    assert!(fleetsync::fleet_lock::read(&b.client, &lock)
+        .await
+        .unwrap()
+        .is_none());
 
     let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
     assert_eq!(code, 0);
     assert_eq!(report["totals"]["downloaded"], 0, "{report}");
-    assert_eq!(report["nodes"][0]["agent"]["counts"]["unchanged"], tree.len() as u64);
+    assert_eq!(
+        report["nodes"][0]["agent"]["counts"]["unchanged"],
+        tree.len() as u64
+    );
 }
 
 #[tokio::test]
@@ -63,17 +63,41 @@ async fn an_unreachable_node_fails_with_the_reason_and_max_errors_stops_the_rest
 
     let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
     assert_eq!(code, 1, "{report}");
-    let down = report["nodes"].as_array().unwrap().iter().find(|n| n["instance_id"] == ids[0].as_str()).unwrap();
+    let down = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["instance_id"] == ids[0].as_str())
+        .unwrap();
     assert_eq!(down["status"], "failed");
-    assert!(down["error"].as_str().unwrap().contains("Connection refused"), "{down}");
+    assert!(
+        down["error"]
+            .as_str()
+            .unwrap()
+            .contains("Connection refused"),
+        "{down}"
+    );
     assert_eq!(report["totals"]["ok"], 2);
 
     // Two nodes down, one at a time, no errors tolerated: after the first
     // failure nothing else is started.
     nodes.stop(&ids[1]);
-    let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &["--batch", "1", "--max-errors", "0"]);
+    let (code, report, _) = sync(
+        &asg,
+        &b.url("app"),
+        "/srv/www",
+        &nodes,
+        &["--batch", "1", "--max-errors", "0"],
+    );
     assert_eq!(code, 1);
-    assert_eq!((report["totals"]["failed"].as_u64(), report["totals"]["not_attempted"].as_u64()), (Some(1), Some(2)), "{report}");
+    assert_eq!(
+        (
+            report["totals"]["failed"].as_u64(),
+            report["totals"]["not_attempted"].as_u64()
+        ),
+        (Some(1), Some(2)),
+        "{report}"
+    );
 }
 
 #[tokio::test]
@@ -81,15 +105,28 @@ async fn a_held_lock_exits_3_naming_the_holder_and_touches_no_node() {
     let b = Bucket::new("fleetheld").await;
     b.put("app/index.php", b"<?php").await;
     let (asg, nodes) = Nodes::group("held", 2);
-    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+    let lock = fleetsync::fleet_lock::LockObject::for_group(
+        &fleetsync::S3Url::parse(&b.url("app")).unwrap(),
+        &asg,
+    )
+    .unwrap();
     let lease = std::time::Duration::from_secs(60);
-    let held = fleetsync::fleet_lock::acquire(&b.client, &lock, fleetsync::fleet_lock::LockInfo::for_this_process("ci deploy 42", lease), lease, std::time::Duration::ZERO)
-        .await
-        .unwrap();
+    let held = fleetsync::fleet_lock::acquire(
+        &b.client,
+        &lock,
+        fleetsync::fleet_lock::LockInfo::for_this_process("ci deploy 42", lease),
+        lease,
+        std::time::Duration::ZERO,
+    )
+    .await
+    .unwrap();
 
     let (code, _, stderr) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
     assert_eq!(code, 3, "{stderr}");
-    assert!(stderr.contains("ci deploy 42") && stderr.contains("lock"), "{stderr}");
+    assert!(
+        stderr.contains("ci deploy 42") && stderr.contains("lock"),
+        "{stderr}"
+    );
     for (_, root) in nodes.list() {
         assert!(!root.join("www").exists());
     }
@@ -108,7 +145,10 @@ async fn hostile_arguments_reach_the_agent_verbatim() {
     let dir = root.join(dest.trim_start_matches("/srv/"));
     assert_eq!(std::fs::read(dir.join("index.php")).unwrap(), b"<?php");
     for p in ["pwned1", "pwned2", "pwned3"] {
-        assert!(!root.join(p).exists(), "{p} was created: the argument was run as a command");
+        assert!(
+            !root.join(p).exists(),
+            "{p} was created: the argument was run as a command"
+        );
     }
 }
 
@@ -122,9 +162,19 @@ async fn a_failed_canary_stops_the_deploy() {
 
     let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &["--canary", "1"]);
     assert_eq!(code, 1);
-    assert_eq!((report["totals"]["failed"].as_u64(), report["totals"]["not_attempted"].as_u64()), (Some(1), Some(2)), "{report}");
+    assert_eq!(
+        (
+            report["totals"]["failed"].as_u64(),
+            report["totals"]["not_attempted"].as_u64()
+        ),
+        (Some(1), Some(2)),
+        "{report}"
+    );
     for (_, root) in nodes.list() {
-        assert!(!root.join("www").exists(), "no node after the canary was touched");
+        assert!(
+            !root.join("www").exists(),
+            "no node after the canary was touched"
+        );
     }
 }
 
@@ -138,19 +188,19 @@ async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_e
 
     // Hold one node's agent lock: its pull waits (--if-busy wait), so the
     // first pass cannot end before the new instance has its sshd.
-    let (_, root) = &nodes.list()[0];
-    std::fs::create_dir_all(root.join("state")).unwrap();
-    let node_lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join("state/node.lock")).unwrap();
-    node_lock.lock().unwrap();
+    let node_lock = Nodes::hold_agent_lock(&nodes.list()[0].1);
 
-    let child = sync_command(&asg, &b.url("app"), "/srv/www", &nodes)
+    let child = deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssh")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500)); // the first discovery is done
     fleet(&["scale", &asg, "3"]);
-    let joined: Vec<String> = ids(&asg).into_iter().filter(|i| !before.contains(i)).collect();
+    let joined: Vec<String> = ids(&asg)
+        .into_iter()
+        .filter(|i| !before.contains(i))
+        .collect();
     assert_eq!(joined.len(), 1);
     let more = Nodes::up_in(&asg, &nodes);
     drop(node_lock);
@@ -158,10 +208,17 @@ async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_e
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("joined the group during the deploy"), "the second pass found it: {stderr}");
+    assert!(
+        stderr.contains("joined the group during the deploy"),
+        "the second pass found it: {stderr}"
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["totals"]["ok"], 3, "{report}");
-    assert!(report["nodes"].as_array().unwrap().iter().any(|n| n["instance_id"] == joined[0].as_str()));
+    assert!(report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["instance_id"] == joined[0].as_str()));
     assert_tree(&more.join(&joined[0]).join("srv/www"), &tree);
 }
 
@@ -171,14 +228,201 @@ async fn dry_run_names_the_nodes_the_command_and_the_lock_and_changes_nothing() 
     b.put("app/index.php", b"<?php").await;
     let (asg, nodes) = Nodes::group("dry", 2);
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["sync", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--dry-run"])
+        .args([
+            "sync",
+            "--via",
+            "ssh",
+            "--asg",
+            &asg,
+            "--source",
+            &b.url("app"),
+            "--dest",
+            "/srv/www",
+            "--dry-run",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("would run on 2 nodes over ssh: fleetsync-agent pull"), "{stdout}");
+    assert!(
+        stdout.contains("would run on 2 nodes over ssh: fleetsync-agent pull"),
+        "{stdout}"
+    );
     assert!(stdout.contains("is free"), "{stdout}");
     for (_, root) in nodes.list() {
         assert!(!root.join("www").exists());
     }
+}
+
+#[tokio::test]
+async fn of_ten_deploys_started_at_once_exactly_one_syncs_and_nine_exit_3() {
+    let b = Bucket::new("fleetten").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("ten", 2);
+    // Whoever wins stays busy (a node's pull waits for this lock) until
+    // every other deploy has given up.
+    let node_lock = Nodes::hold_agent_lock(&nodes.list()[0].1);
+
+    let children: Vec<_> = (0..10)
+        .map(|_| {
+            deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut pending: Vec<_> = children.into_iter().collect();
+    let mut losers = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while losers.len() < 9 && std::time::Instant::now() < deadline {
+        let mut still = Vec::new();
+        for mut c in pending {
+            match c.try_wait().unwrap() {
+                Some(_) => losers.push(c.wait_with_output().unwrap()),
+                None => still.push(c),
+            }
+        }
+        pending = still;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        (losers.len(), pending.len()),
+        (9, 1),
+        "nine gave up while one deploy holds the lock"
+    );
+    for out in &losers {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        assert!(
+            stderr.contains("holds the fleet lock") && stderr.contains("pid"),
+            "the holder is named: {stderr}"
+        );
+    }
+    drop(node_lock);
+    let winner = pending.pop().unwrap().wait_with_output().unwrap();
+    assert_eq!(
+        winner.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&winner.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&winner.stdout).unwrap();
+    assert_eq!(report["totals"]["ok"], 2, "{report}");
+}
+
+#[tokio::test]
+async fn a_deploy_whose_lock_is_broken_starts_no_more_nodes() {
+    let b = Bucket::new("fleetlost").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("lost", 2);
+    // The first node started (instance-id order) stays busy.
+    let node_lock = Nodes::hold_agent_lock(&nodes.dir.path().join(&ids(&asg)[0]).join("srv"));
+
+    // One node at a time, a 3 s lease renewed every second.
+    let child = deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssh")
+        .args(["--batch", "1", "--lock-lease", "3s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lock = fleetsync::fleet_lock::LockObject::for_group(
+        &fleetsync::S3Url::parse(&b.url("app")).unwrap(),
+        &asg,
+    )
+    .unwrap();
+    while fleetsync::fleet_lock::read(&b.client, &lock)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .args(["lock", "break", "--asg", &asg, "--source", &b.url("app")])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("broke the lock"),
+        "{out:?}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await; // past the next renewal
+    drop(node_lock);
+
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("lock was lost"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let second = &report["nodes"][1];
+    assert_eq!(second["status"], "not-attempted", "{report}");
+    assert!(
+        second["error"]
+            .as_str()
+            .unwrap()
+            .contains("fleet lock was lost"),
+        "{second}"
+    );
+}
+
+#[tokio::test]
+async fn fleetsync_toml_supplies_the_flags_and_flags_override_it() {
+    let b = Bucket::new("fleetconf").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("conf", 1);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fleetsync.toml"),
+        format!(
+            "asg = '{asg}'\nsource = '{}'\ndest = '/srv/www'\nvia = 'ssh'\nbatch = '50%'\nssh-config = '{}'\n",
+            b.url("app"),
+            nodes.ssh_config()
+        ),
+    )
+    .unwrap();
+    let fleetsync = || {
+        let mut c = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
+        c.current_dir(dir.path());
+        c
+    };
+    let out = fleetsync().args(["sync", "--json"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = &nodes.list()[0].1;
+    assert_eq!(std::fs::read(root.join("www/index.php")).unwrap(), b"<?php");
+
+    let out = fleetsync()
+        .args(["sync", "--dest", "/srv/other"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(root.join("other/index.php")).unwrap(),
+        b"<?php",
+        "--dest overrode the file"
+    );
+
+    // A misspelt key is a one-line configuration error naming the file.
+    std::fs::write(dir.path().join("bad.toml"), "max_errors = 2\n").unwrap();
+    let out = fleetsync()
+        .args(["--config", "bad.toml", "sync"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml")
+            && stderr.contains("max_errors")
+            && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
 }

@@ -2,22 +2,34 @@
 //! Group. Parsing and printing only; the work is in the library.
 //!
 //! `sync` is the product's data flow, one module per step: discover ->
-//! lock -> trigger -> collect -> report. `list` is the discover step alone;
-//! `lock show|break` manage the fleet lock.
+//! lock -> trigger -> collect -> report (`progress` draws it live). `list`
+//! is the discover step alone; `lock show|break` manage the fleet lock.
+//! Flags may come from `fleetsync.toml` (`config`).
 
+mod api;
 mod collect;
+mod config;
 mod discover;
+mod progress;
 mod report;
 mod trigger;
+mod values;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleetsync::fleet_lock::{self, LockObject};
 use fleetsync::source::S3Client;
 use fleetsync::{exit, ClientOptions, S3Url};
+
+use crate::config::FileConfig;
+use crate::progress::{log, Progress};
+use crate::trigger::{AddressChoice, Via};
+use crate::values::{Limit, Seconds};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -29,13 +41,17 @@ Exit codes:
 #[derive(Parser)]
 #[command(name = "fleetsync", version, about = "Keeps every instance of an Auto Scaling Group on the same codebase from S3.", after_help = EXIT_CODES)]
 struct Cli {
+    /// A config file with the flags' values (keys are the long flag names);
+    /// default ./fleetsync.toml when it exists. Flags override it.
+    #[arg(long, global = true, env = "FLEETSYNC_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Sync every InService instance of the group from the source (over SSH for now).
+    /// Sync every InService instance of the group from the source, through SSM or SSH.
     Sync(SyncArgs),
     /// List the group's instances: which would be synced, and why the others are skipped.
     List(ListArgs),
@@ -44,44 +60,56 @@ enum Command {
     Lock(LockCommand),
 }
 
+/// `sync`'s flags. Those that `fleetsync.toml` may supply are optional
+/// here; `apply` fills them from the file and then the defaults.
 #[derive(Args)]
 struct SyncArgs {
     /// The Auto Scaling Group.
     #[arg(long)]
-    asg: String,
+    asg: Option<String>,
     /// The source, s3://BUCKET[/PREFIX].
     #[arg(long)]
-    source: String,
+    source: Option<String>,
     /// The directory on each node.
     #[arg(long)]
-    dest: String,
+    dest: Option<String>,
     /// The agent's state dir on each node (default: the agent's own).
     #[arg(long)]
     state_dir: Option<String>,
-    /// How to reach the nodes. Only ssh is available yet (SSM is next).
-    #[arg(long, value_enum, default_value = "ssh")]
-    via: Via,
-    /// Nodes synced at once (default: all).
+    /// How to reach the nodes [default: ssm].
+    #[arg(long, value_enum)]
+    via: Option<Via>,
+    /// Nodes synced at once: a count or a share of the fleet like 25% [default: all].
+    #[arg(long, value_name = "N|N%")]
+    batch: Option<Limit>,
+    /// Stop starting nodes once more than this many have failed: a count or
+    /// a share like 10% [default: never stop].
+    #[arg(long, value_name = "N|N%")]
+    max_errors: Option<Limit>,
+    /// Sync this many nodes first, and stop if any of them fails [default: 0].
     #[arg(long)]
-    batch: Option<usize>,
-    /// Stop starting nodes once more than this many have failed (default: never).
-    #[arg(long)]
-    max_errors: Option<usize>,
-    /// Sync this many nodes first, and stop if any of them fails.
-    #[arg(long, default_value_t = 0)]
-    canary: usize,
+    canary: Option<usize>,
+    /// How long one node's agent may run before it is stopped and the node
+    /// reported failed: 90, 90s, 5m, 1h [default: 30m].
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<Seconds>,
     /// Discover, check the lock, and print what would be done; change nothing.
     #[arg(long)]
     dry_run: bool,
     /// The fleet lock (default: s3://SOURCE_BUCKET/.fleetsync/locks/ASG.json).
     #[arg(long)]
     lock: Option<String>,
-    /// Seconds to wait for another deploy's lock before giving up (exit code 3).
-    #[arg(long, default_value_t = 0)]
-    lock_wait: u64,
-    /// Which address to reach nodes at.
-    #[arg(long, value_enum, default_value = "private-ip")]
-    address: trigger::AddressChoice,
+    /// How long to wait for another deploy's lock before giving up with exit
+    /// code 3 [default: 0, do not wait].
+    #[arg(long, value_name = "DURATION")]
+    lock_wait: Option<Seconds>,
+    /// How long the fleet lock lasts unless renewed (it is renewed every
+    /// third of it); a crashed deploy's lock is taken over after this [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    lock_lease: Option<Seconds>,
+    /// Which address to reach nodes at over SSH [default: private-ip].
+    #[arg(long, value_enum)]
+    address: Option<AddressChoice>,
     /// The user to log in as (default: ssh's own choice, e.g. from ssh_config).
     #[arg(long)]
     ssh_user: Option<String>,
@@ -101,16 +129,11 @@ struct SyncArgs {
     aws: AwsArgs,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Via {
-    Ssh,
-}
-
 #[derive(Args)]
 struct ListArgs {
     /// The Auto Scaling Group.
     #[arg(long)]
-    asg: String,
+    asg: Option<String>,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -130,10 +153,10 @@ enum LockCommand {
 #[derive(Args)]
 struct LockArgs {
     /// The Auto Scaling Group.
-    #[arg(long, required_unless_present = "lock")]
+    #[arg(long)]
     asg: Option<String>,
     /// The deploy's source; the lock lives in its bucket by default.
-    #[arg(long, required_unless_present = "lock")]
+    #[arg(long)]
     source: Option<String>,
     /// The lock object, when not the default s3://SOURCE_BUCKET/.fleetsync/locks/ASG.json.
     #[arg(long)]
@@ -157,16 +180,119 @@ struct AwsArgs {
     path_style: bool,
 }
 
+/// A required value missing from both the flags and the config file.
+fn missing(flag: &str) -> anyhow::Error {
+    fleetsync::Error::Config(format!(
+        "missing --{flag}: give it as a flag or as `{flag} = ...` in fleetsync.toml"
+    ))
+    .into()
+}
+
 impl SyncArgs {
+    /// Fills what the flags left out from the config file, then checks that
+    /// the required values are there.
+    fn apply(&mut self, file: FileConfig) -> anyhow::Result<()> {
+        self.aws.apply(&file);
+        self.asg = self.asg.take().or(file.asg);
+        self.source = self.source.take().or(file.source);
+        self.dest = self.dest.take().or(file.dest);
+        self.state_dir = self.state_dir.take().or(file.state_dir);
+        self.via = self.via.or(file.via);
+        self.batch = self.batch.or(file.batch);
+        self.max_errors = self.max_errors.or(file.max_errors);
+        self.canary = self.canary.or(file.canary);
+        self.timeout = self.timeout.or(file.timeout);
+        self.lock = self.lock.take().or(file.lock);
+        self.lock_wait = self.lock_wait.or(file.lock_wait);
+        self.lock_lease = self.lock_lease.or(file.lock_lease);
+        self.address = self.address.or(file.address);
+        self.ssh_user = self.ssh_user.take().or(file.ssh_user);
+        self.ssh_config = self.ssh_config.take().or(file.ssh_config);
+        if self.ssh_option.is_empty() {
+            self.ssh_option = file.ssh_options.unwrap_or_default();
+        }
+        self.ssh_accept_new_host_keys |= file.ssh_accept_new_host_keys.unwrap_or(false);
+        for (value, flag) in [
+            (&self.asg, "asg"),
+            (&self.source, "source"),
+            (&self.dest, "dest"),
+        ] {
+            if value.is_none() {
+                return Err(missing(flag));
+            }
+        }
+        if self
+            .lock_lease
+            .is_some_and(|l| l.0 < Duration::from_secs(3))
+        {
+            return Err(fleetsync::Error::Config(
+                "--lock-lease must be at least 3s (it is renewed every third of it)".into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    fn asg(&self) -> &str {
+        self.asg.as_deref().expect("checked by apply")
+    }
+
+    fn source(&self) -> &str {
+        self.source.as_deref().expect("checked by apply")
+    }
+
+    fn via(&self) -> Via {
+        self.via.unwrap_or(Via::Ssm)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout.map_or(Duration::from_secs(30 * 60), |t| t.0)
+    }
+
+    fn lease(&self) -> Duration {
+        self.lock_lease.map_or(Duration::from_secs(60), |t| t.0)
+    }
+
     /// What every node's agent is asked to do.
     fn agent_call(&self) -> trigger::AgentCall {
-        trigger::AgentCall { source: self.source.clone(), dest: self.dest.clone(), state_dir: self.state_dir.clone() }
+        trigger::AgentCall {
+            source: self.source().to_string(),
+            dest: self.dest.clone().expect("checked by apply"),
+            state_dir: self.state_dir.clone(),
+        }
+    }
+
+    /// How to reach the nodes.
+    fn transport(&self, sdk: &aws_types::SdkConfig) -> trigger::Transport {
+        match self.via() {
+            Via::Ssm => trigger::Transport::Ssm(trigger::Ssm {
+                client: aws_sdk_ssm::Client::new(sdk),
+                timeout: self.timeout(),
+                comment: format!("fleetsync sync --asg {}", self.asg()),
+            }),
+            Via::Ssh => trigger::Transport::Ssh(trigger::Ssh {
+                user: self.ssh_user.clone(),
+                config: self.ssh_config.clone(),
+                options: self.ssh_option.clone(),
+                accept_new_host_keys: self.ssh_accept_new_host_keys,
+                connect_timeout: Duration::from_secs(10),
+                timeout: self.timeout(),
+            }),
+        }
     }
 }
 
 impl AwsArgs {
+    fn apply(&mut self, file: &FileConfig) {
+        self.region = self.region.take().or(file.region.clone());
+        self.path_style |= file.path_style.unwrap_or(false);
+    }
+
     fn client_options(&self) -> ClientOptions {
-        ClientOptions { region: self.region.clone(), path_style: self.path_style }
+        ClientOptions {
+            region: self.region.clone(),
+            path_style: self.path_style,
+        }
     }
 }
 
@@ -175,7 +301,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("fleetsync: {e:#}");
-            let code = e.downcast_ref::<fleetsync::Error>().map_or(exit::PARTIAL, fleetsync::Error::exit_code);
+            let code = e
+                .downcast_ref::<fleetsync::Error>()
+                .map_or(exit::PARTIAL, fleetsync::Error::exit_code);
             ExitCode::from(code as u8)
         }
     }
@@ -183,12 +311,29 @@ fn main() -> ExitCode {
 
 fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let file = config::load(cli.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     match cli.command {
-        Command::Sync(args) => runtime.block_on(sync(args)),
-        Command::List(args) => runtime.block_on(list(args)),
-        Command::Lock(LockCommand::Show(args)) => runtime.block_on(lock_show(args)),
-        Command::Lock(LockCommand::Break(args)) => runtime.block_on(lock_break(args)),
+        Command::Sync(mut args) => {
+            args.apply(file)?;
+            runtime.block_on(sync(args))
+        }
+        Command::List(mut args) => {
+            args.aws.apply(&file);
+            args.asg = args.asg.or(file.asg);
+            runtime.block_on(list(args))
+        }
+        Command::Lock(LockCommand::Show(mut args)) => {
+            args.apply(file);
+            runtime.block_on(lock_show(args))
+        }
+        Command::Lock(LockCommand::Break(mut args)) => {
+            args.apply(file);
+            runtime.block_on(lock_break(args))
+        }
     }
 }
 
@@ -200,50 +345,76 @@ async fn dry_run(
     s3: &S3Client,
     object: &LockObject,
 ) -> anyhow::Result<i32> {
-    let mut out = format!("would run on {} nodes over ssh: {}\n", targets.len(), args.agent_call().command_line());
+    let via = match args.via() {
+        Via::Ssm => "ssm",
+        Via::Ssh => "ssh",
+    };
+    let mut out = format!(
+        "would run on {} nodes over {via}: {}\n",
+        targets.len(),
+        args.agent_call().command_line()
+    );
     for n in targets {
-        out.push_str(&format!("  sync {} {}\n", n.instance_id, trigger::address(n, args.address).unwrap_or_else(|| "(no address)".into())));
+        let address = trigger::address(n, args.address.unwrap_or(AddressChoice::PrivateIp))
+            .unwrap_or_else(|| "(no address)".into());
+        out.push_str(&format!("  sync {} {address}\n", n.instance_id));
     }
     for n in skipped {
-        out.push_str(&format!("  skip {}: {}\n", n.instance_id, n.skipped.as_deref().unwrap_or("")));
+        out.push_str(&format!(
+            "  skip {}: {}\n",
+            n.instance_id,
+            n.skipped.as_deref().unwrap_or("")
+        ));
     }
     let lock = fleet_lock::read(s3, object).await?;
     match &lock {
         None => out.push_str(&format!("the fleet lock {object} is free")),
-        Some((info, _)) => out.push_str(&format!("the fleet lock {object} is held by {}", info.describe())),
+        Some((info, _)) => out.push_str(&format!(
+            "the fleet lock {object} is held by {}",
+            info.describe()
+        )),
     }
     print_stdout(&out);
-    Ok(if lock.is_some_and(|(info, _)| !info.expired()) { exit::BUSY } else { exit::OK })
+    Ok(if lock.is_some_and(|(info, _)| !info.expired()) {
+        exit::BUSY
+    } else {
+        exit::OK
+    })
 }
-
-/// How long the fleet lock's lease lasts without renewal.
-const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `sync`: discover -> lock -> trigger -> collect -> report.
 async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     let started = std::time::Instant::now();
-    let source = S3Url::parse(&args.source)?;
+    let source = S3Url::parse(args.source())?;
     let client_opts = args.aws.client_options();
     let sdk = fleetsync::source::sdk_config(&client_opts).await;
 
     // Discover.
-    let (targets, skipped): (Vec<_>, Vec<_>) = discover::discover(&sdk, &args.asg).await?.into_iter().partition(|n| n.is_target());
+    let (targets, skipped): (Vec<_>, Vec<_>) = discover::discover(&sdk, args.asg())
+        .await?
+        .into_iter()
+        .partition(|n| n.is_target());
     if targets.is_empty() {
-        return Err(fleetsync::Error::Config(format!("no instance of {:?} is InService, Healthy and running; nothing to sync", args.asg)).into());
+        return Err(fleetsync::Error::Config(format!(
+            "no instance of {:?} is InService, Healthy and running; nothing to sync",
+            args.asg()
+        ))
+        .into());
     }
 
     // Lock.
     let object = match &args.lock {
         Some(l) => LockObject::parse(l)?,
-        None => LockObject::for_group(&source, &args.asg)?,
+        None => LockObject::for_group(&source, args.asg())?,
     };
     let s3 = fleetsync::source::s3_client(&client_opts).await;
     if args.dry_run {
         return dry_run(&args, &targets, &skipped, &s3, &object).await;
     }
     let command: Vec<String> = std::env::args().collect();
-    let info = fleet_lock::LockInfo::for_this_process(&command.join(" "), LEASE);
-    let held = match fleet_lock::acquire(&s3, &object, info, LEASE, std::time::Duration::from_secs(args.lock_wait)).await {
+    let info = fleet_lock::LockInfo::for_this_process(&command.join(" "), args.lease());
+    let wait = args.lock_wait.map_or(Duration::ZERO, |w| w.0);
+    let held = match fleet_lock::acquire(&s3, &object, info, args.lease(), wait).await {
         Ok(h) => h,
         Err(fleet_lock::LockError::Held { object, holder }) => {
             eprintln!("fleetsync: another deploy holds the fleet lock {object}: {} (wait with --lock-wait, or break it with `fleetsync lock break`)", holder.describe());
@@ -251,62 +422,97 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         }
         Err(fleet_lock::LockError::Other(e)) => return Err(e.into()),
     };
+    let progress = Progress::new(targets.len());
     if let Some(prev) = &held.took_over {
-        log(&format!("took over an expired fleet lock from {}", prev.describe()));
+        progress.note(&format!(
+            "took over an expired fleet lock from {}",
+            prev.describe()
+        ));
     }
 
     // Trigger and collect: canaries first, then the rest, then any instance
     // that joined the group while we were busy.
-    let fleet = Fleet {
-        ssh: trigger::Ssh {
-            user: args.ssh_user.clone(),
-            config: args.ssh_config.clone(),
-            options: args.ssh_option.clone(),
-            accept_new_host_keys: args.ssh_accept_new_host_keys,
-            connect_timeout: std::time::Duration::from_secs(10),
-        },
+    let fleet = trigger::Fleet {
+        transport: args.transport(&sdk),
         call: args.agent_call(),
-        failures: Default::default(),
         held: &held,
-        address: args.address,
+        address: args.address.unwrap_or(AddressChoice::PrivateIp),
+        batch: args.batch,
         max_errors: args.max_errors,
-        batch: args.batch.unwrap_or(targets.len()).max(1),
+        fleet_size: targets.len(),
+        progress: &progress,
+        failures: Default::default(),
     };
+    progress.note(&format!(
+        "syncing {} nodes of {} over {}",
+        targets.len(),
+        args.asg(),
+        fleet.transport.name()
+    ));
     // Set when the group could not be listed again for instances that
     // joined: reported as the command's error once the lock is released.
     let mut rediscover_error = None;
-    let canaries = args.canary.min(targets.len());
+    let canaries = args.canary.unwrap_or(0).min(targets.len());
     let (first, rest) = targets.split_at(canaries);
     let mut results = fleet.run(first).await;
     if canaries > 0 && results.iter().any(|r| r.status != collect::NodeStatus::Ok) {
-        log("a canary failed; no other node is started");
-        results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
+        progress.note("a canary failed; no other node is started");
+        results.extend(
+            rest.iter()
+                .map(|n| fleet.not_attempted(n, "a canary failed")),
+        );
     } else {
         results.extend(fleet.run(rest).await);
         if !held.lost() {
             // The lock is held here: a failure must not return early (`?`)
             // and leave it to block every deploy until its lease runs out.
-            match discover::discover(&sdk, &args.asg).await {
+            match discover::discover(&sdk, args.asg()).await {
                 Ok(now) => {
-                    let known: std::collections::HashSet<&str> = targets.iter().map(|n| n.instance_id.as_str()).collect();
-                    let joined: Vec<_> = now.into_iter().filter(|n| n.is_target() && !known.contains(n.instance_id.as_str())).collect();
+                    let known: std::collections::HashSet<&str> =
+                        targets.iter().map(|n| n.instance_id.as_str()).collect();
+                    let joined: Vec<_> = now
+                        .into_iter()
+                        .filter(|n| n.is_target() && !known.contains(n.instance_id.as_str()))
+                        .collect();
                     if !joined.is_empty() {
-                        log(&format!("{} instances joined the group during the deploy; syncing them too", joined.len()));
+                        progress.note(&format!(
+                            "{} instances joined the group during the deploy; syncing them too",
+                            joined.len()
+                        ));
+                        progress.add(joined.len());
                         results.extend(fleet.run(&joined).await);
                     }
                 }
-                Err(e) => rediscover_error = Some(e.context("listing the group again for instances that joined during the deploy")),
+                Err(e) => {
+                    rediscover_error = Some(e.context(
+                        "listing the group again for instances that joined during the deploy",
+                    ))
+                }
             }
         }
     }
-    log(&format!("{} nodes done", results.len()));
-
+    progress.finish();
+    if held.lost() {
+        log("the fleet lock was lost during the deploy (broken or taken over); nodes not yet started were skipped");
+    }
     if let Err(e) = held.release().await {
         log(&format!("warning: {e}"));
     }
 
     // Report.
-    let report = report::FleetReport::new(args.asg, args.source, args.dest, results, skipped, started.elapsed().as_millis() as u64);
+    let (asg, source, dest) = (
+        args.asg().to_string(),
+        args.source().to_string(),
+        args.dest.clone().unwrap_or_default(),
+    );
+    let report = report::FleetReport::new(
+        asg,
+        source,
+        dest,
+        results,
+        skipped,
+        started.elapsed().as_millis() as u64,
+    );
     if args.json {
         print_stdout(&serde_json::to_string(&report)?);
     } else {
@@ -318,69 +524,11 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// Runs the agent on a set of nodes, `batch` at a time, honouring
-/// `--max-errors` and the state of the fleet lock.
-struct Fleet<'a> {
-    ssh: trigger::Ssh,
-    call: trigger::AgentCall,
-    /// Nodes failed so far, across passes.
-    failures: std::sync::atomic::AtomicUsize,
-    held: &'a fleet_lock::HeldLock,
-    address: trigger::AddressChoice,
-    max_errors: Option<usize>,
-    batch: usize,
-}
-
-impl Fleet<'_> {
-    async fn run(&self, nodes: &[discover::Node]) -> Vec<collect::NodeResult> {
-        use futures::StreamExt as _;
-        futures::stream::iter(nodes).map(|n| self.run_one(n)).buffered(self.batch).collect().await
-    }
-
-    async fn run_one(&self, node: &discover::Node) -> collect::NodeResult {
-        use std::sync::atomic::Ordering::SeqCst;
-        if self.held.lost() {
-            return self.not_attempted(node, "the fleet lock was lost; no new nodes are started");
-        }
-        if self.max_errors.is_some_and(|m| self.failures.load(SeqCst) > m) {
-            return self.not_attempted(node, "--max-errors was reached");
-        }
-        let Some(address) = trigger::address(node, self.address) else {
-            self.failures.fetch_add(1, SeqCst);
-            let r = self.not_attempted(node, "the node has no address of the kind chosen with --address");
-            return collect::NodeResult { status: collect::NodeStatus::Failed, ..r };
-        };
-        let result = collect::collect(&node.instance_id, &address, self.ssh.run(&address, &self.call).await);
-        if result.status != collect::NodeStatus::Ok {
-            self.failures.fetch_add(1, SeqCst);
-        }
-        let outcome = result.error.as_ref().map_or("ok".to_string(), |e| format!("FAILED: {e}"));
-        log(&format!("{} {address} {outcome}", node.instance_id));
-        result
-    }
-
-    fn not_attempted(&self, node: &discover::Node, why: &str) -> collect::NodeResult {
-        collect::NodeResult {
-            instance_id: node.instance_id.clone(),
-            address: trigger::address(node, self.address).unwrap_or_default(),
-            status: collect::NodeStatus::NotAttempted,
-            error: Some(why.to_string()),
-            duration_ms: 0,
-            agent: None,
-        }
-    }
-}
-
-/// A timestamped progress line on stderr (CI logs keep them).
-fn log(msg: &str) {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-    eprintln!("[{:02}:{:02}:{:02}] {msg}", (t / 3600) % 24, (t / 60) % 60, t % 60);
-}
-
 /// `list`: the discover step on its own, as a table or JSON.
 async fn list(args: ListArgs) -> anyhow::Result<i32> {
+    let asg = args.asg.as_deref().ok_or_else(|| missing("asg"))?;
     let sdk = fleetsync::source::sdk_config(&args.aws.client_options()).await;
-    let nodes = discover::discover(&sdk, &args.asg).await?;
+    let nodes = discover::discover(&sdk, asg).await?;
     if args.json {
         print_stdout(&serde_json::to_string(&nodes)?);
         return Ok(exit::OK);
@@ -392,16 +540,32 @@ async fn list(args: ListArgs) -> anyhow::Result<i32> {
                 n.instance_id.clone(),
                 n.private_ip.clone().unwrap_or_else(|| "-".into()),
                 format!("{}/{}/{}", n.lifecycle, n.health, n.state),
-                if n.is_target() { "sync".into() } else { "skip".into() },
+                if n.is_target() {
+                    "sync".into()
+                } else {
+                    "skip".into()
+                },
                 n.skipped.clone().unwrap_or_default(),
             ]
         })
         .collect();
     let mut out = report::table(&["INSTANCE", "ADDRESS", "STATE", "ACTION", "REASON"], &rows);
     let targets = nodes.iter().filter(|n| n.is_target()).count();
-    out.push_str(&format!("\n{targets} of {} instances would be synced", nodes.len()));
+    out.push_str(&format!(
+        "\n{targets} of {} instances would be synced",
+        nodes.len()
+    ));
     print_stdout(&out);
     Ok(exit::OK)
+}
+
+impl LockArgs {
+    fn apply(&mut self, file: FileConfig) {
+        self.aws.apply(&file);
+        self.asg = self.asg.take().or(file.asg);
+        self.source = self.source.take().or(file.source);
+        self.lock = self.lock.take().or(file.lock);
+    }
 }
 
 /// `lock show`: the holder of the group's fleet lock, if any.
@@ -415,7 +579,11 @@ async fn lock_show(args: LockArgs) -> anyhow::Result<i32> {
         match held {
             None => print_stdout(&format!("{object}: not held")),
             Some((info, _)) => {
-                let state = if info.expired() { "lease expired; the next deploy takes it over" } else { "held" };
+                let state = if info.expired() {
+                    "lease expired; the next deploy takes it over"
+                } else {
+                    "held"
+                };
                 print_stdout(&format!("{object}: {state} by {}", info.describe()));
             }
         }
@@ -428,7 +596,9 @@ async fn lock_break(args: LockArgs) -> anyhow::Result<i32> {
     let (client, object) = lock_target(&args).await?;
     let broken = fleet_lock::break_lock(&client, &object).await?;
     if args.json {
-        print_stdout(&serde_json::json!({ "lock": object.to_string(), "broken": broken }).to_string());
+        print_stdout(
+            &serde_json::json!({ "lock": object.to_string(), "broken": broken }).to_string(),
+        );
     } else {
         match broken {
             None => print_stdout(&format!("{object}: not held; nothing to break")),
@@ -442,7 +612,8 @@ async fn lock_target(args: &LockArgs) -> anyhow::Result<(S3Client, LockObject)> 
     let object = match (&args.lock, &args.asg, &args.source) {
         (Some(lock), _, _) => LockObject::parse(lock)?,
         (None, Some(asg), Some(source)) => LockObject::for_group(&S3Url::parse(source)?, asg)?,
-        _ => unreachable!("clap requires --lock or both --asg and --source"),
+        (None, None, _) => return Err(missing("asg")),
+        (None, Some(_), None) => return Err(missing("source")),
     };
     let client = fleetsync::source::s3_client(&args.aws.client_options()).await;
     Ok((client, object))

@@ -7,14 +7,15 @@ to the loopback interface: a listener bound to an instance's address is
 reachable, which is how later steps give each instance its own sshd.
 
     fleet.py network                      # create the VPC and subnet (idempotent)
-    fleet.py create NAME --size N         # a group of N InService instances; prints JSON
+    fleet.py create NAME --size N [--subnet K]  # N InService instances in 127.0.K.0/24; prints JSON
     fleet.py describe NAME                # the group's instances; prints JSON
     fleet.py health INSTANCE Unhealthy    # SetInstanceHealth
     fleet.py standby NAME INSTANCE        # EnterStandby (moto launches a replacement)
     fleet.py scale NAME N                 # SetDesiredCapacity
     fleet.py terminate INSTANCE           # TerminateInstanceInAutoScalingGroup
-    fleet.py nodes-up NAME --dir DIR      # one sshd per InService instance; prints JSON
+    fleet.py nodes-up NAME --dir DIR [--no-sshd]  # a node root (and sshd) per InService instance
     fleet.py nodes-down --dir DIR         # stops them
+    fleet.py ssm-deregister INSTANCE      # the instance's SSM agent "stops"
 
 Each node is a real OpenSSH sshd bound to its instance's private IP (port
 FLEETSYNC_SSH_PORT), started in a private mount namespace where the node's
@@ -25,6 +26,12 @@ per node and written to DIR/known_hosts; DIR/ssh_config points the system
 ssh client at them (`ssh -F DIR/ssh_config 127.0.1.4 ...`). The node's
 sessions get the world's S3 endpoint and credentials through SetEnv, as an
 instance would get them from its role, and find fleetsync-agent on PATH.
+
+Each node is also registered with the SSM emulator (FLEETSYNC_SSM_DIR): its
+node.json holds the root and environment, and a link to the node directory
+in FLEETSYNC_SSM_DIR/instances/ is what "the SSM agent runs" means there. So
+SSM commands and SSH sessions see the same /srv. `--no-sshd` registers the
+node for SSM only (large fleets that are only reached over SSM).
 
 Reads FLEETSYNC_MOTO for the endpoint.
 """
@@ -50,13 +57,22 @@ def clients():
     return boto3.client("ec2", **kw), boto3.client("autoscaling", **kw)
 
 
-def network(ec2):
-    subnets = ec2.describe_subnets(Filters=[{"Name": "tag:Name", "Values": [TAG]}])["Subnets"]
+def network(ec2, k=1):
+    """The subnet 127.0.K.0/24 (created on first use). A /24 holds about 250
+    instances over a world's life (moto never reuses an address), so large
+    groups take a subnet of their own."""
+    name = TAG if k == 1 else f"{TAG}-{k}"
+    subnets = ec2.describe_subnets(Filters=[{"Name": "tag:Name", "Values": [name]}])["Subnets"]
     if subnets:
         return subnets[0]["SubnetId"]
-    vpc = ec2.create_vpc(CidrBlock="127.0.0.0/16")["Vpc"]["VpcId"]
-    sub = ec2.create_subnet(VpcId=vpc, CidrBlock="127.0.1.0/24")["Subnet"]["SubnetId"]
-    ec2.create_tags(Resources=[vpc, sub], Tags=[{"Key": "Name", "Value": TAG}])
+    vpcs = ec2.describe_vpcs(Filters=[{"Name": "tag:Name", "Values": [TAG]}])["Vpcs"]
+    if vpcs:
+        vpc = vpcs[0]["VpcId"]
+    else:
+        vpc = ec2.create_vpc(CidrBlock="127.0.0.0/16")["Vpc"]["VpcId"]
+        ec2.create_tags(Resources=[vpc], Tags=[{"Key": "Name", "Value": TAG}])
+    sub = ec2.create_subnet(VpcId=vpc, CidrBlock=f"127.0.{k}.0/24")["Subnet"]["SubnetId"]
+    ec2.create_tags(Resources=[sub], Tags=[{"Key": "Name", "Value": name}])
     return sub
 
 
@@ -82,7 +98,7 @@ def describe(ec2, asg, name):
 NODE_ENV = ["AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED"]
 
 
-def nodes_up(ec2, asg, name, root):
+def nodes_up(ec2, asg, name, root, sshd=True):
     port = int(os.environ["FLEETSYNC_SSH_PORT"])
     os.makedirs(root, exist_ok=True)
     client_key = os.path.join(root, "id_ed25519")
@@ -90,16 +106,30 @@ def nodes_up(ec2, asg, name, root):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", client_key], check=True)
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
     agent_dir = os.environ.get("FLEETSYNC_AGENT_DIR", "")
-    env = [f"{k}={os.environ[k]}" for k in NODE_ENV if k in os.environ]
-    env.append("PATH=" + ":".join(p for p in [agent_dir, "/usr/local/bin", "/usr/bin", "/bin"] if p))
+    env = {k: os.environ[k] for k in NODE_ENV if k in os.environ}
+    env["PATH"] = ":".join(p for p in [agent_dir, "/usr/local/bin", "/usr/bin", "/bin"] if p)
+    env["HOME"] = "/root"
+    # The agent's default state dir (/var/lib/fleetsync on a real instance)
+    # is inside the node's own root, so nodes never share a lock or a record.
+    env["FLEETSYNC_STATE_DIR"] = "/srv/state"
+    ssm_dir = os.environ.get("FLEETSYNC_SSM_DIR")
     nodes = []
     for inst in describe(ec2, asg, name)["instances"]:
         if inst["lifecycle"] != "InService" or not inst["ip"]:
             continue
         node = os.path.join(root, inst["id"])
-        if os.path.exists(os.path.join(node, "sshd.pid")):
+        if os.path.exists(os.path.join(node, "sshd.pid")) or (not sshd and os.path.exists(os.path.join(node, "node.json"))):
             continue  # already up
         os.makedirs(os.path.join(node, "srv"), exist_ok=True)
+        with open(os.path.join(node, "node.json"), "w") as f:
+            json.dump({"id": inst["id"], "ip": inst["ip"], "root": os.path.join(node, "srv"), "env": env}, f)
+        if ssm_dir:
+            link = os.path.join(ssm_dir, "instances", inst["id"])
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(node), link)
+        nodes.append({"id": inst["id"], "ip": inst["ip"], "root": os.path.join(node, "srv")})
+        if not sshd:
+            continue
         host_key = os.path.join(node, "host_key")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key], check=True)
         with open(os.path.join(node, "sshd_config"), "w") as f:
@@ -110,7 +140,7 @@ def nodes_up(ec2, asg, name, root):
                 f"PidFile {node}/sshd.pid\n"
                 "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
                 "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-                f"SetEnv {' '.join(env)}\n"
+                f"SetEnv {' '.join(f'{k}={v}' for k, v in env.items())}\n"
             )
         with open(os.path.join(root, "known_hosts"), "a") as f:
             f.write(f"[{inst['ip']}]:{port} {' '.join(open(host_key + '.pub').read().split()[:2])}\n")
@@ -120,7 +150,6 @@ def nodes_up(ec2, asg, name, root):
              f'mount --bind "{node}/srv" /srv && exec /usr/sbin/sshd -D -e -f "{node}/sshd_config"'],
             stdout=log, stderr=log, start_new_session=True,
         )
-        nodes.append({"id": inst["id"], "ip": inst["ip"], "root": os.path.join(node, "srv")})
     with open(os.path.join(root, "ssh_config"), "w") as f:
         f.write(
             f"Host 127.0.1.*\n  Port {port}\n  User root\n  IdentityFile {client_key}\n"
@@ -128,7 +157,7 @@ def nodes_up(ec2, asg, name, root):
         )
     # Ready when every node has written its pid file (sshd does so once listening).
     deadline = time.time() + 20
-    for n in nodes:
+    for n in nodes if sshd else []:
         while not os.path.exists(os.path.join(root, n["id"], "sshd.pid")):
             if time.time() > deadline:
                 raise SystemExit(f"sshd for {n['id']} did not start: see {root}/{n['id']}/sshd.log")
@@ -138,9 +167,13 @@ def nodes_up(ec2, asg, name, root):
 
 def nodes_down(root):
     """Stops every node's sshd under root and waits for each to exit (sshd
-    removes its own pid file as it goes)."""
+    removes its own pid file as it goes), and deregisters the nodes from
+    the SSM emulator."""
     pids = []
     for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        link = os.path.join(os.environ.get("FLEETSYNC_SSM_DIR", "/nonexistent"), "instances", entry)
+        if os.path.islink(link) and os.path.realpath(link) == os.path.realpath(os.path.join(root, entry)):
+            os.unlink(link)
         try:
             pid = int(open(os.path.join(root, entry, "sshd.pid")).read())
             os.kill(pid, signal.SIGTERM)
@@ -165,6 +198,7 @@ def main():
     c = sub.add_parser("create")
     c.add_argument("name")
     c.add_argument("--size", type=int, default=3)
+    c.add_argument("--subnet", type=int, default=1, help="K in 127.0.K.0/24")
     sub.add_parser("describe").add_argument("name")
     h = sub.add_parser("health")
     h.add_argument("instance")
@@ -179,21 +213,28 @@ def main():
     nu = sub.add_parser("nodes-up")
     nu.add_argument("name")
     nu.add_argument("--dir", required=True)
+    nu.add_argument("--no-sshd", action="store_true", help="register with the SSM emulator only")
+    sub.add_parser("ssm-deregister").add_argument("instance")
     sub.add_parser("nodes-down").add_argument("--dir", required=True)
     a = ap.parse_args()
 
+    if a.cmd == "ssm-deregister":
+        link = os.path.join(os.environ["FLEETSYNC_SSM_DIR"], "instances", a.instance)
+        if os.path.lexists(link):
+            os.unlink(link)
+        return
     if a.cmd == "nodes-down":
         print(json.dumps(nodes_down(a.dir)))
         return
     ec2, asg = clients()
     if a.cmd == "nodes-up":
-        print(json.dumps(nodes_up(ec2, asg, a.name, a.dir)))
+        print(json.dumps(nodes_up(ec2, asg, a.name, a.dir, sshd=not a.no_sshd)))
         return
     if a.cmd == "network":
         print(network(ec2))
         return
     if a.cmd == "create":
-        subnet = network(ec2)
+        subnet = network(ec2, a.subnet)
         ec2.create_launch_template(
             LaunchTemplateName=a.name, LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"}
         )

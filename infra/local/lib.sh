@@ -137,6 +137,35 @@ moto_up() {
   die "moto_server did not answer within 20 s (log: $dir/moto.log)"
 }
 
+# ssm_up DIR: starts the SSM Run Command emulator (ssm_emulator.py) on
+# 127.0.0.1 next to moto (moto's own SSM runs nothing) and exports
+# AWS_ENDPOINT_URL_SSM. Nodes register with it through FLEETSYNC_SSM_DIR.
+ssm_up() {
+  local dir=$1 port
+  [[ -n ${FLEETSYNC_MOTO:-} ]] || die "ssm_up needs moto: call moto_up first"
+  export FLEETSYNC_SSM_DIR=$dir/ssm
+  mkdir -p "$FLEETSYNC_SSM_DIR/instances"
+  port=$(free_port)
+  python3 "$FLEETSYNC_ROOT/infra/local/ssm_emulator.py" --port "$port" --dir "$FLEETSYNC_SSM_DIR" \
+    >"$dir/ssm.log" 2>&1 &
+  echo $! > "$dir/ssm.pid"
+  disown
+  export AWS_ENDPOINT_URL_SSM="http://127.0.0.1:$port"
+  for _ in $(seq 1 100); do
+    # Any answer from the JSON protocol (even an error) means it serves.
+    if curl -s -o /dev/null -X POST -H 'X-Amz-Target: AmazonSSM.ListCommands' \
+         -H 'Content-Type: application/x-amz-json-1.1' -d '{}' "$AWS_ENDPOINT_URL_SSM/"; then
+      log "SSM Run Command (emulator) ready at $AWS_ENDPOINT_URL_SSM"
+      return 0
+    fi
+    sleep 0.1
+  done
+  tail -20 "$dir/ssm.log" >&2
+  die "the SSM emulator did not answer within 10 s (log: $dir/ssm.log)"
+}
+
+ssm_down() { stop_pidfile "$1/ssm.pid" 5; }
+
 # stop_pidfile FILE SECONDS: stops the process whose pid FILE holds, waits
 # up to SECONDS for it to exit (so its ports are free again), then kills it.
 stop_pidfile() {

@@ -1,0 +1,95 @@
+//! `fleetsync.toml`: the flags of a deploy kept in a file, so that a CI
+//! step is `fleetsync sync`. Keys are the long flag names (`max-errors`,
+//! `ssh-option` as `ssh-options = [...]`); a flag on the command line
+//! overrides the file. The file is `--config FILE` (or `FLEETSYNC_CONFIG`),
+//! else `./fleetsync.toml` when it exists.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::trigger::{AddressChoice, Via};
+use crate::values::{Limit, Seconds};
+
+/// The file's keys; every one optional. Unknown keys are an error, so a
+/// typo does not silently deploy with a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub asg: Option<String>,
+    pub source: Option<String>,
+    pub dest: Option<String>,
+    pub state_dir: Option<String>,
+    pub via: Option<Via>,
+    pub region: Option<String>,
+    pub path_style: Option<bool>,
+    pub batch: Option<Limit>,
+    pub max_errors: Option<Limit>,
+    pub canary: Option<usize>,
+    pub timeout: Option<Seconds>,
+    pub lock: Option<String>,
+    pub lock_wait: Option<Seconds>,
+    pub lock_lease: Option<Seconds>,
+    pub address: Option<AddressChoice>,
+    pub ssh_user: Option<String>,
+    pub ssh_config: Option<String>,
+    pub ssh_options: Option<Vec<String>>,
+    pub ssh_accept_new_host_keys: Option<bool>,
+}
+
+/// The default file, looked for in the working directory.
+const DEFAULT_FILE: &str = "fleetsync.toml";
+
+/// Reads the config: `explicit` must exist; the default file may not.
+pub fn load(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
+    let path: PathBuf = match explicit {
+        Some(p) => p.to_path_buf(),
+        None if Path::new(DEFAULT_FILE).is_file() => PathBuf::from(DEFAULT_FILE),
+        None => return Ok(FileConfig::default()),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        fleetsync::Error::Config(format!(
+            "cannot read the config file {}: {e} (check --config / FLEETSYNC_CONFIG)",
+            path.display()
+        ))
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        // toml's message spans lines (with a source excerpt); one line here.
+        let msg = e.message().replace('\n', " ");
+        let at = e
+            .span()
+            .map(|s| format!(" at line {}", text[..s.start].lines().count().max(1)))
+            .unwrap_or_default();
+        fleetsync::Error::Config(format!(
+            "{}{at}: {msg} (keys are the long flag names, e.g. max-errors = 2)",
+            path.display()
+        ))
+        .into()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_value_type_and_refuses_unknown_keys() {
+        let c: FileConfig = toml::from_str(
+            "asg = 'web'\nsource = 's3://b/app'\nvia = 'ssh'\nbatch = '25%'\nmax-errors = 2\nlock-wait = '5m'\naddress = 'private-dns'\nssh-options = ['Port=2222']",
+        )
+        .unwrap();
+        assert_eq!(c.asg.as_deref(), Some("web"));
+        assert_eq!(c.batch, Some(Limit::Percent(25)));
+        assert_eq!(c.max_errors, Some(Limit::Count(2)));
+        assert_eq!(
+            c.lock_wait,
+            Some(Seconds(std::time::Duration::from_secs(300)))
+        );
+        assert!(matches!(c.via, Some(Via::Ssh)));
+        assert!(
+            toml::from_str::<FileConfig>("max_errors = 2").is_err(),
+            "a misspelt key is refused"
+        );
+        assert!(toml::from_str::<FileConfig>("batch = '150%'").is_err());
+    }
+}

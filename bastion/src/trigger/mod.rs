@@ -1,0 +1,231 @@
+//! TRIGGER: starts the agent on every node and waits for it, over SSM Run
+//! Command (`ssm.rs`) or SSH (`ssh.rs`).
+//!
+//! This module owns what both transports share: the command the agent is
+//! given, what a node's run gave back, and the rules for starting nodes:
+//! `--batch` bounds how many run at once, `--max-errors` stops starting
+//! new ones, and a lost fleet lock stops everything not yet started.
+
+mod ssh;
+mod ssm;
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use fleetsync::fleet_lock::HeldLock;
+
+pub use ssh::{last_line, Ssh};
+pub use ssm::Ssm;
+
+use crate::collect::{self, NodeResult, NodeStatus};
+use crate::discover::Node;
+use crate::progress::Progress;
+use crate::values::Limit;
+
+/// What the agent on a node is asked to do.
+#[derive(Debug, Clone)]
+pub struct AgentCall {
+    pub source: String,
+    pub dest: String,
+    pub state_dir: Option<String>,
+}
+
+impl AgentCall {
+    /// The command line sent to the node's shell (SSH's remote command,
+    /// SSM's script). Every argument is quoted, so no string the user typed
+    /// can become a second command.
+    pub fn command_line(&self) -> String {
+        let mut words = vec![
+            "fleetsync-agent",
+            "pull",
+            self.source.as_str(),
+            "--dest",
+            self.dest.as_str(),
+        ];
+        if let Some(s) = &self.state_dir {
+            words.extend(["--state-dir", s.as_str()]);
+        }
+        words.push("--json");
+        shlex::try_join(words).expect("arguments contain no NUL (clap refuses them)")
+    }
+}
+
+/// What running the agent on one node gave.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub stdout: String,
+    pub stderr: String,
+    /// The remote command's exit status, when it ran to an end.
+    pub exit_code: Option<i32>,
+    pub elapsed: Duration,
+    /// Why the transport could not run the command to its end (ssh could
+    /// not connect, SSM timed it out); `None` when the command ran.
+    pub unreached: Option<String>,
+}
+
+/// `--via`: which transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    /// SSM Run Command: no inbound port, scales to thousands of instances.
+    Ssm,
+    /// The system OpenSSH client.
+    Ssh,
+}
+
+/// How the bastion reaches nodes.
+pub enum Transport {
+    Ssm(Ssm),
+    Ssh(Ssh),
+}
+
+impl Transport {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Ssm(_) => "ssm",
+            Transport::Ssh(_) => "ssh",
+        }
+    }
+}
+
+/// Runs the agent on sets of nodes (the fleet pass, then instances that
+/// joined), sharing one error count and one lock across the passes.
+pub struct Fleet<'a> {
+    pub transport: Transport,
+    pub call: AgentCall,
+    pub held: &'a HeldLock,
+    pub address: AddressChoice,
+    /// Resolved against the size of the fleet pass.
+    pub batch: Option<Limit>,
+    pub max_errors: Option<Limit>,
+    /// The size `N%` limits are shares of: the targets found by discovery.
+    pub fleet_size: usize,
+    pub progress: &'a Progress,
+    /// Nodes failed so far, across passes; atomic because SSH nodes finish
+    /// on many tasks at once.
+    pub failures: AtomicUsize,
+}
+
+impl Fleet<'_> {
+    /// Runs the agent on `nodes`; one result per node, in their order.
+    pub async fn run(&self, nodes: &[Node]) -> Vec<NodeResult> {
+        match &self.transport {
+            Transport::Ssh(ssh) => ssh::run(ssh, self, nodes).await,
+            Transport::Ssm(ssm) => ssm.run(self, nodes).await,
+        }
+    }
+
+    /// How many nodes may run at once (at least one).
+    pub fn batch_size(&self, nodes: usize) -> usize {
+        self.batch.map_or(nodes, |b| b.of(self.fleet_size)).max(1)
+    }
+
+    /// Failures allowed before no more nodes are started; `None` is no limit.
+    pub fn error_budget(&self) -> Option<usize> {
+        self.max_errors.map(|m| m.of(self.fleet_size))
+    }
+
+    /// Why no further node may start now, if so.
+    pub fn stop_reason(&self) -> Option<&'static str> {
+        if self.held.lost() {
+            Some("the fleet lock was lost; no new nodes are started")
+        } else if self
+            .error_budget()
+            .is_some_and(|m| self.failures.load(SeqCst) > m)
+        {
+            Some("--max-errors was reached")
+        } else {
+            None
+        }
+    }
+
+    /// The node's address by `--address` ("-" when it has none).
+    pub fn address_of(&self, node: &Node) -> String {
+        address(node, self.address).unwrap_or_else(|| "-".into())
+    }
+
+    /// Turns what a node's run gave into its result, counts a failure, and
+    /// shows it.
+    pub fn finish(&self, node: &Node, outcome: Outcome) -> NodeResult {
+        let result = collect::collect(&node.instance_id, &self.address_of(node), outcome);
+        self.record(result)
+    }
+
+    /// A node that was never started.
+    pub fn not_attempted(&self, node: &Node, why: &str) -> NodeResult {
+        self.record(NodeResult {
+            instance_id: node.instance_id.clone(),
+            address: self.address_of(node),
+            status: NodeStatus::NotAttempted,
+            error: Some(why.to_string()),
+            duration_ms: 0,
+            agent: None,
+        })
+    }
+
+    /// A node that failed before its agent could be asked anything.
+    pub fn failed(&self, node: &Node, why: String) -> NodeResult {
+        self.record(NodeResult {
+            instance_id: node.instance_id.clone(),
+            address: self.address_of(node),
+            status: NodeStatus::Failed,
+            error: Some(why),
+            duration_ms: 0,
+            agent: None,
+        })
+    }
+
+    fn record(&self, result: NodeResult) -> NodeResult {
+        if result.status == NodeStatus::Failed {
+            self.failures.fetch_add(1, SeqCst);
+        }
+        self.progress.finished(&result);
+        result
+    }
+}
+
+/// The address to reach `node` at, by the user's choice.
+pub fn address(node: &Node, choice: AddressChoice) -> Option<String> {
+    match choice {
+        AddressChoice::PrivateIp => node.private_ip.clone(),
+        AddressChoice::PublicIp => node.public_ip.clone(),
+        AddressChoice::PrivateDns => node.private_dns.clone(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AddressChoice {
+    PrivateIp,
+    PublicIp,
+    PrivateDns,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_arguments_stay_one_word_each() {
+        let call = AgentCall {
+            source: "s3://b/a b'; rm -rf / #".into(),
+            dest: "/srv/$(reboot)/`id`\nx".into(),
+            state_dir: Some("/var/lib/fs \"q\"".into()),
+        };
+        let line = call.command_line();
+        let words = shlex::split(&line).unwrap();
+        assert_eq!(
+            words,
+            [
+                "fleetsync-agent",
+                "pull",
+                "s3://b/a b'; rm -rf / #",
+                "--dest",
+                "/srv/$(reboot)/`id`\nx",
+                "--state-dir",
+                "/var/lib/fs \"q\"",
+                "--json"
+            ]
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! The value types of flags and of `fleetsync.toml`: `N|N%` limits and
+//! durations. One parser each, so a flag and its file key accept exactly
+//! the same spellings.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// `--batch` and `--max-errors`: a node count or a share of the fleet, as
+/// SSM's MaxConcurrency and MaxErrors take them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Count(usize),
+    /// 0..=100.
+    Percent(u8),
+}
+
+impl Limit {
+    /// The count for a fleet of `total` nodes. A share rounds down, as SSM
+    /// does, so `10%` of 15 nodes is 1.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            Limit::Count(n) => n,
+            Limit::Percent(p) => total * p as usize / 100,
+        }
+    }
+}
+
+impl FromStr for Limit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Limit, String> {
+        let bad = || {
+            format!("{s:?} is not a node count or a percentage: use a number like 10 or a share like 25%")
+        };
+        match s.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= 100 => Ok(Limit::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => s.trim().parse().map(Limit::Count).map_err(|_| bad()),
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limit::Count(n) => write!(f, "{n}"),
+            Limit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// In `fleetsync.toml` a limit is `batch = 10` or `batch = "25%"`.
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Limit, D::Error> {
+        match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) => usize::try_from(n)
+                .map(Limit::Count)
+                .map_err(|_| de::Error::custom(format!("{n} is not a node count"))),
+            NumberOrText::Text(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A duration: `90` (seconds), `90s`, `5m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+impl FromStr for Seconds {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Seconds, String> {
+        let t = s.trim();
+        let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => t.split_at(i),
+            None => (t, "s"),
+        };
+        let scale = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => 0,
+        };
+        match number.parse::<u64>() {
+            Ok(n) if scale > 0 => Ok(Seconds(Duration::from_secs(n * scale))),
+            _ => Err(format!(
+                "{s:?} is not a duration: use seconds like 90, or 90s, 5m, 1h"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
+        match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) => u64::try_from(n)
+                .map(|n| Seconds(Duration::from_secs(n)))
+                .map_err(|_| de::Error::custom(format!("{n} is not a duration"))),
+            NumberOrText::Text(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(i64),
+    Text(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_and_durations_parse_and_refuse() {
+        assert_eq!("10".parse(), Ok(Limit::Count(10)));
+        assert_eq!("25%".parse(), Ok(Limit::Percent(25)));
+        assert_eq!(Limit::Percent(10).of(15), 1);
+        assert_eq!(Limit::Percent(100).of(60), 60);
+        for bad in ["", "-1", "101%", "x%", "5 nodes"] {
+            assert!(bad.parse::<Limit>().is_err(), "{bad}");
+        }
+        assert_eq!("90".parse(), Ok(Seconds(Duration::from_secs(90))));
+        assert_eq!("5m".parse(), Ok(Seconds(Duration::from_secs(300))));
+        assert_eq!("1h".parse(), Ok(Seconds(Duration::from_secs(3600))));
+        for bad in ["", "m", "5d", "-3s", "1.5m"] {
+            assert!(bad.parse::<Seconds>().is_err(), "{bad}");
+        }
+    }
+}
