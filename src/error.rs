@@ -17,6 +17,9 @@ pub mod exit {
     pub const CONFIG: i32 = 2;
     /// Busy: another run holds the lock and `--if-busy fail` was given.
     pub const BUSY: i32 = 3;
+    /// Stopped by SIGINT or SIGTERM (128 + SIGINT, as shells report it);
+    /// locks were released on the way out.
+    pub const INTERRUPTED: i32 = 130;
 }
 
 /// Everything that can stop a pull as a whole. Per-object failures are not

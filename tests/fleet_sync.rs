@@ -426,3 +426,30 @@ async fn fleetsync_toml_supplies_the_flags_and_flags_override_it() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn an_interrupted_deploy_releases_the_fleet_lock_at_once() {
+    let b = Bucket::new("fleetint").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("int", 2);
+    let _busy = Nodes::hold_agent_lock(&nodes.list()[0].1);
+    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+
+    for (via, signal) in [("ssm", "-INT"), ("ssh", "-TERM")] {
+        let child = deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, via)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        while fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await; // the nodes were started
+        Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{via}: {stderr}");
+        assert!(stderr.contains("releasing the fleet lock"), "{stderr}");
+        assert!(fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none(), "{via}: the lock was released");
+    }
+}

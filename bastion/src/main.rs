@@ -36,7 +36,8 @@ Exit codes:
   0  ok (sync: every target node is in sync)
   1  a node failed or was not attempted (see the report), or the operation failed
   2  usage or configuration error (flags, credentials, group, bucket, endpoint)
-  3  the fleet lock is held by another deploy (the message names it)";
+  3  the fleet lock is held by another deploy (the message names it)
+  130  interrupted (SIGINT/SIGTERM): no new node is started, the fleet lock is released";
 
 #[derive(Parser)]
 #[command(name = "fleetsync", version, about = "Keeps every instance of an Auto Scaling Group on the same codebase from S3.", after_help = EXIT_CODES)]
@@ -180,6 +181,19 @@ struct AwsArgs {
     path_style: bool,
 }
 
+/// Resolves on the first SIGINT or SIGTERM, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        // Without handlers the default action (exit) stays; never resolve.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "interrupted",
+        _ = term.recv() => "terminated",
+    }
+}
+
 /// A required value missing from both the flags and the config file.
 fn missing(flag: &str) -> anyhow::Error {
     fleetsync::Error::Config(format!(
@@ -269,6 +283,7 @@ impl SyncArgs {
                 client: aws_sdk_ssm::Client::new(sdk),
                 timeout: self.timeout(),
                 comment: format!("fleetsync sync --asg {}", self.asg()),
+                sent: Default::default(),
             }),
             Via::Ssh => trigger::Transport::Ssh(trigger::Ssh {
                 user: self.ssh_user.clone(),
@@ -449,48 +464,66 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         args.asg(),
         fleet.transport.name()
     ));
-    // Set when the group could not be listed again for instances that
-    // joined: reported as the command's error once the lock is released.
-    let mut rediscover_error = None;
-    let canaries = args.canary.unwrap_or(0).min(targets.len());
-    let (first, rest) = targets.split_at(canaries);
-    let mut results = fleet.run(first).await;
-    if canaries > 0 && results.iter().any(|r| r.status != collect::NodeStatus::Ok) {
-        progress.note("a canary failed; no other node is started");
-        results.extend(
-            rest.iter()
-                .map(|n| fleet.not_attempted(n, "a canary failed")),
-        );
-    } else {
-        results.extend(fleet.run(rest).await);
-        if !held.lost() {
-            // The lock is held here: a failure must not return early (`?`)
-            // and leave it to block every deploy until its lease runs out.
-            match discover::discover(&sdk, args.asg()).await {
-                Ok(now) => {
-                    let known: std::collections::HashSet<&str> =
-                        targets.iter().map(|n| n.instance_id.as_str()).collect();
-                    let joined: Vec<_> = now
-                        .into_iter()
-                        .filter(|n| n.is_target() && !known.contains(n.instance_id.as_str()))
-                        .collect();
-                    if !joined.is_empty() {
-                        progress.note(&format!(
-                            "{} instances joined the group during the deploy; syncing them too",
-                            joined.len()
-                        ));
-                        progress.add(joined.len());
-                        results.extend(fleet.run(&joined).await);
+    // The deploy proper runs until it is done or the operator interrupts it
+    // (Ctrl-C, or SIGTERM from a cancelled CI job); either way the lock is
+    // released below, not left to block the next deploy for a lease.
+    let deploy = async {
+        // Set when the group could not be listed again for instances that
+        // joined: reported as the command's error once the lock is released.
+        let mut rediscover_error = None;
+        let canaries = args.canary.unwrap_or(0).min(targets.len());
+        let (first, rest) = targets.split_at(canaries);
+        let mut results = fleet.run(first).await;
+        if canaries > 0 && results.iter().any(|r| r.status != collect::NodeStatus::Ok) {
+            progress.note("a canary failed; no other node is started");
+            results.extend(
+                rest.iter()
+                    .map(|n| fleet.not_attempted(n, "a canary failed")),
+            );
+        } else {
+            results.extend(fleet.run(rest).await);
+            if !held.lost() {
+                // The lock is held here: a failure must not return early (`?`)
+                // and leave it to block every deploy until its lease runs out.
+                match discover::discover(&sdk, args.asg()).await {
+                    Ok(now) => {
+                        let known: std::collections::HashSet<&str> =
+                            targets.iter().map(|n| n.instance_id.as_str()).collect();
+                        let joined: Vec<_> = now
+                            .into_iter()
+                            .filter(|n| n.is_target() && !known.contains(n.instance_id.as_str()))
+                            .collect();
+                        if !joined.is_empty() {
+                            progress.note(&format!(
+                                "{} instances joined the group during the deploy; syncing them too",
+                                joined.len()
+                            ));
+                            progress.add(joined.len());
+                            results.extend(fleet.run(&joined).await);
+                        }
                     }
-                }
-                Err(e) => {
-                    rediscover_error = Some(e.context(
-                        "listing the group again for instances that joined during the deploy",
-                    ))
+                    Err(e) => {
+                        rediscover_error = Some(e.context(
+                            "listing the group again for instances that joined during the deploy",
+                        ))
+                    }
                 }
             }
         }
-    }
+        (results, rediscover_error)
+    };
+    let (results, rediscover_error) = tokio::select! {
+        done = deploy => done,
+        signal = interrupted() => {
+            progress.finish();
+            log(&format!("{signal}: starting no more nodes, cancelling what was sent, releasing the fleet lock"));
+            fleet.transport.cancel(&progress).await;
+            if let Err(e) = held.release().await {
+                log(&format!("warning: {e}"));
+            }
+            return Ok(exit::INTERRUPTED);
+        }
+    };
     progress.finish();
     if held.lost() {
         log("the fleet lock was lost during the deploy (broken or taken over); nodes not yet started were skipped");

@@ -86,6 +86,15 @@ impl Transport {
             Transport::Ssh(_) => "ssh",
         }
     }
+
+    /// Stops what was started, when the deploy is interrupted. SSH sessions
+    /// end when their `ssh` is killed (dropping the deploy does that); SSM
+    /// commands run on until cancelled.
+    pub async fn cancel(&self, progress: &Progress) {
+        if let Transport::Ssm(ssm) = self {
+            ssm.cancel_all(progress).await;
+        }
+    }
 }
 
 /// Runs the agent on sets of nodes (the fleet pass, then instances that

@@ -29,6 +29,7 @@ use super::{last_line, Fleet, Outcome};
 use crate::api::api_error;
 use crate::collect::NodeResult;
 use crate::discover::Node;
+use crate::progress::Progress;
 
 /// SendCommand's limit on InstanceIds per call.
 const IDS_PER_COMMAND: usize = 50;
@@ -49,6 +50,9 @@ pub struct Ssm {
     pub timeout: Duration,
     /// Shown in the SSM console and in ListCommands, to tell deploys apart.
     pub comment: String,
+    /// Commands sent so far, to cancel them if the deploy is interrupted. A
+    /// std Mutex: held only to push or copy, never across an await.
+    pub sent: std::sync::Mutex<Vec<String>>,
 }
 
 impl Ssm {
@@ -280,6 +284,20 @@ impl Ssm {
                 .note(&format!("warning: polling SSM command {command_id}: {e:#}"));
         }
         results
+    }
+
+    /// Cancels every command sent (the deploy was interrupted).
+    pub async fn cancel_all(&self, progress: &Progress) {
+        let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for id in sent {
+            self.cancel(&id, progress).await;
+        }
+    }
+
+    async fn cancel(&self, command_id: &str, progress: &Progress) {
+        if let Err(e) = self.client.cancel_command().command_id(command_id).send().await {
+            progress.note(&format!("warning: CancelCommand {command_id} failed: {}", ApiFailure::from_sdk(&e).message));
+        }
     }
 
     /// Every invocation of the command and its status (absent ones are not

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Times `fleetsync sync` on simulated fleets of 1, 10 and 50 nodes.
+
+Run through `infra/local/bench fleet`, which starts the whole local world
+(S3, moto, the SSM emulator) and builds release binaries. For each fleet
+size and each transport (SSH: one real sshd per instance; SSM: the
+emulator), a cold deploy of a small tree onto empty nodes and a no-op
+deploy. Prints the bastion's wall time against the slowest single node's
+pull time (from the agents' own reports), the orchestration overhead
+(wall / slowest - 1), and the bastion's CPU time and peak RSS.
+
+`--batch` covers the fleet, so every node runs at once: the overhead is
+what discovery, the fleet lock, the transport and polling add on top of
+the slowest node.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import gentree  # noqa: E402
+
+FLEET = [sys.executable, os.path.join(HERE, "fleet.py")]
+
+
+def sh(argv, **kw):
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def timed(argv, work):
+    """Runs argv; returns (exit code, stdout, stderr, wall seconds, rusage).
+    The rusage is the bastion's own from wait4, which includes the ssh
+    clients it ran (its cost on the host it runs on)."""
+    out_path, err_path = os.path.join(work, "bastion.out"), os.path.join(work, "bastion.err")
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    return code, open(out_path, "rb").read(), open(err_path, "rb").read(), wall, ru
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--sizes", default="1,10,50")
+    ap.add_argument("--via", default="ssh,ssm")
+    ap.add_argument("--files", type=int, default=300, help="files in the tree each node pulls")
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    bastion = os.environ["FLEETSYNC_BASTION"]
+    env = dict(os.environ, FLEETSYNC_AGENT_DIR=os.path.dirname(os.environ["FLEETSYNC_AGENT"]))
+
+    src = os.path.join(a.work, "tree")
+    gentree.generate(src, files=a.files, big=0, seed=7)
+    sh(["aws", "s3", "mb", "s3://fleetbench"])
+    sh(["s5cmd", "--endpoint-url", os.environ["AWS_ENDPOINT_URL_S3"], "--log", "error", "sync", src + "/", "s3://fleetbench/app/"])
+    size_mib = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs) / 2**20
+    print(f"tree per node: {a.files} files, {size_mib:.1f} MiB; every node pulls it at once (--batch covers the fleet)\n")
+
+    rows = []
+    for k, n in enumerate(int(s) for s in a.sizes.split(",")):
+        group = f"bench{n}"
+        sh(FLEET + ["create", group, "--size", str(n), "--subnet", str(10 + k)], env=env)
+        nodes = os.path.join(a.work, f"nodes{n}")
+        sh(FLEET + ["nodes-up", group, "--dir", nodes], env=env)
+        try:
+            for via in a.via.split(","):
+                for case in ("cold", "no-op"):
+                    if case == "cold":  # empty nodes: DEST and state set aside
+                        for node in os.listdir(nodes):
+                            srv = os.path.join(nodes, node, "srv")
+                            if os.path.isdir(srv):
+                                shutil.rmtree(srv)
+                                os.makedirs(srv)
+                    code, out, err, wall, ru = timed([
+                        bastion, "sync", "--asg", group, "--source", "s3://fleetbench/app", "--dest", "/srv/www",
+                        "--via", via, "--ssh-config", os.path.join(nodes, "ssh_config"), "--json",
+                    ], a.work)
+                    if code != 0:
+                        sys.exit(f"{via} {case} {n} nodes failed ({code}): {err.decode()[-2000:]}")
+                    report = json.loads(out)
+                    slowest = max(x["agent"]["durations"]["total_ms"] for x in report["nodes"]) / 1000
+                    cpu = ru.ru_utime + ru.ru_stime
+                    rows.append((n, via, case, wall, slowest, wall / slowest - 1, cpu, ru.ru_maxrss / 1024))
+                    print(f"{n:>3} nodes {via:<3} {case:<5}: wall {wall:6.2f} s, slowest node {slowest:6.2f} s, "
+                          f"overhead {100 * (wall / slowest - 1):6.1f}%, bastion CPU {cpu:5.2f} s", flush=True)
+        finally:
+            sh(FLEET + ["nodes-down", "--dir", nodes], env=env)
+
+    print("\n| nodes | via | case | bastion wall | slowest node pull | overhead | bastion CPU (incl. ssh) |")
+    print("|---|---|---|---|---|---|---|")
+    for n, via, case, wall, slowest, over, cpu, _ in rows:
+        print(f"| {n} | {via} | {case} | {wall:.2f} s | {slowest:.2f} s | {100 * over:.1f}% | {cpu:.2f} s |")
+    print(f"\npeak RSS of the bastion (or of its largest ssh client): {max(r[7] for r in rows):.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
