@@ -86,11 +86,7 @@ pub(crate) struct FetchCtx {
 
 impl FetchCtx {
     fn create_temp(&self, path: &RelPath, seq: u64) -> std::io::Result<(File, TempName)> {
-        let at = if self.gate.is_open() {
-            TempAt::Beside(path)
-        } else {
-            TempAt::Staging
-        };
+        let at = if self.gate.is_open() { TempAt::Beside(path) } else { TempAt::Staging };
         self.dest.create_temp(at, seq)
     }
 }
@@ -106,11 +102,7 @@ enum Attempt {
 }
 
 /// Downloads one object into a temporary file.
-pub(crate) async fn fetch(
-    ctx: &Arc<FetchCtx>,
-    job: &FetchJob,
-    seq: u64,
-) -> (Result<Staged, FetchError>, FetchStats) {
+pub(crate) async fn fetch(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> (Result<Staged, FetchError>, FetchStats) {
     let (etag, size) = (job.etag.as_str(), job.size);
     let mut stats = FetchStats::default();
     // After a 412 we stop insisting on the listed ETag and take the current
@@ -120,8 +112,7 @@ pub(crate) async fn fetch(
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
             stats.retries += 1;
-            let backoff = Duration::from_millis(100 << attempt.min(5))
-                + Duration::from_millis(rand::random::<u64>() % 100);
+            let backoff = Duration::from_millis(100 << attempt.min(5)) + Duration::from_millis(rand::random::<u64>() % 100);
             tokio::time::sleep(backoff).await;
         }
         let result = if size >= RANGED_THRESHOLD && if_match.is_some() {
@@ -141,17 +132,10 @@ pub(crate) async fn fetch(
             Err(Attempt::Fatal(m)) => return (Err(FetchError::Failed(m)), stats),
         }
     }
-    (
-        Err(FetchError::Failed(format!(
-            "gave up after {ATTEMPTS} attempts: {last}"
-        ))),
-        stats,
-    )
+    (Err(FetchError::Failed(format!("gave up after {ATTEMPTS} attempts: {last}"))), stats)
 }
 
-fn classify<E>(
-    err: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
-) -> Attempt
+fn classify<E>(err: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Attempt
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
@@ -177,9 +161,7 @@ fn etag_md5(etag: &str) -> Option<[u8; 16]> {
 /// execute bit is set, 0644 otherwise. Setuid, setgid, sticky and group or
 /// world write never come from the bucket.
 pub(crate) fn mode_from_meta(meta: Option<&std::collections::HashMap<String, String>>) -> u32 {
-    let raw = meta
-        .and_then(|m| m.get("mode"))
-        .and_then(|m| u32::from_str_radix(m.trim().trim_start_matches("0o"), 8).ok());
+    let raw = meta.and_then(|m| m.get("mode")).and_then(|m| u32::from_str_radix(m.trim().trim_start_matches("0o"), 8).ok());
     match raw {
         Some(m) if m & 0o111 != 0 => 0o755,
         _ => 0o644,
@@ -188,11 +170,7 @@ pub(crate) fn mode_from_meta(meta: Option<&std::collections::HashMap<String, Str
 
 /// Checks that the content may be verified by MD5: the ETag is plain and
 /// the object is not encrypted with a key that changes the ETag.
-fn md5_verifiable(
-    etag: &str,
-    sse: Option<&aws_sdk_s3::types::ServerSideEncryption>,
-    sse_c: Option<&str>,
-) -> Option<[u8; 16]> {
+fn md5_verifiable(etag: &str, sse: Option<&aws_sdk_s3::types::ServerSideEncryption>, sse_c: Option<&str>) -> Option<[u8; 16]> {
     use aws_sdk_s3::types::ServerSideEncryption as Sse;
     if sse_c.is_some() || matches!(sse, Some(Sse::AwsKms | Sse::AwsKmsDsse)) {
         return None;
@@ -200,12 +178,7 @@ fn md5_verifiable(
     etag_md5(etag)
 }
 
-async fn fetch_whole(
-    ctx: &Arc<FetchCtx>,
-    job: &FetchJob,
-    if_match: Option<&str>,
-    seq: u64,
-) -> Result<Staged, Attempt> {
+async fn fetch_whole(ctx: &Arc<FetchCtx>, job: &FetchJob, if_match: Option<&str>, seq: u64) -> Result<Staged, Attempt> {
     let mut out = ctx
         .client
         .get_object()
@@ -216,11 +189,7 @@ async fn fetch_whole(
         .await
         .map_err(classify)?;
     let etag = out.e_tag().unwrap_or_default().to_string();
-    let expect_md5 = md5_verifiable(
-        &etag,
-        out.server_side_encryption(),
-        out.sse_customer_algorithm(),
-    );
+    let expect_md5 = md5_verifiable(&etag, out.server_side_encryption(), out.sse_customer_algorithm());
     let expect_len = out.content_length().map(|l| l.max(0) as u64);
     let mode = mode_from_meta(out.metadata());
 
@@ -228,9 +197,7 @@ async fn fetch_whole(
     let mut writer = StagedWriter::new(ctx.clone(), job.path.clone(), seq);
     let mut len = 0u64;
     while let Some(chunk) = out.body.next().await {
-        let chunk = chunk.map_err(|e| {
-            Attempt::Retry(format!("reading the body failed after {len} bytes: {e}"))
-        })?;
+        let chunk = chunk.map_err(|e| Attempt::Retry(format!("reading the body failed after {len} bytes: {e}")))?;
         len += chunk.len() as u64;
         if expect_md5.is_some() {
             hasher.update(&chunk);
@@ -240,17 +207,13 @@ async fn fetch_whole(
     if let Some(expected) = expect_len {
         if len != expected {
             writer.discard();
-            return Err(Attempt::Retry(format!(
-                "body was {len} bytes, Content-Length said {expected}"
-            )));
+            return Err(Attempt::Retry(format!("body was {len} bytes, Content-Length said {expected}")));
         }
     }
     if let Some(expected) = expect_md5 {
         if hasher.finalize()[..] != expected[..] {
             writer.discard();
-            return Err(Attempt::Retry(format!(
-                "MD5 of the body does not match ETag {etag}"
-            )));
+            return Err(Attempt::Retry(format!("MD5 of the body does not match ETag {etag}")));
         }
     }
     writer.finish(mode, etag, len).await
@@ -273,10 +236,7 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
         e
     };
 
-    let ranges: Vec<(u64, u64)> = (0..size)
-        .step_by(RANGE_SIZE as usize)
-        .map(|s| (s, (s + RANGE_SIZE).min(size) - 1))
-        .collect();
+    let ranges: Vec<(u64, u64)> = (0..size).step_by(RANGE_SIZE as usize).map(|s| (s, (s + RANGE_SIZE).min(size) - 1)).collect();
     let modes: Vec<u32> = futures::stream::iter(ranges)
         .map(|(first, last)| {
             let file = file.clone();
@@ -295,9 +255,8 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
                 let mut at = first;
                 let mut buf = Vec::with_capacity(WRITE_BUFFER);
                 loop {
-                    let chunk = out.body.next().await.transpose().map_err(|e| {
-                        Attempt::Retry(format!("reading range {first}-{last}: {e}"))
-                    })?;
+                    let chunk =
+                        out.body.next().await.transpose().map_err(|e| Attempt::Retry(format!("reading range {first}-{last}: {e}")))?;
                     if let Some(c) = &chunk {
                         buf.extend_from_slice(c);
                     }
@@ -314,10 +273,7 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
                     }
                 }
                 if at != last + 1 {
-                    return Err(Attempt::Retry(format!(
-                        "range {first}-{last} ended after {} bytes",
-                        at - first
-                    )));
+                    return Err(Attempt::Retry(format!("range {first}-{last} ended after {} bytes", at - first)));
                 }
                 Ok(mode)
             }
@@ -351,12 +307,9 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
     .expect("hashing does not panic")
     .map_err(|e| discard(Attempt::Fatal(format!("reading back a staging file: {e}"))))?;
     if !verified {
-        return Err(discard(Attempt::Retry(format!(
-            "MD5 of the assembled ranges does not match ETag {etag}"
-        ))));
+        return Err(discard(Attempt::Retry(format!("MD5 of the assembled ranges does not match ETag {etag}"))));
     }
-    let file = Arc::try_unwrap(file)
-        .map_err(|_| discard(Attempt::Fatal("staging file still shared".into())))?;
+    let file = Arc::try_unwrap(file).map_err(|_| discard(Attempt::Fatal("staging file still shared".into())))?;
     let etag = etag.to_string();
     let placed = tokio::task::spawn_blocking(move || seal(&file, mode, etag, size))
         .await
@@ -370,12 +323,7 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
 fn seal(file: &File, mode: u32, etag: String, size: u64) -> std::io::Result<Placed> {
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     let st = rustix::fs::fstat(file)?;
-    Ok(Placed {
-        etag,
-        size,
-        file_size: st.st_size as u64,
-        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
-    })
+    Ok(Placed { etag, size, file_size: st.st_size as u64, mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64 })
 }
 
 /// Streams a body into a staging file with few, large writes. The file is
@@ -392,14 +340,7 @@ struct StagedWriter {
 
 impl StagedWriter {
     fn new(ctx: Arc<FetchCtx>, path: RelPath, seq: u64) -> StagedWriter {
-        StagedWriter {
-            ctx,
-            path,
-            seq,
-            file: None,
-            buf: Vec::new(),
-            buffered: 0,
-        }
+        StagedWriter { ctx, path, seq, file: None, buf: Vec::new(), buffered: 0 }
     }
 
     async fn push(&mut self, chunk: Bytes) -> Result<(), Attempt> {
@@ -412,13 +353,9 @@ impl StagedWriter {
     }
 
     /// Writes what is buffered; with `seal_with`, also finishes the file.
-    async fn flush(
-        &mut self,
-        seal_with: Option<(u32, String, u64)>,
-    ) -> Result<Option<Placed>, Attempt> {
+    async fn flush(&mut self, seal_with: Option<(u32, String, u64)>) -> Result<Option<Placed>, Attempt> {
         let (ctx, path, seq) = (self.ctx.clone(), self.path.clone(), self.seq);
-        let (is_final, pending, was_open) =
-            (seal_with.is_some(), self.buffered, self.file.is_some());
+        let (is_final, pending, was_open) = (seal_with.is_some(), self.buffered, self.file.is_some());
         let file = self.file.take();
         let buf = std::mem::take(&mut self.buf);
         self.buffered = 0;
@@ -439,18 +376,13 @@ impl StagedWriter {
         let (res, file) = if !was_open && is_final && pending <= INLINE_WRITE {
             write()
         } else {
-            tokio::task::spawn_blocking(write)
-                .await
-                .expect("temporary file writes do not panic")
+            tokio::task::spawn_blocking(write).await.expect("temporary file writes do not panic")
         };
         self.file = file;
         res.map_err(|e| {
             self.discard();
             let full = e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error());
-            let msg = format!(
-                "writing a temporary file in {}: {e}",
-                self.ctx.dest.path().display()
-            );
+            let msg = format!("writing a temporary file in {}: {e}", self.ctx.dest.path().display());
             if full {
                 Attempt::Fatal(msg)
             } else {

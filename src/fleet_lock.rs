@@ -50,13 +50,8 @@ impl LockInfo {
         let now = now_ms();
         LockInfo {
             owner: format!("{:032x}", rand::random::<u128>()),
-            user: std::env::var("USER")
-                .or_else(|_| std::env::var("LOGNAME"))
-                .unwrap_or_else(|_| "unknown".into()),
-            host: rustix::system::uname()
-                .nodename()
-                .to_string_lossy()
-                .into_owned(),
+            user: std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()),
+            host: rustix::system::uname().nodename().to_string_lossy().into_owned(),
             pid: std::process::id(),
             command: command.to_string(),
             started_at_ms: now,
@@ -71,10 +66,7 @@ impl LockInfo {
     /// `user@host (pid N), held for 42 s: command`.
     pub fn describe(&self) -> String {
         let age = now_ms().saturating_sub(self.started_at_ms) / 1000;
-        format!(
-            "{}@{} (pid {}), held for {age} s: {}",
-            self.user, self.host, self.pid, self.command
-        )
+        format!("{}@{} (pid {}), held for {age} s: {}", self.user, self.host, self.pid, self.command)
     }
 }
 
@@ -91,9 +83,7 @@ impl LockObject {
     pub fn for_group(source: &crate::S3Url, asg: &str) -> Result<LockObject> {
         let ok = !asg.is_empty()
             && asg.len() <= 255
-            && asg.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+')
-            })
+            && asg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+'))
             && asg != "."
             && asg != "..";
         if !ok {
@@ -101,28 +91,18 @@ impl LockObject {
                 "group name {asg:?} cannot name a lock object; give the lock's location with --lock s3://BUCKET/KEY"
             )));
         }
-        Ok(LockObject {
-            bucket: source.bucket.clone(),
-            key: format!(".fleetsync/locks/{asg}.json"),
-        })
+        Ok(LockObject { bucket: source.bucket.clone(), key: format!(".fleetsync/locks/{asg}.json") })
     }
 
     /// A lock object given as `s3://BUCKET/KEY`.
     pub fn parse(url: &str) -> Result<LockObject> {
-        let bad = || {
-            Error::Config(format!(
-                "lock {url:?} is not valid (expected s3://BUCKET/KEY)"
-            ))
-        };
+        let bad = || Error::Config(format!("lock {url:?} is not valid (expected s3://BUCKET/KEY)"));
         let parsed = crate::S3Url::parse(url).map_err(|_| bad())?;
         let key = parsed.prefix.trim_end_matches('/').to_string();
         if key.is_empty() {
             return Err(bad());
         }
-        Ok(LockObject {
-            bucket: parsed.bucket,
-            key,
-        })
+        Ok(LockObject { bucket: parsed.bucket, key })
     }
 }
 
@@ -177,28 +157,14 @@ impl HeldLock {
     pub async fn release(self) -> Result<()> {
         self.renewal.abort();
         let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match self
-            .client
-            .delete_object()
-            .bucket(&self.object.bucket)
-            .key(&self.object.key)
-            .if_match(etag)
-            .send()
-            .await
-        {
+        match self.client.delete_object().bucket(&self.object.bucket).key(&self.object.key).if_match(etag).send().await {
             Ok(_) => Ok(()),
             Err(e) => {
                 let f = ApiFailure::from_sdk(&e);
                 if matches!(f.status, Some(412 | 404)) {
-                    Err(Error::S3(format!(
-                        "the fleet lock {} was no longer ours at release (broken or taken over)",
-                        self.object
-                    )))
+                    Err(Error::S3(format!("the fleet lock {} was no longer ours at release (broken or taken over)", self.object)))
                 } else {
-                    Err(Error::S3(format!(
-                        "releasing the fleet lock {}: {}",
-                        self.object, f.message
-                    )))
+                    Err(Error::S3(format!("releasing the fleet lock {}: {}", self.object, f.message)))
                 }
             }
         }
@@ -222,30 +188,12 @@ pub async fn acquire(
             Attempt::Acquired { etag, took_over } => {
                 let etag = Arc::new(Mutex::new(etag));
                 let lost = Arc::new(AtomicBool::new(false));
-                let renewal = tokio::spawn(renew(
-                    client.clone(),
-                    object.clone(),
-                    info.clone(),
-                    lease,
-                    etag.clone(),
-                    lost.clone(),
-                ));
-                return Ok(HeldLock {
-                    client: client.clone(),
-                    object: object.clone(),
-                    info,
-                    etag,
-                    lost,
-                    renewal,
-                    took_over,
-                });
+                let renewal = tokio::spawn(renew(client.clone(), object.clone(), info.clone(), lease, etag.clone(), lost.clone()));
+                return Ok(HeldLock { client: client.clone(), object: object.clone(), info, etag, lost, renewal, took_over });
             }
             Attempt::Held(holder) => {
                 if tokio::time::Instant::now() >= deadline {
-                    return Err(LockError::Held {
-                        object: object.to_string(),
-                        holder,
-                    });
+                    return Err(LockError::Held { object: object.to_string(), holder });
                 }
                 let pause = Duration::from_millis(500 + rand::random::<u64>() % 500);
                 tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
@@ -265,27 +213,11 @@ enum Attempt {
     Raced,
 }
 
-async fn try_acquire(
-    client: &aws_sdk_s3::Client,
-    object: &LockObject,
-    info: &LockInfo,
-) -> Result<Attempt> {
+async fn try_acquire(client: &aws_sdk_s3::Client, object: &LockObject, info: &LockInfo) -> Result<Attempt> {
     let body = serde_json::to_vec_pretty(info).expect("lock info serializes");
-    let put = client
-        .put_object()
-        .bucket(&object.bucket)
-        .key(&object.key)
-        .body(body.clone().into())
-        .if_none_match("*")
-        .send()
-        .await;
+    let put = client.put_object().bucket(&object.bucket).key(&object.key).body(body.clone().into()).if_none_match("*").send().await;
     match put {
-        Ok(out) => {
-            return Ok(Attempt::Acquired {
-                etag: out.e_tag().unwrap_or_default().to_string(),
-                took_over: None,
-            })
-        }
+        Ok(out) => return Ok(Attempt::Acquired { etag: out.e_tag().unwrap_or_default().to_string(), took_over: None }),
         Err(e) => {
             let f = ApiFailure::from_sdk(&e);
             if !matches!(f.status, Some(412 | 409)) {
@@ -298,27 +230,14 @@ async fn try_acquire(
         return Ok(Attempt::Raced);
     };
     if current.owner == info.owner {
-        return Ok(Attempt::Acquired {
-            etag,
-            took_over: None,
-        });
+        return Ok(Attempt::Acquired { etag, took_over: None });
     }
     if !current.expired() {
         return Ok(Attempt::Held(current));
     }
-    let takeover = client
-        .put_object()
-        .bucket(&object.bucket)
-        .key(&object.key)
-        .body(body.into())
-        .if_match(&etag)
-        .send()
-        .await;
+    let takeover = client.put_object().bucket(&object.bucket).key(&object.key).body(body.into()).if_match(&etag).send().await;
     match takeover {
-        Ok(out) => Ok(Attempt::Acquired {
-            etag: out.e_tag().unwrap_or_default().to_string(),
-            took_over: Some(current),
-        }),
+        Ok(out) => Ok(Attempt::Acquired { etag: out.e_tag().unwrap_or_default().to_string(), took_over: Some(current) }),
         Err(e) => {
             let f = ApiFailure::from_sdk(&e);
             if matches!(f.status, Some(412 | 409 | 404)) {
@@ -331,17 +250,8 @@ async fn try_acquire(
 }
 
 /// The lock's current holder and ETag, if there is a lock.
-pub async fn read(
-    client: &aws_sdk_s3::Client,
-    object: &LockObject,
-) -> Result<Option<(LockInfo, String)>> {
-    let out = match client
-        .get_object()
-        .bucket(&object.bucket)
-        .key(&object.key)
-        .send()
-        .await
-    {
+pub async fn read(client: &aws_sdk_s3::Client, object: &LockObject) -> Result<Option<(LockInfo, String)>> {
+    let out = match client.get_object().bucket(&object.bucket).key(&object.key).send().await {
         Ok(out) => out,
         Err(e) => {
             let f = ApiFailure::from_sdk(&e);
@@ -352,21 +262,14 @@ pub async fn read(
         }
     };
     let etag = out.e_tag().unwrap_or_default().to_string();
-    let body = out
-        .body
-        .collect()
-        .await
-        .map_err(|e| Error::S3(format!("reading the fleet lock {object}: {e}")))?;
+    let body = out.body.collect().await.map_err(|e| Error::S3(format!("reading the fleet lock {object}: {e}")))?;
     let info = serde_json::from_slice(&body.into_bytes())
         .map_err(|e| Error::S3(format!("the fleet lock {object} is not a fleetsync lock ({e}); remove it with `fleetsync lock break`")))?;
     Ok(Some((info, etag)))
 }
 
 /// Deletes the lock whoever holds it; returns what it broke.
-pub async fn break_lock(
-    client: &aws_sdk_s3::Client,
-    object: &LockObject,
-) -> Result<Option<LockInfo>> {
+pub async fn break_lock(client: &aws_sdk_s3::Client, object: &LockObject) -> Result<Option<LockInfo>> {
     let Some((info, etag)) = read(client, object).await? else {
         return Ok(None);
     };
@@ -377,9 +280,7 @@ pub async fn break_lock(
         .if_match(etag)
         .send()
         .await
-        .map_err(|e| {
-            ApiFailure::from_sdk(&e).to_error(&format!("breaking the fleet lock {object}"))
-        })?;
+        .map_err(|e| ApiFailure::from_sdk(&e).to_error(&format!("breaking the fleet lock {object}")))?;
     Ok(Some(info))
 }
 
@@ -400,18 +301,9 @@ async fn renew(
         info.expires_at_ms = now_ms() + lease.as_millis() as u64;
         let current = etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let body = serde_json::to_vec_pretty(&info).expect("lock info serializes");
-        match client
-            .put_object()
-            .bucket(&object.bucket)
-            .key(&object.key)
-            .body(body.into())
-            .if_match(current)
-            .send()
-            .await
-        {
+        match client.put_object().bucket(&object.bucket).key(&object.key).body(body.into()).if_match(current).send().await {
             Ok(out) => {
-                *etag.lock().unwrap_or_else(|p| p.into_inner()) =
-                    out.e_tag().unwrap_or_default().to_string();
+                *etag.lock().unwrap_or_else(|p| p.into_inner()) = out.e_tag().unwrap_or_default().to_string();
                 valid_until = info.expires_at_ms;
             }
             Err(e) => {
@@ -435,10 +327,7 @@ async fn renew(
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -448,23 +337,11 @@ mod tests {
     #[test]
     fn default_and_explicit_lock_locations() {
         let src = crate::S3Url::parse("s3://code/app").unwrap();
-        assert_eq!(
-            LockObject::for_group(&src, "web-prod").unwrap().to_string(),
-            "s3://code/.fleetsync/locks/web-prod.json"
-        );
+        assert_eq!(LockObject::for_group(&src, "web-prod").unwrap().to_string(), "s3://code/.fleetsync/locks/web-prod.json");
         for bad in ["", "..", "a/b", "x y", "a\nb"] {
-            assert!(
-                LockObject::for_group(&src, bad)
-                    .unwrap_err()
-                    .to_string()
-                    .contains("--lock"),
-                "{bad:?}"
-            );
+            assert!(LockObject::for_group(&src, bad).unwrap_err().to_string().contains("--lock"), "{bad:?}");
         }
-        assert_eq!(
-            LockObject::parse("s3://locks/fleet/web.json").unwrap().key,
-            "fleet/web.json"
-        );
+        assert_eq!(LockObject::parse("s3://locks/fleet/web.json").unwrap().key, "fleet/web.json");
         assert!(LockObject::parse("s3://locks").is_err());
         assert!(LockObject::parse("locks/web.json").is_err());
     }
@@ -475,10 +352,6 @@ mod tests {
         assert!(!info.expired());
         assert_eq!(info.owner.len(), 32);
         let d = info.describe();
-        assert!(
-            d.contains(&format!("pid {}", std::process::id()))
-                && d.contains("fleetsync sync --asg web"),
-            "{d}"
-        );
+        assert!(d.contains(&format!("pid {}", std::process::id())) && d.contains("fleetsync sync --asg web"), "{d}");
     }
 }

@@ -27,9 +27,7 @@ const MAX_PATH: usize = 4096;
 
 /// A validated path relative to DEST: `/`-separated, no empty, `.` or `..`
 /// components. Only [`map_key`] constructs one.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct RelPath(String);
 
@@ -92,13 +90,8 @@ pub enum Entry {
 /// `Ok(None)` is the prefix's own directory marker, which stands for DEST
 /// itself. An `Err` names the key and why it is refused.
 pub fn map_key(key: &str, prefix: &str) -> Result<Option<Entry>, Error> {
-    let hostile = |reason: &str| Error::HostileKey {
-        key: key.to_string(),
-        reason: reason.to_string(),
-    };
-    let rel = key
-        .strip_prefix(prefix)
-        .ok_or_else(|| hostile("it is not under the source prefix"))?;
+    let hostile = |reason: &str| Error::HostileKey { key: key.to_string(), reason: reason.to_string() };
+    let rel = key.strip_prefix(prefix).ok_or_else(|| hostile("it is not under the source prefix"))?;
     if rel.is_empty() {
         return Ok(None);
     }
@@ -118,16 +111,8 @@ pub fn map_key(key: &str, prefix: &str) -> Result<Option<Entry>, Error> {
             "" => return Err(hostile("it has an empty path component (//)")),
             "." => return Err(hostile("it has a '.' path component")),
             ".." => return Err(hostile("it has a '..' path component")),
-            STAGING_DIR if i == 0 => {
-                return Err(hostile(
-                    "its name is reserved for fleetsync's staging directory",
-                ))
-            }
-            _ if c.starts_with(TEMP_PREFIX) => {
-                return Err(hostile(
-                    "its name is reserved for fleetsync's temporary files",
-                ))
-            }
+            STAGING_DIR if i == 0 => return Err(hostile("its name is reserved for fleetsync's staging directory")),
+            _ if c.starts_with(TEMP_PREFIX) => return Err(hostile("its name is reserved for fleetsync's temporary files")),
             _ => {}
         }
         if c.len() > MAX_COMPONENT {
@@ -144,11 +129,7 @@ pub fn map_key(key: &str, prefix: &str) -> Result<Option<Entry>, Error> {
         }
     }
     let path = RelPath(rel.to_string());
-    Ok(Some(if is_dir {
-        Entry::Dir(path)
-    } else {
-        Entry::File(path)
-    }))
+    Ok(Some(if is_dir { Entry::Dir(path) } else { Entry::File(path) }))
 }
 
 #[cfg(test)]
@@ -180,10 +161,7 @@ mod tests {
     #[test]
     fn markers_and_the_prefix_itself() {
         assert_eq!(map_key("p/", "p/").unwrap(), None);
-        assert!(matches!(
-            map_key("p/assets/", "p/").unwrap(),
-            Some(Entry::Dir(_))
-        ));
+        assert!(matches!(map_key("p/assets/", "p/").unwrap(), Some(Entry::Dir(_))));
     }
 
     #[test]

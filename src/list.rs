@@ -72,13 +72,7 @@ pub(crate) fn start(client: aws_sdk_s3::Client, source: S3Url) -> Lister {
 /// Lists every key under `prefix`, sending each page. With `shallow`, lists
 /// one level (`delimiter=/`) and returns the sub-prefixes found. `None`
 /// when listing failed (the error was sent) or the receiver is gone.
-async fn list_prefix(
-    client: &aws_sdk_s3::Client,
-    source: &S3Url,
-    prefix: &str,
-    shallow: bool,
-    tx: &Pages,
-) -> Option<Vec<String>> {
+async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, shallow: bool, tx: &Pages) -> Option<Vec<String>> {
     let mut pages = client
         .list_objects_v2()
         .bucket(&source.bucket)
@@ -92,19 +86,11 @@ async fn list_prefix(
         let page = match page {
             Ok(page) => page,
             Err(e) => {
-                let _ = tx
-                    .send(Err(
-                        ApiFailure::from_sdk(&e).to_error(&format!("listing {source}"))
-                    ))
-                    .await;
+                let _ = tx.send(Err(ApiFailure::from_sdk(&e).to_error(&format!("listing {source}")))).await;
                 return None;
             }
         };
-        dirs.extend(
-            page.common_prefixes()
-                .iter()
-                .filter_map(|p| p.prefix().map(str::to_string)),
-        );
+        dirs.extend(page.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)));
         let objects = page
             .contents()
             .iter()

@@ -37,8 +37,7 @@ impl NodeLock {
     /// the guard and how long it waited.
     pub(crate) async fn acquire(state_dir: &Path, if_busy: IfBusy) -> Result<(NodeLock, Duration)> {
         let path = lock_path(state_dir);
-        std::fs::create_dir_all(state_dir)
-            .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
+        std::fs::create_dir_all(state_dir).map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -48,13 +47,9 @@ impl NodeLock {
         let start = Instant::now();
         match file.try_lock() {
             Ok(()) => return Ok((NodeLock { _file: file }, Duration::ZERO)),
-            Err(std::fs::TryLockError::WouldBlock) if if_busy == IfBusy::Fail => {
-                return Err(Error::Busy { path })
-            }
+            Err(std::fs::TryLockError::WouldBlock) if if_busy == IfBusy::Fail => return Err(Error::Busy { path }),
             Err(std::fs::TryLockError::WouldBlock) => {}
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(Error::io(format!("locking {}", path.display()), e))
-            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(format!("locking {}", path.display()), e)),
         }
         // A warning, so it is seen by default: a pull that seems to hang is
         // most often this, in a cron log and in the bastion's report alike.

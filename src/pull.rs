@@ -75,9 +75,7 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     let (_lock, lock_wait) = NodeLock::acquire(&opts.state_dir, opts.if_busy).await?;
     let (state, placed) = {
         let (sd, d) = (opts.state_dir.clone(), opts.dest.clone());
-        tokio::task::spawn_blocking(move || StateStore::open(&sd, &d))
-            .await
-            .expect("state load does not panic")?
+        tokio::task::spawn_blocking(move || StateStore::open(&sd, &d)).await.expect("state load does not panic")?
     };
     let last_path = state.dir().join("last-pull.json");
     if let Some(mut last) = read_last(&last_path) {
@@ -91,11 +89,7 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     }
 
     let started_at_ns = now_ns();
-    let mut report = PullReport::new(
-        opts.source.to_string(),
-        opts.dest.display().to_string(),
-        false,
-    );
+    let mut report = PullReport::new(opts.source.to_string(), opts.dest.display().to_string(), false);
     report.started_at_ms = (started_at_ns / 1_000_000) as u64;
     report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
 
@@ -104,32 +98,13 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
         // The last pull was killed: it may have left temporary files beside
         // their final paths. Rare, so a walk of DEST is affordable.
         let d = dest.clone();
-        let swept = tokio::task::spawn_blocking(move || d.sweep_temps())
-            .await
-            .expect("sweep does not panic");
-        let swept = swept.map_err(|e| {
-            Error::io(
-                format!("removing temporary files left in {}", opts.dest.display()),
-                e,
-            )
-        })?;
-        tracing::info!(
-            swept,
-            "the previous pull was interrupted; removed its temporary files"
-        );
+        let swept = tokio::task::spawn_blocking(move || d.sweep_temps()).await.expect("sweep does not panic");
+        let swept = swept.map_err(|e| Error::io(format!("removing temporary files left in {}", opts.dest.display()), e))?;
+        tracing::info!(swept, "the previous pull was interrupted; removed its temporary files");
     }
     state.mark_in_progress()?;
     let state = Arc::new(state);
-    let result = run(
-        opts,
-        client,
-        dest,
-        state.clone(),
-        placed,
-        observer,
-        &mut report,
-    )
-    .await;
+    let result = run(opts, client, dest, state.clone(), placed, observer, &mut report).await;
     state.flush();
     if result.is_err() {
         // Every temporary file was discarded on the way out.
@@ -140,16 +115,10 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
     report.finished_at_ms = (now_ns() / 1_000_000) as u64;
 
-    let record = LastPull {
-        started_at_ns,
-        report: report.clone(),
-    };
+    let record = LastPull { started_at_ns, report: report.clone() };
     tokio::task::spawn_blocking(move || -> Result<()> {
         state.compact(&placed)?;
-        write_atomic(
-            &last_path,
-            &serde_json::to_vec(&record).expect("report serializes"),
-        )?;
+        write_atomic(&last_path, &serde_json::to_vec(&record).expect("report serializes"))?;
         state.clear_in_progress();
         Ok(())
     })
@@ -176,10 +145,7 @@ fn check_options(opts: &PullOptions) -> Result<()> {
 fn open_dest(dest: &Path) -> Result<DestDir> {
     DestDir::open(dest).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotADirectory | std::io::ErrorKind::AlreadyExists => {
-            Error::Config(format!(
-                "DEST {} is not a directory; give a directory path with --dest",
-                dest.display()
-            ))
+            Error::Config(format!("DEST {} is not a directory; give a directory path with --dest", dest.display()))
         }
         _ => Error::io(format!("opening DEST {}", dest.display()), e),
     })
@@ -211,20 +177,9 @@ async fn run(
     observer: Arc<dyn Observer>,
     report: &mut PullReport,
 ) -> Result<HashMap<RelPath, Placed>> {
-    let (mut jobs, planner) = start_planner(
-        opts,
-        client.clone(),
-        Some(dest.clone()),
-        placed,
-        observer.clone(),
-    );
+    let (mut jobs, planner) = start_planner(opts, client.clone(), Some(dest.clone()), placed, observer.clone());
     let gate = Gate::new();
-    let ctx = Arc::new(FetchCtx {
-        client,
-        bucket: opts.source.bucket.clone(),
-        dest: dest.clone(),
-        gate: gate.waiter(),
-    });
+    let ctx = Arc::new(FetchCtx { client, bucket: opts.source.bucket.clone(), dest: dest.clone(), gate: gate.waiter() });
     let permits = Arc::new(Semaphore::new(opts.concurrency));
     let mut tasks = JoinSet::new();
     let mut outcomes = Vec::new();
@@ -232,15 +187,7 @@ async fn run(
     while let Some(job) = jobs.recv().await {
         observer.planned(job.size);
         seq += 1;
-        let task = download(
-            ctx.clone(),
-            state.clone(),
-            permits.clone(),
-            gate.waiter(),
-            job,
-            seq,
-            observer.clone(),
-        );
+        let task = download(ctx.clone(), state.clone(), permits.clone(), gate.waiter(), job, seq, observer.clone());
         tasks.spawn(task);
         while let Some(done) = tasks.try_join_next() {
             outcomes.push(done.expect("download tasks do not panic"));
@@ -262,20 +209,13 @@ async fn run(
     report.counts.listed = end.listed;
     report.counts.unchanged = end.unchanged;
     observer.listing_done(end.listed);
-    let PlanEnd {
-        deletions,
-        dirs,
-        mut placed,
-        ..
-    } = end.plan;
+    let PlanEnd { deletions, dirs, mut placed, .. } = end.plan;
 
     // Deletions first: a file the source dropped may stand where a new
     // directory must go (`a` was a file, now `a/b` is).
     let (deleted, delete_failures) = {
         let (dest, state) = (dest.clone(), state.clone());
-        tokio::task::spawn_blocking(move || switch::delete(&dest, &state, &deletions, &dirs))
-            .await
-            .expect("deletions do not panic")
+        tokio::task::spawn_blocking(move || switch::delete(&dest, &state, &deletions, &dirs)).await.expect("deletions do not panic")
     };
     for path in deleted {
         placed.remove(&path);
@@ -293,11 +233,7 @@ async fn run(
         report.counts.retries += stats.retries as u64;
         report.counts.replanned += stats.replanned as u64;
         match outcome {
-            Outcome::Placed {
-                path,
-                placed: p,
-                reason,
-            } => {
+            Outcome::Placed { path, placed: p, reason } => {
                 report.counts.downloaded += 1;
                 report.counts.repaired += (reason == FetchReason::Drifted) as u64;
                 report.bytes_downloaded += p.size;
@@ -321,10 +257,7 @@ async fn download(
     seq: u64,
     observer: Arc<dyn Observer>,
 ) -> (Outcome, FetchStats) {
-    let permit = permits
-        .acquire_owned()
-        .await
-        .expect("the semaphore is never closed");
+    let permit = permits.acquire_owned().await.expect("the semaphore is never closed");
     let (result, stats) = fetch::fetch(&ctx, &job, seq).await;
     // The permit bounds downloads, not files waiting at the gate.
     drop(permit);
@@ -333,13 +266,7 @@ async fn download(
         Err(FetchError::Vanished) => return (Outcome::Vanished, stats),
         Err(FetchError::Failed(error)) => {
             observer.failed(&job.key, &error);
-            return (
-                Outcome::Failed {
-                    key: job.key,
-                    error,
-                },
-                stats,
-            );
+            return (Outcome::Failed { key: job.key, error }, stats);
         }
     };
     observer.downloaded(staged.placed.size);
@@ -353,24 +280,11 @@ async fn download(
     match committed {
         Ok(placed) => {
             observer.placed();
-            (
-                Outcome::Placed {
-                    path: job.path,
-                    placed,
-                    reason: job.reason,
-                },
-                stats,
-            )
+            (Outcome::Placed { path: job.path, placed, reason: job.reason }, stats)
         }
         Err(error) => {
             observer.failed(&job.key, &error);
-            (
-                Outcome::Failed {
-                    key: job.key,
-                    error,
-                },
-                stats,
-            )
+            (Outcome::Failed { key: job.key, error }, stats)
         }
     }
 }
@@ -390,10 +304,7 @@ fn start_planner(
     dest: Option<Arc<DestDir>>,
     placed: HashMap<RelPath, Placed>,
     observer: Arc<dyn Observer>,
-) -> (
-    mpsc::Receiver<FetchJob>,
-    tokio::task::JoinHandle<Result<PlannerEnd>>,
-) {
+) -> (mpsc::Receiver<FetchJob>, tokio::task::JoinHandle<Result<PlannerEnd>>) {
     let mut lister = list::start(client, opts.source.clone());
     let (tx, rx) = mpsc::channel(4096);
     let prefix = opts.source.prefix.clone();
@@ -410,32 +321,18 @@ fn start_planner(
             observer.listed(planner.listed - before);
         }
         let (listed, unchanged) = (planner.listed, planner.unchanged);
-        Ok(PlannerEnd {
-            plan: planner.finish(delete)?,
-            listed,
-            unchanged,
-        })
+        Ok(PlannerEnd { plan: planner.finish(delete)?, listed, unchanged })
     });
     (rx, planner)
 }
 
 /// Lists and plans without writing anything, not even the lock or state.
-async fn dry_run(
-    opts: &PullOptions,
-    client: aws_sdk_s3::Client,
-    observer: Arc<dyn Observer>,
-    t0: Instant,
-) -> Result<PullReport> {
+async fn dry_run(opts: &PullOptions, client: aws_sdk_s3::Client, observer: Arc<dyn Observer>, t0: Instant) -> Result<PullReport> {
     let placed = StateStore::load_read_only(&opts.state_dir, &opts.dest)?;
-    let dest = DestDir::open_read_only(&opts.dest)
-        .map_err(|e| Error::io(format!("opening DEST {}", opts.dest.display()), e))?
-        .map(Arc::new);
+    let dest =
+        DestDir::open_read_only(&opts.dest).map_err(|e| Error::io(format!("opening DEST {}", opts.dest.display()), e))?.map(Arc::new);
     let (mut jobs, planner) = start_planner(opts, client, dest, placed, observer);
-    let mut report = PullReport::new(
-        opts.source.to_string(),
-        opts.dest.display().to_string(),
-        true,
-    );
+    let mut report = PullReport::new(opts.source.to_string(), opts.dest.display().to_string(), true);
     let mut plan = Plan::default();
     while let Some(job) = jobs.recv().await {
         report.counts.downloaded += 1;
@@ -449,13 +346,7 @@ async fn dry_run(
     report.counts.listed = end.listed;
     report.counts.unchanged = end.unchanged;
     report.counts.deleted = end.plan.deletions.len() as u64;
-    plan.delete = end
-        .plan
-        .deletions
-        .iter()
-        .take(MAX_PLAN)
-        .map(|p| p.to_string())
-        .collect();
+    plan.delete = end.plan.deletions.iter().take(MAX_PLAN).map(|p| p.to_string()).collect();
     report.bytes_downloaded = plan.fetch_bytes;
     report.plan = Some(plan);
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
@@ -463,10 +354,7 @@ async fn dry_run(
 }
 
 fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
 fn read_last(path: &Path) -> Option<LastPull> {

@@ -127,11 +127,7 @@ impl PullReport {
     /// The report for a pull that failed as a whole.
     pub fn failed(source: String, dest: String, err: &crate::Error) -> PullReport {
         let mut r = PullReport::new(source, dest, false);
-        r.status = if matches!(err, crate::Error::Busy { .. }) {
-            PullStatus::Busy
-        } else {
-            PullStatus::Failed
-        };
+        r.status = if matches!(err, crate::Error::Busy { .. }) { PullStatus::Busy } else { PullStatus::Failed };
         r.exit_code = err.exit_code();
         r.error = Some(err.to_string());
         r
@@ -175,10 +171,7 @@ impl PullReport {
             s.push_str(" (coalesced with a pull that started after this request)");
         }
         if c.retries > 0 || c.replanned > 0 {
-            s.push_str(&format!(
-                "; {} retries, {} objects changed mid-pull",
-                c.retries, c.replanned
-            ));
+            s.push_str(&format!("; {} retries, {} objects changed mid-pull", c.retries, c.replanned));
         }
         s
     }

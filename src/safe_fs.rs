@@ -77,24 +77,14 @@ impl DestDir {
         remove_tree_at(&root, STAGING_DIR)?;
         rfs::mkdirat(&root, STAGING_DIR, Mode::from_raw_mode(0o700))?;
         let staging = rfs::openat(&root, STAGING_DIR, dir_flags(), Mode::empty())?;
-        Ok(DestDir {
-            root: Arc::new(root),
-            staging: Some(Arc::new(staging)),
-            path: path.to_path_buf(),
-            dirs: Default::default(),
-        })
+        Ok(DestDir { root: Arc::new(root), staging: Some(Arc::new(staging)), path: path.to_path_buf(), dirs: Default::default() })
     }
 
     /// Opens DEST for looking only (dry runs): creates nothing, and `None`
     /// when DEST does not exist yet.
     pub(crate) fn open_read_only(path: &Path) -> std::io::Result<Option<DestDir>> {
         match open_root(path) {
-            Ok(root) => Ok(Some(DestDir {
-                root: Arc::new(root),
-                staging: None,
-                path: path.to_path_buf(),
-                dirs: Default::default(),
-            })),
+            Ok(root) => Ok(Some(DestDir { root: Arc::new(root), staging: None, path: path.to_path_buf(), dirs: Default::default() })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -105,16 +95,9 @@ impl DestDir {
     }
 
     /// Creates a new temporary file with a unique name.
-    pub(crate) fn create_temp(
-        &self,
-        at: TempAt<'_>,
-        seq: u64,
-    ) -> std::io::Result<(File, TempName)> {
+    pub(crate) fn create_temp(&self, at: TempAt<'_>, seq: u64) -> std::io::Result<(File, TempName)> {
         let dir = match at {
-            TempAt::Staging => self
-                .staging
-                .clone()
-                .ok_or_else(|| std::io::Error::other("DEST was opened read-only"))?,
+            TempAt::Staging => self.staging.clone().ok_or_else(|| std::io::Error::other("DEST was opened read-only"))?,
             TempAt::Beside(path) => self.dir_fd(&path.split_parent().0, true)?,
         };
         let name = format!("{TEMP_PREFIX}{seq:x}-{:08x}", rand::random::<u32>());
@@ -141,9 +124,9 @@ impl DestDir {
         let (parents, file_name) = path.split_parent();
         let parent = self.dir_fd(&parents, true)?;
         rfs::renameat(&*temp.dir, temp.name.as_str(), &*parent, file_name).map_err(|e| match e {
-            Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST => std::io::Error::other(
-                "a directory is in the way of this file (not placed by fleetsync)",
-            ),
+            Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST => {
+                std::io::Error::other("a directory is in the way of this file (not placed by fleetsync)")
+            }
             e => e.into(),
         })
     }
@@ -175,11 +158,7 @@ impl DestDir {
     /// directory that this left empty, up to but not including DEST. A
     /// directory for which `keep` says so (a marker in the source) stays
     /// even when empty.
-    pub(crate) fn remove_file(
-        &self,
-        path: &RelPath,
-        keep: &dyn Fn(&str) -> bool,
-    ) -> std::io::Result<()> {
+    pub(crate) fn remove_file(&self, path: &RelPath, keep: &dyn Fn(&str) -> bool) -> std::io::Result<()> {
         // Directories may disappear below: forget every cached descriptor.
         self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let (parents, file_name) = path.split_parent();
@@ -256,9 +235,7 @@ impl DestDir {
             }
         }
         for i in depth..parts.len() {
-            cur = Arc::new(
-                open_dir_at(&cur, parts[i], create).map_err(|e| ctx(e, &parts[..=i].join("/")))?,
-            );
+            cur = Arc::new(open_dir_at(&cur, parts[i], create).map_err(|e| ctx(e, &parts[..=i].join("/")))?);
             let mut cache = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= DIR_CACHE {
                 cache.clear();
@@ -289,10 +266,7 @@ fn open_dir_at(from: &OwnedFd, name: &str, create: bool) -> std::io::Result<Owne
             Err(if is_link {
                 std::io::Error::other("is a symlink; fleetsync never follows symlinks inside DEST")
             } else {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotADirectory,
-                    "is a file where a directory is needed",
-                )
+                std::io::Error::new(std::io::ErrorKind::NotADirectory, "is a file where a directory is needed")
             })
         }
         Err(e) => Err(e.into()),
@@ -312,19 +286,14 @@ impl Drop for DestDir {
 fn open_root(path: &Path) -> std::io::Result<OwnedFd> {
     let file = File::open(path)?;
     if !file.metadata()?.is_dir() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotADirectory,
-            "not a directory",
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"));
     }
     Ok(file.into())
 }
 
 fn is_absent(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-    ) || e.raw_os_error() == Some(Errno::LOOP.raw_os_error())
+    matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory)
+        || e.raw_os_error() == Some(Errno::LOOP.raw_os_error())
 }
 
 fn ctx(e: std::io::Error, at: &str) -> std::io::Error {
@@ -338,10 +307,7 @@ fn remove_tree_at(dir: &OwnedFd, name: &str) -> std::io::Result<()> {
         Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(e.into()),
         Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory => {
-            let path = PathBuf::from(format!(
-                "/proc/self/fd/{}/{name}",
-                std::os::fd::AsRawFd::as_raw_fd(dir)
-            ));
+            let path = PathBuf::from(format!("/proc/self/fd/{}/{name}", std::os::fd::AsRawFd::as_raw_fd(dir)));
             std::fs::remove_dir_all(path)
         }
         Ok(_) => rfs::unlinkat(dir, name, AtFlags::empty()).map_err(Into::into),
@@ -402,10 +368,7 @@ mod tests {
         let n = stage(&d, b"new");
         d.commit(&n, &rel("f")).unwrap();
         assert_eq!(std::fs::read(outside.path()).unwrap(), b"keep");
-        assert!(!std::fs::symlink_metadata(tmp.path().join("f"))
-            .unwrap()
-            .file_type()
-            .is_symlink());
+        assert!(!std::fs::symlink_metadata(tmp.path().join("f")).unwrap().file_type().is_symlink());
     }
 
     #[test]
@@ -435,10 +398,7 @@ mod tests {
         // A temp left by a killed pull is swept; real files are not.
         let (_f, _left) = d.create_temp(TempAt::Beside(&rel("x/y/other")), 8).unwrap();
         assert_eq!(d.sweep_temps().unwrap(), 1);
-        assert_eq!(
-            std::fs::read_dir(tmp.path().join("x/y")).unwrap().count(),
-            1
-        );
+        assert_eq!(std::fs::read_dir(tmp.path().join("x/y")).unwrap().count(), 1);
     }
 
     #[test]
@@ -447,12 +407,7 @@ mod tests {
         std::fs::create_dir_all(tmp.path().join(STAGING_DIR).join("sub")).unwrap();
         std::fs::write(tmp.path().join(STAGING_DIR).join("partial"), b"x").unwrap();
         let d = DestDir::open(tmp.path()).unwrap();
-        assert_eq!(
-            std::fs::read_dir(tmp.path().join(STAGING_DIR))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(tmp.path().join(STAGING_DIR)).unwrap().count(), 0);
         drop(d);
         assert!(!tmp.path().join(STAGING_DIR).exists());
     }

@@ -7,9 +7,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use aws_config::{
-    meta::region::RegionProviderChain, retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion,
-};
+use aws_config::{meta::region::RegionProviderChain, retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion};
 
 use crate::error::{Error, Result};
 
@@ -29,32 +27,20 @@ pub struct S3Url {
 
 impl S3Url {
     pub fn parse(url: &str) -> Result<S3Url> {
-        let bad = |why: &str| {
-            Error::Config(format!(
-                "source {url:?} is not valid: {why} (expected s3://BUCKET[/PREFIX])"
-            ))
-        };
-        let rest = url
-            .strip_prefix("s3://")
-            .ok_or_else(|| bad("it must start with s3://"))?;
+        let bad = |why: &str| Error::Config(format!("source {url:?} is not valid: {why} (expected s3://BUCKET[/PREFIX])"));
+        let rest = url.strip_prefix("s3://").ok_or_else(|| bad("it must start with s3://"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(bad("the bucket name is empty"));
         }
-        if !bucket
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-        {
+        if !bucket.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
             return Err(bad("the bucket name has characters S3 does not allow"));
         }
         let mut prefix = prefix.to_string();
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
-        Ok(S3Url {
-            bucket: bucket.to_string(),
-            prefix,
-        })
+        Ok(S3Url { bucket: bucket.to_string(), prefix })
     }
 }
 
@@ -83,22 +69,12 @@ pub struct ClientOptions {
 /// Timeouts: a stalled connection is abandoned and retried rather than
 /// hanging a node's pull or a deploy forever.
 pub async fn sdk_config(opts: &ClientOptions) -> aws_config::SdkConfig {
-    let region = RegionProviderChain::first_try(opts.region.clone().map(aws_config::Region::new))
-        .or_default_provider()
-        .or_else("us-east-1");
+    let region =
+        RegionProviderChain::first_try(opts.region.clone().map(aws_config::Region::new)).or_default_provider().or_else("us-east-1");
     aws_config::defaults(BehaviorVersion::latest())
         .region(region)
-        .retry_config(
-            RetryConfig::standard()
-                .with_max_attempts(6)
-                .with_initial_backoff(Duration::from_millis(50)),
-        )
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .read_timeout(Duration::from_secs(30))
-                .build(),
-        )
+        .retry_config(RetryConfig::standard().with_max_attempts(6).with_initial_backoff(Duration::from_millis(50)))
+        .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).read_timeout(Duration::from_secs(30)).build())
         .load()
         .await
 }
@@ -106,9 +82,7 @@ pub async fn sdk_config(opts: &ClientOptions) -> aws_config::SdkConfig {
 /// Builds an S3 client from the standard AWS configuration chain.
 pub async fn s3_client(opts: &ClientOptions) -> aws_sdk_s3::Client {
     let shared = sdk_config(opts).await;
-    let conf = aws_sdk_s3::config::Builder::from(&shared)
-        .force_path_style(opts.path_style)
-        .build();
+    let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(opts.path_style).build();
     aws_sdk_s3::Client::from_conf(conf)
 }
 
@@ -128,35 +102,20 @@ pub struct ApiFailure {
 }
 
 impl ApiFailure {
-    pub fn from_sdk<E>(
-        err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
-    ) -> ApiFailure
+    pub fn from_sdk<E>(err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> ApiFailure
     where
         E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
     {
         use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_string);
-        let no_response = matches!(
-            err,
-            SdkError::DispatchFailure(_)
-                | SdkError::TimeoutError(_)
-                | SdkError::ConstructionFailure(_)
-        );
+        let no_response = matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ConstructionFailure(_));
         let message = match (&code, status) {
-            (Some(code), Some(status)) => format!(
-                "{code}: {} (HTTP {status})",
-                err.message().unwrap_or("no message")
-            ),
+            (Some(code), Some(status)) => format!("{code}: {} (HTTP {status})", err.message().unwrap_or("no message")),
             (None, Some(status)) => format!("HTTP {status}"),
             _ => error_chain(err),
         };
-        ApiFailure {
-            status,
-            code,
-            message,
-            no_response,
-        }
+        ApiFailure { status, code, message, no_response }
     }
 
     /// Whether the user has to fix something (credentials, bucket name,

@@ -74,13 +74,9 @@ pub(crate) struct StateStore {
 impl StateStore {
     /// Opens (creating) the store for `dest` under `state_dir`, and loads
     /// what it holds.
-    pub(crate) fn open(
-        state_dir: &Path,
-        dest: &Path,
-    ) -> Result<(StateStore, HashMap<RelPath, Placed>)> {
+    pub(crate) fn open(state_dir: &Path, dest: &Path) -> Result<(StateStore, HashMap<RelPath, Placed>)> {
         let dir = state_dir.join(format!("dest-{}", dest_id(dest)));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating state dir {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating state dir {}", dir.display()), e))?;
         let mut placed = HashMap::new();
         let snapshot = dir.join("placed.jsonl");
         let journal = dir.join("journal.jsonl");
@@ -89,8 +85,7 @@ impl StateStore {
         replay(&journal, &mut placed)?;
         if had_journal {
             write_snapshot(&dir, &placed)?;
-            std::fs::remove_file(&journal)
-                .map_err(|e| Error::io(format!("removing {}", journal.display()), e))?;
+            std::fs::remove_file(&journal).map_err(|e| Error::io(format!("removing {}", journal.display()), e))?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -98,12 +93,7 @@ impl StateStore {
             .open(&journal)
             .map_err(|e| Error::io(format!("opening {}", journal.display()), e))?;
         let interrupted = dir.join(IN_PROGRESS).exists();
-        let store = StateStore {
-            dir,
-            journal: Mutex::new(BufWriter::new(file)),
-            dirty: Default::default(),
-            interrupted,
-        };
+        let store = StateStore { dir, journal: Mutex::new(BufWriter::new(file)), dirty: Default::default(), interrupted };
         Ok((store, placed))
     }
 
@@ -116,9 +106,7 @@ impl StateStore {
     /// means the pull was killed.
     pub(crate) fn mark_in_progress(&self) -> Result<()> {
         let p = self.dir.join(IN_PROGRESS);
-        File::create(&p)
-            .map(drop)
-            .map_err(|e| Error::io(format!("writing {}", p.display()), e))
+        File::create(&p).map(drop).map_err(|e| Error::io(format!("writing {}", p.display()), e))
     }
 
     pub(crate) fn clear_in_progress(&self) {
@@ -127,10 +115,7 @@ impl StateStore {
 
     /// Loads the state for `dest` without creating or changing anything
     /// (dry runs). Missing state is empty state.
-    pub(crate) fn load_read_only(
-        state_dir: &Path,
-        dest: &Path,
-    ) -> Result<HashMap<RelPath, Placed>> {
+    pub(crate) fn load_read_only(state_dir: &Path, dest: &Path) -> Result<HashMap<RelPath, Placed>> {
         let dir = state_dir.join(format!("dest-{}", dest_id(dest)));
         let mut placed = HashMap::new();
         replay(&dir.join("placed.jsonl"), &mut placed)?;
@@ -145,18 +130,12 @@ impl StateStore {
 
     /// Records that `path` now holds `placed`. Call after the rename.
     pub(crate) fn record_placed(&self, path: &RelPath, placed: &Placed) -> Result<()> {
-        self.append(&Record {
-            path: path.to_string(),
-            placed: Some(placed.clone()),
-        })
+        self.append(&Record { path: path.to_string(), placed: Some(placed.clone()) })
     }
 
     /// Records that `path` was deleted. Call after the unlink.
     pub(crate) fn record_deleted(&self, path: &RelPath) -> Result<()> {
-        self.append(&Record {
-            path: path.to_string(),
-            placed: None,
-        })
+        self.append(&Record { path: path.to_string(), placed: None })
     }
 
     fn append(&self, rec: &Record) -> Result<()> {
@@ -164,8 +143,7 @@ impl StateStore {
         line.push(b'\n');
         self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        j.write_all(&line)
-            .map_err(|e| Error::io(format!("appending to journal in {}", self.dir.display()), e))
+        j.write_all(&line).map_err(|e| Error::io(format!("appending to journal in {}", self.dir.display()), e))
     }
 
     /// Ends a pull: writes the full snapshot atomically and empties the
@@ -176,15 +154,12 @@ impl StateStore {
         }
         {
             let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-            j.flush()
-                .map_err(|e| Error::io(format!("flushing journal in {}", self.dir.display()), e))?;
+            j.flush().map_err(|e| Error::io(format!("flushing journal in {}", self.dir.display()), e))?;
         }
         write_snapshot(&self.dir, placed)?;
         let journal = self.dir.join("journal.jsonl");
         let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        j.get_ref()
-            .set_len(0)
-            .map_err(|e| Error::io(format!("truncating {}", journal.display()), e))
+        j.get_ref().set_len(0).map_err(|e| Error::io(format!("truncating {}", journal.display()), e))
     }
 
     /// Flushes the journal without compacting (after an aborted pull).
@@ -233,18 +208,13 @@ fn write_snapshot(dir: &Path, placed: &HashMap<RelPath, Placed>) -> Result<()> {
     let mut entries: Vec<_> = placed.iter().collect();
     entries.sort_by(|a, b| a.0.cmp(b.0));
     for (path, p) in entries {
-        let mut line = serde_json::to_vec(&Record {
-            path: path.to_string(),
-            placed: Some(p.clone()),
-        })
-        .expect("records serialize");
+        let mut line = serde_json::to_vec(&Record { path: path.to_string(), placed: Some(p.clone()) }).expect("records serialize");
         line.push(b'\n');
         out.write_all(&line).map_err(err)?;
     }
     let file = out.into_inner().map_err(|e| err(e.into_error()))?;
     file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, &dst)
-        .map_err(|e| Error::io(format!("replacing {}", dst.display()), e))?;
+    std::fs::rename(&tmp, &dst).map_err(|e| Error::io(format!("replacing {}", dst.display()), e))?;
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
@@ -260,12 +230,7 @@ mod tests {
     }
 
     fn p(etag: &str) -> Placed {
-        Placed {
-            etag: etag.into(),
-            size: 3,
-            file_size: 3,
-            mtime_ns: 42,
-        }
+        Placed { etag: etag.into(), size: 3, file_size: 3, mtime_ns: 42 }
     }
 
     #[test]
@@ -288,12 +253,7 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(m[&rel("b/c")], p("\"2\""));
         // The journal was compacted into the snapshot on load.
-        assert_eq!(
-            std::fs::metadata(s.dir().join("journal.jsonl"))
-                .unwrap()
-                .len(),
-            0
-        );
+        assert_eq!(std::fs::metadata(s.dir().join("journal.jsonl")).unwrap().len(), 0);
     }
 
     #[test]
@@ -315,11 +275,7 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let dest = Path::new("/srv/www");
         let (s, _) = StateStore::open(state.path(), dest).unwrap();
-        std::fs::write(
-            s.dir().join("placed.jsonl"),
-            "{\"k\":\"../../etc/passwd\",\"e\":\"x\",\"s\":1,\"fs\":1,\"m\":1}\n",
-        )
-        .unwrap();
+        std::fs::write(s.dir().join("placed.jsonl"), "{\"k\":\"../../etc/passwd\",\"e\":\"x\",\"s\":1,\"fs\":1,\"m\":1}\n").unwrap();
         drop(s);
         let (_, loaded) = StateStore::open(state.path(), dest).unwrap();
         assert!(loaded.is_empty());

@@ -34,9 +34,7 @@ pub(crate) struct Gate {
 
 impl Gate {
     pub(crate) fn new() -> Gate {
-        Gate {
-            tx: watch::channel(GateState::Closed).0,
-        }
+        Gate { tx: watch::channel(GateState::Closed).0 }
     }
 
     pub(crate) fn open(&self) {
@@ -48,9 +46,7 @@ impl Gate {
     }
 
     pub(crate) fn waiter(&self) -> GateWaiter {
-        GateWaiter {
-            rx: self.tx.subscribe(),
-        }
+        GateWaiter { rx: self.tx.subscribe() }
     }
 }
 
@@ -86,23 +82,12 @@ impl GateWaiter {
 }
 
 /// Renames a staged file to `path` and records it. Blocking.
-pub(crate) fn commit(
-    dest: &DestDir,
-    state: &StateStore,
-    staged: &crate::fetch::Staged,
-    path: &RelPath,
-) -> Result<(), String> {
+pub(crate) fn commit(dest: &DestDir, state: &StateStore, staged: &crate::fetch::Staged, path: &RelPath) -> Result<(), String> {
     if let Err(e) = dest.commit(&staged.temp, path) {
         dest.discard(&staged.temp);
-        return Err(format!(
-            "placing {} in {}: {e}",
-            path,
-            dest.path().display()
-        ));
+        return Err(format!("placing {} in {}: {e}", path, dest.path().display()));
     }
-    state
-        .record_placed(path, &staged.placed)
-        .map_err(|e| e.to_string())
+    state.record_placed(path, &staged.placed).map_err(|e| e.to_string())
 }
 
 /// Deletes files we placed that the source no longer has, pruning the

@@ -8,28 +8,15 @@ use std::process::Command;
 use common::{fleet, unique};
 
 fn list(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .arg("list")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync")).arg("list").args(args).output().unwrap();
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
 fn list_shows_the_targets_and_why_the_others_are_skipped() {
     let asg = unique("web");
     let group = fleet(&["create", &asg, "--size", "4"]);
-    let ids: Vec<String> = group["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids: Vec<String> = group["instances"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
     fleet(&["health", &ids[0], "Unhealthy"]);
     fleet(&["standby", &asg, &ids[1]]);
 
@@ -37,50 +24,23 @@ fn list_shows_the_targets_and_why_the_others_are_skipped() {
     assert_eq!(code, 0, "{err}");
     let nodes: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(nodes.len(), 4, "{out}");
-    let by_id = |id: &str| {
-        nodes
-            .iter()
-            .find(|n| n["instance_id"] == id)
-            .unwrap()
-            .clone()
-    };
-    assert!(by_id(&ids[0])["skipped"]
-        .as_str()
-        .unwrap()
-        .contains("Unhealthy"));
-    assert!(by_id(&ids[1])["skipped"]
-        .as_str()
-        .unwrap()
-        .contains("Standby"));
+    let by_id = |id: &str| nodes.iter().find(|n| n["instance_id"] == id).unwrap().clone();
+    assert!(by_id(&ids[0])["skipped"].as_str().unwrap().contains("Unhealthy"));
+    assert!(by_id(&ids[1])["skipped"].as_str().unwrap().contains("Standby"));
     for id in &ids[2..] {
         let n = by_id(id);
         assert!(n["skipped"].is_null(), "{n}");
         assert_eq!(n["state"], "running");
-        assert!(
-            n["private_ip"].as_str().unwrap().starts_with("127.0.1."),
-            "{n}"
-        );
+        assert!(n["private_ip"].as_str().unwrap().starts_with("127.0.1."), "{n}");
     }
     // Targets first.
-    assert!(
-        nodes[0]["skipped"].is_null()
-            && nodes[1]["skipped"].is_null()
-            && !nodes[2]["skipped"].is_null()
-    );
+    assert!(nodes[0]["skipped"].is_null() && nodes[1]["skipped"].is_null() && !nodes[2]["skipped"].is_null());
 
     let (code, table, _) = list(&["--asg", &asg]);
     assert_eq!(code, 0);
     assert!(table.starts_with("INSTANCE"), "{table}");
-    assert!(
-        table.contains("2 of 4 instances would be synced"),
-        "{table}"
-    );
-    assert!(
-        table
-            .lines()
-            .any(|l| l.contains(&ids[1]) && l.contains("skip") && l.contains("Standby")),
-        "{table}"
-    );
+    assert!(table.contains("2 of 4 instances would be synced"), "{table}");
+    assert!(table.lines().any(|l| l.contains(&ids[1]) && l.contains("skip") && l.contains("Standby")), "{table}");
 }
 
 #[test]
@@ -88,10 +48,7 @@ fn an_unknown_or_empty_group_is_a_configuration_error() {
     let (code, out, err) = list(&["--asg", "no-such-group"]);
     assert_eq!(code, 2, "{out}{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("\"no-such-group\" not found") && err.contains("--region"),
-        "{err}"
-    );
+    assert!(err.contains("\"no-such-group\" not found") && err.contains("--region"), "{err}");
 
     let asg = unique("empty");
     fleet(&["create", &asg, "--size", "0"]);
@@ -108,10 +65,7 @@ fn a_large_group_is_listed_whole() {
     assert_eq!(code, 0, "{err}");
     let nodes: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(nodes.len(), 60);
-    let ips: std::collections::HashSet<_> = nodes
-        .iter()
-        .map(|n| n["private_ip"].as_str().unwrap().to_string())
-        .collect();
+    let ips: std::collections::HashSet<_> = nodes.iter().map(|n| n["private_ip"].as_str().unwrap().to_string()).collect();
     assert_eq!(ips.len(), 60, "each instance has its own loopback address");
     assert!(nodes.iter().all(|n| n["skipped"].is_null()));
 }
@@ -125,8 +79,5 @@ fn an_unreachable_api_is_a_configuration_error() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("DescribeAutoScalingGroups") && err.contains("AWS_ENDPOINT_URL"),
-        "{err}"
-    );
+    assert!(err.contains("DescribeAutoScalingGroups") && err.contains("AWS_ENDPOINT_URL"), "{err}");
 }

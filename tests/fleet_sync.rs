@@ -9,13 +9,7 @@ use std::process::Command;
 use common::{assert_tree, deploy_command, fleet, ids, sample_tree, Bucket, Nodes};
 
 /// `fleetsync sync --via ssh` for `asg`: (exit code, JSON report or Null, stderr).
-fn sync(
-    asg: &str,
-    source: &str,
-    dest: &str,
-    nodes: &Nodes,
-    extra: &[&str],
-) -> (i32, serde_json::Value, String) {
+fn sync(asg: &str, source: &str, dest: &str, nodes: &Nodes, extra: &[&str]) -> (i32, serde_json::Value, String) {
     common::deploy(asg, source, dest, nodes, "ssh", extra)
 }
 
@@ -34,23 +28,13 @@ async fn every_node_converges_and_a_second_sync_downloads_nothing() {
         assert_tree(&root.join("www"), &tree);
     }
     // The lock was released.
-    let lock = fleetsync::fleet_lock::LockObject::for_group(
-        &fleetsync::S3Url::parse(&b.url("app")).unwrap(),
-        &asg,
-    )
-    .unwrap();
-    assert!(fleetsync::fleet_lock::read(&b.client, &lock)
-        .await
-        .unwrap()
-        .is_none());
+    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+    assert!(fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none());
 
     let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
     assert_eq!(code, 0);
     assert_eq!(report["totals"]["downloaded"], 0, "{report}");
-    assert_eq!(
-        report["nodes"][0]["agent"]["counts"]["unchanged"],
-        tree.len() as u64
-    );
+    assert_eq!(report["nodes"][0]["agent"]["counts"]["unchanged"], tree.len() as u64);
 }
 
 #[tokio::test]
@@ -63,41 +47,17 @@ async fn an_unreachable_node_fails_with_the_reason_and_max_errors_stops_the_rest
 
     let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
     assert_eq!(code, 1, "{report}");
-    let down = report["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["instance_id"] == ids[0].as_str())
-        .unwrap();
+    let down = report["nodes"].as_array().unwrap().iter().find(|n| n["instance_id"] == ids[0].as_str()).unwrap();
     assert_eq!(down["status"], "failed");
-    assert!(
-        down["error"]
-            .as_str()
-            .unwrap()
-            .contains("Connection refused"),
-        "{down}"
-    );
+    assert!(down["error"].as_str().unwrap().contains("Connection refused"), "{down}");
     assert_eq!(report["totals"]["ok"], 2);
 
     // Two nodes down, one at a time, no errors tolerated: after the first
     // failure nothing else is started.
     nodes.stop(&ids[1]);
-    let (code, report, _) = sync(
-        &asg,
-        &b.url("app"),
-        "/srv/www",
-        &nodes,
-        &["--batch", "1", "--max-errors", "0"],
-    );
+    let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &["--batch", "1", "--max-errors", "0"]);
     assert_eq!(code, 1);
-    assert_eq!(
-        (
-            report["totals"]["failed"].as_u64(),
-            report["totals"]["not_attempted"].as_u64()
-        ),
-        (Some(1), Some(2)),
-        "{report}"
-    );
+    assert_eq!((report["totals"]["failed"].as_u64(), report["totals"]["not_attempted"].as_u64()), (Some(1), Some(2)), "{report}");
 }
 
 #[tokio::test]
@@ -105,11 +65,7 @@ async fn a_held_lock_exits_3_naming_the_holder_and_touches_no_node() {
     let b = Bucket::new("fleetheld").await;
     b.put("app/index.php", b"<?php").await;
     let (asg, nodes) = Nodes::group("held", 2);
-    let lock = fleetsync::fleet_lock::LockObject::for_group(
-        &fleetsync::S3Url::parse(&b.url("app")).unwrap(),
-        &asg,
-    )
-    .unwrap();
+    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
     let lease = std::time::Duration::from_secs(60);
     let held = fleetsync::fleet_lock::acquire(
         &b.client,
@@ -123,10 +79,7 @@ async fn a_held_lock_exits_3_naming_the_holder_and_touches_no_node() {
 
     let (code, _, stderr) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
     assert_eq!(code, 3, "{stderr}");
-    assert!(
-        stderr.contains("ci deploy 42") && stderr.contains("lock"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("ci deploy 42") && stderr.contains("lock"), "{stderr}");
     for (_, root) in nodes.list() {
         assert!(!root.join("www").exists());
     }
@@ -145,10 +98,7 @@ async fn hostile_arguments_reach_the_agent_verbatim() {
     let dir = root.join(dest.trim_start_matches("/srv/"));
     assert_eq!(std::fs::read(dir.join("index.php")).unwrap(), b"<?php");
     for p in ["pwned1", "pwned2", "pwned3"] {
-        assert!(
-            !root.join(p).exists(),
-            "{p} was created: the argument was run as a command"
-        );
+        assert!(!root.join(p).exists(), "{p} was created: the argument was run as a command");
     }
 }
 
@@ -162,19 +112,9 @@ async fn a_failed_canary_stops_the_deploy() {
 
     let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &["--canary", "1"]);
     assert_eq!(code, 1);
-    assert_eq!(
-        (
-            report["totals"]["failed"].as_u64(),
-            report["totals"]["not_attempted"].as_u64()
-        ),
-        (Some(1), Some(2)),
-        "{report}"
-    );
+    assert_eq!((report["totals"]["failed"].as_u64(), report["totals"]["not_attempted"].as_u64()), (Some(1), Some(2)), "{report}");
     for (_, root) in nodes.list() {
-        assert!(
-            !root.join("www").exists(),
-            "no node after the canary was touched"
-        );
+        assert!(!root.join("www").exists(), "no node after the canary was touched");
     }
 }
 
@@ -197,10 +137,7 @@ async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_e
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500)); // the first discovery is done
     fleet(&["scale", &asg, "3"]);
-    let joined: Vec<String> = ids(&asg)
-        .into_iter()
-        .filter(|i| !before.contains(i))
-        .collect();
+    let joined: Vec<String> = ids(&asg).into_iter().filter(|i| !before.contains(i)).collect();
     assert_eq!(joined.len(), 1);
     let more = Nodes::up_in(&asg, &nodes);
     drop(node_lock);
@@ -208,17 +145,10 @@ async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_e
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(
-        stderr.contains("joined the group during the deploy"),
-        "the second pass found it: {stderr}"
-    );
+    assert!(stderr.contains("joined the group during the deploy"), "the second pass found it: {stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["totals"]["ok"], 3, "{report}");
-    assert!(report["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|n| n["instance_id"] == joined[0].as_str()));
+    assert!(report["nodes"].as_array().unwrap().iter().any(|n| n["instance_id"] == joined[0].as_str()));
     assert_tree(&more.join(&joined[0]).join("srv/www"), &tree);
 }
 
@@ -228,26 +158,12 @@ async fn dry_run_names_the_nodes_the_command_and_the_lock_and_changes_nothing() 
     b.put("app/index.php", b"<?php").await;
     let (asg, nodes) = Nodes::group("dry", 2);
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args([
-            "sync",
-            "--via",
-            "ssh",
-            "--asg",
-            &asg,
-            "--source",
-            &b.url("app"),
-            "--dest",
-            "/srv/www",
-            "--dry-run",
-        ])
+        .args(["sync", "--via", "ssh", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--dry-run"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(
-        stdout.contains("would run on 2 nodes over ssh: fleetsync-agent pull"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("would run on 2 nodes over ssh: fleetsync-agent pull"), "{stdout}");
     assert!(stdout.contains("is free"), "{stdout}");
     for (_, root) in nodes.list() {
         assert!(!root.join("www").exists());
@@ -286,27 +202,15 @@ async fn of_ten_deploys_started_at_once_exactly_one_syncs_and_nine_exit_3() {
         pending = still;
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert_eq!(
-        (losers.len(), pending.len()),
-        (9, 1),
-        "nine gave up while one deploy holds the lock"
-    );
+    assert_eq!((losers.len(), pending.len()), (9, 1), "nine gave up while one deploy holds the lock");
     for out in &losers {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "{stderr}");
-        assert!(
-            stderr.contains("holds the fleet lock") && stderr.contains("pid"),
-            "the holder is named: {stderr}"
-        );
+        assert!(stderr.contains("holds the fleet lock") && stderr.contains("pid"), "the holder is named: {stderr}");
     }
     drop(node_lock);
     let winner = pending.pop().unwrap().wait_with_output().unwrap();
-    assert_eq!(
-        winner.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&winner.stderr)
-    );
+    assert_eq!(winner.status.code(), Some(0), "{}", String::from_utf8_lossy(&winner.stderr));
     let report: serde_json::Value = serde_json::from_slice(&winner.stdout).unwrap();
     assert_eq!(report["totals"]["ok"], 2, "{report}");
 }
@@ -326,26 +230,15 @@ async fn a_deploy_whose_lock_is_broken_starts_no_more_nodes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let lock = fleetsync::fleet_lock::LockObject::for_group(
-        &fleetsync::S3Url::parse(&b.url("app")).unwrap(),
-        &asg,
-    )
-    .unwrap();
-    while fleetsync::fleet_lock::read(&b.client, &lock)
-        .await
-        .unwrap()
-        .is_none()
-    {
+    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+    while fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
         .args(["lock", "break", "--asg", &asg, "--source", &b.url("app")])
         .output()
         .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("broke the lock"),
-        "{out:?}"
-    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("broke the lock"), "{out:?}");
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await; // past the next renewal
     drop(node_lock);
 
@@ -356,13 +249,7 @@ async fn a_deploy_whose_lock_is_broken_starts_no_more_nodes() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let second = &report["nodes"][1];
     assert_eq!(second["status"], "not-attempted", "{report}");
-    assert!(
-        second["error"]
-            .as_str()
-            .unwrap()
-            .contains("fleet lock was lost"),
-        "{second}"
-    );
+    assert!(second["error"].as_str().unwrap().contains("fleet lock was lost"), "{second}");
 }
 
 #[tokio::test]
@@ -386,45 +273,20 @@ async fn fleetsync_toml_supplies_the_flags_and_flags_override_it() {
         c
     };
     let out = fleetsync().args(["sync", "--json"]).output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let root = &nodes.list()[0].1;
     assert_eq!(std::fs::read(root.join("www/index.php")).unwrap(), b"<?php");
 
-    let out = fleetsync()
-        .args(["sync", "--dest", "/srv/other"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        std::fs::read(root.join("other/index.php")).unwrap(),
-        b"<?php",
-        "--dest overrode the file"
-    );
+    let out = fleetsync().args(["sync", "--dest", "/srv/other"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(root.join("other/index.php")).unwrap(), b"<?php", "--dest overrode the file");
 
     // A misspelt key is a one-line configuration error naming the file.
     std::fs::write(dir.path().join("bad.toml"), "max_errors = 2\n").unwrap();
-    let out = fleetsync()
-        .args(["--config", "bad.toml", "sync"])
-        .output()
-        .unwrap();
+    let out = fleetsync().args(["--config", "bad.toml", "sync"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("bad.toml")
-            && stderr.contains("max_errors")
-            && stderr.trim().lines().count() == 1,
-        "{stderr}"
-    );
+    assert!(stderr.contains("bad.toml") && stderr.contains("max_errors") && stderr.trim().lines().count() == 1, "{stderr}");
 }
 
 #[tokio::test]

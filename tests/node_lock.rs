@@ -16,22 +16,9 @@ async fn concurrent_pulls_never_overlap_and_piled_up_requests_coalesce() {
     b.put_tree("", &tree).await;
     let node = Node::new();
 
-    let first = node
-        .agent(&b.url(""))
-        .stderr(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let first = node.agent(&b.url("")).stderr(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(400));
-    let waiters: Vec<_> = (0..5)
-        .map(|_| {
-            node.agent(&b.url(""))
-                .stderr(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let waiters: Vec<_> = (0..5).map(|_| node.agent(&b.url("")).stderr(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap()).collect();
 
     let parse = |c: std::process::Child| {
         let out = c.wait_with_output().unwrap();
@@ -43,31 +30,18 @@ async fn concurrent_pulls_never_overlap_and_piled_up_requests_coalesce() {
     assert!(first["counts"]["downloaded"].as_u64().unwrap() > 0);
     let reports: Vec<_> = waiters.into_iter().map(parse).collect();
     for r in &reports {
-        assert!(
-            r["durations"]["lock_wait_ms"].as_u64().unwrap() > 0,
-            "every waiter waited: {r}"
-        );
+        assert!(r["durations"]["lock_wait_ms"].as_u64().unwrap() > 0, "every waiter waited: {r}");
     }
 
     // However many piled up, at most one more pull ran after the first.
     let ran: Vec<_> = reports.iter().filter(|r| r["coalesced"] == false).collect();
-    assert_eq!(
-        ran.len(),
-        1,
-        "exactly one waiter pulls; the others coalesce with it"
-    );
+    assert_eq!(ran.len(), 1, "exactly one waiter pulls; the others coalesce with it");
     let second = ran[0];
     for r in reports.iter().filter(|r| r["coalesced"] == true) {
-        assert_eq!(
-            r["started_at_ms"], second["started_at_ms"],
-            "coalesced onto the second pull"
-        );
+        assert_eq!(r["started_at_ms"], second["started_at_ms"], "coalesced onto the second pull");
     }
     // No overlap: the second began after the first ended.
-    assert!(
-        second["started_at_ms"].as_u64() >= first["finished_at_ms"].as_u64(),
-        "{first}\n{second}"
-    );
+    assert!(second["started_at_ms"].as_u64() >= first["finished_at_ms"].as_u64(), "{first}\n{second}");
     assert_tree(&node.dest, &tree);
 }
 
@@ -77,12 +51,7 @@ async fn if_busy_fail_exits_3_while_the_lock_is_held() {
     b.put("a.txt", b"a").await;
     let node = Node::new();
     std::fs::create_dir_all(&node.state).unwrap();
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(node.state.join("node.lock"))
-        .unwrap();
+    let lock = OpenOptions::new().create(true).truncate(false).write(true).open(node.state.join("node.lock")).unwrap();
     lock.lock().unwrap();
 
     let (code, json, stderr) = run_json(node.agent(&b.url("")).args(["--if-busy", "fail"]));

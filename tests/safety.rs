@@ -14,19 +14,11 @@ use common::{assert_tree, read_tree, run_json, sample_tree, Bucket, Node};
 /// Everything in DEST under a final name: not the staging directory nor the
 /// temporary files a killed pull leaves (the next pull removes both).
 fn live_tree(dest: &Path) -> BTreeMap<String, Vec<u8>> {
-    read_tree(dest)
-        .into_iter()
-        .filter(|(k, _)| !is_temp(k))
-        .collect()
+    read_tree(dest).into_iter().filter(|(k, _)| !is_temp(k)).collect()
 }
 
 fn is_temp(path: &str) -> bool {
-    path.starts_with(".fleetsync.tmp/")
-        || path
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .starts_with(".fleetsync-tmp-")
+    path.starts_with(".fleetsync.tmp/") || path.rsplit('/').next().unwrap().starts_with(".fleetsync-tmp-")
 }
 
 #[tokio::test]
@@ -51,14 +43,7 @@ async fn hostile_keys_fail_the_pull_before_anything_is_written() {
         // it may reach DEST, although downloads start before LIST ends.
         let changed = tree.keys().next().unwrap();
         b.put(changed, b"new content").await;
-        b.put_tree(
-            "",
-            &sample_tree(50, 99)
-                .into_iter()
-                .map(|(k, v)| (format!("new/{k}"), v))
-                .collect(),
-        )
-        .await;
+        b.put_tree("", &sample_tree(50, 99).into_iter().map(|(k, v)| (format!("new/{k}"), v)).collect()).await;
         for k in *keys {
             b.put(k, b"hostile").await;
         }
@@ -68,15 +53,10 @@ async fn hostile_keys_fail_the_pull_before_anything_is_written() {
         let msg = json["error"].as_str().unwrap();
         assert!(msg.contains(reason), "{msg}");
         assert!(
-            msg.contains(&format!("{:?}", keys.last().unwrap()))
-                || msg.contains(keys.last().unwrap()),
+            msg.contains(&format!("{:?}", keys.last().unwrap())) || msg.contains(keys.last().unwrap()),
             "the error names the key: {msg}"
         );
-        assert_eq!(
-            stderr.lines().filter(|l| l.contains("refusing")).count(),
-            1,
-            "one clear line: {stderr}"
-        );
+        assert_eq!(stderr.lines().filter(|l| l.contains("refusing")).count(), 1, "one clear line: {stderr}");
         assert_tree(&node.dest, &tree);
     }
 }
@@ -92,29 +72,19 @@ async fn planted_symlinks_are_never_followed() {
     std::fs::write(outside.path().join("config.php"), b"precious").unwrap();
     std::fs::create_dir_all(&node.dest).unwrap();
     std::os::unix::fs::symlink(outside.path(), node.dest.join("assets")).unwrap();
-    std::os::unix::fs::symlink(
-        outside.path().join("config.php"),
-        node.dest.join("config.php"),
-    )
-    .unwrap();
+    std::os::unix::fs::symlink(outside.path().join("config.php"), node.dest.join("config.php")).unwrap();
 
     let (code, json, _) = run_json(&mut node.agent(&b.url("")));
     assert_eq!(code, 1, "{json}");
     assert_eq!(json["counts"]["failed"], 1);
     assert_eq!(json["errors"][0]["key"], "assets/app.js");
-    assert!(json["errors"][0]["error"]
-        .as_str()
-        .unwrap()
-        .contains("symlink"));
+    assert!(json["errors"][0]["error"].as_str().unwrap().contains("symlink"));
     // Nothing written through either link.
     let outside_files = read_tree(outside.path());
     assert_eq!(outside_files.len(), 1);
     assert_eq!(outside_files["config.php"], b"precious");
     // The file-level link was replaced by the real file, not written through.
-    assert!(!std::fs::symlink_metadata(node.dest.join("config.php"))
-        .unwrap()
-        .file_type()
-        .is_symlink());
+    assert!(!std::fs::symlink_metadata(node.dest.join("config.php")).unwrap().file_type().is_symlink());
     assert_eq!(std::fs::read(node.dest.join("ok.txt")).unwrap(), b"ok");
 }
 
@@ -127,11 +97,7 @@ async fn configuration_errors_exit_2_with_one_line_and_touch_nothing() {
     assert_eq!(run_json(&mut node.agent(&b.url(""))).0, 0);
 
     let cases: Vec<(&str, Command, &str)> = vec![
-        (
-            "missing bucket",
-            node.agent("s3://no-such-bucket-here/x"),
-            "NoSuchBucket",
-        ),
+        ("missing bucket", node.agent("s3://no-such-bucket-here/x"), "NoSuchBucket"),
         (
             "wrong credentials",
             {
@@ -203,11 +169,7 @@ async fn a_read_only_dest_is_a_configuration_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("read-only file system")
-            && stderr.contains(&disk.0.path().display().to_string()),
-        "{stderr}"
-    );
+    assert!(stderr.contains("read-only file system") && stderr.contains(&disk.0.path().display().to_string()), "{stderr}");
 }
 
 /// A tmpfs mounted for one test and unmounted when dropped.
@@ -216,11 +178,7 @@ struct SmallDisk(tempfile::TempDir);
 impl SmallDisk {
     fn new(options: &str) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "fleetsync-test"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", options, "fleetsync-test"]).arg(dir.path()).status().unwrap();
         assert!(st.success(), "mounting a tmpfs for the disk-full test failed (the tests run as root on the CI machine)");
         SmallDisk(dir)
     }
@@ -242,10 +200,7 @@ async fn disk_full_fails_cleanly_and_keeps_the_live_tree() {
     let dest = disk.0.path().join("www");
     let pull = |source: &str| {
         let mut c = Command::new(common::agent_bin());
-        c.args(["pull", source, "--json", "--state-dir"])
-            .arg(&node.state)
-            .arg("--dest")
-            .arg(&dest);
+        c.args(["pull", source, "--json", "--state-dir"]).arg(&node.state).arg("--dest").arg(&dest);
         c
     };
     assert_eq!(run_json(&mut pull(&b.url(""))).0, 0);
@@ -258,13 +213,7 @@ async fn disk_full_fails_cleanly_and_keeps_the_live_tree() {
     let (code, json, stderr) = run_json(&mut pull(&b.url("")));
     assert_eq!(code, 1, "{stderr}");
     assert_eq!(json["counts"]["failed"], 2, "{json}");
-    assert!(
-        json["errors"][0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("No space left"),
-        "{json}"
-    );
+    assert!(json["errors"][0]["error"].as_str().unwrap().contains("No space left"), "{json}");
     assert_tree(&dest, &tree);
 }
 
@@ -285,11 +234,7 @@ async fn sigkill_at_any_moment_leaves_no_partial_file_and_the_next_pull_converge
     for k in &gone {
         v2.remove(k);
     }
-    v2.extend(
-        sample_tree(100, 77)
-            .into_iter()
-            .map(|(k, v)| (format!("added/{k}"), v)),
-    );
+    v2.extend(sample_tree(100, 77).into_iter().map(|(k, v)| (format!("added/{k}"), v)));
 
     let node = Node::new();
     let mut kills = 0;
@@ -302,25 +247,14 @@ async fn sigkill_at_any_moment_leaves_no_partial_file_and_the_next_pull_converge
             }
         }
         for delay_ms in [20u64, 60, 120, 200, 350, 500] {
-            let mut child = node
-                .agent(&b.url(""))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
+            let mut child = node.agent(&b.url("")).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
             std::thread::sleep(Duration::from_millis(delay_ms));
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
             kills += 1;
             let all = read_tree(&node.dest);
-            temps_seen += all
-                .keys()
-                .filter(|k| is_temp(k) && !k.starts_with(".fleetsync.tmp/"))
-                .count();
-            staged_seen += all
-                .keys()
-                .filter(|k| k.starts_with(".fleetsync.tmp/"))
-                .count();
+            temps_seen += all.keys().filter(|k| is_temp(k) && !k.starts_with(".fleetsync.tmp/")).count();
+            staged_seen += all.keys().filter(|k| k.starts_with(".fleetsync.tmp/")).count();
             // Every file under a final name is a complete version of its object.
             for (k, body) in live_tree(&node.dest) {
                 let ok = v1.get(&k) == Some(&body) || v2.get(&k) == Some(&body);
@@ -329,10 +263,7 @@ async fn sigkill_at_any_moment_leaves_no_partial_file_and_the_next_pull_converge
         }
         let (code, json, stderr) = run_json(&mut node.agent(&b.url("")));
         assert_eq!(code, 0, "{stderr}");
-        assert!(
-            json["durations"]["lock_wait_ms"].as_u64().unwrap() < 1000,
-            "a killed holder must not block: {json}"
-        );
+        assert!(json["durations"]["lock_wait_ms"].as_u64().unwrap() < 1000, "a killed holder must not block: {json}");
         // assert_tree sees every file, temporary ones included.
         assert_tree(&node.dest, tree);
         // Converged means converged: the pull after that downloads nothing.
@@ -340,8 +271,5 @@ async fn sigkill_at_any_moment_leaves_no_partial_file_and_the_next_pull_converge
         assert_eq!(json["counts"]["downloaded"], 0, "{json}");
     }
     assert_eq!(kills, 12);
-    assert!(
-        temps_seen > 0 || staged_seen > 0,
-        "no kill landed mid-download; the test proved nothing"
-    );
+    assert!(temps_seen > 0 || staged_seen > 0, "no kill landed mid-download; the test proved nothing");
 }

@@ -88,10 +88,7 @@ fn main() -> ExitCode {
 fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     match cli.command {
         Command::Pull(args) => runtime.block_on(pull(args)),
     }
@@ -116,10 +113,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
             IfBusyArg::Wait => IfBusy::Wait,
             IfBusyArg::Fail => IfBusy::Fail,
         },
-        client: ClientOptions {
-            region: args.region.clone(),
-            path_style: args.path_style,
-        },
+        client: ClientOptions { region: args.region.clone(), path_style: args.path_style },
     };
     let observer = progress::for_stderr();
     let result = fleetsync::pull(&opts, observer.clone()).await;
@@ -160,19 +154,13 @@ fn print_plan(report: &PullReport, plan: &fleetsync::report::Plan) {
         out.push_str(&format!("fetch  {p}\n"));
     }
     if report.counts.downloaded > plan.fetch.len() as u64 {
-        out.push_str(&format!(
-            "fetch  ... and {} more\n",
-            report.counts.downloaded - plan.fetch.len() as u64
-        ));
+        out.push_str(&format!("fetch  ... and {} more\n", report.counts.downloaded - plan.fetch.len() as u64));
     }
     for p in &plan.delete {
         out.push_str(&format!("delete {p}\n"));
     }
     if report.counts.deleted > plan.delete.len() as u64 {
-        out.push_str(&format!(
-            "delete ... and {} more\n",
-            report.counts.deleted - plan.delete.len() as u64
-        ));
+        out.push_str(&format!("delete ... and {} more\n", report.counts.deleted - plan.delete.len() as u64));
     }
     print_stdout(out.trim_end());
 }
@@ -190,11 +178,6 @@ fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
 }

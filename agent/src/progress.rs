@@ -25,11 +25,9 @@ pub(crate) fn for_stderr() -> Arc<StderrProgress> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-            )
-            .expect("template is valid")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+                .expect("template is valid")
+                .progress_chars("=> "),
         );
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
         bar
@@ -59,11 +57,7 @@ impl StderrProgress {
 
     fn refresh(&self) {
         if let Some(bar) = &self.bar {
-            bar.set_message(format!(
-                "listed {}, fetching {}",
-                self.listed.load(Ordering::Relaxed),
-                self.planned.load(Ordering::Relaxed)
-            ));
+            bar.set_message(format!("listed {}, fetching {}", self.listed.load(Ordering::Relaxed), self.planned.load(Ordering::Relaxed)));
         }
     }
 }

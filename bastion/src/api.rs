@@ -8,7 +8,8 @@ use fleetsync::source::ApiFailure;
 pub(crate) fn api_error(call: &str, failure: &ApiFailure, needs: &str) -> anyhow::Error {
     let msg = format!("{call} failed: {}", failure.message);
     if failure.is_configuration() {
-        fleetsync::Error::Config(format!("{msg} (check the AWS credentials, --region and AWS_ENDPOINT_URL; the bastion needs {needs})")).into()
+        fleetsync::Error::Config(format!("{msg} (check the AWS credentials, --region and AWS_ENDPOINT_URL; the bastion needs {needs})"))
+            .into()
     } else {
         anyhow::anyhow!(msg)
     }

@@ -34,32 +34,16 @@ pub struct NodeResult {
 /// The result of one node from what its run gave: the agent's report when
 /// it printed one, else the most specific reason it did not.
 pub fn collect(instance_id: &str, address: &str, outcome: Outcome) -> NodeResult {
-    let agent: Option<PullReport> = outcome
-        .stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .and_then(|l| serde_json::from_str(l).ok());
+    let agent: Option<PullReport> = outcome.stdout.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str(l).ok());
     let last_stderr = last_line(&outcome.stderr);
     let (status, error) = match (&agent, outcome.exit_code, &outcome.unreached) {
         (Some(r), Some(0), _) if r.exit_code == 0 => (NodeStatus::Ok, None),
-        (Some(r), _, _) => (
-            NodeStatus::Failed,
-            Some(r.error.clone().unwrap_or_else(|| agent_failures(r))),
-        ),
+        (Some(r), _, _) => (NodeStatus::Failed, Some(r.error.clone().unwrap_or_else(|| agent_failures(r)))),
         (None, _, Some(why)) => (NodeStatus::Failed, Some(why.clone())),
-        (None, Some(127), _) => (
-            NodeStatus::Failed,
-            Some(format!(
-                "fleetsync-agent is not installed on {instance_id} ({last_stderr})"
-            )),
-        ),
+        (None, Some(127), _) => (NodeStatus::Failed, Some(format!("fleetsync-agent is not installed on {instance_id} ({last_stderr})"))),
         (None, code, None) => (
             NodeStatus::Failed,
-            Some(format!(
-                "the agent printed no report (exit code {}): {last_stderr}",
-                code.map_or("none".into(), |c| c.to_string())
-            )),
+            Some(format!("the agent printed no report (exit code {}): {last_stderr}", code.map_or("none".into(), |c| c.to_string()))),
         ),
     };
     NodeResult {
@@ -74,10 +58,7 @@ pub fn collect(instance_id: &str, address: &str, outcome: Outcome) -> NodeResult
 
 fn agent_failures(r: &PullReport) -> String {
     match r.errors.first() {
-        Some(e) => format!(
-            "{} files failed, first {}: {}",
-            r.counts.failed, e.key, e.error
-        ),
+        Some(e) => format!("{} files failed, first {}: {}", r.counts.failed, e.key, e.error),
         None => format!("the agent exited with code {}", r.exit_code),
     }
 }
@@ -88,37 +69,17 @@ mod tests {
     use std::time::Duration;
 
     fn outcome(stdout: &str, stderr: &str, code: i32) -> Outcome {
-        Outcome {
-            stdout: stdout.into(),
-            stderr: stderr.into(),
-            exit_code: Some(code),
-            elapsed: Duration::from_millis(5),
-            unreached: None,
-        }
+        Outcome { stdout: stdout.into(), stderr: stderr.into(), exit_code: Some(code), elapsed: Duration::from_millis(5), unreached: None }
     }
 
     #[test]
     fn unreachable_and_missing_agent_are_named() {
-        let unreached = Outcome {
-            unreached: Some("ssh to 10.0.0.1 failed: Connection refused".into()),
-            ..outcome("", "", 255)
-        };
+        let unreached = Outcome { unreached: Some("ssh to 10.0.0.1 failed: Connection refused".into()), ..outcome("", "", 255) };
         let r = collect("i-1", "10.0.0.1", unreached);
         assert_eq!(r.status, NodeStatus::Failed);
         assert!(r.error.unwrap().contains("Connection refused"));
-        let r = collect(
-            "i-2",
-            "10.0.0.2",
-            outcome(
-                "",
-                "bash: line 1: fleetsync-agent: command not found\n",
-                127,
-            ),
-        );
+        let r = collect("i-2", "10.0.0.2", outcome("", "bash: line 1: fleetsync-agent: command not found\n", 127));
         let e = r.error.unwrap();
-        assert!(
-            e.contains("not installed on i-2") && e.contains("command not found"),
-            "{e}"
-        );
+        assert!(e.contains("not installed on i-2") && e.contains("command not found"), "{e}");
     }
 }

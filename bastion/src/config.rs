@@ -48,23 +48,13 @@ pub fn load(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
         None => return Ok(FileConfig::default()),
     };
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        fleetsync::Error::Config(format!(
-            "cannot read the config file {}: {e} (check --config / FLEETSYNC_CONFIG)",
-            path.display()
-        ))
+        fleetsync::Error::Config(format!("cannot read the config file {}: {e} (check --config / FLEETSYNC_CONFIG)", path.display()))
     })?;
     toml::from_str(&text).map_err(|e| {
         // toml's message spans lines (with a source excerpt); one line here.
         let msg = e.message().replace('\n', " ");
-        let at = e
-            .span()
-            .map(|s| format!(" at line {}", text[..s.start].lines().count().max(1)))
-            .unwrap_or_default();
-        fleetsync::Error::Config(format!(
-            "{}{at}: {msg} (keys are the long flag names, e.g. max-errors = 2)",
-            path.display()
-        ))
-        .into()
+        let at = e.span().map(|s| format!(" at line {}", text[..s.start].lines().count().max(1))).unwrap_or_default();
+        fleetsync::Error::Config(format!("{}{at}: {msg} (keys are the long flag names, e.g. max-errors = 2)", path.display())).into()
     })
 }
 
@@ -81,15 +71,9 @@ mod tests {
         assert_eq!(c.asg.as_deref(), Some("web"));
         assert_eq!(c.batch, Some(Limit::Percent(25)));
         assert_eq!(c.max_errors, Some(Limit::Count(2)));
-        assert_eq!(
-            c.lock_wait,
-            Some(Seconds(std::time::Duration::from_secs(300)))
-        );
+        assert_eq!(c.lock_wait, Some(Seconds(std::time::Duration::from_secs(300))));
         assert!(matches!(c.via, Some(Via::Ssh)));
-        assert!(
-            toml::from_str::<FileConfig>("max_errors = 2").is_err(),
-            "a misspelt key is refused"
-        );
+        assert!(toml::from_str::<FileConfig>("max_errors = 2").is_err(), "a misspelt key is refused");
         assert!(toml::from_str::<FileConfig>("batch = '150%'").is_err());
     }
 }

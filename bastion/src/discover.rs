@@ -53,24 +53,10 @@ pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<V
 
     let mut members = Vec::new();
     let mut found = false;
-    let mut pages = autoscaling
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names(asg)
-        .into_paginator()
-        .send();
+    let mut pages = autoscaling.describe_auto_scaling_groups().auto_scaling_group_names(asg).into_paginator().send();
     while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| {
-            api_error(
-                "DescribeAutoScalingGroups",
-                &ApiFailure::from_sdk(&e),
-                NEEDS,
-            )
-        })?;
-        for group in page
-            .auto_scaling_groups()
-            .iter()
-            .filter(|g| g.auto_scaling_group_name() == Some(asg))
-        {
+        let page = page.map_err(|e| api_error("DescribeAutoScalingGroups", &ApiFailure::from_sdk(&e), NEEDS))?;
+        for group in page.auto_scaling_groups().iter().filter(|g| g.auto_scaling_group_name() == Some(asg)) {
             found = true;
             members.extend(group.instances().iter().cloned());
         }
@@ -82,26 +68,15 @@ pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<V
         .into());
     }
     if members.is_empty() {
-        return Err(fleetsync::Error::Config(format!(
-            "Auto Scaling Group {asg:?} has no instances; nothing to sync"
-        ))
-        .into());
+        return Err(fleetsync::Error::Config(format!("Auto Scaling Group {asg:?} has no instances; nothing to sync")).into());
     }
 
-    let ids: Vec<String> = members
-        .iter()
-        .filter_map(|m| m.instance_id().map(str::to_string))
-        .collect();
+    let ids: Vec<String> = members.iter().filter_map(|m| m.instance_id().map(str::to_string)).collect();
     let mut ec2_view: HashMap<String, aws_sdk_ec2::types::Instance> = HashMap::new();
     for chunk in ids.chunks(IDS_PER_CALL) {
-        let mut pages = ec2
-            .describe_instances()
-            .set_instance_ids(Some(chunk.to_vec()))
-            .into_paginator()
-            .send();
+        let mut pages = ec2.describe_instances().set_instance_ids(Some(chunk.to_vec())).into_paginator().send();
         while let Some(page) = pages.next().await {
-            let page =
-                page.map_err(|e| api_error("DescribeInstances", &ApiFailure::from_sdk(&e), NEEDS))?;
+            let page = page.map_err(|e| api_error("DescribeInstances", &ApiFailure::from_sdk(&e), NEEDS))?;
             for i in page.reservations().iter().flat_map(|r| r.instances()) {
                 if let Some(id) = i.instance_id() {
                     ec2_view.insert(id.to_string(), i.clone());
@@ -114,17 +89,11 @@ pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<V
         .iter()
         .map(|m| {
             let id = m.instance_id().unwrap_or_default().to_string();
-            let lifecycle = m
-                .lifecycle_state()
-                .map(|l| l.as_str().to_string())
-                .unwrap_or_else(|| "unknown".into());
+            let lifecycle = m.lifecycle_state().map(|l| l.as_str().to_string()).unwrap_or_else(|| "unknown".into());
             let health = m.health_status().unwrap_or("unknown").to_string();
             let ec2 = ec2_view.get(&id);
-            let state = ec2
-                .and_then(|i| i.state())
-                .and_then(|s| s.name())
-                .map(|n| n.as_str().to_string())
-                .unwrap_or_else(|| "unknown".into());
+            let state =
+                ec2.and_then(|i| i.state()).and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_else(|| "unknown".into());
             let skipped = if lifecycle != "InService" {
                 Some(format!("lifecycle state is {lifecycle}"))
             } else if health != "Healthy" {
@@ -141,16 +110,11 @@ pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<V
                 state,
                 private_ip: ec2.and_then(|i| i.private_ip_address()).map(str::to_string),
                 public_ip: ec2.and_then(|i| i.public_ip_address()).map(str::to_string),
-                private_dns: ec2
-                    .and_then(|i| i.private_dns_name())
-                    .filter(|d| !d.is_empty())
-                    .map(str::to_string),
+                private_dns: ec2.and_then(|i| i.private_dns_name()).filter(|d| !d.is_empty()).map(str::to_string),
                 skipped,
             }
         })
         .collect();
-    nodes.sort_by(|a, b| {
-        (a.skipped.is_some(), &a.instance_id).cmp(&(b.skipped.is_some(), &b.instance_id))
-    });
+    nodes.sort_by(|a, b| (a.skipped.is_some(), &a.instance_id).cmp(&(b.skipped.is_some(), &b.instance_id)));
     Ok(nodes)
 }

@@ -196,10 +196,7 @@ async fn interrupted() -> &'static str {
 
 /// A required value missing from both the flags and the config file.
 fn missing(flag: &str) -> anyhow::Error {
-    fleetsync::Error::Config(format!(
-        "missing --{flag}: give it as a flag or as `{flag} = ...` in fleetsync.toml"
-    ))
-    .into()
+    fleetsync::Error::Config(format!("missing --{flag}: give it as a flag or as `{flag} = ...` in fleetsync.toml")).into()
 }
 
 impl SyncArgs {
@@ -226,23 +223,13 @@ impl SyncArgs {
             self.ssh_option = file.ssh_options.unwrap_or_default();
         }
         self.ssh_accept_new_host_keys |= file.ssh_accept_new_host_keys.unwrap_or(false);
-        for (value, flag) in [
-            (&self.asg, "asg"),
-            (&self.source, "source"),
-            (&self.dest, "dest"),
-        ] {
+        for (value, flag) in [(&self.asg, "asg"), (&self.source, "source"), (&self.dest, "dest")] {
             if value.is_none() {
                 return Err(missing(flag));
             }
         }
-        if self
-            .lock_lease
-            .is_some_and(|l| l.0 < Duration::from_secs(3))
-        {
-            return Err(fleetsync::Error::Config(
-                "--lock-lease must be at least 3s (it is renewed every third of it)".into(),
-            )
-            .into());
+        if self.lock_lease.is_some_and(|l| l.0 < Duration::from_secs(3)) {
+            return Err(fleetsync::Error::Config("--lock-lease must be at least 3s (it is renewed every third of it)".into()).into());
         }
         Ok(())
     }
@@ -304,10 +291,7 @@ impl AwsArgs {
     }
 
     fn client_options(&self) -> ClientOptions {
-        ClientOptions {
-            region: self.region.clone(),
-            path_style: self.path_style,
-        }
+        ClientOptions { region: self.region.clone(), path_style: self.path_style }
     }
 }
 
@@ -316,9 +300,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("fleetsync: {e:#}");
-            let code = e
-                .downcast_ref::<fleetsync::Error>()
-                .map_or(exit::PARTIAL, fleetsync::Error::exit_code);
+            let code = e.downcast_ref::<fleetsync::Error>().map_or(exit::PARTIAL, fleetsync::Error::exit_code);
             ExitCode::from(code as u8)
         }
     }
@@ -327,10 +309,7 @@ fn main() -> ExitCode {
 fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     let file = config::load(cli.config.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     match cli.command {
         Command::Sync(mut args) => {
             args.apply(file)?;
@@ -364,37 +343,21 @@ async fn dry_run(
         Via::Ssm => "ssm",
         Via::Ssh => "ssh",
     };
-    let mut out = format!(
-        "would run on {} nodes over {via}: {}\n",
-        targets.len(),
-        args.agent_call().command_line()
-    );
+    let mut out = format!("would run on {} nodes over {via}: {}\n", targets.len(), args.agent_call().command_line());
     for n in targets {
-        let address = trigger::address(n, args.address.unwrap_or(AddressChoice::PrivateIp))
-            .unwrap_or_else(|| "(no address)".into());
+        let address = trigger::address(n, args.address.unwrap_or(AddressChoice::PrivateIp)).unwrap_or_else(|| "(no address)".into());
         out.push_str(&format!("  sync {} {address}\n", n.instance_id));
     }
     for n in skipped {
-        out.push_str(&format!(
-            "  skip {}: {}\n",
-            n.instance_id,
-            n.skipped.as_deref().unwrap_or("")
-        ));
+        out.push_str(&format!("  skip {}: {}\n", n.instance_id, n.skipped.as_deref().unwrap_or("")));
     }
     let lock = fleet_lock::read(s3, object).await?;
     match &lock {
         None => out.push_str(&format!("the fleet lock {object} is free")),
-        Some((info, _)) => out.push_str(&format!(
-            "the fleet lock {object} is held by {}",
-            info.describe()
-        )),
+        Some((info, _)) => out.push_str(&format!("the fleet lock {object} is held by {}", info.describe())),
     }
     print_stdout(&out);
-    Ok(if lock.is_some_and(|(info, _)| !info.expired()) {
-        exit::BUSY
-    } else {
-        exit::OK
-    })
+    Ok(if lock.is_some_and(|(info, _)| !info.expired()) { exit::BUSY } else { exit::OK })
 }
 
 /// `sync`: discover -> lock -> trigger -> collect -> report.
@@ -405,10 +368,7 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     let sdk = fleetsync::source::sdk_config(&client_opts).await;
 
     // Discover.
-    let (targets, skipped): (Vec<_>, Vec<_>) = discover::discover(&sdk, args.asg())
-        .await?
-        .into_iter()
-        .partition(|n| n.is_target());
+    let (targets, skipped): (Vec<_>, Vec<_>) = discover::discover(&sdk, args.asg()).await?.into_iter().partition(|n| n.is_target());
     if targets.is_empty() {
         return Err(fleetsync::Error::Config(format!(
             "no instance of {:?} is InService, Healthy and running; nothing to sync",
@@ -439,10 +399,7 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     };
     let progress = Progress::new(targets.len());
     if let Some(prev) = &held.took_over {
-        progress.note(&format!(
-            "took over an expired fleet lock from {}",
-            prev.describe()
-        ));
+        progress.note(&format!("took over an expired fleet lock from {}", prev.describe()));
     }
 
     // Trigger and collect: canaries first, then the rest, then any instance
@@ -458,12 +415,7 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         progress: &progress,
         failures: Default::default(),
     };
-    progress.note(&format!(
-        "syncing {} nodes of {} over {}",
-        targets.len(),
-        args.asg(),
-        fleet.transport.name()
-    ));
+    progress.note(&format!("syncing {} nodes of {} over {}", targets.len(), args.asg(), fleet.transport.name()));
     // The deploy proper runs until it is done or the operator interrupts it
     // (Ctrl-C, or SIGTERM from a cancelled CI job); either way the lock is
     // released below, not left to block the next deploy for a lease.
@@ -476,10 +428,7 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         let mut results = fleet.run(first).await;
         if canaries > 0 && results.iter().any(|r| r.status != collect::NodeStatus::Ok) {
             progress.note("a canary failed; no other node is started");
-            results.extend(
-                rest.iter()
-                    .map(|n| fleet.not_attempted(n, "a canary failed")),
-            );
+            results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
         } else {
             results.extend(fleet.run(rest).await);
             if !held.lost() {
@@ -487,26 +436,15 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
                 // and leave it to block every deploy until its lease runs out.
                 match discover::discover(&sdk, args.asg()).await {
                     Ok(now) => {
-                        let known: std::collections::HashSet<&str> =
-                            targets.iter().map(|n| n.instance_id.as_str()).collect();
-                        let joined: Vec<_> = now
-                            .into_iter()
-                            .filter(|n| n.is_target() && !known.contains(n.instance_id.as_str()))
-                            .collect();
+                        let known: std::collections::HashSet<&str> = targets.iter().map(|n| n.instance_id.as_str()).collect();
+                        let joined: Vec<_> = now.into_iter().filter(|n| n.is_target() && !known.contains(n.instance_id.as_str())).collect();
                         if !joined.is_empty() {
-                            progress.note(&format!(
-                                "{} instances joined the group during the deploy; syncing them too",
-                                joined.len()
-                            ));
+                            progress.note(&format!("{} instances joined the group during the deploy; syncing them too", joined.len()));
                             progress.add(joined.len());
                             results.extend(fleet.run(&joined).await);
                         }
                     }
-                    Err(e) => {
-                        rediscover_error = Some(e.context(
-                            "listing the group again for instances that joined during the deploy",
-                        ))
-                    }
+                    Err(e) => rediscover_error = Some(e.context("listing the group again for instances that joined during the deploy")),
                 }
             }
         }
@@ -533,19 +471,8 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     }
 
     // Report.
-    let (asg, source, dest) = (
-        args.asg().to_string(),
-        args.source().to_string(),
-        args.dest.clone().unwrap_or_default(),
-    );
-    let report = report::FleetReport::new(
-        asg,
-        source,
-        dest,
-        results,
-        skipped,
-        started.elapsed().as_millis() as u64,
-    );
+    let (asg, source, dest) = (args.asg().to_string(), args.source().to_string(), args.dest.clone().unwrap_or_default());
+    let report = report::FleetReport::new(asg, source, dest, results, skipped, started.elapsed().as_millis() as u64);
     if args.json {
         print_stdout(&serde_json::to_string(&report)?);
     } else {
@@ -573,21 +500,14 @@ async fn list(args: ListArgs) -> anyhow::Result<i32> {
                 n.instance_id.clone(),
                 n.private_ip.clone().unwrap_or_else(|| "-".into()),
                 format!("{}/{}/{}", n.lifecycle, n.health, n.state),
-                if n.is_target() {
-                    "sync".into()
-                } else {
-                    "skip".into()
-                },
+                if n.is_target() { "sync".into() } else { "skip".into() },
                 n.skipped.clone().unwrap_or_default(),
             ]
         })
         .collect();
     let mut out = report::table(&["INSTANCE", "ADDRESS", "STATE", "ACTION", "REASON"], &rows);
     let targets = nodes.iter().filter(|n| n.is_target()).count();
-    out.push_str(&format!(
-        "\n{targets} of {} instances would be synced",
-        nodes.len()
-    ));
+    out.push_str(&format!("\n{targets} of {} instances would be synced", nodes.len()));
     print_stdout(&out);
     Ok(exit::OK)
 }
@@ -612,11 +532,7 @@ async fn lock_show(args: LockArgs) -> anyhow::Result<i32> {
         match held {
             None => print_stdout(&format!("{object}: not held")),
             Some((info, _)) => {
-                let state = if info.expired() {
-                    "lease expired; the next deploy takes it over"
-                } else {
-                    "held"
-                };
+                let state = if info.expired() { "lease expired; the next deploy takes it over" } else { "held" };
                 print_stdout(&format!("{object}: {state} by {}", info.describe()));
             }
         }
@@ -629,9 +545,7 @@ async fn lock_break(args: LockArgs) -> anyhow::Result<i32> {
     let (client, object) = lock_target(&args).await?;
     let broken = fleet_lock::break_lock(&client, &object).await?;
     if args.json {
-        print_stdout(
-            &serde_json::json!({ "lock": object.to_string(), "broken": broken }).to_string(),
-        );
+        print_stdout(&serde_json::json!({ "lock": object.to_string(), "broken": broken }).to_string());
     } else {
         match broken {
             None => print_stdout(&format!("{object}: not held; nothing to break")),

@@ -44,13 +44,7 @@ impl Progress {
                 .progress_chars("=> "),
         );
         overall.enable_steady_tick(Duration::from_millis(200));
-        Progress {
-            tty: Some(Bars {
-                multi,
-                overall,
-                nodes: Mutex::new(HashMap::new()),
-            }),
-        }
+        Progress { tty: Some(Bars { multi, overall, nodes: Mutex::new(HashMap::new()) }) }
     }
 
     /// More nodes to do (instances that joined during the deploy).
@@ -63,19 +57,11 @@ impl Progress {
     /// A node's agent was started.
     pub fn started(&self, node: &Node, address: &str) {
         let Some(b) = &self.tty else { return };
-        let bar = b
-            .multi
-            .insert_before(&b.overall, ProgressBar::new_spinner());
-        bar.set_style(
-            ProgressStyle::with_template("  {spinner} {prefix}  running {elapsed}")
-                .expect("a valid template"),
-        );
+        let bar = b.multi.insert_before(&b.overall, ProgressBar::new_spinner());
+        bar.set_style(ProgressStyle::with_template("  {spinner} {prefix}  running {elapsed}").expect("a valid template"));
         bar.set_prefix(format!("{} {address}", node.instance_id));
         bar.enable_steady_tick(Duration::from_millis(120));
-        b.nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.instance_id.clone(), bar);
+        b.nodes.lock().unwrap_or_else(|p| p.into_inner()).insert(node.instance_id.clone(), bar);
     }
 
     /// A node has its result (also a node that was never started).
@@ -84,12 +70,7 @@ impl Progress {
         match &self.tty {
             None => log(&line),
             Some(b) => {
-                if let Some(bar) = b
-                    .nodes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&r.instance_id)
-                {
+                if let Some(bar) = b.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.instance_id) {
                     bar.finish_and_clear();
                     b.multi.remove(&bar);
                 }
@@ -133,24 +114,11 @@ fn result_line(r: &NodeResult) -> String {
             format!("not attempted: {}", r.error.as_deref().unwrap_or(""))
         }
     };
-    format!(
-        "{} {} {what} in {:.1} s",
-        r.instance_id,
-        r.address,
-        r.duration_ms as f64 / 1000.0
-    )
+    format!("{} {} {what} in {:.1} s", r.instance_id, r.address, r.duration_ms as f64 / 1000.0)
 }
 
 /// A timestamped line on stderr (CI logs keep them).
 pub fn log(msg: &str) {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    eprintln!(
-        "[{:02}:{:02}:{:02}] {msg}",
-        (t / 3600) % 24,
-        (t / 60) % 60,
-        t % 60
-    );
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    eprintln!("[{:02}:{:02}:{:02}] {msg}", (t / 3600) % 24, (t / 60) % 60, t % 60);
 }

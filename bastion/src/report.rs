@@ -31,14 +31,7 @@ pub struct Totals {
 }
 
 impl FleetReport {
-    pub fn new(
-        asg: String,
-        source: String,
-        dest: String,
-        nodes: Vec<NodeResult>,
-        skipped: Vec<Node>,
-        duration_ms: u64,
-    ) -> FleetReport {
+    pub fn new(asg: String, source: String, dest: String, nodes: Vec<NodeResult>, skipped: Vec<Node>, duration_ms: u64) -> FleetReport {
         let mut t = Totals::default();
         for n in &nodes {
             match n.status {
@@ -52,21 +45,8 @@ impl FleetReport {
                 t.bytes += a.bytes_downloaded;
             }
         }
-        let exit_code = if t.failed + t.not_attempted > 0 {
-            fleetsync::exit::PARTIAL
-        } else {
-            fleetsync::exit::OK
-        };
-        FleetReport {
-            asg,
-            source,
-            dest,
-            exit_code,
-            nodes,
-            skipped,
-            totals: t,
-            duration_ms,
-        }
+        let exit_code = if t.failed + t.not_attempted > 0 { fleetsync::exit::PARTIAL } else { fleetsync::exit::OK };
+        FleetReport { asg, source, dest, exit_code, nodes, skipped, totals: t, duration_ms }
     }
 
     /// One row per node, then the skipped instances and the totals.
@@ -75,16 +55,9 @@ impl FleetReport {
             .nodes
             .iter()
             .map(|n| {
-                let (down, del, bytes) = n.agent.as_ref().map_or(
-                    (String::from("-"), String::from("-"), String::from("-")),
-                    |a| {
-                        (
-                            a.counts.downloaded.to_string(),
-                            a.counts.deleted.to_string(),
-                            fleetsync::report::human_bytes(a.bytes_downloaded),
-                        )
-                    },
-                );
+                let (down, del, bytes) = n.agent.as_ref().map_or((String::from("-"), String::from("-"), String::from("-")), |a| {
+                    (a.counts.downloaded.to_string(), a.counts.deleted.to_string(), fleetsync::report::human_bytes(a.bytes_downloaded))
+                });
                 let status = match n.status {
                     NodeStatus::Ok => "ok",
                     NodeStatus::Failed => "FAILED",
@@ -102,25 +75,9 @@ impl FleetReport {
                 ]
             })
             .collect();
-        let mut out = table(
-            &[
-                "INSTANCE",
-                "ADDRESS",
-                "STATUS",
-                "DOWNLOADED",
-                "DELETED",
-                "BYTES",
-                "TIME",
-                "ERROR",
-            ],
-            &rows,
-        );
+        let mut out = table(&["INSTANCE", "ADDRESS", "STATUS", "DOWNLOADED", "DELETED", "BYTES", "TIME", "ERROR"], &rows);
         for s in &self.skipped {
-            out.push_str(&format!(
-                "\nskipped {}: {}",
-                s.instance_id,
-                s.skipped.as_deref().unwrap_or("")
-            ));
+            out.push_str(&format!("\nskipped {}: {}", s.instance_id, s.skipped.as_deref().unwrap_or("")));
         }
         let t = &self.totals;
         out.push_str(&format!(
@@ -146,11 +103,7 @@ pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String
         }
     }
     let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells
-            .iter()
-            .zip(&width)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let s: Vec<String> = cells.iter().zip(&width).map(|(c, w)| format!("{c:<w$}")).collect();
         s.join("  ").trim_end().to_string()
     };
     let mut out = line(header.to_vec());

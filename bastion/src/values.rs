@@ -33,9 +33,7 @@ impl FromStr for Limit {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Limit, String> {
-        let bad = || {
-            format!("{s:?} is not a node count or a percentage: use a number like 10 or a share like 25%")
-        };
+        let bad = || format!("{s:?} is not a node count or a percentage: use a number like 10 or a share like 25%");
         match s.trim().strip_suffix('%') {
             Some(p) => match p.trim().parse::<u8>() {
                 Ok(p) if p <= 100 => Ok(Limit::Percent(p)),
@@ -59,9 +57,9 @@ impl fmt::Display for Limit {
 impl<'de> Deserialize<'de> for Limit {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Limit, D::Error> {
         match NumberOrText::deserialize(d)? {
-            NumberOrText::Number(n) => usize::try_from(n)
-                .map(Limit::Count)
-                .map_err(|_| de::Error::custom(format!("{n} is not a node count"))),
+            NumberOrText::Number(n) => {
+                usize::try_from(n).map(Limit::Count).map_err(|_| de::Error::custom(format!("{n} is not a node count")))
+            }
             NumberOrText::Text(s) => s.parse().map_err(de::Error::custom),
         }
     }
@@ -88,9 +86,7 @@ impl FromStr for Seconds {
         };
         match number.parse::<u64>() {
             Ok(n) if scale > 0 => Ok(Seconds(Duration::from_secs(n * scale))),
-            _ => Err(format!(
-                "{s:?} is not a duration: use seconds like 90, or 90s, 5m, 1h"
-            )),
+            _ => Err(format!("{s:?} is not a duration: use seconds like 90, or 90s, 5m, 1h")),
         }
     }
 }
@@ -98,9 +94,9 @@ impl FromStr for Seconds {
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
         match NumberOrText::deserialize(d)? {
-            NumberOrText::Number(n) => u64::try_from(n)
-                .map(|n| Seconds(Duration::from_secs(n)))
-                .map_err(|_| de::Error::custom(format!("{n} is not a duration"))),
+            NumberOrText::Number(n) => {
+                u64::try_from(n).map(|n| Seconds(Duration::from_secs(n))).map_err(|_| de::Error::custom(format!("{n} is not a duration")))
+            }
             NumberOrText::Text(s) => s.parse().map_err(de::Error::custom),
         }
     }

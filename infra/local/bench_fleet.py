@@ -33,17 +33,18 @@ def sh(argv, **kw):
 
 
 def timed(argv, work):
-    """Runs argv; returns (exit code, stdout, stderr, wall seconds, rusage).
+    """Runs argv; returns (exit code, stdout, stderr, start time, wall seconds, rusage).
     The rusage is the bastion's own from wait4, which includes the ssh
     clients it ran (its cost on the host it runs on)."""
     out_path, err_path = os.path.join(work, "bastion.out"), os.path.join(work, "bastion.err")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.time()
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err)
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
-    return code, open(out_path, "rb").read(), open(err_path, "rb").read(), wall, ru
+    return code, open(out_path, "rb").read(), open(err_path, "rb").read(), t0, wall, ru
 
 
 def main():
@@ -73,31 +74,42 @@ def main():
         try:
             for via in a.via.split(","):
                 for case in ("cold", "no-op"):
-                    if case == "cold":  # empty nodes: DEST and state set aside
+                    if case == "cold":  # empty nodes: DEST and state removed
                         for node in os.listdir(nodes):
                             srv = os.path.join(nodes, node, "srv")
-                            if os.path.isdir(srv):
-                                shutil.rmtree(srv)
-                                os.makedirs(srv)
-                    code, out, err, wall, ru = timed([
+                            # The directory itself stays: it is bind-mounted
+                            # into the node's sshd namespace.
+                            for entry in os.listdir(srv) if os.path.isdir(srv) else []:
+                                shutil.rmtree(os.path.join(srv, entry))
+                    code, out, err, t0, wall, ru = timed([
                         bastion, "sync", "--asg", group, "--source", "s3://fleetbench/app", "--dest", "/srv/www",
                         "--via", via, "--ssh-config", os.path.join(nodes, "ssh_config"), "--json",
                     ], a.work)
                     if code != 0:
                         sys.exit(f"{via} {case} {n} nodes failed ({code}): {err.decode()[-2000:]}")
                     report = json.loads(out)
-                    slowest = max(x["agent"]["durations"]["total_ms"] for x in report["nodes"]) / 1000
+                    agents = [x["agent"] for x in report["nodes"]]
+                    slowest = max(x["durations"]["total_ms"] for x in agents) / 1000
+                    # Where the rest of the wall time went, from the agents'
+                    # own clocks: before the first agent started (discovery,
+                    # lock, transport), between the first start and the last
+                    # end (staggered starts), after the last end (collecting,
+                    # the second discovery, releasing the lock, the report).
+                    first = min(x["started_at_ms"] for x in agents) / 1000 - t0
+                    window = (max(x["finished_at_ms"] for x in agents) - min(x["started_at_ms"] for x in agents)) / 1000
+                    tail = wall - first - window
                     cpu = ru.ru_utime + ru.ru_stime
-                    rows.append((n, via, case, wall, slowest, wall / slowest - 1, cpu, ru.ru_maxrss / 1024))
+                    rows.append((n, via, case, wall, slowest, wall / slowest - 1, cpu, ru.ru_maxrss / 1024, first, window, tail))
                     print(f"{n:>3} nodes {via:<3} {case:<5}: wall {wall:6.2f} s, slowest node {slowest:6.2f} s, "
-                          f"overhead {100 * (wall / slowest - 1):6.1f}%, bastion CPU {cpu:5.2f} s", flush=True)
+                          f"overhead {100 * (wall / slowest - 1):6.1f}% (before first agent {first:.2f} s, agents {window:.2f} s, "
+                          f"after last {tail:.2f} s), bastion CPU {cpu:5.2f} s", flush=True)
         finally:
             sh(FLEET + ["nodes-down", "--dir", nodes], env=env)
 
-    print("\n| nodes | via | case | bastion wall | slowest node pull | overhead | bastion CPU (incl. ssh) |")
-    print("|---|---|---|---|---|---|---|")
-    for n, via, case, wall, slowest, over, cpu, _ in rows:
-        print(f"| {n} | {via} | {case} | {wall:.2f} s | {slowest:.2f} s | {100 * over:.1f}% | {cpu:.2f} s |")
+    print("\n| nodes | via | case | bastion wall | slowest node pull | overhead | before first agent | first agent start to last end | after last end | bastion CPU (incl. ssh) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, via, case, wall, slowest, over, cpu, _, first, window, tail in rows:
+        print(f"| {n} | {via} | {case} | {wall:.2f} s | {slowest:.2f} s | {100 * over:.1f}% | {first:.2f} s | {window:.2f} s | {tail:.2f} s | {cpu:.2f} s |")
     print(f"\npeak RSS of the bastion (or of its largest ssh client): {max(r[7] for r in rows):.0f} MiB")
 
 

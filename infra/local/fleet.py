@@ -152,7 +152,7 @@ def nodes_up(ec2, asg, name, root, sshd=True):
         )
     with open(os.path.join(root, "ssh_config"), "w") as f:
         f.write(
-            f"Host 127.0.1.*\n  Port {port}\n  User root\n  IdentityFile {client_key}\n"
+            f"Host 127.*\n  Port {port}\n  User root\n  IdentityFile {client_key}\n"
             f"  UserKnownHostsFile {root}/known_hosts\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
         )
     # Ready when every node has written its pid file (sshd does so once listening).

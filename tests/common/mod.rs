@@ -15,15 +15,8 @@ pub fn endpoint() -> String {
     let ep = std::env::var("FLEETSYNC_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
         panic!("the integration tests need the local world: run them with `infra/local/test` (it starts a local S3 server)")
     });
-    assert!(
-        ep.starts_with("http://127."),
-        "FLEETSYNC_TEST_S3_ENDPOINT must be a loopback address, got {ep}"
-    );
-    assert_eq!(
-        std::env::var("AWS_ENDPOINT_URL_S3").ok().as_deref(),
-        Some(ep.as_str()),
-        "AWS_ENDPOINT_URL_S3 must point at the test world"
-    );
+    assert!(ep.starts_with("http://127."), "FLEETSYNC_TEST_S3_ENDPOINT must be a loopback address, got {ep}");
+    assert_eq!(std::env::var("AWS_ENDPOINT_URL_S3").ok().as_deref(), Some(ep.as_str()), "AWS_ENDPOINT_URL_S3 must point at the test world");
     ep
 }
 
@@ -53,12 +46,7 @@ impl Bucket {
     pub async fn new(test: &str) -> Bucket {
         let client = client().await;
         let name = format!("t-{}-{:08x}", test.replace('_', "-"), rand::random::<u32>());
-        client
-            .create_bucket()
-            .bucket(&name)
-            .send()
-            .await
-            .expect("create bucket");
+        client.create_bucket().bucket(&name).send().await.expect("create bucket");
         Bucket { name, client }
     }
 
@@ -71,21 +59,11 @@ impl Bucket {
     }
 
     pub async fn put_with_meta(&self, key: &str, body: &[u8], mode: Option<&str>) -> String {
-        let mut req = self
-            .client
-            .put_object()
-            .bucket(&self.name)
-            .key(key)
-            .body(body.to_vec().into());
+        let mut req = self.client.put_object().bucket(&self.name).key(key).body(body.to_vec().into());
         if let Some(m) = mode {
             req = req.metadata("mode", m);
         }
-        req.send()
-            .await
-            .unwrap_or_else(|e| panic!("put {key}: {e:?}"))
-            .e_tag()
-            .unwrap()
-            .to_string()
+        req.send().await.unwrap_or_else(|e| panic!("put {key}: {e:?}")).e_tag().unwrap().to_string()
     }
 
     /// Uploads a whole tree under `prefix`, 32 PUTs at a time.
@@ -98,26 +76,13 @@ impl Bucket {
     }
 
     pub async fn delete(&self, key: &str) {
-        self.client
-            .delete_object()
-            .bucket(&self.name)
-            .key(key)
-            .send()
-            .await
-            .expect("delete");
+        self.client.delete_object().bucket(&self.name).key(key).send().await.expect("delete");
     }
 
     /// Uploads `body` as a multipart object (ETag `md5-N`).
     pub async fn put_multipart(&self, key: &str, body: &[u8], part: usize) {
         use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-        let up = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.name)
-            .key(key)
-            .send()
-            .await
-            .unwrap();
+        let up = self.client.create_multipart_upload().bucket(&self.name).key(key).send().await.unwrap();
         let id = up.upload_id().unwrap();
         let mut parts = Vec::new();
         for (i, chunk) in body.chunks(part).enumerate() {
@@ -133,23 +98,14 @@ impl Bucket {
                 .send()
                 .await
                 .unwrap();
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(n)
-                    .e_tag(r.e_tag().unwrap())
-                    .build(),
-            );
+            parts.push(CompletedPart::builder().part_number(n).e_tag(r.e_tag().unwrap()).build());
         }
         self.client
             .complete_multipart_upload()
             .bucket(&self.name)
             .key(key)
             .upload_id(id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
             .send()
             .await
             .unwrap();
@@ -158,26 +114,15 @@ impl Bucket {
     /// What the server has counted for this bucket so far (its Prometheus
     /// metrics, so the count is the server's, not our own claim).
     pub fn requests(&self) -> Requests {
-        let url = std::env::var("FLEETSYNC_S3_METRICS")
-            .expect("FLEETSYNC_S3_METRICS is set by infra/local/test");
-        let out = Command::new("curl")
-            .args(["-sf", &url])
-            .output()
-            .expect("curl runs");
+        let url = std::env::var("FLEETSYNC_S3_METRICS").expect("FLEETSYNC_S3_METRICS is set by infra/local/test");
+        let out = Command::new("curl").args(["-sf", &url]).output().expect("curl runs");
         let text = String::from_utf8_lossy(&out.stdout);
         let mut r = Requests::default();
         let needle = format!("bucket=\"{}\"", self.name);
-        for line in text
-            .lines()
-            .filter(|l| l.starts_with("SeaweedFS_s3_request_total{") && l.contains(&needle))
-        {
+        for line in text.lines().filter(|l| l.starts_with("SeaweedFS_s3_request_total{") && l.contains(&needle)) {
             let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
             let n = n as u64;
-            match line
-                .split("type=\"")
-                .nth(1)
-                .and_then(|t| t.split('"').next())
-            {
+            match line.split("type=\"").nth(1).and_then(|t| t.split('"').next()) {
                 Some("LIST") => r.list += n,
                 Some("GET") => r.get += n,
                 Some("PUT") => r.put += n,
@@ -192,9 +137,7 @@ impl Bucket {
 /// A codebase-like tree: nested directories, small files, deterministic.
 pub fn sample_tree(files: usize, seed: u64) -> BTreeMap<String, Vec<u8>> {
     let mut tree = BTreeMap::new();
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut next = || {
         x ^= x << 13;
         x ^= x >> 7;
@@ -225,17 +168,8 @@ pub fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if ft.is_dir() {
                 walk(base, &e.path(), out);
             } else {
-                let rel = e
-                    .path()
-                    .strip_prefix(base)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned();
-                let body = if ft.is_symlink() {
-                    b"<symlink>".to_vec()
-                } else {
-                    std::fs::read(e.path()).unwrap()
-                };
+                let rel = e.path().strip_prefix(base).unwrap().to_string_lossy().into_owned();
+                let body = if ft.is_symlink() { b"<symlink>".to_vec() } else { std::fs::read(e.path()).unwrap() };
                 out.insert(rel, body);
             }
         }
@@ -247,22 +181,9 @@ pub fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// Asserts DEST holds exactly `tree`, byte for byte.
 pub fn assert_tree(dest: &Path, tree: &BTreeMap<String, Vec<u8>>) {
     let got = read_tree(dest);
-    let missing: Vec<_> = tree
-        .keys()
-        .filter(|k| !got.contains_key(*k))
-        .take(5)
-        .collect();
-    let extra: Vec<_> = got
-        .keys()
-        .filter(|k| !tree.contains_key(*k))
-        .take(5)
-        .collect();
-    let differ: Vec<_> = tree
-        .iter()
-        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
-        .map(|(k, _)| k)
-        .take(5)
-        .collect();
+    let missing: Vec<_> = tree.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
+    let extra: Vec<_> = got.keys().filter(|k| !tree.contains_key(*k)).take(5).collect();
+    let differ: Vec<_> = tree.iter().filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v)).map(|(k, _)| k).take(5).collect();
     assert!(
         missing.is_empty() && extra.is_empty() && differ.is_empty(),
         "DEST differs: missing {missing:?}, extra {extra:?}, different {differ:?}"
@@ -299,19 +220,13 @@ impl Node {
 
     /// Pulls in-process through the library.
     pub async fn pull(&self, source: &str) -> fleetsync::PullReport {
-        fleetsync::pull(&self.options(source), Arc::new(fleetsync::progress::Quiet))
-            .await
-            .expect("pull succeeds")
+        fleetsync::pull(&self.options(source), Arc::new(fleetsync::progress::Quiet)).await.expect("pull succeeds")
     }
 
     /// The agent binary, set up to pull `source` into this node.
     pub fn agent(&self, source: &str) -> Command {
         let mut c = Command::new(agent_bin());
-        c.args(["pull", source, "--dest"])
-            .arg(&self.dest)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .arg("--json");
+        c.args(["pull", source, "--dest"]).arg(&self.dest).arg("--state-dir").arg(&self.state).arg("--json");
         c
     }
 }
@@ -321,9 +236,8 @@ pub fn run_json(cmd: &mut Command) -> (i32, serde_json::Value, String) {
     let out = cmd.output().expect("agent runs");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let json = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("stdout is not one JSON report ({e}): {stdout}\nstderr: {stderr}")
-    });
+    let json =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON report ({e}): {stdout}\nstderr: {stderr}"));
     (out.status.code().unwrap_or(-1), json, stderr)
 }
 
@@ -331,8 +245,7 @@ pub fn run_json(cmd: &mut Command) -> (i32, serde_json::Value, String) {
 /// so `cargo test` alone never runs a stale agent).
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| bin("fleetsync-agent", "fleetsync-agent"))
-        .clone()
+    BIN.get_or_init(|| bin("fleetsync-agent", "fleetsync-agent")).clone()
 }
 
 /// Makes sure the workspace's binaries are built and returns the path of
@@ -361,21 +274,14 @@ pub fn fleet(args: &[&str]) -> serde_json::Value {
 }
 
 pub fn fleet_with_env(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
-    assert!(
-        std::env::var("FLEETSYNC_MOTO").is_ok_and(|m| m.starts_with("http://127.")),
-        "run the tests with infra/local/test"
-    );
+    assert!(std::env::var("FLEETSYNC_MOTO").is_ok_and(|m| m.starts_with("http://127.")), "run the tests with infra/local/test");
     let out = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/fleet.py"))
         .args(args)
         .envs(env.iter().copied())
         .output()
         .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "fleet.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "fleet.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
@@ -405,14 +311,7 @@ impl Nodes {
     /// 127.0.K.0/24 so that large groups leave the shared one its addresses.
     pub fn group_ssm(name: &str, size: u32, subnet: u32) -> (String, Nodes) {
         let asg = unique(name);
-        fleet(&[
-            "create",
-            &asg,
-            "--size",
-            &size.to_string(),
-            "--subnet",
-            &subnet.to_string(),
-        ]);
+        fleet(&["create", &asg, "--size", &size.to_string(), "--subnet", &subnet.to_string()]);
         let nodes = Nodes::start(&asg, &["--no-sshd"]);
         (asg, nodes)
     }
@@ -422,12 +321,7 @@ impl Nodes {
     /// needs it to.
     pub fn hold_agent_lock(root: &std::path::Path) -> std::fs::File {
         std::fs::create_dir_all(root.join("state")).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join("state/node.lock"))
-            .unwrap();
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join("state/node.lock")).unwrap();
         file.lock().unwrap();
         file
     }
@@ -436,15 +330,7 @@ impl Nodes {
     /// directory as `nodes` (same keys and known_hosts); returns that directory.
     pub fn up_in(asg: &str, nodes: &Nodes) -> PathBuf {
         let agent_dir = agent_bin().parent().unwrap().display().to_string();
-        fleet_with_env(
-            &[
-                "nodes-up",
-                asg,
-                "--dir",
-                &nodes.dir.path().display().to_string(),
-            ],
-            &[("FLEETSYNC_AGENT_DIR", &agent_dir)],
-        );
+        fleet_with_env(&["nodes-up", asg, "--dir", &nodes.dir.path().display().to_string()], &[("FLEETSYNC_AGENT_DIR", &agent_dir)]);
         nodes.dir.path().to_path_buf()
     }
 
@@ -454,11 +340,7 @@ impl Nodes {
 
     /// Stops one node's sshd, as if the instance were unreachable.
     pub fn stop(&self, instance_id: &str) {
-        let pid: i32 = std::fs::read_to_string(self.dir.path().join(instance_id).join("sshd.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid: i32 = std::fs::read_to_string(self.dir.path().join(instance_id).join("sshd.pid")).unwrap().trim().parse().unwrap();
         Command::new("kill").arg(pid.to_string()).status().unwrap();
         while std::path::Path::new(&format!("/proc/{pid}")).exists() {
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -475,14 +357,7 @@ impl Nodes {
     }
 
     pub fn ssh(&self, ip: &str, command: &str, extra: &[&str]) -> std::process::Output {
-        Command::new("ssh")
-            .arg("-F")
-            .arg(self.info["ssh_config"].as_str().unwrap())
-            .args(extra)
-            .arg(ip)
-            .arg(command)
-            .output()
-            .unwrap()
+        Command::new("ssh").arg("-F").arg(self.info["ssh_config"].as_str().unwrap()).args(extra).arg(ip).arg(command).output().unwrap()
     }
 
     pub fn list(&self) -> Vec<(String, PathBuf)> {
@@ -490,23 +365,14 @@ impl Nodes {
             .as_array()
             .unwrap()
             .iter()
-            .map(|n| {
-                (
-                    n["ip"].as_str().unwrap().to_string(),
-                    PathBuf::from(n["root"].as_str().unwrap()),
-                )
-            })
+            .map(|n| (n["ip"].as_str().unwrap().to_string(), PathBuf::from(n["root"].as_str().unwrap())))
             .collect()
     }
 }
 
 impl Drop for Nodes {
     fn drop(&mut self) {
-        fleet(&[
-            "nodes-down",
-            "--dir",
-            &self.dir.path().display().to_string(),
-        ]);
+        fleet(&["nodes-down", "--dir", &self.dir.path().display().to_string()]);
     }
 }
 
@@ -514,26 +380,13 @@ impl Drop for Nodes {
 /// group's nodes (their state dir is /srv/state, inside each node's root).
 pub fn deploy_command(asg: &str, source: &str, dest: &str, nodes: &Nodes, via: &str) -> Command {
     let mut c = Command::new(bin("fleetsync-bastion", "fleetsync"));
-    c.args([
-        "sync", "--via", via, "--asg", asg, "--source", source, "--dest", dest, "--json",
-    ])
-    .args(["--ssh-config", &nodes.ssh_config()]);
+    c.args(["sync", "--via", via, "--asg", asg, "--source", source, "--dest", dest, "--json"]).args(["--ssh-config", &nodes.ssh_config()]);
     c
 }
 
 /// Runs `deploy_command` plus `extra`: (exit code, JSON report or Null, stderr).
-pub fn deploy(
-    asg: &str,
-    source: &str,
-    dest: &str,
-    nodes: &Nodes,
-    via: &str,
-    extra: &[&str],
-) -> (i32, serde_json::Value, String) {
-    let out = deploy_command(asg, source, dest, nodes, via)
-        .args(extra)
-        .output()
-        .unwrap();
+pub fn deploy(asg: &str, source: &str, dest: &str, nodes: &Nodes, via: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let out = deploy_command(asg, source, dest, nodes, via).args(extra).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out.status.code().unwrap(), json, stderr)
@@ -541,12 +394,8 @@ pub fn deploy(
 
 /// The group's instance IDs, sorted (the order the bastion starts them in).
 pub fn ids(asg: &str) -> Vec<String> {
-    let mut ids: Vec<String> = fleet(&["describe", asg])["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].as_str().unwrap().to_string())
-        .collect();
+    let mut ids: Vec<String> =
+        fleet(&["describe", asg])["instances"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
     ids.sort();
     ids
 }

@@ -35,13 +35,7 @@ impl AgentCall {
     /// SSM's script). Every argument is quoted, so no string the user typed
     /// can become a second command.
     pub fn command_line(&self) -> String {
-        let mut words = vec![
-            "fleetsync-agent",
-            "pull",
-            self.source.as_str(),
-            "--dest",
-            self.dest.as_str(),
-        ];
+        let mut words = vec!["fleetsync-agent", "pull", self.source.as_str(), "--dest", self.dest.as_str()];
         if let Some(s) = &self.state_dir {
             words.extend(["--state-dir", s.as_str()]);
         }
@@ -138,10 +132,7 @@ impl Fleet<'_> {
     pub fn stop_reason(&self) -> Option<&'static str> {
         if self.held.lost() {
             Some("the fleet lock was lost; no new nodes are started")
-        } else if self
-            .error_budget()
-            .is_some_and(|m| self.failures.load(SeqCst) > m)
-        {
+        } else if self.error_budget().is_some_and(|m| self.failures.load(SeqCst) > m) {
             Some("--max-errors was reached")
         } else {
             None

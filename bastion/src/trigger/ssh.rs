@@ -27,11 +27,7 @@ pub struct Ssh {
 /// Runs the agent on `nodes`, `--batch` at a time, in order.
 pub(super) async fn run(ssh: &Ssh, fleet: &Fleet<'_>, nodes: &[Node]) -> Vec<NodeResult> {
     use futures::StreamExt as _;
-    futures::stream::iter(nodes)
-        .map(|node| run_one(ssh, fleet, node))
-        .buffered(fleet.batch_size(nodes.len()))
-        .collect()
-        .await
+    futures::stream::iter(nodes).map(|node| run_one(ssh, fleet, node)).buffered(fleet.batch_size(nodes.len())).collect().await
 }
 
 async fn run_one(ssh: &Ssh, fleet: &Fleet<'_>, node: &Node) -> NodeResult {
@@ -39,10 +35,7 @@ async fn run_one(ssh: &Ssh, fleet: &Fleet<'_>, node: &Node) -> NodeResult {
         return fleet.not_attempted(node, why);
     }
     let Some(addr) = address(node, fleet.address) else {
-        return fleet.failed(
-            node,
-            "the node has no address of the kind chosen with --address".into(),
-        );
+        return fleet.failed(node, "the node has no address of the kind chosen with --address".into());
     };
     fleet.progress.started(node, &addr);
     let outcome = ssh.run(&addr, &fleet.call).await;
@@ -58,10 +51,7 @@ impl Ssh {
             cmd.arg("-F").arg(cfg);
         }
         cmd.args(["-o", "BatchMode=yes"]);
-        cmd.arg("-o").arg(format!(
-            "ConnectTimeout={}",
-            self.connect_timeout.as_secs().max(1)
-        ));
+        cmd.arg("-o").arg(format!("ConnectTimeout={}", self.connect_timeout.as_secs().max(1)));
         if self.accept_new_host_keys {
             cmd.args(["-o", "StrictHostKeyChecking=accept-new"]);
         }
@@ -90,17 +80,12 @@ impl Ssh {
                 }
             }
             Ok(Err(e)) => Outcome {
-                unreached: Some(format!(
-                    "could not run ssh: {e} (install the OpenSSH client)"
-                )),
+                unreached: Some(format!("could not run ssh: {e} (install the OpenSSH client)")),
                 elapsed: start.elapsed(),
                 ..Outcome::default()
             },
             Err(_) => Outcome {
-                unreached: Some(format!(
-                    "timed out after {} s (--timeout); ssh was stopped",
-                    self.timeout.as_secs()
-                )),
+                unreached: Some(format!("timed out after {} s (--timeout); ssh was stopped", self.timeout.as_secs())),
                 elapsed: start.elapsed(),
                 ..Outcome::default()
             },
@@ -111,9 +96,5 @@ impl Ssh {
 /// The last non-empty line of a command's stderr: where ssh and the agent
 /// put their one-line reason.
 pub fn last_line(s: &str) -> &str {
-    s.lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
+    s.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilter, PingStatus};
 use fleetsync::source::ApiFailure;
+use futures::StreamExt as _;
 use tokio::sync::Semaphore;
 
 use super::{last_line, Fleet, Outcome};
@@ -37,8 +38,11 @@ const IDS_PER_COMMAND: usize = 50;
 /// gives up on it (SendCommand's TimeoutSeconds; its default is an hour).
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Polling starts fast (small fleets finish in seconds) and backs off to
-/// this, which keeps a thousand-node deploy well inside SSM's API rates.
-const MAX_POLL: Duration = Duration::from_secs(2);
+/// this: one ListCommandInvocations per command of 50 nodes a second keeps
+/// even a thousand-node deploy (20 commands) within SSM's API rates.
+const MAX_POLL: Duration = Duration::from_secs(1);
+/// GetCommandInvocation calls in flight when many nodes finish at once.
+const OUTPUTS_AT_ONCE: usize = 8;
 /// The permissions the SSM path uses, named in its errors.
 const NEEDS: &str = "ssm:SendCommand on AWS-RunShellScript and the instances, ssm:ListCommandInvocations, \
                      ssm:GetCommandInvocation, ssm:CancelCommand and ssm:DescribeInstanceInformation";
@@ -71,7 +75,8 @@ impl Ssm {
             match online.get(&n.instance_id) {
                 Some(None) => managed.push(n),
                 Some(Some(ping)) => {
-                    let why = format!("the SSM agent on {} is not online (ping status {ping}); check the instance and its agent", n.instance_id);
+                    let why =
+                        format!("the SSM agent on {} is not online (ping status {ping}); check the instance and its agent", n.instance_id);
                     results.insert(n.instance_id.clone(), fleet.failed(n, why));
                 }
                 None => {
@@ -85,20 +90,11 @@ impl Ssm {
         }
         let batch = fleet.batch_size(managed.len());
         let permits = Semaphore::new(batch);
-        let chunks = managed
-            .chunks(IDS_PER_COMMAND)
-            .map(|chunk| self.run_chunk(fleet, chunk, &permits, batch));
-        for r in futures::future::join_all(chunks)
-            .await
-            .into_iter()
-            .flatten()
-        {
+        let chunks = managed.chunks(IDS_PER_COMMAND).map(|chunk| self.run_chunk(fleet, chunk, &permits, batch));
+        for r in futures::future::join_all(chunks).await.into_iter().flatten() {
             results.insert(r.instance_id.clone(), r);
         }
-        nodes
-            .iter()
-            .filter_map(|n| results.remove(&n.instance_id))
-            .collect()
+        nodes.iter().filter_map(|n| results.remove(&n.instance_id)).collect()
     }
 
     /// Which of `nodes` SSM manages: `None` for an online agent, the ping
@@ -110,27 +106,12 @@ impl Ssm {
                 .key("InstanceIds")
                 .set_values(Some(chunk.iter().map(|n| n.instance_id.clone()).collect()))
                 .build()?;
-            let mut pages = self
-                .client
-                .describe_instance_information()
-                .filters(filter)
-                .max_results(50)
-                .into_paginator()
-                .send();
+            let mut pages = self.client.describe_instance_information().filters(filter).max_results(50).into_paginator().send();
             while let Some(page) = pages.next().await {
-                let page = page.map_err(|e| {
-                    api_error(
-                        "DescribeInstanceInformation",
-                        &ApiFailure::from_sdk(&e),
-                        NEEDS,
-                    )
-                })?;
+                let page = page.map_err(|e| api_error("DescribeInstanceInformation", &ApiFailure::from_sdk(&e), NEEDS))?;
                 for info in page.instance_information_list() {
                     if let Some(id) = info.instance_id() {
-                        let ping = info
-                            .ping_status()
-                            .filter(|p| **p != PingStatus::Online)
-                            .map(|p| p.as_str().to_string());
+                        let ping = info.ping_status().filter(|p| **p != PingStatus::Online).map(|p| p.as_str().to_string());
                         found.insert(id.to_string(), ping);
                     }
                 }
@@ -140,26 +121,15 @@ impl Ssm {
     }
 
     /// Sends one command to up to 50 nodes and waits for all of them.
-    async fn run_chunk(
-        &self,
-        fleet: &Fleet<'_>,
-        chunk: &[&Node],
-        permits: &Semaphore,
-        batch: usize,
-    ) -> Vec<NodeResult> {
+    async fn run_chunk(&self, fleet: &Fleet<'_>, chunk: &[&Node], permits: &Semaphore, batch: usize) -> Vec<NodeResult> {
         let concurrency = chunk.len().min(batch);
-        let _permits = permits
-            .acquire_many(concurrency as u32)
-            .await
-            .expect("the semaphore is never closed");
+        let _permits = permits.acquire_many(concurrency as u32).await.expect("the semaphore is never closed");
         if let Some(why) = fleet.stop_reason() {
             return chunk.iter().map(|n| fleet.not_attempted(n, why)).collect();
         }
         let max_errors = match fleet.error_budget() {
             None => "100%".to_string(),
-            Some(m) => m
-                .saturating_sub(fleet.failures.load(std::sync::atomic::Ordering::SeqCst))
-                .to_string(),
+            Some(m) => m.saturating_sub(fleet.failures.load(std::sync::atomic::Ordering::SeqCst)).to_string(),
         };
         let sent = self
             .client
@@ -167,10 +137,7 @@ impl Ssm {
             .document_name("AWS-RunShellScript")
             .set_instance_ids(Some(chunk.iter().map(|n| n.instance_id.clone()).collect()))
             .parameters("commands", vec![fleet.call.command_line()])
-            .parameters(
-                "executionTimeout",
-                vec![self.timeout.as_secs().max(1).to_string()],
-            )
+            .parameters("executionTimeout", vec![self.timeout.as_secs().max(1).to_string()])
             .timeout_seconds(DELIVERY_TIMEOUT.as_secs() as i32)
             .max_concurrency(concurrency.to_string())
             .max_errors(max_errors)
@@ -178,23 +145,13 @@ impl Ssm {
             .send()
             .await;
         let command_id = match sent {
-            Ok(out) => out
-                .command()
-                .and_then(|c| c.command_id())
-                .unwrap_or_default()
-                .to_string(),
+            Ok(out) => out.command().and_then(|c| c.command_id()).unwrap_or_default().to_string(),
             Err(e) => {
-                let why = format!(
-                    "{:#}",
-                    api_error("SSM SendCommand", &ApiFailure::from_sdk(&e), NEEDS)
-                );
+                let why = format!("{:#}", api_error("SSM SendCommand", &ApiFailure::from_sdk(&e), NEEDS));
                 return chunk.iter().map(|n| fleet.failed(n, why.clone())).collect();
             }
         };
-        fleet.progress.note(&format!(
-            "sent SSM command {command_id} to {} nodes",
-            chunk.len()
-        ));
+        fleet.progress.note(&format!("sent SSM command {command_id} to {} nodes", chunk.len()));
         self.wait(fleet, &command_id, chunk).await
     }
 
@@ -204,8 +161,7 @@ impl Ssm {
         // SSM itself gives up after delivery + execution timeouts; a minute
         // more covers its own lag before the bastion stops waiting.
         let deadline = started_at + DELIVERY_TIMEOUT + self.timeout + Duration::from_secs(60);
-        let mut waiting: HashMap<&str, &Node> =
-            chunk.iter().map(|n| (n.instance_id.as_str(), *n)).collect();
+        let mut waiting: HashMap<&str, &Node> = chunk.iter().map(|n| (n.instance_id.as_str(), *n)).collect();
         let mut running: HashMap<String, Instant> = HashMap::new();
         let mut results = Vec::new();
         let mut pause = Duration::from_millis(100);
@@ -218,27 +174,14 @@ impl Ssm {
                 // Stop SSM from starting the rest; nodes already running may
                 // be stopped too, which the agent is built to survive.
                 cancelled = true;
-                fleet.progress.note(&format!(
-                    "the fleet lock was lost; cancelling SSM command {command_id}"
-                ));
-                if let Err(e) = self
-                    .client
-                    .cancel_command()
-                    .command_id(command_id)
-                    .send()
-                    .await
-                {
-                    fleet.progress.note(&format!(
-                        "warning: CancelCommand {command_id} failed: {}",
-                        ApiFailure::from_sdk(&e).message
-                    ));
+                fleet.progress.note(&format!("the fleet lock was lost; cancelling SSM command {command_id}"));
+                if let Err(e) = self.client.cancel_command().command_id(command_id).send().await {
+                    fleet.progress.note(&format!("warning: CancelCommand {command_id} failed: {}", ApiFailure::from_sdk(&e).message));
                 }
             }
             if Instant::now() > deadline {
-                let why = format!(
-                    "SSM gave no final status for command {command_id} within {} s",
-                    deadline.duration_since(started_at).as_secs()
-                );
+                let why =
+                    format!("SSM gave no final status for command {command_id} within {} s", deadline.duration_since(started_at).as_secs());
                 results.extend(waiting.drain().map(|(_, n)| fleet.failed(n, why.clone())));
                 break;
             }
@@ -250,6 +193,7 @@ impl Ssm {
                     continue;
                 }
             };
+            let mut done = Vec::new();
             for (id, status) in states {
                 let Some(node) = waiting.get(id.as_str()).copied() else {
                     continue;
@@ -263,25 +207,27 @@ impl Ssm {
                         }
                     }
                     CommandInvocationStatus::Cancelled if !running.contains_key(&id) => {
-                        let why = fleet.stop_reason().unwrap_or(
-                            "SSM cancelled the command before it started (--max-errors)",
-                        );
+                        let why = fleet.stop_reason().unwrap_or("SSM cancelled the command before it started (--max-errors)");
                         results.push(fleet.not_attempted(node, why));
                         waiting.remove(id.as_str());
                     }
                     _ => {
-                        let since = running.get(&id).copied().unwrap_or(started_at);
-                        let outcome = self.outcome(command_id, &id, since).await;
-                        results.push(fleet.finish(node, outcome));
                         waiting.remove(id.as_str());
+                        done.push((node, running.get(&id).copied().unwrap_or(started_at)));
                     }
                 }
             }
+            // Outputs of the nodes that finished in this round, a few at a
+            // time: one slow answer must not hold up the others.
+            let outputs: Vec<_> = futures::stream::iter(done)
+                .map(|(node, since)| async move { (node, self.outcome(command_id, &node.instance_id, since).await) })
+                .buffer_unordered(OUTPUTS_AT_ONCE)
+                .collect()
+                .await;
+            results.extend(outputs.into_iter().map(|(node, outcome)| fleet.finish(node, outcome)));
         }
         if let Some(e) = last_error.filter(|_| results.is_empty()) {
-            fleet
-                .progress
-                .note(&format!("warning: polling SSM command {command_id}: {e:#}"));
+            fleet.progress.note(&format!("warning: polling SSM command {command_id}: {e:#}"));
         }
         results
     }
@@ -302,26 +248,11 @@ impl Ssm {
 
     /// Every invocation of the command and its status (absent ones are not
     /// visible yet).
-    async fn statuses(
-        &self,
-        command_id: &str,
-    ) -> anyhow::Result<Vec<(String, CommandInvocationStatus)>> {
+    async fn statuses(&self, command_id: &str) -> anyhow::Result<Vec<(String, CommandInvocationStatus)>> {
         let mut out = Vec::new();
-        let mut pages = self
-            .client
-            .list_command_invocations()
-            .command_id(command_id)
-            .max_results(50)
-            .into_paginator()
-            .send();
+        let mut pages = self.client.list_command_invocations().command_id(command_id).max_results(50).into_paginator().send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| {
-                api_error(
-                    "SSM ListCommandInvocations",
-                    &ApiFailure::from_sdk(&e),
-                    NEEDS,
-                )
-            })?;
+            let page = page.map_err(|e| api_error("SSM ListCommandInvocations", &ApiFailure::from_sdk(&e), NEEDS))?;
             for inv in page.command_invocations() {
                 if let (Some(id), Some(status)) = (inv.instance_id(), inv.status()) {
                     out.push((id.to_string(), status.clone()));
@@ -336,33 +267,15 @@ impl Ssm {
     async fn outcome(&self, command_id: &str, instance_id: &str, since: Instant) -> Outcome {
         let mut tries = 0;
         let out = loop {
-            match self
-                .client
-                .get_command_invocation()
-                .command_id(command_id)
-                .instance_id(instance_id)
-                .send()
-                .await
-            {
+            match self.client.get_command_invocation().command_id(command_id).instance_id(instance_id).send().await {
                 Ok(out) => break out,
-                Err(e)
-                    if tries < 20
-                        && e.as_service_error()
-                            .is_some_and(|s| s.is_invocation_does_not_exist()) =>
-                {
+                Err(e) if tries < 20 && e.as_service_error().is_some_and(|s| s.is_invocation_does_not_exist()) => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Err(e) => {
-                    let why = format!(
-                        "{:#}",
-                        api_error("SSM GetCommandInvocation", &ApiFailure::from_sdk(&e), NEEDS)
-                    );
-                    return Outcome {
-                        unreached: Some(why),
-                        elapsed: since.elapsed(),
-                        ..Outcome::default()
-                    };
+                    let why = format!("{:#}", api_error("SSM GetCommandInvocation", &ApiFailure::from_sdk(&e), NEEDS));
+                    return Outcome { unreached: Some(why), elapsed: since.elapsed(), ..Outcome::default() };
                 }
             }
         };
@@ -374,21 +287,14 @@ impl Ssm {
                 self.timeout.as_secs(),
                 last_line(&stderr)
             )),
-            Some(CommandInvocationStatus::Cancelled) => Some(format!(
-                "SSM cancelled the command while it ran: {}",
-                last_line(&stderr)
-            )),
-            Some(CommandInvocationStatus::Failed) if details != "Failed" => Some(format!(
-                "SSM could not run the command ({details}): {}",
-                last_line(&stderr)
-            )),
+            Some(CommandInvocationStatus::Cancelled) => Some(format!("SSM cancelled the command while it ran: {}", last_line(&stderr))),
+            Some(CommandInvocationStatus::Failed) if details != "Failed" => {
+                Some(format!("SSM could not run the command ({details}): {}", last_line(&stderr)))
+            }
             _ => None,
         };
         Outcome {
-            stdout: out
-                .standard_output_content()
-                .unwrap_or_default()
-                .to_string(),
+            stdout: out.standard_output_content().unwrap_or_default().to_string(),
             exit_code: Some(out.response_code()),
             stderr,
             elapsed: since.elapsed(),
