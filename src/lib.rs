@@ -11,7 +11,8 @@
 //! - [`switch`]: atomic renames into place, deletions;
 //! - [`report`]: the summary and JSON the bastion reads;
 //!
-//! run by [`pull`] under the [`node_lock`].
+//! run by [`pull`] under the [`node_lock`]. In release mode, [`release`]
+//! builds each release beside the live one and switches `current`.
 //!
 //! For the bastion, [`fleet_lock`] keeps two deploys of one group apart.
 
@@ -24,6 +25,7 @@ pub mod node_lock;
 mod plan;
 pub mod progress;
 pub mod pull;
+pub mod release;
 pub mod report;
 mod safe_fs;
 pub mod source;
@@ -35,5 +37,6 @@ pub use keypath::{map_key, Entry, RelPath};
 pub use node_lock::IfBusy;
 pub use progress::Observer;
 pub use pull::{pull, PullOptions};
+pub use release::{pull_release, ReleaseOptions};
 pub use report::{PullReport, PullStatus};
 pub use source::{ClientOptions, S3Url};

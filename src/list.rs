@@ -69,6 +69,31 @@ pub(crate) fn start(client: aws_sdk_s3::Client, source: S3Url) -> Lister {
     Lister { pages: rx, task }
 }
 
+/// A lister that hands out a listing made earlier, in pages as LIST would.
+pub(crate) fn given(objects: Vec<RemoteObject>) -> Lister {
+    let (tx, rx) = mpsc::channel(PAGES_AHEAD);
+    let task = tokio::spawn(async move {
+        let mut objects = objects.into_iter().peekable();
+        while objects.peek().is_some() {
+            let page: Vec<RemoteObject> = objects.by_ref().take(1000).collect();
+            if tx.send(Ok(page)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Lister { pages: rx, task }
+}
+
+/// The whole listing at once: every object under the source's prefix.
+pub(crate) async fn collect(client: aws_sdk_s3::Client, source: S3Url) -> Result<Vec<RemoteObject>> {
+    let mut lister = start(client, source);
+    let mut all = Vec::new();
+    while let Some(page) = lister.pages.recv().await {
+        all.extend(page?);
+    }
+    Ok(all)
+}
+
 /// Lists every key under `prefix`, sending each page. With `shallow`, lists
 /// one level (`delimiter=/`) and returns the sub-prefixes found. `None`
 /// when listing failed (the error was sent) or the receiver is gone.

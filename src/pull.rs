@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use crate::error::{Error, Result};
 use crate::fetch::{self, FetchCtx, FetchError, FetchStats};
 use crate::keypath::RelPath;
-use crate::list;
+use crate::list::{self, RemoteObject};
 use crate::node_lock::{IfBusy, NodeLock};
 use crate::plan::{FetchJob, FetchReason, PlanEnd, Planner};
 use crate::progress::Observer;
@@ -73,11 +73,7 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     }
 
     let (_lock, lock_wait) = NodeLock::acquire(&opts.state_dir, opts.if_busy).await?;
-    let (state, placed) = {
-        let (sd, d) = (opts.state_dir.clone(), opts.dest.clone());
-        tokio::task::spawn_blocking(move || StateStore::open(&sd, &d)).await.expect("state load does not panic")?
-    };
-    let last_path = state.dir().join("last-pull.json");
+    let last_path = StateStore::dir_for(&opts.state_dir, &opts.dest).join("last-pull.json");
     if let Some(mut last) = read_last(&last_path) {
         // A pull that started after we asked has seen everything we would
         // see: its result is ours, and the pile-up ends here.
@@ -89,9 +85,32 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     }
 
     let started_at_ns = now_ns();
-    let mut report = PullReport::new(opts.source.to_string(), opts.dest.display().to_string(), false);
-    report.started_at_ms = (started_at_ns / 1_000_000) as u64;
+    let mut report = place(opts, client, None, observer, t0).await?;
     report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
+    let record = LastPull { started_at_ns, report: report.clone() };
+    tokio::task::spawn_blocking(move || write_atomic(&last_path, &serde_json::to_vec(&record).expect("report serializes")))
+        .await
+        .expect("state write does not panic")?;
+    Ok(report)
+}
+
+/// Makes `opts.dest` match the source: the pull proper, without the node
+/// lock and coalescing, which the caller owns. Lists the source unless
+/// `listing` is given (release mode has listed it already, to name the
+/// release).
+pub(crate) async fn place(
+    opts: &PullOptions,
+    client: aws_sdk_s3::Client,
+    listing: Option<Vec<RemoteObject>>,
+    observer: Arc<dyn Observer>,
+    t0: Instant,
+) -> Result<PullReport> {
+    let (state, placed) = {
+        let (sd, d) = (opts.state_dir.clone(), opts.dest.clone());
+        tokio::task::spawn_blocking(move || StateStore::open(&sd, &d)).await.expect("state load does not panic")?
+    };
+    let mut report = PullReport::new(opts.source.to_string(), opts.dest.display().to_string(), false);
+    report.started_at_ms = (now_ns() / 1_000_000) as u64;
 
     let dest = Arc::new(open_dest(&opts.dest)?);
     if state.interrupted() {
@@ -104,7 +123,7 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     }
     state.mark_in_progress()?;
     let state = Arc::new(state);
-    let result = run(opts, client, dest, state.clone(), placed, observer, &mut report).await;
+    let result = run(opts, client, listing, dest, state.clone(), placed, observer, &mut report).await;
     state.flush();
     if result.is_err() {
         // Every temporary file was discarded on the way out.
@@ -114,11 +133,8 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     report.settle();
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
     report.finished_at_ms = (now_ns() / 1_000_000) as u64;
-
-    let record = LastPull { started_at_ns, report: report.clone() };
     tokio::task::spawn_blocking(move || -> Result<()> {
         state.compact(&placed)?;
-        write_atomic(&last_path, &serde_json::to_vec(&record).expect("report serializes"))?;
         state.clear_in_progress();
         Ok(())
     })
@@ -168,16 +184,18 @@ enum Outcome {
 }
 
 /// Lists, plans, fetches and switches; returns the state after the pull.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     opts: &PullOptions,
     client: aws_sdk_s3::Client,
+    listing: Option<Vec<RemoteObject>>,
     dest: Arc<DestDir>,
     state: Arc<StateStore>,
     placed: HashMap<RelPath, Placed>,
     observer: Arc<dyn Observer>,
     report: &mut PullReport,
 ) -> Result<HashMap<RelPath, Placed>> {
-    let (mut jobs, planner) = start_planner(opts, client.clone(), Some(dest.clone()), placed, observer.clone());
+    let (mut jobs, planner) = start_planner(opts, client.clone(), listing, Some(dest.clone()), placed, observer.clone());
     let gate = Gate::new();
     let ctx = Arc::new(FetchCtx { client, bucket: opts.source.bucket.clone(), dest: dest.clone(), gate: gate.waiter() });
     let permits = Arc::new(Semaphore::new(opts.concurrency));
@@ -301,11 +319,15 @@ struct PlannerEnd {
 fn start_planner(
     opts: &PullOptions,
     client: aws_sdk_s3::Client,
+    listing: Option<Vec<RemoteObject>>,
     dest: Option<Arc<DestDir>>,
     placed: HashMap<RelPath, Placed>,
     observer: Arc<dyn Observer>,
 ) -> (mpsc::Receiver<FetchJob>, tokio::task::JoinHandle<Result<PlannerEnd>>) {
-    let mut lister = list::start(client, opts.source.clone());
+    let mut lister = match listing {
+        Some(objects) => list::given(objects),
+        None => list::start(client, opts.source.clone()),
+    };
     let (tx, rx) = mpsc::channel(4096);
     let prefix = opts.source.prefix.clone();
     let delete = opts.delete;
@@ -331,7 +353,7 @@ async fn dry_run(opts: &PullOptions, client: aws_sdk_s3::Client, observer: Arc<d
     let placed = StateStore::load_read_only(&opts.state_dir, &opts.dest)?;
     let dest =
         DestDir::open_read_only(&opts.dest).map_err(|e| Error::io(format!("opening DEST {}", opts.dest.display()), e))?.map(Arc::new);
-    let (mut jobs, planner) = start_planner(opts, client, dest, placed, observer);
+    let (mut jobs, planner) = start_planner(opts, client, None, dest, placed, observer);
     let mut report = PullReport::new(opts.source.to_string(), opts.dest.display().to_string(), true);
     let mut plan = Plan::default();
     while let Some(job) = jobs.recv().await {

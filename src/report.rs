@@ -97,6 +97,9 @@ pub struct PullReport {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<Plan>,
+    /// Release mode: which release, whether it went live, the hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<crate::release::ReleaseReport>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -121,6 +124,7 @@ impl PullReport {
             errors_omitted: 0,
             error: None,
             plan: None,
+            release: None,
         }
     }
 

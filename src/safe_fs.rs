@@ -192,6 +192,22 @@ impl DestDir {
         Ok(())
     }
 
+    /// Hard-links the regular file at `path` in `from` to the same path
+    /// here, creating parent directories: how a release shares the files
+    /// that did not change with the one before it. Neither side's symlinks
+    /// are followed (`linkat` without `AT_SYMLINK_FOLLOW` links a symlink
+    /// itself, so it is checked to be a regular file first).
+    pub(crate) fn link_from(&self, from: &DestDir, path: &RelPath) -> std::io::Result<()> {
+        let (parents, file_name) = path.split_parent();
+        let src = from.dir_fd(&parents, false)?;
+        let st = rfs::statat(&*src, file_name, AtFlags::SYMLINK_NOFOLLOW)?;
+        if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+            return Err(std::io::Error::other(format!("{path} is not a regular file")));
+        }
+        let dst = self.dir_fd(&parents, true)?;
+        Ok(rfs::linkat(&*src, file_name, &*dst, file_name, AtFlags::empty())?)
+    }
+
     /// Removes temporary files a killed pull left beside their final paths.
     /// Only called after an interrupted pull, so the walk is rare. Returns
     /// how many were removed.

@@ -75,7 +75,7 @@ impl StateStore {
     /// Opens (creating) the store for `dest` under `state_dir`, and loads
     /// what it holds.
     pub(crate) fn open(state_dir: &Path, dest: &Path) -> Result<(StateStore, HashMap<RelPath, Placed>)> {
-        let dir = state_dir.join(format!("dest-{}", dest_id(dest)));
+        let dir = StateStore::dir_for(state_dir, dest);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating state dir {}", dir.display()), e))?;
         let mut placed = HashMap::new();
         let snapshot = dir.join("placed.jsonl");
@@ -98,6 +98,11 @@ impl StateStore {
     }
 
     /// Whether the previous pull into this DEST was killed before the end.
+    /// The store's directory for `dest`: one per DEST (and per release).
+    pub(crate) fn dir_for(state_dir: &Path, dest: &Path) -> PathBuf {
+        state_dir.join(format!("dest-{}", dest_id(dest)))
+    }
+
     pub(crate) fn interrupted(&self) -> bool {
         self.interrupted
     }
@@ -121,11 +126,6 @@ impl StateStore {
         replay(&dir.join("placed.jsonl"), &mut placed)?;
         replay(&dir.join("journal.jsonl"), &mut placed)?;
         Ok(placed)
-    }
-
-    /// Directory holding this DEST's records (and its last report).
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Records that `path` now holds `placed`. Call after the rename.
@@ -160,6 +160,13 @@ impl StateStore {
         let journal = self.dir.join("journal.jsonl");
         let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         j.get_ref().set_len(0).map_err(|e| Error::io(format!("truncating {}", journal.display()), e))
+    }
+
+    /// Starts the store with `placed` as its whole content (a release seeded
+    /// with hard links from the one before it).
+    pub(crate) fn seed(&self, placed: &HashMap<RelPath, Placed>) -> Result<()> {
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.compact(placed)
     }
 
     /// Flushes the journal without compacting (after an aborted pull).
@@ -245,7 +252,7 @@ mod tests {
             s.record_deleted(&rel("a")).unwrap();
             s.flush();
             // Simulate a SIGKILL mid-append.
-            let j = s.dir().join("journal.jsonl");
+            let j = s.dir.join("journal.jsonl");
             let mut f = OpenOptions::new().append(true).open(j).unwrap();
             f.write_all(b"{\"k\":\"x\",\"e\":").unwrap();
         }
@@ -253,7 +260,7 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(m[&rel("b/c")], p("\"2\""));
         // The journal was compacted into the snapshot on load.
-        assert_eq!(std::fs::metadata(s.dir().join("journal.jsonl")).unwrap().len(), 0);
+        assert_eq!(std::fs::metadata(s.dir.join("journal.jsonl")).unwrap().len(), 0);
     }
 
     #[test]
@@ -275,7 +282,7 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let dest = Path::new("/srv/www");
         let (s, _) = StateStore::open(state.path(), dest).unwrap();
-        std::fs::write(s.dir().join("placed.jsonl"), "{\"k\":\"../../etc/passwd\",\"e\":\"x\",\"s\":1,\"fs\":1,\"m\":1}\n").unwrap();
+        std::fs::write(s.dir.join("placed.jsonl"), "{\"k\":\"../../etc/passwd\",\"e\":\"x\",\"s\":1,\"fs\":1,\"m\":1}\n").unwrap();
         drop(s);
         let (_, loaded) = StateStore::open(state.path(), dest).unwrap();
         assert!(loaded.is_empty());

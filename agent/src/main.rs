@@ -34,6 +34,11 @@ enum Command {
     /// Make DEST match the source: download what changed, delete what was removed.
     #[command(after_help = EXIT_CODES)]
     Pull(PullArgs),
+    /// Release mode: make an earlier release live again (default: the one before the live one).
+    #[command(after_help = EXIT_CODES)]
+    Rollback(RollbackArgs),
+    /// Release mode: the live release, the one before it, the kept releases and the last pull.
+    Status(StatusArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +60,25 @@ struct PullArgs {
     /// Print the plan and touch nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Release mode (recommended): build each release in DEST/releases/ID,
+    /// sharing unchanged files by hard link, and switch DEST/current to it
+    /// atomically once complete.
+    #[arg(long)]
+    releases: bool,
+    /// The release's name (a CI build number or git sha); default: a hash
+    /// of the content, so identical content is one release.
+    #[arg(long, requires = "releases")]
+    release_id: Option<String>,
+    /// Releases kept besides the live one and the one before it.
+    #[arg(long, requires = "releases", default_value_t = fleetsync::release::DEFAULT_KEEP)]
+    keep: usize,
+    /// A shell command run after each switch, e.g. `systemctl reload php-fpm`
+    /// (FLEETSYNC_RELEASE, FLEETSYNC_RELEASE_DIR, FLEETSYNC_PREVIOUS_RELEASE are set).
+    #[arg(long, requires = "releases", value_name = "CMD")]
+    after_switch: Option<String>,
+    /// When the after-switch command fails, make the previous release live again.
+    #[arg(long, requires = "after_switch")]
+    rollback_on_failure: bool,
     /// Print one JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -67,6 +91,33 @@ struct PullArgs {
     /// Path-style S3 addressing, for S3-compatible servers.
     #[arg(long, env = "FLEETSYNC_S3_PATH_STYLE")]
     path_style: bool,
+}
+
+#[derive(clap::Args)]
+struct RollbackArgs {
+    /// The release-mode DEST.
+    #[arg(long)]
+    dest: PathBuf,
+    /// The release to make live (default: the one live before the current one).
+    #[arg(long)]
+    to: Option<String>,
+    #[arg(long, env = "FLEETSYNC_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Print one JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The release-mode DEST.
+    #[arg(long)]
+    dest: PathBuf,
+    #[arg(long, env = "FLEETSYNC_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -91,6 +142,8 @@ fn try_main() -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     match cli.command {
         Command::Pull(args) => runtime.block_on(pull(args)),
+        Command::Rollback(args) => runtime.block_on(rollback(args)),
+        Command::Status(args) => status(args),
     }
 }
 
@@ -116,7 +169,18 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         client: ClientOptions { region: args.region.clone(), path_style: args.path_style },
     };
     let observer = progress::for_stderr();
-    let result = fleetsync::pull(&opts, observer.clone()).await;
+    let result = if args.releases {
+        let release = fleetsync::ReleaseOptions {
+            pull: opts,
+            release_id: args.release_id.clone(),
+            keep: args.keep,
+            after_switch: args.after_switch.clone(),
+            rollback_on_failure: args.rollback_on_failure,
+        };
+        fleetsync::pull_release(&release, observer.clone()).await
+    } else {
+        fleetsync::pull(&opts, observer.clone()).await
+    };
     observer.finish();
     let report = match result {
         Ok(r) => r,
@@ -135,6 +199,45 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         print_plan(&report, plan);
     }
     Ok(report.exit_code)
+}
+
+/// `rollback`: makes an earlier release live again.
+async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
+    let report = fleetsync::release::rollback(&args.dest, &args.state_dir, args.to.as_deref(), IfBusy::Wait).await?;
+    let release = report.release.as_ref().expect("a rollback report names its release");
+    match (&release.previous, release.switched) {
+        (Some(from), true) => eprintln!("rolled back {} from {from} to {}", args.dest.display(), release.id),
+        _ => eprintln!("{} is live in {} already", release.id, args.dest.display()),
+    }
+    if args.json {
+        print_stdout(&serde_json::to_string(&report)?);
+    }
+    Ok(report.exit_code)
+}
+
+/// `status`: what is live, what could be rolled back to, the last pull.
+fn status(args: StatusArgs) -> anyhow::Result<i32> {
+    let st = fleetsync::release::status(&args.dest, &args.state_dir)?;
+    if args.json {
+        print_stdout(&serde_json::to_string(&st)?);
+        return Ok(exit::OK);
+    }
+    let mut out = format!(
+        "{}: current {}, previous {}\n",
+        st.dest,
+        st.current.as_deref().unwrap_or("(none)"),
+        st.previous.as_deref().unwrap_or("(none)")
+    );
+    for r in st.releases.iter().rev() {
+        let mark = if Some(&r.id) == st.current.as_ref() { "*" } else { " " };
+        let note = if r.rolled_back { " (rolled back)" } else { "" };
+        out.push_str(&format!("{mark} {}  {} files{note}\n", r.id, r.files));
+    }
+    if let Some(last) = &st.last_pull {
+        out.push_str(&format!("last pull: {}", last.summary()));
+    }
+    print_stdout(out.trim_end());
+    Ok(exit::OK)
 }
 
 /// Reports a pull that failed as a whole: one line on stderr, and the JSON

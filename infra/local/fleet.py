@@ -62,7 +62,8 @@ def network(ec2, k=1):
     instances over a world's life (moto never reuses an address), so large
     groups take a subnet of their own."""
     name = TAG if k == 1 else f"{TAG}-{k}"
-    subnets = ec2.describe_subnets(Filters=[{"Name": "tag:Name", "Values": [name]}])["Subnets"]
+    cidr = [{"Name": "cidr-block", "Values": [f"127.0.{k}.0/24"]}]
+    subnets = ec2.describe_subnets(Filters=cidr)["Subnets"]
     if subnets:
         return subnets[0]["SubnetId"]
     vpcs = ec2.describe_vpcs(Filters=[{"Name": "tag:Name", "Values": [TAG]}])["Vpcs"]
@@ -71,7 +72,18 @@ def network(ec2, k=1):
     else:
         vpc = ec2.create_vpc(CidrBlock="127.0.0.0/16")["Vpc"]["VpcId"]
         ec2.create_tags(Resources=[vpc], Tags=[{"Key": "Name", "Value": TAG}])
-    sub = ec2.create_subnet(VpcId=vpc, CidrBlock=f"127.0.{k}.0/24")["Subnet"]["SubnetId"]
+    try:
+        sub = ec2.create_subnet(VpcId=vpc, CidrBlock=f"127.0.{k}.0/24")["Subnet"]["SubnetId"]
+    except ec2.exceptions.ClientError as e:
+        if e.response["Error"]["Code"] != "InvalidSubnet.Conflict":
+            raise
+        # Another test created it a moment ago: use theirs.
+        for _ in range(50):
+            found = ec2.describe_subnets(Filters=cidr)["Subnets"]
+            if found:
+                return found[0]["SubnetId"]
+            time.sleep(0.1)
+        raise
     ec2.create_tags(Resources=[sub], Tags=[{"Key": "Name", "Value": name}])
     return sub
 

@@ -1,0 +1,210 @@
+//! Release mode (`fleetsync-agent pull --releases`) end to end against the
+//! local S3 server: atomic switches under a reading load, hard links for
+//! unchanged files, `--keep`, rollback, status, and the after-switch hook.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{agent_bin, assert_tree, run_json, sample_tree, Bucket, Node};
+
+/// `fleetsync-agent pull --releases` into `node`, plus `extra`.
+fn pull(node: &Node, source: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    run_json(node.agent(source).arg("--releases").args(extra))
+}
+
+fn agent(node: &Node, args: &[&str]) -> Command {
+    let mut c = Command::new(agent_bin());
+    c.args(args).arg("--dest").arg(&node.dest).arg("--state-dir").arg(&node.state);
+    c
+}
+
+fn releases(node: &Node) -> BTreeSet<String> {
+    std::fs::read_dir(node.dest.join("releases")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
+fn live(node: &Node) -> String {
+    std::fs::read_link(node.dest.join("current")).unwrap().strip_prefix("releases").unwrap().display().to_string()
+}
+
+#[tokio::test]
+async fn unchanged_files_are_hard_links_a_no_op_creates_nothing_and_keep_is_honoured() {
+    let b = Bucket::new("relbasic").await;
+    let mut tree = sample_tree(40, 61);
+    b.put_tree("app/", &tree).await;
+    let node = Node::new();
+
+    let (code, r1, stderr) = pull(&node, &b.url("app"), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let id1 = r1["release"]["id"].as_str().unwrap().to_string();
+    assert_eq!((r1["release"]["created"].as_bool(), r1["release"]["switched"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(live(&node), id1);
+    assert_tree(&node.dest.join("current"), &tree);
+
+    // Identical content is the same release: nothing is created or switched.
+    let (code, r, _) = pull(&node, &b.url("app"), &[]);
+    assert_eq!(code, 0);
+    assert_eq!((r["release"]["id"].as_str(), r["release"]["switched"].as_bool()), (Some(id1.as_str()), Some(false)), "{r}");
+    assert_eq!(r["counts"]["downloaded"], 0);
+    assert_eq!(releases(&node), BTreeSet::from([id1.clone()]));
+
+    // One same-size change: one download, every other file shared.
+    let (changed, body) = tree.iter().next().map(|(k, v)| (k.clone(), v.iter().map(|b| b ^ 0x55).collect::<Vec<u8>>())).unwrap();
+    b.put(&format!("app/{changed}"), &body).await;
+    tree.insert(changed.clone(), body);
+    let (code, r2, _) = pull(&node, &b.url("app"), &[]);
+    assert_eq!(code, 0, "{r2}");
+    let id2 = r2["release"]["id"].as_str().unwrap().to_string();
+    assert_ne!(id1, id2);
+    let files = r2["counts"]["listed"].as_u64().unwrap();
+    assert_eq!((r2["counts"]["downloaded"].as_u64(), r2["release"]["linked"].as_u64()), (Some(1), Some(files - 1)), "{r2}");
+    assert_tree(&node.dest.join("current"), &tree);
+    let (old, new) = (node.dest.join("releases").join(&id1), node.dest.join("releases").join(&id2));
+    for key in tree.keys() {
+        let same = std::fs::metadata(old.join(key)).unwrap().ino() == std::fs::metadata(new.join(key)).unwrap().ino();
+        assert_eq!(same, *key != changed, "{key}: shared by hard link exactly when unchanged");
+    }
+
+    // --keep 1: older releases go, but never the live one or the one before.
+    for i in 0..3 {
+        b.put("app/version.txt", format!("v{i}").as_bytes()).await;
+        let (code, _, stderr) = pull(&node, &b.url("app"), &["--keep", "1"]);
+        assert_eq!(code, 0, "{stderr}");
+    }
+    let kept = releases(&node);
+    assert_eq!(kept.len(), 2, "the live release and the one before it: {kept:?}");
+    assert!(kept.contains(&live(&node)));
+    assert!(!kept.contains(&id1) && !kept.contains(&id2));
+}
+
+#[tokio::test]
+async fn rollback_is_byte_identical_and_status_names_live_and_previous() {
+    let b = Bucket::new("relroll").await;
+    let v1 = sample_tree(25, 62);
+    b.put_tree("app/", &v1).await;
+    let node = Node::new();
+    let (_, r1, _) = pull(&node, &b.url("app"), &["--release-id", "build-1"]);
+    assert_eq!(r1["release"]["id"], "build-1");
+    let mut v2 = v1.clone();
+    v2.insert("new.php".into(), b"<?php // v2".to_vec());
+    b.put("app/new.php", b"<?php // v2").await;
+    let (code, _, stderr) = pull(&node, &b.url("app"), &["--release-id", "build-2"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_tree(&node.dest.join("current"), &v2);
+
+    let (code, st, _) = run_json(&mut agent(&node, &["status", "--json"]));
+    assert_eq!(code, 0);
+    assert_eq!((st["current"].as_str(), st["previous"].as_str()), (Some("build-2"), Some("build-1")), "{st}");
+    assert_eq!(st["last_pull"]["release"]["id"], "build-2");
+
+    let (code, r, stderr) = run_json(&mut agent(&node, &["rollback", "--json"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["release"]["id"].as_str(), r["release"]["previous"].as_str()), (Some("build-1"), Some("build-2")));
+    assert_tree(&node.dest.join("current"), &v1);
+    let (_, st, _) = run_json(&mut agent(&node, &["status", "--json"]));
+    assert_eq!((st["current"].as_str(), st["previous"].as_str()), (Some("build-1"), None), "build-2 was rolled back: {st}");
+
+    let (code, _, _) = run_json(&mut agent(&node, &["rollback", "--to", "build-2", "--json"]));
+    assert_eq!(code, 0);
+    assert_tree(&node.dest.join("current"), &v2);
+    let out = agent(&node, &["rollback", "--to", "build-9"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no complete release build-9"));
+
+    // A reused --release-id with other content is refused; nothing changes.
+    b.put("app/new.php", b"<?php // v3").await;
+    let (code, r, _) = pull(&node, &b.url("app"), &["--release-id", "build-1"]);
+    assert_eq!(code, 2, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("already exists with other content"), "{r}");
+    assert_eq!(live(&node), "build-2");
+}
+
+#[tokio::test]
+async fn a_failed_after_switch_rolls_back_when_asked_and_a_failed_build_never_goes_live() {
+    let b = Bucket::new("relhook").await;
+    b.put("app/index.php", b"v1").await;
+    let node = Node::new();
+    let marker = node.tmp.path().join("hook-ran");
+    let hook = format!("echo \"$FLEETSYNC_RELEASE $FLEETSYNC_PREVIOUS_RELEASE\" > {}", marker.display());
+    let (code, r1, _) = pull(&node, &b.url("app"), &["--after-switch", &hook]);
+    assert_eq!(code, 0);
+    let id1 = r1["release"]["id"].as_str().unwrap().to_string();
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), id1, "the hook ran with the release in its environment");
+
+    b.put("app/index.php", b"v2").await;
+    let (code, r, _) = pull(&node, &b.url("app"), &["--after-switch", "echo reload failed >&2; exit 7", "--rollback-on-failure"]);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!((r["release"]["rolled_back"].as_bool(), r["release"]["after_switch"]["exit_code"].as_i64()), (Some(true), Some(7)), "{r}");
+    assert_eq!(r["release"]["after_switch"]["stderr"], "reload failed");
+    assert_eq!(live(&node), id1);
+    assert_eq!(std::fs::read(node.dest.join("current/index.php")).unwrap(), b"v1");
+
+    // Without --rollback-on-failure the new release stays live; exit 1.
+    let (code, r, _) = pull(&node, &b.url("app"), &["--after-switch", "exit 3"]);
+    assert_eq!(code, 1);
+    assert_eq!(live(&node), r["release"]["id"].as_str().unwrap());
+    assert_eq!(std::fs::read(node.dest.join("current/index.php")).unwrap(), b"v2");
+    let live_before = live(&node);
+
+    // A build that fails as a whole (a key that is a file and a directory)
+    // is removed; the live release is untouched.
+    b.put("app/conflict", b"file").await;
+    b.put("app/conflict/inner", b"file below").await;
+    let (code, r, _) = pull(&node, &b.url("app"), &[]);
+    assert_ne!(code, 0, "{r}");
+    assert_eq!(live(&node), live_before);
+    assert_eq!(releases(&node).len(), 2, "no partial release left: {:?}", releases(&node));
+}
+
+#[tokio::test]
+async fn readers_never_see_a_mix_of_releases_or_a_missing_file_across_20_switches() {
+    let b = Bucket::new("relatomic").await;
+    let node = Node::new();
+    let version = |v: u32| -> BTreeMap<String, Vec<u8>> {
+        (0..20).map(|i| (format!("d{}/f{i}.php", i % 4), format!("v{v} {i}").into_bytes())).collect()
+    };
+    b.put_tree("app/", &version(0)).await;
+    assert_eq!(pull(&node, &b.url("app"), &["--keep", "5"]).0, 0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (dest, stop, reads) = (node.dest.clone(), stop.clone(), reads.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            while !stop.load(Ordering::Relaxed) {
+                // A request through the symlink: the file is always there.
+                std::fs::read(dest.join("current/d1/f1.php")).map_err(|e| format!("current/d1/f1.php missing: {e}"))?;
+                // A reader that pins the tree (opens `current` once, as a
+                // web server resolving its document root does) sees one
+                // release, whole.
+                let root = std::fs::canonicalize(dest.join("current")).map_err(|e| e.to_string())?;
+                let versions: BTreeSet<String> = (0..20).map(|i| read_version(&root, i)).collect::<Result<_, _>>()?;
+                if versions.len() != 1 {
+                    return Err(format!("a mix of releases in {}: {versions:?}", root.display()));
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    for v in 1..=20 {
+        b.put_tree("app/", &version(v)).await;
+        let (code, r, _) = pull(&node, &b.url("app"), &["--keep", "5"]);
+        assert_eq!((code, r["release"]["switched"].as_bool()), (0, Some(true)), "{r}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap().unwrap();
+    assert!(reads.load(Ordering::Relaxed) > 20, "the reader ran throughout: {}", reads.load(Ordering::Relaxed));
+    assert_tree(&node.dest.join("current"), &version(20));
+}
+
+fn read_version(root: &Path, i: usize) -> Result<String, String> {
+    let p = root.join(format!("d{}/f{i}.php", i % 4));
+    let body = std::fs::read_to_string(&p).map_err(|e| format!("{} missing: {e}", p.display()))?;
+    Ok(body.split(' ').next().unwrap_or_default().to_string())
+}
