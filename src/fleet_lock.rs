@@ -50,8 +50,8 @@ impl LockInfo {
         let now = now_ms();
         LockInfo {
             owner: format!("{:032x}", rand::random::<u128>()),
-            user: std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()),
-            host: rustix::system::uname().nodename().to_string_lossy().into_owned(),
+            user: user(),
+            host: host(),
             pid: std::process::id(),
             command: command.to_string(),
             started_at_ms: now,
@@ -328,6 +328,20 @@ async fn renew(
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Who runs this process, for lock holders and publishers.
+fn user() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into())
+}
+
+fn host() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
+}
+
+/// `user@host`.
+pub(crate) fn user_at_host() -> String {
+    format!("{}@{}", user(), host())
 }
 
 #[cfg(test)]

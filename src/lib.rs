@@ -14,7 +14,8 @@
 //! run by [`pull`] under the [`node_lock`]. In release mode, [`release`]
 //! builds each release beside the live one and switches `current`.
 //!
-//! For the bastion, [`fleet_lock`] keeps two deploys of one group apart.
+//! For the bastion, [`fleet_lock`] keeps two deploys of one group apart,
+//! and [`publish`] uploads a build and writes the release pointer.
 
 mod error;
 mod fetch;
@@ -24,6 +25,7 @@ mod list;
 pub mod node_lock;
 mod plan;
 pub mod progress;
+pub mod publish;
 pub mod pull;
 pub mod release;
 pub mod report;

@@ -49,6 +49,11 @@ const PARALLEL_LISTS: usize = 8;
 
 type Pages = mpsc::Sender<Result<Vec<RemoteObject>>>;
 
+/// The directory under a source prefix that fleetsync keeps for itself
+/// (the release pointer, and fleet locks when the prefix is the whole
+/// bucket). It is never listed as part of the source.
+pub const RESERVED_DIR: &str = ".fleetsync/";
+
 pub(crate) fn start(client: aws_sdk_s3::Client, source: S3Url) -> Lister {
     let (tx, rx) = mpsc::channel(PAGES_AHEAD);
     let task = tokio::spawn(async move {
@@ -115,10 +120,12 @@ async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, 
                 return None;
             }
         };
-        dirs.extend(page.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)));
+        let reserved = format!("{}{RESERVED_DIR}", source.prefix);
+        dirs.extend(page.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)).filter(|d| *d != reserved));
         let objects = page
             .contents()
             .iter()
+            .filter(|o| !o.key().is_some_and(|k| k.starts_with(&reserved)))
             .filter_map(|o| {
                 Some(RemoteObject {
                     key: o.key()?.to_string(),

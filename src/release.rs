@@ -318,9 +318,9 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     let current = layout.current()?;
     layout.sweep_incomplete(&registry, current.as_deref())?;
 
-    let listing = list::collect(client.clone(), p.source.clone()).await?;
-    let content = content_id(&listing, &p.source.prefix);
-    let id = opts.release_id.clone().unwrap_or_else(|| content.clone());
+    let (listing, content, pointer) = consistent_listing(&client, &p.source).await?;
+    let id = opts.release_id.clone().or_else(|| pointer.map(|p| p.release_id)).unwrap_or_else(|| content.clone());
+    check_release_id(&id)?;
     if let Some(known) = registry.get(&id).filter(|r| r.content != content) {
         return Err(Error::Config(format!(
             "release {id} already exists with other content ({}): give this build a new --release-id",
@@ -399,6 +399,41 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
     report_with(report, release, lock_wait, &layout)?;
     Ok(read_last(&layout).expect("just written"))
+}
+
+/// Listings tried before concluding that the source does not match its
+/// release pointer, and the pause between them.
+const POINTER_TRIES: u32 = 3;
+const POINTER_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Lists the source and, when `fleetsync publish` wrote a release pointer,
+/// checks that the listing is what the pointer describes. A mismatch is a
+/// publish in progress (uploads done, pointer not yet written, or the
+/// reverse): listed again a few times, then refused, so that no release is
+/// ever built from a half-published tree.
+async fn consistent_listing(
+    client: &aws_sdk_s3::Client,
+    source: &crate::S3Url,
+) -> Result<(Vec<RemoteObject>, String, Option<crate::publish::Pointer>)> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let pointer = crate::publish::read_pointer(client, source).await?;
+        let listing = list::collect(client.clone(), source.clone()).await?;
+        let content = content_id(&listing, &source.prefix);
+        match pointer {
+            Some(p) if p.content != content => {
+                if tries >= POINTER_TRIES {
+                    return Err(Error::S3(format!(
+                        "{source} does not match its release pointer (release {}, content {}; listed {content}): a publish is in progress or was interrupted; the live release is unchanged (publish again, or pull once it is done)",
+                        p.release_id, p.content
+                    )));
+                }
+                tokio::time::sleep(POINTER_PAUSE).await;
+            }
+            pointer => return Ok((listing, content, pointer)),
+        }
+    }
 }
 
 /// Builds release `id` beside the live one: hard links for what did not

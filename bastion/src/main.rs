@@ -56,6 +56,8 @@ enum Command {
     Sync(SyncArgs),
     /// List the group's instances: which would be synced, and why the others are skipped.
     List(ListArgs),
+    /// Upload a build directory to the source (only what changed), then write the release pointer.
+    Publish(PublishArgs),
     /// Inspect or break the fleet lock that keeps two deploys of a group apart.
     #[command(subcommand)]
     Lock(LockCommand),
@@ -136,6 +138,28 @@ struct ListArgs {
     #[arg(long)]
     asg: Option<String>,
     /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    aws: AwsArgs,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// The build directory.
+    dir: PathBuf,
+    /// Where to publish it, s3://BUCKET[/PREFIX] (the deploy's --source).
+    target: String,
+    /// The release's name (a CI build number or git sha); default: a hash of the content.
+    #[arg(long)]
+    release_id: Option<String>,
+    /// Upload what symlinks in the build point to, instead of refusing them.
+    #[arg(long)]
+    follow_symlinks: bool,
+    /// Print what would be uploaded and deleted; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print one JSON report on stdout.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -319,6 +343,10 @@ fn try_main() -> anyhow::Result<i32> {
             args.aws.apply(&file);
             args.asg = args.asg.or(file.asg);
             runtime.block_on(list(args))
+        }
+        Command::Publish(mut args) => {
+            args.aws.apply(&file);
+            runtime.block_on(publish(args))
         }
         Command::Lock(LockCommand::Show(mut args)) => {
             args.apply(file);
@@ -519,6 +547,44 @@ impl LockArgs {
         self.source = self.source.take().or(file.source);
         self.lock = self.lock.take().or(file.lock);
     }
+}
+
+/// `publish`: walk -> diff -> upload -> delete -> pointer (see the library's
+/// `publish` module).
+async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
+    let opts = fleetsync::publish::PublishOptions {
+        dir: args.dir.clone(),
+        dest: S3Url::parse(&args.target)?,
+        release_id: args.release_id.clone(),
+        follow_symlinks: args.follow_symlinks,
+        dry_run: args.dry_run,
+        client: args.aws.client_options(),
+    };
+    let report = fleetsync::publish::publish(&opts).await?;
+    for e in &report.errors {
+        eprintln!("fleetsync: upload failed: {e}");
+    }
+    if args.json {
+        print_stdout(&serde_json::to_string(&report)?);
+    } else {
+        let verb = if report.dry_run { "would publish" } else { "published" };
+        print_stdout(&format!(
+            "{verb} {} as release {} to {}: {} files uploaded ({}), {} unchanged, {} deleted{}",
+            report.source,
+            report.release_id,
+            report.dest,
+            report.uploaded,
+            fleetsync::report::human_bytes(report.bytes_uploaded),
+            report.unchanged,
+            report.deleted,
+            if report.errors.is_empty() {
+                String::new()
+            } else {
+                format!("; {} FAILED, nothing deleted, pointer not written", report.errors.len())
+            }
+        ));
+    }
+    Ok(report.exit_code)
 }
 
 /// `lock show`: the holder of the group's fleet lock, if any.
