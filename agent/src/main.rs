@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fleetsync::pull::{DEFAULT_CONCURRENCY, DEFAULT_STATE_DIR};
 use fleetsync::{exit, ClientOptions, IfBusy, PullOptions, PullReport, S3Url};
 
+mod config;
 mod progress;
+
+use config::{AgentConfig, Mode, DEFAULT_FILE};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -22,6 +25,10 @@ Exit codes:
 #[derive(Parser)]
 #[command(name = "fleetsync-agent", version, about = "Pulls s3://BUCKET/PREFIX into a local directory, fast and safely.", after_help = EXIT_CODES)]
 struct Cli {
+    /// The node's config file (keys are the long flag names); default
+    /// /etc/fleetsync/agent.toml when it exists. Flags override it.
+    #[arg(long, global = true, env = "FLEETSYNC_AGENT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
     /// More log output on stderr (-v info, -vv debug). RUST_LOG also works.
@@ -41,19 +48,22 @@ enum Command {
     Status(StatusArgs),
 }
 
+/// `pull`'s flags. Those that agent.toml may supply are optional here;
+/// `apply` fills them from the file, then from the defaults.
 #[derive(clap::Args)]
 struct PullArgs {
-    /// The source, s3://BUCKET[/PREFIX].
-    source: String,
+    /// The source, s3://BUCKET[/PREFIX] (or `source` in agent.toml).
+    source: Option<String>,
     /// The directory to keep in sync with the source.
     #[arg(long)]
-    dest: PathBuf,
-    /// Where the node lock and the record of placed files live (outside DEST).
-    #[arg(long, env = "FLEETSYNC_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
-    /// Downloads in flight.
-    #[arg(long, default_value_t = DEFAULT_CONCURRENCY)]
-    concurrency: usize,
+    dest: Option<PathBuf>,
+    /// Where the node lock and the record of placed files live (outside
+    /// DEST) [default: /var/lib/fleetsync].
+    #[arg(long, env = "FLEETSYNC_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Downloads in flight [default: 64].
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Keep files the source no longer has.
     #[arg(long)]
     no_delete: bool,
@@ -63,21 +73,25 @@ struct PullArgs {
     /// Release mode (recommended): build each release in DEST/releases/ID,
     /// sharing unchanged files by hard link, and switch DEST/current to it
     /// atomically once complete.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "in_place")]
     releases: bool,
-    /// The release's name (a CI build number or git sha); default: a hash
-    /// of the content, so identical content is one release.
-    #[arg(long, requires = "releases")]
+    /// In-place mode: DEST itself is the tree (overrides `mode` in agent.toml).
+    #[arg(long)]
+    in_place: bool,
+    /// Release mode: the release's name (a CI build number or git sha);
+    /// default: the release pointer's, else a hash of the content.
+    #[arg(long)]
     release_id: Option<String>,
-    /// Releases kept besides the live one and the one before it.
-    #[arg(long, requires = "releases", default_value_t = fleetsync::release::DEFAULT_KEEP)]
-    keep: usize,
-    /// A shell command run after each switch, e.g. `systemctl reload php-fpm`
-    /// (FLEETSYNC_RELEASE, FLEETSYNC_RELEASE_DIR, FLEETSYNC_PREVIOUS_RELEASE are set).
-    #[arg(long, requires = "releases", value_name = "CMD")]
+    /// Release mode: releases kept besides the live one and the one before it [default: 5].
+    #[arg(long)]
+    keep: Option<usize>,
+    /// Release mode: a shell command run after each switch, e.g. `systemctl
+    /// reload php-fpm` (FLEETSYNC_RELEASE, FLEETSYNC_RELEASE_DIR,
+    /// FLEETSYNC_PREVIOUS_RELEASE are set).
+    #[arg(long, value_name = "CMD")]
     after_switch: Option<String>,
-    /// When the after-switch command fails, make the previous release live again.
-    #[arg(long, requires = "after_switch")]
+    /// Release mode: when the after-switch command fails, make the previous release live again.
+    #[arg(long)]
     rollback_on_failure: bool,
     /// Print one JSON report on stdout.
     #[arg(long)]
@@ -93,16 +107,74 @@ struct PullArgs {
     path_style: bool,
 }
 
+impl PullArgs {
+    /// Fills what the flags left out from agent.toml; checks what is required.
+    fn apply(&mut self, cfg: AgentConfig) -> anyhow::Result<()> {
+        self.source = self.source.take().or(cfg.source);
+        self.dest = self.dest.take().or(cfg.dest);
+        self.state_dir = self.state_dir.take().or(cfg.state_dir);
+        self.concurrency = self.concurrency.or(cfg.concurrency);
+        self.keep = self.keep.or(cfg.keep);
+        self.after_switch = self.after_switch.take().or(cfg.after_switch);
+        self.rollback_on_failure |= cfg.rollback_on_failure.unwrap_or(false);
+        self.region = self.region.take().or(cfg.region);
+        self.path_style |= cfg.path_style.unwrap_or(false);
+        if !self.in_place && cfg.mode == Some(Mode::Releases) {
+            self.releases = true;
+        }
+        if self.source.is_none() {
+            return Err(missing("the source (s3://BUCKET/PREFIX)", "source"));
+        }
+        if self.dest.is_none() {
+            return Err(missing("--dest", "dest"));
+        }
+        let release_only = [
+            ("--release-id", self.release_id.is_some()),
+            ("--keep", self.keep.is_some()),
+            ("--after-switch", self.after_switch.is_some()),
+            ("--rollback-on-failure", self.rollback_on_failure),
+        ];
+        if let Some((flag, _)) = release_only.iter().find(|(_, set)| *set).filter(|_| !self.releases) {
+            return Err(fleetsync::Error::Config(format!(
+                "{flag} applies to release mode: add --releases (or mode = \"releases\" in agent.toml)"
+            ))
+            .into());
+        }
+        if self.rollback_on_failure && self.after_switch.is_none() {
+            return Err(fleetsync::Error::Config("--rollback-on-failure needs --after-switch CMD".into()).into());
+        }
+        Ok(())
+    }
+
+    fn source(&self) -> &str {
+        self.source.as_deref().expect("checked by apply")
+    }
+
+    fn dest(&self) -> &std::path::Path {
+        self.dest.as_deref().expect("checked by apply")
+    }
+}
+
+/// A required value missing from both the flags and agent.toml.
+fn missing(what: &str, key: &str) -> anyhow::Error {
+    fleetsync::Error::Config(format!("missing {what}: give it on the command line or as `{key} = ...` in {DEFAULT_FILE}")).into()
+}
+
+/// The state dir: the flag (or FLEETSYNC_STATE_DIR), agent.toml, the default.
+fn state_dir(flag: Option<PathBuf>, cfg: &AgentConfig) -> PathBuf {
+    flag.or_else(|| cfg.state_dir.clone()).unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+}
+
 #[derive(clap::Args)]
 struct RollbackArgs {
-    /// The release-mode DEST.
+    /// The release-mode DEST (default: `dest` in agent.toml).
     #[arg(long)]
-    dest: PathBuf,
+    dest: Option<PathBuf>,
     /// The release to make live (default: the one live before the current one).
     #[arg(long)]
     to: Option<String>,
-    #[arg(long, env = "FLEETSYNC_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
+    #[arg(long, env = "FLEETSYNC_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Print one JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -110,11 +182,11 @@ struct RollbackArgs {
 
 #[derive(clap::Args)]
 struct StatusArgs {
-    /// The release-mode DEST.
+    /// The release-mode DEST (default: `dest` in agent.toml).
     #[arg(long)]
-    dest: PathBuf,
-    #[arg(long, env = "FLEETSYNC_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
+    dest: Option<PathBuf>,
+    #[arg(long, env = "FLEETSYNC_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -140,26 +212,43 @@ fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let cfg = config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Pull(args) => runtime.block_on(pull(args)),
-        Command::Rollback(args) => runtime.block_on(rollback(args)),
-        Command::Status(args) => status(args),
+        Command::Pull(mut args) => {
+            if let Err(e) = args.apply(cfg) {
+                // The bastion parses stdout: a configuration error is a report too.
+                let err = e.downcast::<fleetsync::Error>().unwrap_or_else(|e| fleetsync::Error::Config(format!("{e:#}")));
+                let (source, dest) = (args.source.clone().unwrap_or_default(), args.dest.clone().unwrap_or_default());
+                return Ok(fail(args.json, source, dest.display().to_string(), err));
+            }
+            runtime.block_on(pull(args))
+        }
+        Command::Rollback(mut args) => {
+            args.dest = args.dest.take().or(cfg.dest.clone());
+            args.state_dir = Some(state_dir(args.state_dir.take(), &cfg));
+            runtime.block_on(rollback(args))
+        }
+        Command::Status(mut args) => {
+            args.dest = args.dest.take().or(cfg.dest.clone());
+            args.state_dir = Some(state_dir(args.state_dir.take(), &cfg));
+            status(args)
+        }
     }
 }
 
 /// `pull`: one sync of DEST from the source. Prints the summary on stderr,
 /// the plan (dry run) on stdout, or the JSON report with `--json`.
 async fn pull(args: PullArgs) -> anyhow::Result<i32> {
-    let dest_label = args.dest.display().to_string();
-    let source = match S3Url::parse(&args.source) {
+    let dest_label = args.dest().display().to_string();
+    let source = match S3Url::parse(args.source()) {
         Ok(s) => s,
-        Err(e) => return Ok(fail(&args, args.source.clone(), dest_label, e)),
+        Err(e) => return Ok(fail(args.json, args.source().to_string(), dest_label, e)),
     };
     let opts = PullOptions {
         source: source.clone(),
-        dest: args.dest.clone(),
-        state_dir: args.state_dir.clone(),
-        concurrency: args.concurrency,
+        dest: args.dest().to_path_buf(),
+        state_dir: args.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        concurrency: args.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
         delete: !args.no_delete,
         dry_run: args.dry_run,
         if_busy: match args.if_busy {
@@ -173,7 +262,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         let release = fleetsync::ReleaseOptions {
             pull: opts,
             release_id: args.release_id.clone(),
-            keep: args.keep,
+            keep: args.keep.unwrap_or(fleetsync::release::DEFAULT_KEEP),
             after_switch: args.after_switch.clone(),
             rollback_on_failure: args.rollback_on_failure,
         };
@@ -184,7 +273,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
     observer.finish();
     let report = match result {
         Ok(r) => r,
-        Err(e) => return Ok(fail(&args, source.to_string(), dest_label, e)),
+        Err(e) => return Ok(fail(args.json, source.to_string(), dest_label, e)),
     };
     eprintln!("{}", report.summary());
     for e in &report.errors {
@@ -203,11 +292,13 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
 
 /// `rollback`: makes an earlier release live again.
 async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
-    let report = fleetsync::release::rollback(&args.dest, &args.state_dir, args.to.as_deref(), IfBusy::Wait).await?;
+    let dest = args.dest.clone().ok_or_else(|| missing("--dest", "dest"))?;
+    let state_dir = args.state_dir.clone().expect("resolved in try_main");
+    let report = fleetsync::release::rollback(&dest, &state_dir, args.to.as_deref(), IfBusy::Wait).await?;
     let release = report.release.as_ref().expect("a rollback report names its release");
     match (&release.previous, release.switched) {
-        (Some(from), true) => eprintln!("rolled back {} from {from} to {}", args.dest.display(), release.id),
-        _ => eprintln!("{} is live in {} already", release.id, args.dest.display()),
+        (Some(from), true) => eprintln!("rolled back {} from {from} to {}", dest.display(), release.id),
+        _ => eprintln!("{} is live in {} already", release.id, dest.display()),
     }
     if args.json {
         print_stdout(&serde_json::to_string(&report)?);
@@ -217,7 +308,8 @@ async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
 
 /// `status`: what is live, what could be rolled back to, the last pull.
 fn status(args: StatusArgs) -> anyhow::Result<i32> {
-    let st = fleetsync::release::status(&args.dest, &args.state_dir)?;
+    let dest = args.dest.clone().ok_or_else(|| missing("--dest", "dest"))?;
+    let st = fleetsync::release::status(&dest, args.state_dir.as_deref().expect("resolved in try_main"))?;
     if args.json {
         print_stdout(&serde_json::to_string(&st)?);
         return Ok(exit::OK);
@@ -242,10 +334,10 @@ fn status(args: StatusArgs) -> anyhow::Result<i32> {
 
 /// Reports a pull that failed as a whole: one line on stderr, and the JSON
 /// report too when asked, so that the bastion always has something to parse.
-fn fail(args: &PullArgs, source: String, dest: String, err: fleetsync::Error) -> i32 {
+fn fail(json: bool, source: String, dest: String, err: fleetsync::Error) -> i32 {
     eprintln!("fleetsync-agent: {err}");
     let report = PullReport::failed(source, dest, &err);
-    if args.json {
+    if json {
         print_stdout(&serde_json::to_string(&report).expect("reports serialize"));
     }
     report.exit_code

@@ -124,6 +124,9 @@ def nodes_up(ec2, asg, name, root, sshd=True):
     # The agent's default state dir (/var/lib/fleetsync on a real instance)
     # is inside the node's own root, so nodes never share a lock or a record.
     env["FLEETSYNC_STATE_DIR"] = "/srv/state"
+    # ...and its /etc/fleetsync/agent.toml is /srv/etc/fleetsync/agent.toml
+    # (empty unless a test writes one).
+    env["FLEETSYNC_AGENT_CONFIG"] = "/srv/etc/fleetsync/agent.toml"
     ssm_dir = os.environ.get("FLEETSYNC_SSM_DIR")
     nodes = []
     for inst in describe(ec2, asg, name)["instances"]:
@@ -132,7 +135,8 @@ def nodes_up(ec2, asg, name, root, sshd=True):
         node = os.path.join(root, inst["id"])
         if os.path.exists(os.path.join(node, "sshd.pid")) or (not sshd and os.path.exists(os.path.join(node, "node.json"))):
             continue  # already up
-        os.makedirs(os.path.join(node, "srv"), exist_ok=True)
+        os.makedirs(os.path.join(node, "srv", "etc", "fleetsync"), exist_ok=True)
+        open(os.path.join(node, "srv", "etc", "fleetsync", "agent.toml"), "a").close()
         with open(os.path.join(node, "node.json"), "w") as f:
             json.dump({"id": inst["id"], "ip": inst["ip"], "root": os.path.join(node, "srv"), "env": env}, f)
         if ssm_dir:
