@@ -7,7 +7,7 @@
 use fleetsync::PullReport;
 use serde::Serialize;
 
-use crate::trigger::{last_line, Outcome};
+use crate::trigger::{last_line, Expect, Outcome};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -29,12 +29,19 @@ pub struct NodeResult {
     /// The agent's own report, when it printed one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<PullReport>,
+    /// `fleetsync status`: the node's release status as its agent printed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_status: Option<serde_json::Value>,
 }
 
 /// The result of one node from what its run gave: the agent's report when
 /// it printed one, else the most specific reason it did not.
-pub fn collect(instance_id: &str, address: &str, outcome: Outcome) -> NodeResult {
-    let agent: Option<PullReport> = outcome.stdout.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str(l).ok());
+pub fn collect(instance_id: &str, address: &str, outcome: Outcome, expects: Expect) -> NodeResult {
+    let last = outcome.stdout.lines().rev().find(|l| !l.trim().is_empty());
+    if expects == Expect::Status {
+        return collect_status(instance_id, address, outcome.exit_code, last, &outcome);
+    }
+    let agent: Option<PullReport> = last.and_then(|l| serde_json::from_str(l).ok());
     let last_stderr = last_line(&outcome.stderr);
     let (status, error) = match (&agent, outcome.exit_code, &outcome.unreached) {
         (Some(r), Some(0), _) if r.exit_code == 0 => (NodeStatus::Ok, None),
@@ -53,6 +60,28 @@ pub fn collect(instance_id: &str, address: &str, outcome: Outcome) -> NodeResult
         error,
         duration_ms: outcome.elapsed.as_millis() as u64,
         agent,
+        release_status: None,
+    }
+}
+
+/// A node's answer to `fleetsync-agent status --json`.
+fn collect_status(instance_id: &str, address: &str, code: Option<i32>, last: Option<&str>, outcome: &Outcome) -> NodeResult {
+    let status: Option<serde_json::Value> =
+        last.and_then(|l| serde_json::from_str(l).ok()).filter(|v: &serde_json::Value| v.get("dest").is_some());
+    let error = match (&status, code, &outcome.unreached) {
+        (Some(_), Some(0), _) => None,
+        (_, _, Some(why)) => Some(why.clone()),
+        (_, Some(127), _) => Some(format!("fleetsync-agent is not installed on {instance_id} ({})", last_line(&outcome.stderr))),
+        _ => Some(format!("the agent gave no status: {}", last_line(&outcome.stderr))),
+    };
+    NodeResult {
+        instance_id: instance_id.to_string(),
+        address: address.to_string(),
+        status: if error.is_none() { NodeStatus::Ok } else { NodeStatus::Failed },
+        error,
+        duration_ms: outcome.elapsed.as_millis() as u64,
+        agent: None,
+        release_status: status,
     }
 }
 
@@ -75,10 +104,10 @@ mod tests {
     #[test]
     fn unreachable_and_missing_agent_are_named() {
         let unreached = Outcome { unreached: Some("ssh to 10.0.0.1 failed: Connection refused".into()), ..outcome("", "", 255) };
-        let r = collect("i-1", "10.0.0.1", unreached);
+        let r = collect("i-1", "10.0.0.1", unreached, Expect::Pull);
         assert_eq!(r.status, NodeStatus::Failed);
         assert!(r.error.unwrap().contains("Connection refused"));
-        let r = collect("i-2", "10.0.0.2", outcome("", "bash: line 1: fleetsync-agent: command not found\n", 127));
+        let r = collect("i-2", "10.0.0.2", outcome("", "bash: line 1: fleetsync-agent: command not found\n", 127), Expect::Pull);
         let e = r.error.unwrap();
         assert!(e.contains("not installed on i-2") && e.contains("command not found"), "{e}");
     }

@@ -35,6 +35,11 @@ pub struct FileConfig {
     pub ssh_config: Option<String>,
     pub ssh_options: Option<Vec<String>>,
     pub ssh_accept_new_host_keys: Option<bool>,
+    /// `sync` in release mode on the nodes.
+    pub releases: Option<bool>,
+    pub keep: Option<usize>,
+    pub after_switch: Option<String>,
+    pub rollback_on_failure: Option<bool>,
 }
 
 /// The default file, looked for in the working directory.

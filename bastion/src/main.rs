@@ -54,6 +54,10 @@ struct Cli {
 enum Command {
     /// Sync every InService instance of the group from the source, through SSM or SSH.
     Sync(SyncArgs),
+    /// Make an earlier release live again on every node, under the fleet lock.
+    Rollback(RollbackArgs),
+    /// Ask every node which release is live; flag nodes that drift from the fleet or the release pointer.
+    Status(StatusArgs),
     /// List the group's instances: which would be synced, and why the others are skipped.
     List(ListArgs),
     /// Upload a build directory to the source (only what changed), then write the release pointer.
@@ -63,17 +67,18 @@ enum Command {
     Lock(LockCommand),
 }
 
-/// `sync`'s flags. Those that `fleetsync.toml` may supply are optional
-/// here; `apply` fills them from the file and then the defaults.
+/// The flags every fleet command shares (sync, rollback, status). Those
+/// that `fleetsync.toml` may supply are optional here; `apply` fills them
+/// from the file and then the defaults.
 #[derive(Args)]
-struct SyncArgs {
+struct FleetArgs {
     /// The Auto Scaling Group.
     #[arg(long)]
     asg: Option<String>,
     /// The source, s3://BUCKET[/PREFIX].
     #[arg(long)]
     source: Option<String>,
-    /// The directory on each node.
+    /// The directory on each node (default: `dest` in each node's agent.toml).
     #[arg(long)]
     dest: Option<String>,
     /// The agent's state dir on each node (default: the agent's own).
@@ -96,9 +101,6 @@ struct SyncArgs {
     /// reported failed: 90, 90s, 5m, 1h [default: 30m].
     #[arg(long, value_name = "DURATION")]
     timeout: Option<Seconds>,
-    /// Discover, check the lock, and print what would be done; change nothing.
-    #[arg(long)]
-    dry_run: bool,
     /// The fleet lock (default: s3://SOURCE_BUCKET/.fleetsync/locks/ASG.json).
     #[arg(long)]
     lock: Option<String>,
@@ -130,6 +132,46 @@ struct SyncArgs {
     json: bool,
     #[command(flatten)]
     aws: AwsArgs,
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Discover, check the lock, and print what would be done; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Release mode on the nodes (recommended): each node builds the release
+    /// beside the live one and switches DEST/current atomically.
+    #[arg(long)]
+    releases: bool,
+    /// Release mode: the release's name (default: the release pointer's, else a content hash).
+    #[arg(long)]
+    release_id: Option<String>,
+    /// Release mode: releases kept on each node besides the live one and the one before it.
+    #[arg(long)]
+    keep: Option<usize>,
+    /// Release mode: a command each node runs after its switch (e.g. a php-fpm reload).
+    #[arg(long, value_name = "CMD")]
+    after_switch: Option<String>,
+    /// Release mode: a node whose after-switch command fails switches back.
+    #[arg(long)]
+    rollback_on_failure: bool,
+}
+
+#[derive(Args)]
+struct RollbackArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// The release to make live on every node (default: each node's previous one).
+    #[arg(long)]
+    to: Option<String>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
 }
 
 #[derive(Args)]
@@ -223,34 +265,36 @@ fn missing(flag: &str) -> anyhow::Error {
     fleetsync::Error::Config(format!("missing --{flag}: give it as a flag or as `{flag} = ...` in fleetsync.toml")).into()
 }
 
-impl SyncArgs {
+impl FleetArgs {
     /// Fills what the flags left out from the config file, then checks that
-    /// the required values are there.
-    fn apply(&mut self, file: FileConfig) -> anyhow::Result<()> {
-        self.aws.apply(&file);
-        self.asg = self.asg.take().or(file.asg);
-        self.source = self.source.take().or(file.source);
-        self.dest = self.dest.take().or(file.dest);
-        self.state_dir = self.state_dir.take().or(file.state_dir);
+    /// the required values are there (`--source` names the fleet lock, so
+    /// every command that takes the lock needs it).
+    fn apply(&mut self, file: &FileConfig, need_source: bool) -> anyhow::Result<()> {
+        self.aws.apply(file);
+        self.asg = self.asg.take().or(file.asg.clone());
+        self.source = self.source.take().or(file.source.clone());
+        self.dest = self.dest.take().or(file.dest.clone());
+        self.state_dir = self.state_dir.take().or(file.state_dir.clone());
         self.via = self.via.or(file.via);
         self.batch = self.batch.or(file.batch);
         self.max_errors = self.max_errors.or(file.max_errors);
         self.canary = self.canary.or(file.canary);
         self.timeout = self.timeout.or(file.timeout);
-        self.lock = self.lock.take().or(file.lock);
+        self.lock = self.lock.take().or(file.lock.clone());
         self.lock_wait = self.lock_wait.or(file.lock_wait);
         self.lock_lease = self.lock_lease.or(file.lock_lease);
         self.address = self.address.or(file.address);
-        self.ssh_user = self.ssh_user.take().or(file.ssh_user);
-        self.ssh_config = self.ssh_config.take().or(file.ssh_config);
+        self.ssh_user = self.ssh_user.take().or(file.ssh_user.clone());
+        self.ssh_config = self.ssh_config.take().or(file.ssh_config.clone());
         if self.ssh_option.is_empty() {
-            self.ssh_option = file.ssh_options.unwrap_or_default();
+            self.ssh_option = file.ssh_options.clone().unwrap_or_default();
         }
         self.ssh_accept_new_host_keys |= file.ssh_accept_new_host_keys.unwrap_or(false);
-        for (value, flag) in [(&self.asg, "asg"), (&self.source, "source"), (&self.dest, "dest")] {
-            if value.is_none() {
-                return Err(missing(flag));
-            }
+        if self.asg.is_none() {
+            return Err(missing("asg"));
+        }
+        if need_source && self.source.is_none() {
+            return Err(missing("source"));
         }
         if self.lock_lease.is_some_and(|l| l.0 < Duration::from_secs(3)) {
             return Err(fleetsync::Error::Config("--lock-lease must be at least 3s (it is renewed every third of it)".into()).into());
@@ -278,22 +322,25 @@ impl SyncArgs {
         self.lock_lease.map_or(Duration::from_secs(60), |t| t.0)
     }
 
-    /// What every node's agent is asked to do.
-    fn agent_call(&self) -> trigger::AgentCall {
-        trigger::AgentCall {
-            source: self.source().to_string(),
-            dest: self.dest.clone().expect("checked by apply"),
-            state_dir: self.state_dir.clone(),
+    /// `--dest` and `--state-dir` for the agent, when given.
+    fn node_paths(&self) -> Vec<String> {
+        let mut words = Vec::new();
+        if let Some(d) = &self.dest {
+            words.extend(["--dest".to_string(), d.clone()]);
         }
+        if let Some(s) = &self.state_dir {
+            words.extend(["--state-dir".to_string(), s.clone()]);
+        }
+        words
     }
 
     /// How to reach the nodes.
-    fn transport(&self, sdk: &aws_types::SdkConfig) -> trigger::Transport {
+    fn transport(&self, sdk: &aws_types::SdkConfig, verb: &str) -> trigger::Transport {
         match self.via() {
             Via::Ssm => trigger::Transport::Ssm(trigger::Ssm {
                 client: aws_sdk_ssm::Client::new(sdk),
                 timeout: self.timeout(),
-                comment: format!("fleetsync sync --asg {}", self.asg()),
+                comment: format!("fleetsync {verb} --asg {}", self.asg()),
                 sent: Default::default(),
             }),
             Via::Ssh => trigger::Transport::Ssh(trigger::Ssh {
@@ -305,6 +352,46 @@ impl SyncArgs {
                 timeout: self.timeout(),
             }),
         }
+    }
+}
+
+impl SyncArgs {
+    fn apply(&mut self, file: &FileConfig) -> anyhow::Result<()> {
+        self.fleet.apply(file, true)?;
+        self.releases |= file.releases.unwrap_or(false);
+        self.keep = self.keep.or(file.keep);
+        self.after_switch = self.after_switch.take().or(file.after_switch.clone());
+        self.rollback_on_failure |= file.rollback_on_failure.unwrap_or(false);
+        let release_only = [self.release_id.is_some(), self.keep.is_some(), self.after_switch.is_some(), self.rollback_on_failure];
+        if !self.releases && release_only.iter().any(|set| *set) {
+            return Err(fleetsync::Error::Config(
+                "--release-id, --keep, --after-switch and --rollback-on-failure apply to release mode: add --releases".into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// What every node's agent is asked to do.
+    fn agent_call(&self) -> trigger::AgentCall {
+        let mut words = vec!["pull".to_string(), self.fleet.source().to_string()];
+        words.extend(self.fleet.node_paths());
+        if self.releases {
+            words.push("--releases".into());
+        }
+        if let Some(id) = &self.release_id {
+            words.extend(["--release-id".into(), id.clone()]);
+        }
+        if let Some(k) = self.keep {
+            words.extend(["--keep".into(), k.to_string()]);
+        }
+        if let Some(cmd) = &self.after_switch {
+            words.extend(["--after-switch".into(), cmd.clone()]);
+        }
+        if self.rollback_on_failure {
+            words.push("--rollback-on-failure".into());
+        }
+        trigger::AgentCall::new(trigger::Expect::Pull, words)
     }
 }
 
@@ -336,8 +423,16 @@ fn try_main() -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     match cli.command {
         Command::Sync(mut args) => {
-            args.apply(file)?;
+            args.apply(&file)?;
             runtime.block_on(sync(args))
+        }
+        Command::Rollback(mut args) => {
+            args.fleet.apply(&file, true)?;
+            runtime.block_on(rollback(args))
+        }
+        Command::Status(mut args) => {
+            args.fleet.apply(&file, false)?;
+            runtime.block_on(status(args))
         }
         Command::List(mut args) => {
             args.aws.apply(&file);
@@ -361,7 +456,8 @@ fn try_main() -> anyhow::Result<i32> {
 
 /// `sync --dry-run`: what would be synced, how, and whether the lock is free.
 async fn dry_run(
-    args: &SyncArgs,
+    args: &FleetArgs,
+    call: &trigger::AgentCall,
     targets: &[discover::Node],
     skipped: &[discover::Node],
     s3: &S3Client,
@@ -371,7 +467,7 @@ async fn dry_run(
         Via::Ssm => "ssm",
         Via::Ssh => "ssh",
     };
-    let mut out = format!("would run on {} nodes over {via}: {}\n", targets.len(), args.agent_call().command_line());
+    let mut out = format!("would run on {} nodes over {via}: {}\n", targets.len(), call.command_line());
     for n in targets {
         let address = trigger::address(n, args.address.unwrap_or(AddressChoice::PrivateIp)).unwrap_or_else(|| "(no address)".into());
         out.push_str(&format!("  sync {} {address}\n", n.instance_id));
@@ -390,6 +486,35 @@ async fn dry_run(
 
 /// `sync`: discover -> lock -> trigger -> collect -> report.
 async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
+    let call = args.agent_call();
+    deploy(&args.fleet, call, Deploy { verb: "sync", dry_run: args.dry_run, rejoin: true }).await
+}
+
+/// `rollback`: the same flow as `sync`, each node's agent asked to make an
+/// earlier release live again.
+async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
+    let mut words = vec!["rollback".to_string()];
+    words.extend(args.fleet.node_paths());
+    if let Some(to) = &args.to {
+        words.extend(["--to".to_string(), to.clone()]);
+    }
+    let call = trigger::AgentCall::new(trigger::Expect::Pull, words);
+    // An instance that joins mid-rollback booted on the published release:
+    // it has nothing to roll back, so there is no second pass.
+    deploy(&args.fleet, call, Deploy { verb: "rollback", dry_run: false, rejoin: false }).await
+}
+
+/// What differs between the commands that change the fleet.
+struct Deploy {
+    /// For messages and the SSM comment.
+    verb: &'static str,
+    dry_run: bool,
+    /// List the group again at the end and run the new instances too.
+    rejoin: bool,
+}
+
+/// discover -> lock -> trigger -> collect -> report, for `call` on every node.
+async fn deploy(args: &FleetArgs, call: trigger::AgentCall, how: Deploy) -> anyhow::Result<i32> {
     let started = std::time::Instant::now();
     let source = S3Url::parse(args.source())?;
     let client_opts = args.aws.client_options();
@@ -399,8 +524,9 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     let (targets, skipped): (Vec<_>, Vec<_>) = discover::discover(&sdk, args.asg()).await?.into_iter().partition(|n| n.is_target());
     if targets.is_empty() {
         return Err(fleetsync::Error::Config(format!(
-            "no instance of {:?} is InService, Healthy and running; nothing to sync",
-            args.asg()
+            "no instance of {:?} is InService, Healthy and running; nothing to {}",
+            args.asg(),
+            how.verb
         ))
         .into());
     }
@@ -411,8 +537,8 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         None => LockObject::for_group(&source, args.asg())?,
     };
     let s3 = fleetsync::source::s3_client(&client_opts).await;
-    if args.dry_run {
-        return dry_run(&args, &targets, &skipped, &s3, &object).await;
+    if how.dry_run {
+        return dry_run(args, &call, &targets, &skipped, &s3, &object).await;
     }
     let command: Vec<String> = std::env::args().collect();
     let info = fleet_lock::LockInfo::for_this_process(&command.join(" "), args.lease());
@@ -433,9 +559,9 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     // Trigger and collect: canaries first, then the rest, then any instance
     // that joined the group while we were busy.
     let fleet = trigger::Fleet {
-        transport: args.transport(&sdk),
-        call: args.agent_call(),
-        held: &held,
+        transport: args.transport(&sdk, how.verb),
+        call,
+        held: Some(&held),
         address: args.address.unwrap_or(AddressChoice::PrivateIp),
         batch: args.batch,
         max_errors: args.max_errors,
@@ -443,7 +569,7 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         progress: &progress,
         failures: Default::default(),
     };
-    progress.note(&format!("syncing {} nodes of {} over {}", targets.len(), args.asg(), fleet.transport.name()));
+    progress.note(&format!("{}: {} nodes of {} over {}", how.verb, targets.len(), args.asg(), fleet.transport.name()));
     // The deploy proper runs until it is done or the operator interrupts it
     // (Ctrl-C, or SIGTERM from a cancelled CI job); either way the lock is
     // released below, not left to block the next deploy for a lease.
@@ -459,7 +585,7 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
             results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
         } else {
             results.extend(fleet.run(rest).await);
-            if !held.lost() {
+            if how.rejoin && !held.lost() {
                 // The lock is held here: a failure must not return early (`?`)
                 // and leave it to block every deploy until its lease runs out.
                 match discover::discover(&sdk, args.asg()).await {
@@ -510,6 +636,46 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         Some(e) => Err(e),
         None => Ok(report.exit_code),
     }
+}
+
+/// `status`: discover -> ask every node's agent for its release status ->
+/// a table with drift flagged. Takes no lock: it changes nothing.
+async fn status(args: StatusArgs) -> anyhow::Result<i32> {
+    let f = &args.fleet;
+    let client_opts = f.aws.client_options();
+    let sdk = fleetsync::source::sdk_config(&client_opts).await;
+    let (targets, skipped): (Vec<_>, Vec<_>) = discover::discover(&sdk, f.asg()).await?.into_iter().partition(|n| n.is_target());
+    // The release last published, when the source has a pointer.
+    let published = match &f.source {
+        Some(source) => {
+            let s3 = fleetsync::source::s3_client(&client_opts).await;
+            fleetsync::publish::read_pointer(&s3, &S3Url::parse(source)?).await?.map(|p| p.release_id)
+        }
+        None => None,
+    };
+    let mut words = vec!["status".to_string()];
+    words.extend(f.node_paths());
+    let progress = Progress::new(targets.len());
+    let fleet = trigger::Fleet {
+        transport: f.transport(&sdk, "status"),
+        call: trigger::AgentCall::new(trigger::Expect::Status, words),
+        held: None,
+        address: f.address.unwrap_or(AddressChoice::PrivateIp),
+        batch: f.batch,
+        max_errors: None,
+        fleet_size: targets.len(),
+        progress: &progress,
+        failures: Default::default(),
+    };
+    let results = fleet.run(&targets).await;
+    progress.finish();
+    let report = report::StatusReport::new(f.asg().to_string(), published, results, skipped);
+    if f.json {
+        print_stdout(&serde_json::to_string(&report)?);
+    } else {
+        print_stdout(&report.table());
+    }
+    Ok(report.exit_code)
 }
 
 /// `list`: the discover step on its own, as a table or JSON.

@@ -113,3 +113,110 @@ pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String
     }
     out
 }
+
+/// `fleetsync status`: which release each node runs, and which nodes drift.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub asg: String,
+    /// The release the fleet runs most (ties: the first seen).
+    pub majority: Option<String>,
+    /// The release in the source's pointer, when `--source` was given and
+    /// something was published.
+    pub published: Option<String>,
+    /// 0 every node answered and none drifts; 1 otherwise.
+    pub exit_code: i32,
+    pub nodes: Vec<NodeStatusRow>,
+    pub skipped: Vec<Node>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatusRow {
+    pub instance_id: String,
+    pub address: String,
+    pub current: Option<String>,
+    pub previous: Option<String>,
+    /// The last pull's status and when it finished (ms since the epoch).
+    pub last_pull: Option<String>,
+    pub last_pull_at_ms: Option<u64>,
+    /// Why this node stands out: not on the majority release, not on the
+    /// published one, or no answer.
+    pub drift: Option<String>,
+}
+
+impl StatusReport {
+    pub fn new(asg: String, published: Option<String>, results: Vec<NodeResult>, skipped: Vec<Node>) -> StatusReport {
+        let field = |r: &NodeResult, k: &str| r.release_status.as_ref().and_then(|s| s.get(k)).and_then(|v| v.as_str()).map(str::to_string);
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for r in &results {
+            if let Some(c) = field(r, "current") {
+                match counts.iter_mut().find(|(id, _)| *id == c) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((c, 1)),
+                }
+            }
+        }
+        let majority = counts
+            .iter()
+            .fold(None::<&(String, usize)>, |best, c| if best.is_none_or(|b| c.1 > b.1) { Some(c) } else { best })
+            .map(|c| c.0.clone());
+        let nodes: Vec<NodeStatusRow> = results
+            .iter()
+            .map(|r| {
+                let current = field(r, "current");
+                let last = r.release_status.as_ref().and_then(|s| s.get("last_pull"));
+                let drift = match (&r.error, &current) {
+                    (Some(e), _) => Some(format!("no answer: {e}")),
+                    (None, None) => Some("no live release".to_string()),
+                    (None, Some(c)) if published.as_ref().is_some_and(|p| p != c) => Some("not on the published release".to_string()),
+                    (None, Some(c)) if majority.as_ref().is_some_and(|m| m != c) => Some("not on the fleet's release".to_string()),
+                    _ => None,
+                };
+                NodeStatusRow {
+                    instance_id: r.instance_id.clone(),
+                    address: r.address.clone(),
+                    current,
+                    previous: field(r, "previous"),
+                    last_pull: last.and_then(|l| l.get("status")).and_then(|v| v.as_str()).map(str::to_string),
+                    last_pull_at_ms: last.and_then(|l| l.get("finished_at_ms")).and_then(|v| v.as_u64()),
+                    drift,
+                }
+            })
+            .collect();
+        let exit_code = if nodes.iter().any(|n| n.drift.is_some()) { fleetsync::exit::PARTIAL } else { fleetsync::exit::OK };
+        StatusReport { asg, majority, published, exit_code, nodes, skipped }
+    }
+
+    pub fn table(&self) -> String {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        let rows: Vec<[String; 6]> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let last = match (&n.last_pull, n.last_pull_at_ms) {
+                    (Some(s), Some(at)) => format!("{s}, {} s ago", now.saturating_sub(at) / 1000),
+                    _ => "-".into(),
+                };
+                [
+                    n.instance_id.clone(),
+                    n.address.clone(),
+                    n.current.clone().unwrap_or_else(|| "-".into()),
+                    n.previous.clone().unwrap_or_else(|| "-".into()),
+                    last,
+                    n.drift.as_ref().map_or(String::new(), |d| format!("DRIFT: {d}")),
+                ]
+            })
+            .collect();
+        let mut out = table(&["INSTANCE", "ADDRESS", "CURRENT", "PREVIOUS", "LAST PULL", "DRIFT"], &rows);
+        for s in &self.skipped {
+            out.push_str(&format!("\nskipped {}: {}", s.instance_id, s.skipped.as_deref().unwrap_or("")));
+        }
+        let drifting = self.nodes.iter().filter(|n| n.drift.is_some()).count();
+        out.push_str(&format!(
+            "\n{} nodes; fleet release {}; published {}; {drifting} drifting",
+            self.nodes.len(),
+            self.majority.as_deref().unwrap_or("-"),
+            self.published.as_deref().unwrap_or("-")
+        ));
+        out
+    }
+}

@@ -22,24 +22,34 @@ use crate::discover::Node;
 use crate::progress::Progress;
 use crate::values::Limit;
 
-/// What the agent on a node is asked to do.
+/// What the agent on a node is asked to do: `fleetsync-agent WORDS...`.
 #[derive(Debug, Clone)]
 pub struct AgentCall {
-    pub source: String,
-    pub dest: String,
-    pub state_dir: Option<String>,
+    /// The agent's arguments (subcommand first); `--json` is added.
+    words: Vec<String>,
+    /// What the agent prints on stdout for it.
+    pub expects: Expect,
+}
+
+/// The JSON an agent command prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A pull report (`pull`, `rollback`).
+    Pull,
+    /// A release status (`status`).
+    Status,
 }
 
 impl AgentCall {
+    pub fn new(expects: Expect, words: Vec<String>) -> AgentCall {
+        AgentCall { words, expects }
+    }
+
     /// The command line sent to the node's shell (SSH's remote command,
     /// SSM's script). Every argument is quoted, so no string the user typed
     /// can become a second command.
     pub fn command_line(&self) -> String {
-        let mut words = vec!["fleetsync-agent", "pull", self.source.as_str(), "--dest", self.dest.as_str()];
-        if let Some(s) = &self.state_dir {
-            words.extend(["--state-dir", s.as_str()]);
-        }
-        words.push("--json");
+        let words = std::iter::once("fleetsync-agent").chain(self.words.iter().map(String::as_str)).chain(["--json"]);
         shlex::try_join(words).expect("arguments contain no NUL (clap refuses them)")
     }
 }
@@ -96,7 +106,8 @@ impl Transport {
 pub struct Fleet<'a> {
     pub transport: Transport,
     pub call: AgentCall,
-    pub held: &'a HeldLock,
+    /// The fleet lock, for the commands that take it (not `status`).
+    pub held: Option<&'a HeldLock>,
     pub address: AddressChoice,
     /// Resolved against the size of the fleet pass.
     pub batch: Option<Limit>,
@@ -128,9 +139,14 @@ impl Fleet<'_> {
         self.max_errors.map(|m| m.of(self.fleet_size))
     }
 
+    /// The fleet lock was broken or taken over during the run.
+    pub fn lock_lost(&self) -> bool {
+        self.held.is_some_and(HeldLock::lost)
+    }
+
     /// Why no further node may start now, if so.
     pub fn stop_reason(&self) -> Option<&'static str> {
-        if self.held.lost() {
+        if self.lock_lost() {
             Some("the fleet lock was lost; no new nodes are started")
         } else if self.error_budget().is_some_and(|m| self.failures.load(SeqCst) > m) {
             Some("--max-errors was reached")
@@ -147,7 +163,7 @@ impl Fleet<'_> {
     /// Turns what a node's run gave into its result, counts a failure, and
     /// shows it.
     pub fn finish(&self, node: &Node, outcome: Outcome) -> NodeResult {
-        let result = collect::collect(&node.instance_id, &self.address_of(node), outcome);
+        let result = collect::collect(&node.instance_id, &self.address_of(node), outcome, self.call.expects);
         self.record(result)
     }
 
@@ -160,6 +176,7 @@ impl Fleet<'_> {
             error: Some(why.to_string()),
             duration_ms: 0,
             agent: None,
+            release_status: None,
         })
     }
 
@@ -172,6 +189,7 @@ impl Fleet<'_> {
             error: Some(why),
             duration_ms: 0,
             agent: None,
+            release_status: None,
         })
     }
 
@@ -207,25 +225,10 @@ mod tests {
 
     #[test]
     fn hostile_arguments_stay_one_word_each() {
-        let call = AgentCall {
-            source: "s3://b/a b'; rm -rf / #".into(),
-            dest: "/srv/$(reboot)/`id`\nx".into(),
-            state_dir: Some("/var/lib/fs \"q\"".into()),
-        };
-        let line = call.command_line();
-        let words = shlex::split(&line).unwrap();
-        assert_eq!(
-            words,
-            [
-                "fleetsync-agent",
-                "pull",
-                "s3://b/a b'; rm -rf / #",
-                "--dest",
-                "/srv/$(reboot)/`id`\nx",
-                "--state-dir",
-                "/var/lib/fs \"q\"",
-                "--json"
-            ]
-        );
+        let hostile = ["s3://b/a b'; rm -rf / #", "/srv/$(reboot)/`id`\nx", "/var/lib/fs \"q\""];
+        let call =
+            AgentCall::new(Expect::Pull, ["pull", hostile[0], "--dest", hostile[1], "--state-dir", hostile[2]].map(String::from).to_vec());
+        let words = shlex::split(&call.command_line()).unwrap();
+        assert_eq!(words, ["fleetsync-agent", "pull", hostile[0], "--dest", hostile[1], "--state-dir", hostile[2], "--json"]);
     }
 }

@@ -170,7 +170,7 @@ impl Ssm {
         while !waiting.is_empty() {
             tokio::time::sleep(pause).await;
             pause = (pause * 3 / 2).min(MAX_POLL);
-            if fleet.held.lost() && !cancelled {
+            if fleet.lock_lost() && !cancelled {
                 // Stop SSM from starting the rest; nodes already running may
                 // be stopped too, which the agent is built to survive.
                 cancelled = true;
