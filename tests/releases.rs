@@ -6,10 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use common::{agent_bin, assert_tree, run_json, sample_tree, Bucket, Node};
 
@@ -171,40 +168,44 @@ async fn readers_never_see_a_mix_of_releases_or_a_missing_file_across_20_switche
     b.put_tree("app/", &version(0)).await;
     assert_eq!(pull(&node, &b.url("app"), &["--keep", "5"]).0, 0);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let reads = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let (dest, stop, reads) = (node.dest.clone(), stop.clone(), reads.clone());
-        std::thread::spawn(move || -> Result<(), String> {
-            while !stop.load(Ordering::Relaxed) {
-                // A request through the symlink: the file is always there.
-                std::fs::read(dest.join("current/d1/f1.php")).map_err(|e| format!("current/d1/f1.php missing: {e}"))?;
-                // A reader that pins the tree (opens `current` once, as a
-                // web server resolving its document root does) sees one
-                // release, whole.
-                let root = std::fs::canonicalize(dest.join("current")).map_err(|e| e.to_string())?;
-                let versions: BTreeSet<String> = (0..20).map(|i| read_version(&root, i)).collect::<Result<_, _>>()?;
-                if versions.len() != 1 {
-                    return Err(format!("a mix of releases in {}: {versions:?}", root.display()));
-                }
-                reads.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(())
-        })
-    };
+    // A reader process, looping until told to stop: a request through the
+    // symlink always finds its file, and a reader that pins the tree (resolves
+    // `current` once, as a web server resolving its document root does) sees
+    // one release, whole.
+    let stop = node.tmp.path().join("stop-reading");
+    let reader = Command::new("python3")
+        .args(["-c", READER])
+        .arg(&node.dest)
+        .arg(&stop)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     for v in 1..=20 {
         b.put_tree("app/", &version(v)).await;
         let (code, r, _) = pull(&node, &b.url("app"), &["--keep", "5"]);
         assert_eq!((code, r["release"]["switched"].as_bool()), (0, Some(true)), "{r}");
     }
-    stop.store(true, Ordering::Relaxed);
-    reader.join().unwrap().unwrap();
-    assert!(reads.load(Ordering::Relaxed) > 20, "the reader ran throughout: {}", reads.load(Ordering::Relaxed));
+    std::fs::write(&stop, b"").unwrap();
+    let out = reader.wait_with_output().unwrap();
+    assert!(out.status.success(), "the reader saw a broken tree: {}", String::from_utf8_lossy(&out.stderr));
+    let reads: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(reads > 20, "the reader ran throughout: {reads} reads");
     assert_tree(&node.dest.join("current"), &version(20));
 }
 
-fn read_version(root: &Path, i: usize) -> Result<String, String> {
-    let p = root.join(format!("d{}/f{i}.php", i % 4));
-    let body = std::fs::read_to_string(&p).map_err(|e| format!("{} missing: {e}", p.display()))?;
-    Ok(body.split(' ').next().unwrap_or_default().to_string())
-}
+/// The reader: exits 1 (with the reason on stderr) on a missing file or a
+/// mix of releases; prints how many whole-tree reads it made.
+const READER: &str = r#"
+import os, sys
+dest, stop = sys.argv[1], sys.argv[2]
+reads = 0
+while not os.path.exists(stop):
+    open(os.path.join(dest, "current/d1/f1.php"), "rb").read()
+    root = os.path.realpath(os.path.join(dest, "current"))
+    versions = {open(os.path.join(root, f"d{i % 4}/f{i}.php")).read().split(" ")[0] for i in range(20)}
+    if len(versions) != 1:
+        sys.exit(f"a mix of releases in {root}: {versions}")
+    reads += 1
+print(reads)
+"#;

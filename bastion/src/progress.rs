@@ -103,7 +103,8 @@ impl Progress {
 fn result_line(r: &NodeResult) -> String {
     let what = match (r.status, &r.agent) {
         (NodeStatus::Ok, Some(a)) => format!(
-            "ok: {} downloaded ({}), {} deleted",
+            "ok: {}{} downloaded ({}), {} deleted",
+            crate::report::release_of(r).map_or(String::new(), |rel| format!("release {rel}, ")),
             a.counts.downloaded,
             fleetsync::report::human_bytes(a.bytes_downloaded),
             a.counts.deleted

@@ -51,7 +51,7 @@ impl FleetReport {
 
     /// One row per node, then the skipped instances and the totals.
     pub fn table(&self) -> String {
-        let rows: Vec<[String; 8]> = self
+        let rows: Vec<[String; 9]> = self
             .nodes
             .iter()
             .map(|n| {
@@ -67,6 +67,7 @@ impl FleetReport {
                     n.instance_id.clone(),
                     n.address.clone(),
                     status.to_string(),
+                    release_of(n).unwrap_or_else(|| "-".into()),
                     down,
                     del,
                     bytes,
@@ -75,7 +76,7 @@ impl FleetReport {
                 ]
             })
             .collect();
-        let mut out = table(&["INSTANCE", "ADDRESS", "STATUS", "DOWNLOADED", "DELETED", "BYTES", "TIME", "ERROR"], &rows);
+        let mut out = table(&["INSTANCE", "ADDRESS", "STATUS", "RELEASE", "DOWNLOADED", "DELETED", "BYTES", "TIME", "ERROR"], &rows);
         for s in &self.skipped {
             out.push_str(&format!("\nskipped {}: {}", s.instance_id, s.skipped.as_deref().unwrap_or("")));
         }
@@ -92,6 +93,22 @@ impl FleetReport {
         ));
         out
     }
+}
+
+/// Release mode: the node's release after the run, `A (was B)` when it
+/// switched, with the after-switch rollback noted.
+pub fn release_of(n: &NodeResult) -> Option<String> {
+    let r = n.agent.as_ref()?.release.as_ref()?;
+    let mut s = r.id.clone();
+    if r.switched {
+        if let Some(prev) = r.previous.as_ref().filter(|p| **p != r.id) {
+            s.push_str(&format!(" (was {prev})"));
+        }
+    }
+    if r.rolled_back {
+        s.push_str(", rolled back: after-switch failed");
+    }
+    Some(s)
 }
 
 /// Left-aligned columns, two spaces apart.
