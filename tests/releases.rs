@@ -209,3 +209,38 @@ while not os.path.exists(stop):
     reads += 1
 print(reads)
 "#;
+
+#[tokio::test]
+async fn a_release_build_killed_half_way_never_goes_live_and_is_swept_by_the_next_pull() {
+    let b = Bucket::new("relkill").await;
+    b.put("app/index.php", b"v1").await;
+    let node = Node::new();
+    let (code, r1, _) = pull(&node, &b.url("app"), &[]);
+    assert_eq!(code, 0);
+    let id1 = r1["release"]["id"].as_str().unwrap().to_string();
+
+    let tree = sample_tree(2500, 63);
+    b.put_tree("app/", &tree).await;
+    let mut child = node
+        .agent(&b.url("app"))
+        .arg("--releases")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert!(child.try_wait().unwrap().is_none(), "the build was still running when killed");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(live(&node), id1, "the half-built release never went live");
+    assert_eq!(std::fs::read(node.dest.join("current/index.php")).unwrap(), b"v1");
+
+    let (code, r2, stderr) = pull(&node, &b.url("app"), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let id2 = r2["release"]["id"].as_str().unwrap().to_string();
+    assert_eq!(live(&node), id2);
+    assert_eq!(releases(&node), BTreeSet::from([id1, id2]), "only complete releases remain");
+    let mut want = tree.clone();
+    want.entry("index.php".into()).or_insert(b"v1".to_vec());
+    assert_tree(&node.dest.join("current"), &want);
+}
