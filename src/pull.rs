@@ -47,6 +47,11 @@ pub struct PullOptions {
     pub concurrency: usize,
     /// Delete files we placed that the source no longer has.
     pub delete: bool,
+    /// Let an empty listing delete everything placed (or, in release mode,
+    /// go live as an empty release). Off by default: an empty source is far
+    /// more often a typo in the prefix or a publish not yet done than an
+    /// intent to wipe the fleet's codebase.
+    pub allow_empty: bool,
     pub dry_run: bool,
     pub if_busy: IfBusy,
     pub client: ClientOptions,
@@ -143,6 +148,13 @@ pub(crate) async fn place(
     Ok(report)
 }
 
+/// The error for an empty listing that would wipe what is there.
+pub(crate) fn empty_source(source: &S3Url, would: &str) -> Error {
+    Error::Config(format!(
+        "{source} lists no objects: refusing to {would} (check the source URL and that a build was published, or pass --allow-empty)"
+    ))
+}
+
 fn check_options(opts: &PullOptions) -> Result<()> {
     if opts.concurrency == 0 {
         return Err(Error::Config("--concurrency must be at least 1".into()));
@@ -228,6 +240,12 @@ async fn run(
     report.counts.unchanged = end.unchanged;
     observer.listing_done(end.listed);
     let PlanEnd { deletions, dirs, mut placed, .. } = end.plan;
+    if end.listed == 0 && !deletions.is_empty() && !opts.allow_empty {
+        gate.abort();
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        return Err(empty_source(&opts.source, &format!("delete the {} files placed in {}", deletions.len(), opts.dest.display())));
+    }
 
     // Deletions first: a file the source dropped may stand where a new
     // directory must go (`a` was a file, now `a/b` is).

@@ -327,6 +327,14 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
             known.content
         )));
     }
+    // "Empty" counts files: S3-compatible servers may still list a
+    // directory marker for the prefix itself.
+    let no_files = !listing.iter().any(|o| matches!(map_key(&o.key, &p.source.prefix), Ok(Some(Entry::File(_)))));
+    if no_files && !p.allow_empty {
+        if let Some(cur) = &current {
+            return Err(pull::empty_source(&p.source, &format!("replace release {cur} with an empty one")));
+        }
+    }
     let mut release = ReleaseReport { id: id.clone(), previous: current.clone(), ..Default::default() };
 
     let mut report = if current.as_deref() == Some(id.as_str()) {

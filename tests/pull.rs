@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::{assert_tree, sample_tree, Bucket, Node};
+use common::{assert_tree, run_json, sample_tree, Bucket, Node};
 
 #[tokio::test]
 async fn cold_pull_is_byte_identical_and_a_second_pull_only_lists() {
@@ -148,4 +148,37 @@ async fn modes_markers_and_dry_run() {
     assert_eq!(mode("conf.ini"), 0o644);
     assert_eq!(mode("plain.txt"), 0o644);
     assert!(node.dest.join("empty-dir").is_dir());
+}
+
+#[tokio::test]
+async fn an_empty_source_is_refused_rather_than_wiping_dest() {
+    let b = Bucket::new("emptysrc").await;
+    b.put("app/index.php", b"<?php").await;
+    b.put("app/lib/a.php", b"a").await;
+    let node = Node::new();
+    assert_eq!(run_json(&mut node.agent(&b.url("app"))).0, 0);
+
+    // The build was removed (or the prefix is a typo): nothing is listed.
+    b.delete("app/index.php").await;
+    b.delete("app/lib/a.php").await;
+    let (code, r, _) = run_json(&mut node.agent(&b.url("app")));
+    assert_eq!(code, 2, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("lists no objects") && r["error"].as_str().unwrap().contains("--allow-empty"), "{r}");
+    assert_eq!(std::fs::read(node.dest.join("index.php")).unwrap(), b"<?php", "nothing was deleted");
+
+    // Release mode keeps the live release the same way, also when the
+    // server still lists a marker for the emptied prefix.
+    let rel = Node::new();
+    b.put("app/index.php", b"<?php").await;
+    b.put("app/", b"").await;
+    assert_eq!(run_json(rel.agent(&b.url("app")).arg("--releases")).0, 0);
+    b.delete("app/index.php").await;
+    let (code, _, _) = run_json(rel.agent(&b.url("app")).arg("--releases"));
+    assert_eq!(code, 2);
+    assert_eq!(std::fs::read(rel.dest.join("current/index.php")).unwrap(), b"<?php");
+
+    // When it is meant: --allow-empty.
+    let (code, r, _) = run_json(node.agent(&b.url("app")).arg("--allow-empty"));
+    assert_eq!((code, r["counts"]["deleted"].as_u64()), (0, Some(2)), "{r}");
+    assert!(!node.dest.join("index.php").exists());
 }

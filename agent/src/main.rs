@@ -67,6 +67,11 @@ struct PullArgs {
     /// Keep files the source no longer has.
     #[arg(long)]
     no_delete: bool,
+    /// Let an empty source delete everything (in release mode: go live as
+    /// an empty release). Refused by default: an empty listing is usually a
+    /// wrong prefix or a build not yet published.
+    #[arg(long)]
+    allow_empty: bool,
     /// Print the plan and touch nothing.
     #[arg(long)]
     dry_run: bool,
@@ -250,6 +255,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         state_dir: args.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         concurrency: args.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
         delete: !args.no_delete,
+        allow_empty: args.allow_empty,
         dry_run: args.dry_run,
         if_busy: match args.if_busy {
             IfBusyArg::Wait => IfBusy::Wait,

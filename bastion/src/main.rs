@@ -157,6 +157,10 @@ struct SyncArgs {
     /// Release mode: a node whose after-switch command fails switches back.
     #[arg(long)]
     rollback_on_failure: bool,
+    /// Let an empty source wipe the nodes' trees (refused by default: it is
+    /// usually a wrong prefix or a build not yet published).
+    #[arg(long)]
+    allow_empty: bool,
 }
 
 #[derive(Args)]
@@ -390,6 +394,9 @@ impl SyncArgs {
         }
         if self.rollback_on_failure {
             words.push("--rollback-on-failure".into());
+        }
+        if self.allow_empty {
+            words.push("--allow-empty".into());
         }
         trigger::AgentCall::new(trigger::Expect::Pull, words)
     }

@@ -212,6 +212,7 @@ impl Node {
             state_dir: self.state.clone(),
             concurrency: 16,
             delete: true,
+            allow_empty: false,
             dry_run: false,
             if_busy: fleetsync::IfBusy::Wait,
             client: fleetsync::ClientOptions::default(),
