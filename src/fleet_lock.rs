@@ -22,7 +22,7 @@
 //! than the clock skew between bastions (the default is 60 s, renewed
 //! every 20 s).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -131,6 +131,13 @@ pub struct HeldLock {
     /// A std Mutex: read or replaced in one step, never held across `.await`.
     etag: Arc<Mutex<String>>,
     lost: Arc<AtomicBool>,
+    /// Until when (ms since the epoch, the clock others judge expiry by) the
+    /// last successful write keeps the lease ours; moved by renewals.
+    valid_until: Arc<AtomicU64>,
+    /// A renewal period: the lock counts as lost once less than this is
+    /// left of the lease, whether or not a renewal has run to say so (a
+    /// process paused with SIGSTOP resumes with its lease long gone).
+    period_ms: u64,
     renewal: tokio::task::JoinHandle<()>,
     /// Whether we took over an expired lock (for the report).
     pub took_over: Option<LockInfo>,
@@ -147,10 +154,11 @@ impl HeldLock {
         &self.info
     }
 
-    /// Whether a renewal found the lock broken or taken over. Once true, the
-    /// holder must not start anything new.
+    /// Whether the lock may no longer be ours: a renewal found it broken or
+    /// taken over, or the lease is about to run out unrenewed. Once true,
+    /// the holder must not start anything new.
     pub fn lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
+        self.lost.load(Ordering::SeqCst) || now_ms() + self.period_ms >= self.valid_until.load(Ordering::SeqCst)
     }
 
     /// Stops renewing and deletes the lock, if it is still ours.
@@ -188,8 +196,28 @@ pub async fn acquire(
             Attempt::Acquired { etag, took_over } => {
                 let etag = Arc::new(Mutex::new(etag));
                 let lost = Arc::new(AtomicBool::new(false));
-                let renewal = tokio::spawn(renew(client.clone(), object.clone(), info.clone(), lease, etag.clone(), lost.clone()));
-                return Ok(HeldLock { client: client.clone(), object: object.clone(), info, etag, lost, renewal, took_over });
+                let valid_until = Arc::new(AtomicU64::new(info.expires_at_ms));
+                let renewal = tokio::spawn(renew(
+                    client.clone(),
+                    object.clone(),
+                    info.clone(),
+                    lease,
+                    etag.clone(),
+                    lost.clone(),
+                    valid_until.clone(),
+                ));
+                let period_ms = (lease / 3).as_millis() as u64;
+                return Ok(HeldLock {
+                    client: client.clone(),
+                    object: object.clone(),
+                    info,
+                    etag,
+                    lost,
+                    valid_until,
+                    period_ms,
+                    renewal,
+                    took_over,
+                });
             }
             Attempt::Held(holder) => {
                 if tokio::time::Instant::now() >= deadline {
@@ -292,10 +320,9 @@ async fn renew(
     lease: Duration,
     etag: Arc<Mutex<String>>,
     lost: Arc<AtomicBool>,
+    valid_until: Arc<AtomicU64>,
 ) {
     let period = lease / 3;
-    // The expiry that S3 holds for us: what others will go by.
-    let mut valid_until = info.expires_at_ms;
     loop {
         tokio::time::sleep(period).await;
         info.expires_at_ms = now_ms() + lease.as_millis() as u64;
@@ -304,7 +331,7 @@ async fn renew(
         match client.put_object().bucket(&object.bucket).key(&object.key).body(body.into()).if_match(current).send().await {
             Ok(out) => {
                 *etag.lock().unwrap_or_else(|p| p.into_inner()) = out.e_tag().unwrap_or_default().to_string();
-                valid_until = info.expires_at_ms;
+                valid_until.store(info.expires_at_ms, Ordering::SeqCst);
             }
             Err(e) => {
                 let f = ApiFailure::from_sdk(&e);
@@ -316,7 +343,7 @@ async fn renew(
                 // Transient: retry next period, unless the lease would run out
                 // before then, in which case someone may take it over.
                 tracing::warn!(lock = %object, error = %f.message, "renewing the fleet lock failed; will retry");
-                if now_ms() + period.as_millis() as u64 >= valid_until {
+                if now_ms() + period.as_millis() as u64 >= valid_until.load(Ordering::SeqCst) {
                     tracing::error!(lock = %object, "the fleet lock's lease is running out unrenewed; stopping");
                     lost.store(true, Ordering::SeqCst);
                     return;

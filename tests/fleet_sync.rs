@@ -315,3 +315,43 @@ async fn an_interrupted_deploy_releases_the_fleet_lock_at_once() {
         assert!(fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none(), "{via}: the lock was released");
     }
 }
+
+#[tokio::test]
+async fn a_paused_holder_whose_lease_expired_is_taken_over_and_stops_when_it_resumes() {
+    let b = Bucket::new("fleetpause").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("pause", 2);
+    // The first node started (instance-id order) stays busy while we act.
+    let node_lock = Nodes::hold_agent_lock(&nodes.dir.path().join(&ids(&asg)[0]).join("srv"));
+    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+    let spawn = || {
+        deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssh")
+            .args(["--batch", "1", "--lock-lease", "3s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = spawn();
+    while fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Command::new("kill").args(["-STOP", &first.id().to_string()]).status().unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await; // longer than the lease
+
+    let second = spawn();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await; // it took the lock over
+    drop(node_lock);
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "the new holder proceeds: {stderr}");
+    assert!(stderr.contains("took over an expired fleet lock"), "{stderr}");
+
+    Command::new("kill").args(["-CONT", &first.id().to_string()]).status().unwrap();
+    let out = first.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the resumed holder fails: {stderr}");
+    assert!(stderr.contains("lock was lost"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["nodes"][1]["status"], "not-attempted", "it started no node after resuming: {report}");
+}

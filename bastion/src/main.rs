@@ -624,8 +624,9 @@ async fn deploy(args: &FleetArgs, call: trigger::AgentCall, how: Deploy) -> anyh
         }
     };
     progress.finish();
-    if held.lost() {
-        log("the fleet lock was lost during the deploy (broken or taken over); nodes not yet started were skipped");
+    let lock_lost = held.lost();
+    if lock_lost {
+        log("the fleet lock was lost during the deploy (broken, taken over, or its lease ran out unrenewed); nodes not yet started were skipped");
     }
     if let Err(e) = held.release().await {
         log(&format!("warning: {e}"));
@@ -633,7 +634,13 @@ async fn deploy(args: &FleetArgs, call: trigger::AgentCall, how: Deploy) -> anyh
 
     // Report.
     let (asg, source, dest) = (args.asg().to_string(), args.source().to_string(), args.dest.clone().unwrap_or_default());
-    let report = report::FleetReport::new(asg, source, dest, results, skipped, started.elapsed().as_millis() as u64);
+    let mut report = report::FleetReport::new(asg, source, dest, results, skipped, started.elapsed().as_millis() as u64);
+    if lock_lost {
+        // Another deploy may have run meanwhile: this one cannot vouch for
+        // the fleet, whatever its nodes said.
+        report.lock_lost = true;
+        report.exit_code = report.exit_code.max(exit::PARTIAL);
+    }
     if args.json {
         print_stdout(&serde_json::to_string(&report)?);
     } else {

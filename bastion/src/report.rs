@@ -11,8 +11,11 @@ pub struct FleetReport {
     pub asg: String,
     pub source: String,
     pub dest: String,
-    /// 0 every node ok; 1 a node failed or was not attempted.
+    /// 0 every node ok; 1 a node failed or was not attempted, or the fleet
+    /// lock was lost during the run.
     pub exit_code: i32,
+    /// The fleet lock was broken, taken over or ran out during the run.
+    pub lock_lost: bool,
     pub nodes: Vec<NodeResult>,
     /// Instances that were not targets, with the reason.
     pub skipped: Vec<Node>,
@@ -46,7 +49,7 @@ impl FleetReport {
             }
         }
         let exit_code = if t.failed + t.not_attempted > 0 { fleetsync::exit::PARTIAL } else { fleetsync::exit::OK };
-        FleetReport { asg, source, dest, exit_code, nodes, skipped, totals: t, duration_ms }
+        FleetReport { asg, source, dest, exit_code, lock_lost: false, nodes, skipped, totals: t, duration_ms }
     }
 
     /// One row per node, then the skipped instances and the totals.
