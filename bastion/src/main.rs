@@ -33,8 +33,9 @@ use crate::values::{Limit, Seconds};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  ok (sync: every target node is in sync)
-  1  a node failed or was not attempted (see the report), or the operation failed
+  0  ok (sync, rollback: every target node is done; status: no node drifts)
+  1  a node failed or was not attempted (see the report), the fleet lock was lost
+     during the run, status found drifting nodes, or the operation failed
   2  usage or configuration error (flags, credentials, group, bucket, endpoint)
   3  the fleet lock is held by another deploy (the message names it)
   130  interrupted (SIGINT/SIGTERM): no new node is started, the fleet lock is released";
