@@ -58,6 +58,9 @@ pub struct ClientOptions {
     /// Path-style addressing (`http://host/bucket/key`), for S3-compatible
     /// servers that do not serve virtual-hosted buckets.
     pub path_style: bool,
+    /// How long a response may go silent before the request is retried
+    /// (default 30 s): a stalled connection costs at most this.
+    pub read_timeout: Option<Duration>,
 }
 
 /// The shared AWS configuration from the standard chain (credentials,
@@ -74,7 +77,12 @@ pub async fn sdk_config(opts: &ClientOptions) -> aws_config::SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())
         .region(region)
         .retry_config(RetryConfig::standard().with_max_attempts(6).with_initial_backoff(Duration::from_millis(50)))
-        .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).read_timeout(Duration::from_secs(30)).build())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .read_timeout(opts.read_timeout.unwrap_or(Duration::from_secs(30)))
+                .build(),
+        )
         .load()
         .await
 }

@@ -4,6 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -110,6 +111,9 @@ struct PullArgs {
     /// Path-style S3 addressing, for S3-compatible servers.
     #[arg(long, env = "FLEETSYNC_S3_PATH_STYLE")]
     path_style: bool,
+    /// Seconds a response may stay silent before the request is retried [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    read_timeout: Option<u64>,
 }
 
 impl PullArgs {
@@ -261,7 +265,11 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
             IfBusyArg::Wait => IfBusy::Wait,
             IfBusyArg::Fail => IfBusy::Fail,
         },
-        client: ClientOptions { region: args.region.clone(), path_style: args.path_style },
+        client: ClientOptions {
+            region: args.region.clone(),
+            path_style: args.path_style,
+            read_timeout: args.read_timeout.map(Duration::from_secs),
+        },
     };
     let observer = progress::for_stderr();
     let result = if args.releases {

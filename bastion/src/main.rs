@@ -410,7 +410,7 @@ impl AwsArgs {
     }
 
     fn client_options(&self) -> ClientOptions {
-        ClientOptions { region: self.region.clone(), path_style: self.path_style }
+        ClientOptions { region: self.region.clone(), path_style: self.path_style, read_timeout: None }
     }
 }
 
