@@ -217,10 +217,26 @@ async fn disk_full_fails_cleanly_and_keeps_the_live_tree() {
     assert_tree(&dest, &tree);
 }
 
+/// Kills per phase (cold pull, update) and mode: 2 modes x 2 phases x 13 =
+/// 52 SIGKILLs at seeded random moments.
+const KILLS_PER_PHASE: usize = 13;
+
 #[tokio::test]
-async fn sigkill_at_any_moment_leaves_no_partial_file_and_the_next_pull_converges() {
-    let b = Bucket::new("sigkill").await;
-    let mut v1 = sample_tree(1500, 7);
+async fn sigkill_at_any_moment_in_place_leaves_no_partial_file_and_the_next_pull_converges() {
+    sigkill_cycles("sigkill", &[], 7).await;
+}
+
+#[tokio::test]
+async fn sigkill_at_any_moment_in_release_mode_keeps_current_on_a_complete_release() {
+    sigkill_cycles("sigkillrel", &["--releases"], 8).await;
+}
+
+/// A cold pull and an update, each SIGKILLed at `KILLS_PER_PHASE` random
+/// moments, each kill followed by checks; then a pull that must converge.
+async fn sigkill_cycles(name: &str, mode: &[&str], seed: u64) {
+    let releases = !mode.is_empty();
+    let b = Bucket::new(name).await;
+    let mut v1 = sample_tree(1500, seed);
     for i in 0..8 {
         v1.insert(format!("media/blob{i}.bin"), vec![i as u8; 300 << 10]);
     }
@@ -237,6 +253,8 @@ async fn sigkill_at_any_moment_leaves_no_partial_file_and_the_next_pull_converge
     v2.extend(sample_tree(100, 77).into_iter().map(|(k, v)| (format!("added/{k}"), v)));
 
     let node = Node::new();
+    let live = if releases { node.dest.join("current") } else { node.dest.clone() };
+    let mut rng = seed;
     let mut kills = 0;
     let (mut temps_seen, mut staged_seen) = (0, 0);
     for (phase, tree) in [("cold", &v1), ("update", &v2)] {
@@ -246,30 +264,42 @@ async fn sigkill_at_any_moment_leaves_no_partial_file_and_the_next_pull_converge
                 b.delete(k).await;
             }
         }
-        for delay_ms in [20u64, 60, 120, 200, 350, 500] {
-            let mut child = node.agent(&b.url("")).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        for _ in 0..KILLS_PER_PHASE {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let delay_ms = 10 + (rng >> 33) % 600;
+            let mut child =
+                node.agent(&b.url("")).args(mode).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
             std::thread::sleep(Duration::from_millis(delay_ms));
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
             kills += 1;
             let all = read_tree(&node.dest);
-            temps_seen += all.keys().filter(|k| is_temp(k) && !k.starts_with(".fleetsync.tmp/")).count();
-            staged_seen += all.keys().filter(|k| k.starts_with(".fleetsync.tmp/")).count();
-            // Every file under a final name is a complete version of its object.
-            for (k, body) in live_tree(&node.dest) {
-                let ok = v1.get(&k) == Some(&body) || v2.get(&k) == Some(&body);
-                assert!(ok, "{phase}, killed after {delay_ms} ms: {k} is not a complete version of its object");
+            temps_seen += all.keys().filter(|k| is_temp(k) && !k.contains(".fleetsync.tmp/")).count();
+            staged_seen += all.keys().filter(|k| k.contains(".fleetsync.tmp/")).count();
+            if releases {
+                // `current` is absent (nothing went live yet) or a whole release.
+                if live.exists() {
+                    let got = read_tree(&live);
+                    assert!(got == v1 || got == v2, "{phase}, killed after {delay_ms} ms: current is not a complete release");
+                }
+            } else {
+                // Every file under a final name is a complete version of its object.
+                for (k, body) in live_tree(&node.dest) {
+                    let ok = v1.get(&k) == Some(&body) || v2.get(&k) == Some(&body);
+                    assert!(ok, "{phase}, killed after {delay_ms} ms: {k} is not a complete version of its object");
+                }
             }
         }
-        let (code, json, stderr) = run_json(&mut node.agent(&b.url("")));
+        let (code, json, stderr) = run_json(node.agent(&b.url("")).args(mode));
         assert_eq!(code, 0, "{stderr}");
         assert!(json["durations"]["lock_wait_ms"].as_u64().unwrap() < 1000, "a killed holder must not block: {json}");
         // assert_tree sees every file, temporary ones included.
-        assert_tree(&node.dest, tree);
+        assert_tree(&live, tree);
         // Converged means converged: the pull after that downloads nothing.
-        let (_, json, _) = run_json(&mut node.agent(&b.url("")));
+        let (_, json, _) = run_json(node.agent(&b.url("")).args(mode));
         assert_eq!(json["counts"]["downloaded"], 0, "{json}");
     }
-    assert_eq!(kills, 12);
+    println!("{name}: SIGKILLs: {kills}, temporary files seen: {temps_seen}, staged: {staged_seen}, partial files under a final name: 0");
+    assert_eq!(kills, 2 * KILLS_PER_PHASE);
     assert!(temps_seen > 0 || staged_seen > 0, "no kill landed mid-download; the test proved nothing");
 }
