@@ -17,6 +17,7 @@
 //! For the bastion, [`fleet_lock`] keeps two deploys of one group apart,
 //! and [`publish`] uploads a build and writes the release pointer.
 
+pub mod config_file;
 mod error;
 mod fetch;
 pub mod fleet_lock;

@@ -362,8 +362,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
             let mut report = report;
             report.error = Some(format!("release {id} was not switched: {} files failed (see errors)", report.counts.failed));
             report.durations.total_ms = t0.elapsed().as_millis() as u64;
-            report_with(report, release, lock_wait, &layout)?;
-            return Ok(read_last(&layout).expect("just written"));
+            return report_with(report, release, lock_wait, &layout);
         }
         let files = listing_files(&report);
         registry.went_live(ReleaseInfo { id: id.clone(), content: content.clone(), created_at_ms: now_ms(), files, rolled_back: false });
@@ -405,8 +404,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         layout.save(&registry)?;
     }
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
-    report_with(report, release, lock_wait, &layout)?;
-    Ok(read_last(&layout).expect("just written"))
+    report_with(report, release, lock_wait, &layout)
 }
 
 /// Listings tried before concluding that the source does not match its
@@ -538,14 +536,16 @@ async fn run_hook(cmd: &str, layout: &Layout, id: &str, previous: Option<&str>) 
     }
 }
 
-/// Puts the release part into the report and records it as the last pull.
-fn report_with(mut report: PullReport, release: ReleaseReport, lock_wait: std::time::Duration, layout: &Layout) -> Result<()> {
+/// Puts the release part into the report, records it as the last pull
+/// (for `status`), and returns it.
+fn report_with(mut report: PullReport, release: ReleaseReport, lock_wait: std::time::Duration, layout: &Layout) -> Result<PullReport> {
     report.dest = layout.dest.display().to_string();
     report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
     report.finished_at_ms = now_ms();
     report.release = Some(release);
     std::fs::create_dir_all(&layout.state).map_err(|e| Error::io(format!("creating {}", layout.state.display()), e))?;
-    write_atomic(&layout.last_pull_path(), &serde_json::to_vec(&report).expect("reports serialize"))
+    write_atomic(&layout.last_pull_path(), &serde_json::to_vec(&report).expect("reports serialize"))?;
+    Ok(report)
 }
 
 fn read_last(layout: &Layout) -> Option<PullReport> {
@@ -588,8 +588,7 @@ pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, if_busy: 
         release.switched = true;
     }
     report.counts.unchanged = target.files;
-    report_with(report, release, lock_wait, &layout)?;
-    Ok(read_last(&layout).expect("just written"))
+    report_with(report, release, lock_wait, &layout)
 }
 
 /// `status`: the live release, the one before it, every kept release and

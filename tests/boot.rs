@@ -22,20 +22,9 @@ fn unit_command() -> String {
 #[tokio::test]
 async fn an_instance_launched_after_a_publish_boots_onto_the_published_release() {
     let b = common::Bucket::new("boot").await;
-    let build = tempfile::tempdir().unwrap();
-    for i in 0..12 {
-        let p = build.path().join(format!("app/f{i}.php"));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, format!("<?php // {i}")).unwrap();
-    }
-    let out = std::process::Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .arg("publish")
-        .arg(build.path())
-        .arg(b.url("app"))
-        .args(["--release-id", "boot-1"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let build = common::build_dir(12, "boot");
+    let (code, _, stderr) = common::publish(build.path(), &b.url("app"), &["--release-id", "boot-1"]);
+    assert_eq!(code, 0, "{stderr}");
 
     let (asg, nodes) = Nodes::group("boot", 1);
     let before = ids(&asg);

@@ -20,14 +20,8 @@ fn fleetsync(args: &[&str], nodes: &Nodes) -> (i32, serde_json::Value, String) {
 }
 
 fn publish(dir: &Path, target: &str, id: &str) {
-    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .arg("publish")
-        .arg(dir)
-        .arg(target)
-        .args(["--release-id", id])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, _, stderr) = common::publish(dir, target, &["--release-id", id]);
+    assert_eq!(code, 0, "{stderr}");
 }
 
 fn live(root: &Path) -> String {
@@ -37,14 +31,7 @@ fn live(root: &Path) -> String {
 #[tokio::test]
 async fn publish_sync_status_and_rollback_across_the_fleet() {
     let b = Bucket::new("fleetrel").await;
-    let (v1, v2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for (dir, tag) in [(&v1, "v1"), (&v2, "v2")] {
-        for i in 0..10 {
-            let p = dir.path().join(format!("app/f{i}.php"));
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, format!("<?php // {tag} {i}")).unwrap();
-        }
-    }
+    let (v1, v2) = (common::build_dir(10, "v1"), common::build_dir(10, "v2"));
     let (asg, nodes) = Nodes::group("rel", 3);
     let source = b.url("app");
     let base = ["--asg", asg.as_str(), "--source", source.as_str(), "--dest", "/srv/www"];

@@ -6,17 +6,8 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
-use common::{bin, read_tree, run_json, Bucket, Node};
-
-fn publish(dir: &Path, target: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
-    let mut c = Command::new(bin("fleetsync-bastion", "fleetsync"));
-    c.arg("publish").arg(dir).arg(target).arg("--json").args(extra);
-    let out = c.output().unwrap();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap(), json, String::from_utf8_lossy(&out.stderr).into_owned())
-}
+use common::{publish, read_tree, run_json, Bucket, Node};
 
 fn write(root: &Path, rel: &str, body: &[u8], mode: u32) {
     let p = root.join(rel);

@@ -4,12 +4,16 @@
 //! flag overrides the file. The file is `--config FILE` (or
 //! `FLEETSYNC_AGENT_CONFIG`), else `/etc/fleetsync/agent.toml` when it exists.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
-/// The default file.
-pub const DEFAULT_FILE: &str = "/etc/fleetsync/agent.toml";
+/// The agent's config file.
+pub const FILE: fleetsync::config_file::ConfigFile<'static> = fleetsync::config_file::ConfigFile {
+    default: "/etc/fleetsync/agent.toml",
+    env: "FLEETSYNC_AGENT_CONFIG",
+    example: "state-dir = \"/var/lib/fleetsync\"",
+};
 
 /// How DEST is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -38,40 +42,24 @@ pub struct AgentConfig {
     pub path_style: Option<bool>,
 }
 
-/// Reads the config: `explicit` must exist; the default file may not.
-pub fn load(explicit: Option<&Path>) -> anyhow::Result<AgentConfig> {
-    let path = match explicit {
-        Some(p) => p.to_path_buf(),
-        None if Path::new(DEFAULT_FILE).is_file() => PathBuf::from(DEFAULT_FILE),
-        None => return Ok(AgentConfig::default()),
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        fleetsync::Error::Config(format!("cannot read the config file {}: {e} (check --config / FLEETSYNC_AGENT_CONFIG)", path.display()))
-    })?;
-    toml::from_str(&text).map_err(|e| {
-        let at = e.span().map(|s| format!(" at line {}", text[..s.start].lines().count().max(1))).unwrap_or_default();
-        fleetsync::Error::Config(format!(
-            "{}{at}: {} (keys are the long flag names, e.g. state-dir = \"/var/lib/fleetsync\")",
-            path.display(),
-            e.message().replace('\n', " ")
-        ))
-        .into()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> fleetsync::Result<AgentConfig> {
+        FILE.parse(text, std::path::Path::new("agent.toml"))
+    }
+
     #[test]
     fn reads_the_documented_keys_and_refuses_others() {
-        let c: AgentConfig = toml::from_str(
+        let c = parse(
             "source = 's3://code/app'\ndest = '/var/www/app'\nmode = 'releases'\nkeep = 3\nafter-switch = 'systemctl reload php-fpm'\nrollback-on-failure = true",
         )
         .unwrap();
         assert_eq!(c.mode, Some(Mode::Releases));
         assert_eq!(c.keep, Some(3));
-        assert!(toml::from_str::<AgentConfig>("mode = 'blue-green'").is_err());
-        assert!(toml::from_str::<AgentConfig>("dst = '/x'").is_err());
+        assert!(parse("mode = 'blue-green'").is_err());
+        let e = parse("dst = '/x'").unwrap_err().to_string();
+        assert!(e.starts_with("agent.toml at line 1:") && !e.contains('\n'), "{e}");
     }
 }

@@ -14,7 +14,7 @@ use fleetsync::{exit, ClientOptions, IfBusy, PullOptions, PullReport, S3Url};
 mod config;
 mod progress;
 
-use config::{AgentConfig, Mode, DEFAULT_FILE};
+use config::{AgentConfig, Mode};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -166,7 +166,7 @@ impl PullArgs {
 
 /// A required value missing from both the flags and agent.toml.
 fn missing(what: &str, key: &str) -> anyhow::Error {
-    fleetsync::Error::Config(format!("missing {what}: give it on the command line or as `{key} = ...` in {DEFAULT_FILE}")).into()
+    fleetsync::Error::Config(format!("missing {what}: give it on the command line or as `{key} = ...` in {}", config::FILE.default)).into()
 }
 
 /// The state dir: the flag (or FLEETSYNC_STATE_DIR), agent.toml, the default.
@@ -221,7 +221,7 @@ fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    let cfg = config::load(cli.config.as_deref())?;
+    let cfg: AgentConfig = config::FILE.load(cli.config.as_deref())?;
     match cli.command {
         Command::Pull(mut args) => {
             if let Err(e) = args.apply(cfg) {

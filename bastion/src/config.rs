@@ -4,8 +4,6 @@
 //! overrides the file. The file is `--config FILE` (or `FLEETSYNC_CONFIG`),
 //! else `./fleetsync.toml` when it exists.
 
-use std::path::{Path, PathBuf};
-
 use serde::Deserialize;
 
 use crate::trigger::{AddressChoice, Via};
@@ -42,26 +40,9 @@ pub struct FileConfig {
     pub rollback_on_failure: Option<bool>,
 }
 
-/// The default file, looked for in the working directory.
-const DEFAULT_FILE: &str = "fleetsync.toml";
-
-/// Reads the config: `explicit` must exist; the default file may not.
-pub fn load(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
-    let path: PathBuf = match explicit {
-        Some(p) => p.to_path_buf(),
-        None if Path::new(DEFAULT_FILE).is_file() => PathBuf::from(DEFAULT_FILE),
-        None => return Ok(FileConfig::default()),
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        fleetsync::Error::Config(format!("cannot read the config file {}: {e} (check --config / FLEETSYNC_CONFIG)", path.display()))
-    })?;
-    toml::from_str(&text).map_err(|e| {
-        // toml's message spans lines (with a source excerpt); one line here.
-        let msg = e.message().replace('\n', " ");
-        let at = e.span().map(|s| format!(" at line {}", text[..s.start].lines().count().max(1))).unwrap_or_default();
-        fleetsync::Error::Config(format!("{}{at}: {msg} (keys are the long flag names, e.g. max-errors = 2)", path.display())).into()
-    })
-}
+/// The bastion's config file, looked for in the working directory.
+pub const FILE: fleetsync::config_file::ConfigFile<'static> =
+    fleetsync::config_file::ConfigFile { default: "fleetsync.toml", env: "FLEETSYNC_CONFIG", example: "max-errors = 2" };
 
 #[cfg(test)]
 mod tests {
@@ -69,7 +50,8 @@ mod tests {
 
     #[test]
     fn reads_every_value_type_and_refuses_unknown_keys() {
-        let c: FileConfig = toml::from_str(
+        let parse = |text: &str| FILE.parse::<FileConfig>(text, std::path::Path::new("fleetsync.toml"));
+        let c = parse(
             "asg = 'web'\nsource = 's3://b/app'\nvia = 'ssh'\nbatch = '25%'\nmax-errors = 2\nlock-wait = '5m'\naddress = 'private-dns'\nssh-options = ['Port=2222']",
         )
         .unwrap();
@@ -78,7 +60,7 @@ mod tests {
         assert_eq!(c.max_errors, Some(Limit::Count(2)));
         assert_eq!(c.lock_wait, Some(Seconds(std::time::Duration::from_secs(300))));
         assert!(matches!(c.via, Some(Via::Ssh)));
-        assert!(toml::from_str::<FileConfig>("max_errors = 2").is_err(), "a misspelt key is refused");
-        assert!(toml::from_str::<FileConfig>("batch = '150%'").is_err());
+        assert!(parse("max_errors = 2").is_err(), "a misspelt key is refused");
+        assert!(parse("batch = '150%'").is_err());
     }
 }

@@ -427,7 +427,7 @@ fn main() -> ExitCode {
 
 fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
-    let file = config::load(cli.config.as_deref())?;
+    let file: FileConfig = config::FILE.load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     match cli.command {
         Command::Sync(mut args) => {

@@ -26,6 +26,7 @@ rewritten to `--stats` (JSON) after every fault.
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import struct
@@ -48,7 +49,6 @@ class Proxy:
         self.counts[fault] += 1
         with open(self.stats_path + ".tmp", "w") as f:
             json.dump(self.counts, f)
-        import os
         os.replace(self.stats_path + ".tmp", self.stats_path)
 
     async def handle(self, reader, writer):

@@ -410,3 +410,22 @@ pub fn node_in<'a>(report: &'a serde_json::Value, instance_id: &str) -> &'a serd
         .find(|n| n["instance_id"] == instance_id)
         .unwrap_or_else(|| panic!("{instance_id} not in {report}"))
 }
+
+/// A build directory of `files` PHP files whose contents carry `tag`.
+pub fn build_dir(files: usize, tag: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..files {
+        let p = dir.path().join(format!("app/f{i}.php"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("<?php // {tag} {i}")).unwrap();
+    }
+    dir
+}
+
+/// `fleetsync publish DIR TARGET --json` plus `extra`: (exit code, JSON report or Null, stderr).
+pub fn publish(dir: &Path, target: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let out =
+        Command::new(bin("fleetsync-bastion", "fleetsync")).arg("publish").arg(dir).arg(target).arg("--json").args(extra).output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap(), json, String::from_utf8_lossy(&out.stderr).into_owned())
+}

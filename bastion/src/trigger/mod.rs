@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use fleetsync::fleet_lock::HeldLock;
 
-pub use ssh::{last_line, Ssh};
+pub use ssh::Ssh;
 pub use ssm::Ssm;
 
 use crate::collect::{self, NodeResult, NodeStatus};
@@ -169,28 +169,25 @@ impl Fleet<'_> {
 
     /// A node that was never started.
     pub fn not_attempted(&self, node: &Node, why: &str) -> NodeResult {
-        self.record(NodeResult {
-            instance_id: node.instance_id.clone(),
-            address: self.address_of(node),
-            status: NodeStatus::NotAttempted,
-            error: Some(why.to_string()),
-            duration_ms: 0,
-            agent: None,
-            release_status: None,
-        })
+        self.record(self.unrun(node, NodeStatus::NotAttempted, why.to_string()))
     }
 
     /// A node that failed before its agent could be asked anything.
     pub fn failed(&self, node: &Node, why: String) -> NodeResult {
-        self.record(NodeResult {
+        self.record(self.unrun(node, NodeStatus::Failed, why))
+    }
+
+    /// The result of a node whose agent never ran.
+    fn unrun(&self, node: &Node, status: NodeStatus, why: String) -> NodeResult {
+        NodeResult {
             instance_id: node.instance_id.clone(),
             address: self.address_of(node),
-            status: NodeStatus::Failed,
+            status,
             error: Some(why),
             duration_ms: 0,
             agent: None,
             release_status: None,
-        })
+        }
     }
 
     fn record(&self, result: NodeResult) -> NodeResult {
@@ -200,6 +197,12 @@ impl Fleet<'_> {
         self.progress.finished(&result);
         result
     }
+}
+
+/// The last non-empty line of a command's stderr: where ssh, SSM and the
+/// agent put their one-line reason.
+pub fn last_line(s: &str) -> &str {
+    s.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
 }
 
 /// The address to reach `node` at, by the user's choice.

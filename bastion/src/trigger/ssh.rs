@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{address, AgentCall, Fleet, Outcome};
+use super::{address, last_line, AgentCall, Fleet, Outcome};
 use crate::collect::NodeResult;
 use crate::discover::Node;
 
@@ -91,10 +91,4 @@ impl Ssh {
             },
         }
     }
-}
-
-/// The last non-empty line of a command's stderr: where ssh and the agent
-/// put their one-line reason.
-pub fn last_line(s: &str) -> &str {
-    s.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
 }
