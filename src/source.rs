@@ -8,6 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use aws_config::{meta::region::RegionProviderChain, retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion};
+use aws_credential_types::provider::error::CredentialsError;
 
 use crate::error::{Error, Result};
 
@@ -94,6 +95,23 @@ pub async fn s3_client(opts: &ClientOptions) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(conf)
 }
 
+/// Checks that `url` can be listed, before anything depends on it: the
+/// bastion calls it before taking the fleet lock (which lives in the same
+/// bucket), so a misspelt or deleted bucket is one clear exit-2 line rather
+/// than a lock written into a bucket some S3-compatible servers create on
+/// demand, or a failure on every node.
+pub async fn check_source(client: &S3Client, url: &S3Url) -> Result<()> {
+    client
+        .list_objects_v2()
+        .bucket(&url.bucket)
+        .prefix(&url.prefix)
+        .max_keys(1)
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| ApiFailure::from_sdk(&e).to_error(&format!("listing the source {url}")))
+}
+
 /// What went wrong with one AWS API call, reduced to what callers branch
 /// on. Works for every SDK crate's errors (they share the smithy types).
 #[derive(Debug)]
@@ -107,6 +125,9 @@ pub struct ApiFailure {
     /// The request never got an answer (connection refused, DNS, timeout,
     /// credentials could not be loaded).
     pub no_response: bool,
+    /// The request was never sent because no credentials could be loaded
+    /// (none in the chain, or the provider failed).
+    pub no_credentials: bool,
 }
 
 impl ApiFailure {
@@ -118,32 +139,30 @@ impl ApiFailure {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_string);
         let no_response = matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ConstructionFailure(_));
-        let message = match (&code, status) {
-            (Some(code), Some(status)) => format!("{code}: {} (HTTP {status})", err.message().unwrap_or("no message")),
-            (None, Some(status)) => format!("HTTP {status}"),
+        let credentials = credentials_error(err as &(dyn std::error::Error + 'static));
+        let message = match (&code, status, credentials) {
+            (Some(code), Some(status), _) => format!("{code}: {} (HTTP {status})", err.message().unwrap_or("no message")),
+            (None, Some(status), _) => format!("HTTP {status}"),
+            // The chain's own message lists every provider it tried, over
+            // several lines; the hint says what to do instead.
+            (_, _, Some(CredentialsError::CredentialsNotLoaded(_))) => "no AWS credentials found".to_string(),
+            (_, _, Some(e)) => format!("loading the AWS credentials failed: {}", error_chain(e)),
             _ => error_chain(err),
         };
-        ApiFailure { status, code, message, no_response }
+        ApiFailure { status, code, message, no_response, no_credentials: credentials.is_some() }
     }
 
     /// Whether the user has to fix something (credentials, bucket name,
     /// endpoint, permissions) rather than the call being unlucky.
     pub fn is_configuration(&self) -> bool {
-        self.no_response
+        let throttled = matches!(
+            self.code.as_deref(),
+            Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException" | "SlowDown")
+        );
+        !throttled && self.no_response
+            || self.is_credentials()
             || matches!(self.status, Some(301 | 400 | 401 | 403 | 404))
-            || matches!(
-                self.code.as_deref(),
-                Some(
-                    "NoSuchBucket"
-                        | "AccessDenied"
-                        | "InvalidAccessKeyId"
-                        | "SignatureDoesNotMatch"
-                        | "ExpiredToken"
-                        | "InvalidToken"
-                        | "PermanentRedirect"
-                        | "AuthorizationHeaderMalformed"
-                )
-            )
+            || matches!(self.code.as_deref(), Some("NoSuchBucket" | "AccessDenied" | "PermanentRedirect" | "AuthorizationHeaderMalformed"))
     }
 
     /// The library error for a failed `what` ("listing s3://b/p/"): a
@@ -158,19 +177,65 @@ impl ApiFailure {
         }
     }
 
+    /// Whether the credentials are the problem: none found, or refused as
+    /// expired or invalid.
+    pub fn is_credentials(&self) -> bool {
+        self.no_credentials
+            || matches!(
+                self.code.as_deref(),
+                Some(
+                    "ExpiredToken"
+                        | "ExpiredTokenException"
+                        | "RequestExpired"
+                        | "InvalidAccessKeyId"
+                        | "SignatureDoesNotMatch"
+                        | "InvalidToken"
+                        | "UnrecognizedClientException"
+                        | "InvalidClientTokenId"
+                )
+            )
+    }
+
     /// A short explanation with the fix, for the common configuration errors.
     pub fn hint(&self) -> &'static str {
+        if self.no_credentials {
+            return "set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, run `aws sso login`, or run where an instance role applies";
+        }
         match (self.code.as_deref(), self.status) {
             (Some("NoSuchBucket"), _) => "check the bucket name in the source URL",
-            (Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken"), _) | (_, Some(401)) => {
-                "check the AWS credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance role)"
+            (Some("ExpiredToken" | "ExpiredTokenException" | "RequestExpired"), _) => {
+                "the AWS credentials have expired: refresh them (a new session token, `aws sso login`) and retry"
             }
+            (
+                Some(
+                    "InvalidAccessKeyId"
+                    | "SignatureDoesNotMatch"
+                    | "InvalidToken"
+                    | "UnrecognizedClientException"
+                    | "InvalidClientTokenId",
+                ),
+                _,
+            )
+            | (_, Some(401)) => "check the AWS credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance role)",
             (Some("AccessDenied"), _) | (_, Some(403)) => "grant s3:ListBucket and s3:GetObject on the source to this identity",
             (Some("PermanentRedirect" | "AuthorizationHeaderMalformed"), _) | (_, Some(301)) => "set the bucket's region with --region",
             _ if self.no_response => "check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, the network and the credentials chain",
             _ => "see the message",
         }
     }
+}
+
+/// The credentials error somewhere in `err`'s chain: the SDK reports a
+/// failed credentials lookup as a dispatch failure wrapping it.
+fn credentials_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a CredentialsError> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(c) = e.downcast_ref::<CredentialsError>() {
+            return Some(c);
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// An error and its sources on one line: `dispatch failure: io error:

@@ -8,50 +8,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
 
-use common::{assert_tree, read_tree, run_json, sample_tree, Bucket, Node};
-
-/// The proxy, stopped when dropped.
-struct FaultProxy {
-    child: Child,
-    url: String,
-    stats: tempfile::NamedTempFile,
-}
-
-impl FaultProxy {
-    fn start(rate: f64, seed: u64, stall_secs: u64) -> FaultProxy {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let stats = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new("python3")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/faultproxy.py"))
-            .args(["--port", &port.to_string(), "--upstream", &common::endpoint()])
-            .args(["--rate", &rate.to_string(), "--seed", &seed.to_string(), "--stall", &stall_secs.to_string()])
-            .arg("--stats")
-            .arg(stats.path())
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return FaultProxy { child, url, stats };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("the fault proxy did not start");
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(self.stats.path()).unwrap_or_else(|_| "{}".into())).unwrap_or_default()
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{assert_tree, read_tree, run_json, sample_tree, Bucket, FaultProxy, Node};
 
 /// Files under `dir` whose names only fleetsync's temporary files carry.
 fn partial_files(dir: &Path) -> usize {
@@ -73,7 +31,7 @@ async fn a_pull_through_injected_faults_converges_with_nothing_corrupt_or_partia
     let b = Bucket::new("faults").await;
     let tree = sample_tree(10_000, 71);
     b.put_tree("app/", &tree).await;
-    let proxy = FaultProxy::start(0.06, 7, 4);
+    let proxy = FaultProxy::start(&common::endpoint(), &["--rate", "0.06", "--seed", "7", "--stall", "4"]);
     let node = Node::new();
 
     let (code, report, stderr) = run_json(node.agent(&b.url("app")).args(["--read-timeout", "2"]).env("AWS_ENDPOINT_URL_S3", &proxy.url));

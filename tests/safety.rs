@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -215,6 +216,90 @@ async fn disk_full_fails_cleanly_and_keeps_the_live_tree() {
     assert_eq!(json["counts"]["failed"], 2, "{json}");
     assert!(json["errors"][0]["error"].as_str().unwrap().contains("No space left"), "{json}");
     assert_tree(&dest, &tree);
+}
+
+#[tokio::test]
+async fn disk_full_in_release_mode_fails_the_build_and_keeps_current_on_the_live_release() {
+    let b = Bucket::new("diskfullrel").await;
+    let tree = sample_tree(50, 16);
+    b.put_tree("", &tree).await;
+    let disk = SmallDisk::new("size=1m");
+    let node = Node::new();
+    let dest = disk.0.path().join("www");
+    let pull = || {
+        let mut c = Command::new(common::agent_bin());
+        c.args(["pull", &b.url(""), "--releases", "--json", "--state-dir"]).arg(&node.state).arg("--dest").arg(&dest);
+        c
+    };
+    let (code, json, stderr) = run_json(&mut pull());
+    assert_eq!(code, 0, "{stderr}");
+    let live = json["release"]["id"].as_str().unwrap().to_string();
+
+    // The next release cannot fit: its build fails, is removed, and the
+    // live release stays live and whole.
+    b.put("huge.bin", &vec![1u8; 3 << 20]).await;
+    let (code, json, stderr) = run_json(&mut pull());
+    assert_eq!(code, 1, "{stderr}");
+    assert!(json.to_string().contains("No space left"), "{json}");
+    assert_eq!(std::fs::read_link(dest.join("current")).unwrap(), Path::new("releases").join(&live));
+    assert_tree(&dest.join("current"), &tree);
+    let left: Vec<_> = std::fs::read_dir(dest.join("releases")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, [std::ffi::OsString::from(&live)], "the failed build was removed");
+
+    // Room again (the object is gone): the next pull converges.
+    b.delete("huge.bin").await;
+    let (code, _, stderr) = run_json(&mut pull());
+    assert_eq!(code, 0, "{stderr}");
+    assert_tree(&dest.join("current"), &tree);
+}
+
+#[tokio::test]
+async fn hostile_modes_in_object_metadata_never_make_setuid_setgid_sticky_or_writable_files() {
+    // x-amz-meta-mode as a hostile publisher might set it, and the mode each
+    // must give: 0755 when any execute bit is set, otherwise 0644.
+    let corpus: &[(&str, u32)] = &[
+        ("4777", 0o755),
+        ("7777", 0o755),
+        ("6755", 0o755),
+        ("2755", 0o755),
+        ("1777", 0o755),
+        ("104755", 0o755),
+        ("0o4711", 0o755),
+        ("0777", 0o755),
+        ("0100", 0o755),
+        ("0666", 0o644),
+        ("4666", 0o644),
+        ("7666", 0o644),
+        ("0600", 0o644),
+        ("0000", 0o644),
+        ("-1", 0o644),
+        ("99999999999999", 0o644),
+        ("0x1ff", 0o644),
+        ("rwxrwxrwx", 0o644),
+        ("0755; rm -rf /", 0o644),
+    ];
+    let b = Bucket::new("hostilemodes").await;
+    for (i, (mode, _)) in corpus.iter().enumerate() {
+        b.put_with_meta(&format!("m/{i}.sh"), format!("#!/bin/sh\necho {i}\n").as_bytes(), Some(mode)).await;
+    }
+    for releases in [false, true] {
+        let node = Node::new();
+        let mut cmd = node.agent(&b.url(""));
+        if releases {
+            cmd.arg("--releases");
+        }
+        let (code, _, stderr) = run_json(&mut cmd);
+        assert_eq!(code, 0, "{stderr}");
+        let root = if releases { node.dest.join("current") } else { node.dest.clone() };
+        for (i, (meta, want)) in corpus.iter().enumerate() {
+            let got = std::fs::metadata(root.join(format!("m/{i}.sh"))).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(got, *want, "x-amz-meta-mode {meta:?} (releases: {releases}) gave {got:o}");
+        }
+    }
+    println!(
+        "hostile modes: {} metadata values, in place and in release mode: none setuid, setgid, sticky or group/world-writable",
+        corpus.len()
+    );
 }
 
 /// Kills per phase (cold pull, update) and mode: 2 modes x 2 phases x 13 =

@@ -545,6 +545,7 @@ async fn deploy(args: &FleetArgs, call: trigger::AgentCall, how: Deploy) -> anyh
         None => LockObject::for_group(&source, args.asg())?,
     };
     let s3 = fleetsync::source::s3_client(&client_opts).await;
+    fleetsync::source::check_source(&s3, &source).await?;
     if how.dry_run {
         return dry_run(args, &call, &targets, &skipped, &s3, &object).await;
     }

@@ -18,7 +18,14 @@ server's answer:
   client's read timeout), then a close.
 
 Body faults are applied to object GETs only; listings and writes get the
-two status faults. Requests are forwarded unchanged (the Host header too, so
+two status faults.
+
+With `--api` it stands in front of an AWS API server instead (moto for
+AutoScaling and EC2, the SSM emulator) and its one fault is `throttle`: the
+error each API sends when its rate limit is hit, in that API's own protocol
+(AutoScaling `Throttling`, EC2 `RequestLimitExceeded`, SSM
+`ThrottlingException`). `--always CODE` answers every request with error
+CODE instead (e.g. `ExpiredToken`: credentials that have expired). Requests are forwarded unchanged (the Host header too, so
 SigV4 signatures stay valid), one upstream connection per request, asking
 for HTTP/1.0 so that bodies come whole, not chunked. Counts per fault are
 rewritten to `--stats` (JSON) after every fault.
@@ -36,13 +43,42 @@ BODY_FAULTS = ["500", "503", "reset", "truncate", "flip", "stall"]
 STATUS_FAULTS = ["500", "503"]
 
 
+def api_error(headers, body, code):
+    """An AWS API error response for the request, in its protocol: JSON 1.1
+    (has X-Amz-Target: SSM), EC2's query dialect, the AWS query protocol
+    (AutoScaling), or S3's REST XML. Throttling codes get their API's own
+    name and status."""
+    json_protocol = any(h.lower().startswith("x-amz-target:") for h in headers)
+    query = b"Action=" in body
+    ec2 = query and b"Version=2016-11-15" in body
+    if code == "throttle":
+        code = "ThrottlingException" if json_protocol else "RequestLimitExceeded" if ec2 else "Throttling" if query else "SlowDown"
+    status = 503 if code in ("RequestLimitExceeded", "SlowDown") else 400
+    msg = "Rate exceeded" if "Throttl" in code or "Limit" in code else "injected by faultproxy.py"
+    if json_protocol:
+        payload = json.dumps({"__type": code, "message": msg}).encode()
+        ctype = "application/x-amz-json-1.1"
+    elif ec2:
+        payload = (f"<Response><Errors><Error><Code>{code}</Code><Message>{msg}</Message></Error></Errors>"
+                   "<RequestID>faultproxy</RequestID></Response>").encode()
+        ctype = "text/xml"
+    elif not query:
+        payload = f"<Error><Code>{code}</Code><Message>{msg}</Message></Error>".encode()
+        ctype = "application/xml"
+    else:
+        payload = (f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{msg}</Message></Error>"
+                   "<RequestId>faultproxy</RequestId></ErrorResponse>").encode()
+        ctype = "text/xml"
+    return (f"HTTP/1.1 {status} Error\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
 class Proxy:
     def __init__(self, a):
         self.upstream = urllib.parse.urlparse(a.upstream)
-        self.rate, self.stall = a.rate, a.stall
+        self.rate, self.stall, self.api, self.always = a.rate, a.stall, a.api, a.always
         self.rng = random.Random(a.seed)
         self.stats_path = a.stats
-        self.counts = {"requests": 0, "faults": 0, **{f: 0 for f in BODY_FAULTS}}
+        self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, **{f: 0 for f in BODY_FAULTS}}
 
     def record(self, fault):
         self.counts["faults"] += 1
@@ -63,6 +99,13 @@ class Proxy:
                 self.counts["requests"] += 1
                 path, _, query = target.partition("?")
                 is_object_get = method == "GET" and path.count("/") >= 2 and "list-type" not in query and "uploads" not in query
+                if self.api:
+                    fault = self.always or ("throttle" if self.rng.random() < self.rate else None)
+                    if fault is not None:
+                        self.record("always" if self.always else fault)
+                        writer.write(api_error(headers, body, fault))
+                        await writer.drain()
+                        continue
                 fault = None
                 if self.rng.random() < self.rate:
                     fault = self.rng.choice(BODY_FAULTS if is_object_get else STATUS_FAULTS)
@@ -133,6 +176,8 @@ async def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--stall", type=float, default=5.0)
     ap.add_argument("--stats", required=True)
+    ap.add_argument("--api", action="store_true", help="in front of an AWS API server: throttle at --rate")
+    ap.add_argument("--always", help="with --api: answer every request with this error code")
     a = ap.parse_args()
     proxy = Proxy(a)
     server = await asyncio.start_server(proxy.handle, "127.0.0.1", a.port)

@@ -429,3 +429,48 @@ pub fn publish(dir: &Path, target: &str, extra: &[&str]) -> (i32, serde_json::Va
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out.status.code().unwrap(), json, String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// infra/local/faultproxy.py on a free loopback port in front of
+/// `upstream`, stopped when dropped.
+pub struct FaultProxy {
+    child: std::process::Child,
+    pub url: String,
+    stats: tempfile::NamedTempFile,
+}
+
+impl FaultProxy {
+    /// `args`: the proxy's options (`--rate`, `--seed`, `--api`, ...).
+    pub fn start(upstream: &str, args: &[&str]) -> FaultProxy {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let stats = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/faultproxy.py"))
+            .args(["--port", &port.to_string(), "--upstream", upstream])
+            .args(args)
+            .arg("--stats")
+            .arg(stats.path())
+            .spawn()
+            .unwrap();
+        // Owned from here: if it never listens, the panic's drop stops it.
+        let proxy = FaultProxy { child, url: format!("http://127.0.0.1:{port}"), stats };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return proxy;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the fault proxy did not start");
+    }
+
+    /// Its counts: requests, faults, and each kind of fault.
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(self.stats.path()).unwrap_or_else(|_| "{}".into())).unwrap_or_default()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
