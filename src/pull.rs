@@ -209,7 +209,13 @@ async fn run(
 ) -> Result<HashMap<RelPath, Placed>> {
     let (mut jobs, planner) = start_planner(opts, client.clone(), listing, Some(dest.clone()), placed, observer.clone());
     let gate = Gate::new();
-    let ctx = Arc::new(FetchCtx { client, bucket: opts.source.bucket.clone(), dest: dest.clone(), gate: gate.waiter() });
+    let ctx = Arc::new(FetchCtx {
+        client,
+        bucket: opts.source.bucket.clone(),
+        dest: dest.clone(),
+        gate: gate.waiter(),
+        ranges: Arc::new(Semaphore::new(fetch::RANGES_TOTAL)),
+    });
     let permits = Arc::new(Semaphore::new(opts.concurrency));
     let mut tasks = JoinSet::new();
     let mut outcomes = Vec::new();
@@ -217,7 +223,13 @@ async fn run(
     while let Some(job) = jobs.recv().await {
         observer.planned(job.size);
         seq += 1;
-        let task = download(ctx.clone(), state.clone(), permits.clone(), gate.waiter(), job, seq, observer.clone());
+        // The permit is taken before the task exists: a task per listed
+        // file up front would hold 100,000 download futures (and their SDK
+        // request state) at once on a large cold pull. Jobs wait in the
+        // channel instead, a few hundred bytes each, and the listing still
+        // runs ahead of the downloads.
+        let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let task = download(ctx.clone(), state.clone(), permit, gate.waiter(), job, seq, observer.clone());
         tasks.spawn(task);
         while let Some(done) = tasks.try_join_next() {
             outcomes.push(done.expect("download tasks do not panic"));
@@ -287,14 +299,17 @@ async fn run(
 async fn download(
     ctx: Arc<FetchCtx>,
     state: Arc<StateStore>,
-    permits: Arc<Semaphore>,
+    permit: tokio::sync::OwnedSemaphorePermit,
     gate: GateWaiter,
     job: FetchJob,
     seq: u64,
     observer: Arc<dyn Observer>,
 ) -> (Outcome, FetchStats) {
-    let permit = permits.acquire_owned().await.expect("the semaphore is never closed");
-    let (result, stats) = fetch::fetch(&ctx, &job, seq).await;
+    // Boxed: the fetch's state (the SDK request, the body stream) lives on
+    // the heap only while it runs, so a task that then waits at the gate
+    // for the listing to finish is a few hundred bytes, not the size of the
+    // largest state the fetch ever has.
+    let (result, stats) = Box::pin(fetch::fetch(&ctx, &job, seq)).await;
     // The permit bounds downloads, not files waiting at the gate.
     drop(permit);
     let staged = match result {
@@ -341,12 +356,14 @@ fn start_planner(
     dest: Option<Arc<DestDir>>,
     placed: HashMap<RelPath, Placed>,
     observer: Arc<dyn Observer>,
-) -> (mpsc::Receiver<FetchJob>, tokio::task::JoinHandle<Result<PlannerEnd>>) {
+) -> (mpsc::UnboundedReceiver<FetchJob>, tokio::task::JoinHandle<Result<PlannerEnd>>) {
     let mut lister = match listing {
         Some(objects) => list::given(objects),
         None => list::start(client, opts.source.clone()),
     };
-    let (tx, rx) = mpsc::channel(4096);
+    // Unbounded: jobs are small, and the listing must not wait for the
+    // downloads (files fetched before it ends are staged, then moved).
+    let (tx, rx) = mpsc::unbounded_channel();
     let prefix = opts.source.prefix.clone();
     let delete = opts.delete;
     let planner = tokio::task::spawn_blocking(move || {
@@ -354,7 +371,7 @@ fn start_planner(
         while let Some(page) = lister.pages.blocking_recv() {
             let before = planner.listed;
             for job in planner.plan_page(page?)? {
-                if tx.blocking_send(job).is_err() {
+                if tx.send(job).is_err() {
                     return Err(Error::S3("the pull was cancelled".into()));
                 }
             }

@@ -81,16 +81,24 @@ def set_aside(path, trash):
 
 
 def run(argv, env):
-    """Runs one command; returns (seconds, peak RSS in MiB, requests)."""
+    """Runs one command; returns (seconds, peak RSS in MiB, requests).
+
+    The peak RSS comes from GNU time, not from this script's wait4: a child
+    forked from Python inherits the Python process's own peak as its
+    ru_maxrss (Linux carries the high-water mark across exec), which made
+    every small figure read as this script's size."""
     before = requests_so_far()
+    rss_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fleetsync-bench-rss.{os.getpid()}")
     t = time.perf_counter()
-    p = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file] + argv, env={**os.environ, **env},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - t
-    err = p.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{argv[0]} failed ({status}): {err[-2000:]}")
-    return elapsed, usage.ru_maxrss / 1024, requests_so_far() - before
+    if p.returncode != 0:
+        sys.exit(f"{argv[0]} failed ({p.returncode}): {p.stderr.decode(errors='replace')[-2000:]}")
+    with open(rss_file) as f:
+        rss_kib = int(f.read().split()[-1])
+    os.remove(rss_file)
+    return elapsed, rss_kib / 1024, requests_so_far() - before
 
 
 def digest_tree(root):

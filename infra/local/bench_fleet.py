@@ -33,18 +33,23 @@ def sh(argv, **kw):
 
 
 def timed(argv, work):
-    """Runs argv; returns (exit code, stdout, stderr, start time, wall seconds, rusage).
-    The rusage is the bastion's own from wait4, which includes the ssh
-    clients it ran (its cost on the host it runs on)."""
+    """Runs argv; returns (exit code, stdout, stderr, start time, wall seconds, rusage, peak RSS MiB).
+    The rusage (CPU) is the bastion's own from wait4, which includes the ssh
+    clients it ran (its cost on the host it runs on). The peak RSS comes
+    from GNU time: a child of this Python process would report at least
+    this process's own size (Linux carries ru_maxrss across exec)."""
     out_path, err_path = os.path.join(work, "bastion.out"), os.path.join(work, "bastion.err")
+    rss_path = os.path.join(work, "bastion.rss")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.time()
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err)
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_path] + argv, stdout=out, stderr=err)
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
-    return code, open(out_path, "rb").read(), open(err_path, "rb").read(), t0, wall, ru
+    with open(rss_path) as f:
+        rss = int(f.read().split()[-1]) / 1024
+    return code, open(out_path, "rb").read(), open(err_path, "rb").read(), t0, wall, ru, rss
 
 
 def main():
@@ -52,8 +57,13 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--sizes", default="1,10,50")
     ap.add_argument("--via", default="ssh,ssm")
+    ap.add_argument("--fleets", help="fleet sizes with their transports instead of --sizes x --via, e.g. 100:ssm,50:ssh")
     ap.add_argument("--files", type=int, default=300, help="files in the tree each node pulls")
     a = ap.parse_args()
+    if a.fleets:
+        fleets = [(int(n), vias.split("+")) for n, vias in (f.split(":") for f in a.fleets.split(","))]
+    else:
+        fleets = [(int(n), a.via.split(",")) for n in a.sizes.split(",")]
     os.makedirs(a.work, exist_ok=True)
     bastion = os.environ["FLEETSYNC_BASTION"]
     env = dict(os.environ, FLEETSYNC_AGENT_DIR=os.path.dirname(os.environ["FLEETSYNC_AGENT"]))
@@ -66,22 +76,24 @@ def main():
     print(f"tree per node: {a.files} files, {size_mib:.1f} MiB; every node pulls it at once (--batch covers the fleet)\n")
 
     rows = []
-    for k, n in enumerate(int(s) for s in a.sizes.split(",")):
+    for k, (n, vias) in enumerate(fleets):
         group = f"bench{n}"
         sh(FLEET + ["create", group, "--size", str(n), "--subnet", str(10 + k)], env=env)
         nodes = os.path.join(a.work, f"nodes{n}")
         sh(FLEET + ["nodes-up", group, "--dir", nodes], env=env)
         try:
-            for via in a.via.split(","):
+            for via in vias:
                 for case in ("cold", "no-op"):
                     if case == "cold":  # empty nodes: DEST and state removed
                         for node in os.listdir(nodes):
                             srv = os.path.join(nodes, node, "srv")
                             # The directory itself stays: it is bind-mounted
                             # into the node's sshd namespace.
+                            # So does etc/: the node's agent.toml lives there.
                             for entry in os.listdir(srv) if os.path.isdir(srv) else []:
-                                shutil.rmtree(os.path.join(srv, entry))
-                    code, out, err, t0, wall, ru = timed([
+                                if entry != "etc":
+                                    shutil.rmtree(os.path.join(srv, entry))
+                    code, out, err, t0, wall, ru, rss = timed([
                         bastion, "sync", "--asg", group, "--source", "s3://fleetbench/app", "--dest", "/srv/www",
                         "--via", via, "--ssh-config", os.path.join(nodes, "ssh_config"), "--json",
                     ], a.work)
@@ -99,7 +111,7 @@ def main():
                     window = (max(x["finished_at_ms"] for x in agents) - min(x["started_at_ms"] for x in agents)) / 1000
                     tail = wall - first - window
                     cpu = ru.ru_utime + ru.ru_stime
-                    rows.append((n, via, case, wall, slowest, wall / slowest - 1, cpu, ru.ru_maxrss / 1024, first, window, tail))
+                    rows.append((n, via, case, wall, slowest, wall / slowest - 1, cpu, rss, first, window, tail))
                     print(f"{n:>3} nodes {via:<3} {case:<5}: wall {wall:6.2f} s, slowest node {slowest:6.2f} s, "
                           f"overhead {100 * (wall / slowest - 1):6.1f}% (before first agent {first:.2f} s, agents {window:.2f} s, "
                           f"after last {tail:.2f} s), bastion CPU {cpu:5.2f} s", flush=True)
@@ -110,7 +122,10 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, via, case, wall, slowest, over, cpu, _, first, window, tail in rows:
         print(f"| {n} | {via} | {case} | {wall:.2f} s | {slowest:.2f} s | {100 * over:.1f}% | {first:.2f} s | {window:.2f} s | {tail:.2f} s | {cpu:.2f} s |")
-    print(f"\npeak RSS of the bastion (or of its largest ssh client): {max(r[7] for r in rows):.0f} MiB")
+    print("\n| nodes | via | case | bastion peak RSS (or its largest ssh client) |")
+    print("|---|---|---|---|")
+    for n, via, case, _wall, _slowest, _over, _cpu, rss, *_ in rows:
+        print(f"| {n} | {via} | {case} | {rss:.0f} MiB |")
 
 
 if __name__ == "__main__":

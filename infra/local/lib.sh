@@ -30,6 +30,8 @@ ensure_tools() {
   command -v ssh >/dev/null || missing+=(openssh-client)
   # infra/aws/check lints the instances' user-data with it.
   command -v shellcheck >/dev/null || missing+=(shellcheck)
+  # The benchmarks read each tool's peak RSS from GNU time.
+  [[ -x /usr/bin/time ]] || missing+=(time)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -75,8 +77,15 @@ s3_up() {
   cat > "$dir/identities.json" <<JSON
 {"identities":[{"name":"admin","credentials":[{"accessKey":"fleetsync","secretKey":"fleetsync-local-secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
 JSON
+  # Every bucket is a SeaweedFS collection, and its first write makes 7
+  # volumes. With the default -volume.max=0 the limit is free disk / 128 MiB,
+  # which on a 55 GB-free disk ran out at about 60 buckets ("No writable
+  # volumes and no free volumes left", an HTTP 500 on PutObject): the test
+  # suite makes over a hundred. Volumes are sparse and open two files each,
+  # so allow many and raise the open-file limit to match.
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   # Started directly (no subshell) so that $! is weed itself.
-  weed mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
+  weed mini -dir="$dir/data" -volume.max=5000 -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
     -s3.port="$s3" -master.port="$master" -volume.port="$volume" -filer.port="$filer" \
     -s3.config="$dir/identities.json" -admin.ui=false -webdav=false \
     -s3.port.iceberg=0 -s3.port.lance=0 -metricsPort="$metrics" >"$dir/weed.log" 2>&1 &
