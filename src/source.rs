@@ -155,14 +155,24 @@ impl ApiFailure {
     /// Whether the user has to fix something (credentials, bucket name,
     /// endpoint, permissions) rather than the call being unlucky.
     pub fn is_configuration(&self) -> bool {
-        let throttled = matches!(
+        !self.is_throttled()
+            && (self.no_response
+                || self.is_credentials()
+                || matches!(self.status, Some(301 | 400 | 401 | 403 | 404))
+                || matches!(
+                    self.code.as_deref(),
+                    Some("NoSuchBucket" | "AccessDenied" | "PermanentRedirect" | "AuthorizationHeaderMalformed")
+                ))
+    }
+
+    /// Whether the API refused the call for its rate (after the SDK's
+    /// retries): AutoScaling and SSM answer 400 for it, which must not
+    /// read as a configuration error.
+    pub fn is_throttled(&self) -> bool {
+        matches!(
             self.code.as_deref(),
             Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException" | "SlowDown")
-        );
-        !throttled && self.no_response
-            || self.is_credentials()
-            || matches!(self.status, Some(301 | 400 | 401 | 403 | 404))
-            || matches!(self.code.as_deref(), Some("NoSuchBucket" | "AccessDenied" | "PermanentRedirect" | "AuthorizationHeaderMalformed"))
+        )
     }
 
     /// The library error for a failed `what` ("listing s3://b/p/"): a
@@ -265,6 +275,27 @@ mod tests {
         assert_eq!(S3Url::parse("s3://b-1").unwrap().prefix, "");
         assert_eq!(S3Url::parse("s3://b-1/").unwrap().prefix, "");
         assert_eq!(u.to_string(), "s3://my-bucket/app/www/");
+    }
+
+    fn failure(status: u16, code: &str) -> ApiFailure {
+        ApiFailure { status: Some(status), code: Some(code.into()), message: code.into(), no_response: false, no_credentials: false }
+    }
+
+    #[test]
+    fn throttling_is_not_configuration_and_credentials_say_which_fix() {
+        for (status, code) in [(400, "Throttling"), (400, "ThrottlingException"), (503, "RequestLimitExceeded"), (503, "SlowDown")] {
+            let f = failure(status, code);
+            assert!(f.is_throttled() && !f.is_configuration(), "{code}");
+        }
+        let expired = failure(400, "ExpiredToken");
+        assert!(expired.is_credentials() && expired.is_configuration());
+        assert!(expired.hint().contains("expired"), "{}", expired.hint());
+        let bucket = failure(404, "NoSuchBucket");
+        assert!(bucket.is_configuration() && !bucket.is_credentials());
+        assert!(bucket.hint().contains("bucket name"));
+        let none = ApiFailure { status: None, code: None, message: "x".into(), no_response: true, no_credentials: true };
+        assert!(none.is_credentials() && none.hint().contains("AWS_PROFILE"));
+        assert!(!failure(500, "InternalError").is_configuration());
     }
 
     #[test]

@@ -39,26 +39,41 @@ async fn throttled_api_calls_are_retried_and_the_deploy_converges() {
     let tree = sample_tree(40, 61);
     b.put_tree("app/", &tree).await;
     let (asg, nodes) = Nodes::group("throttle", 3);
-    // One call in four throttled: AutoScaling `Throttling`, EC2
-    // `RequestLimitExceeded` (both from moto's side), SSM `ThrottlingException`.
-    let aws = FaultProxy::start(&moto(), &["--api", "--rate", "0.25", "--seed", "11"]);
-    let run_command = FaultProxy::start(&ssm(), &["--api", "--rate", "0.25", "--seed", "12"]);
+    // 30% of calls throttled: AutoScaling `Throttling`, EC2
+    // `RequestLimitExceeded` (both from moto's side), SSM
+    // `ThrottlingException`. The seeds give at most 4 throttles in a row in
+    // their first 400 draws, fewer than the SDK's 6 attempts: a call that
+    // failed here would be a retry bug, not bad luck.
+    let aws = FaultProxy::start(&moto(), &["--api", "--rate", "0.3", "--seed", "8"]);
+    let run_command = FaultProxy::start(&ssm(), &["--api", "--rate", "0.3", "--seed", "13"]);
+    let deploy = || {
+        run(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+            .env("AWS_ENDPOINT_URL_AUTO_SCALING", &aws.url)
+            .env("AWS_ENDPOINT_URL_EC2", &aws.url)
+            .env("AWS_ENDPOINT_URL_SSM", &run_command.url))
+    };
 
-    let (code, report, stderr) = run(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
-        .env("AWS_ENDPOINT_URL_AUTO_SCALING", &aws.url)
-        .env("AWS_ENDPOINT_URL_EC2", &aws.url)
-        .env("AWS_ENDPOINT_URL_SSM", &run_command.url));
+    // A cold deploy, then an update.
+    let mut tree = tree;
+    for round in 0..2 {
+        if round == 1 {
+            let k = tree.keys().next().unwrap().clone();
+            tree.insert(k.clone(), b"updated".to_vec());
+            b.put(&format!("app/{k}"), b"updated").await;
+        }
+        let (code, report, stderr) = deploy();
+        assert_eq!(code, 0, "round {round}: {stderr}\n{report}");
+        assert_eq!(report["totals"]["ok"], 3, "{report}");
+        for (_, root) in nodes.list() {
+            assert_tree(&root.join("www"), &tree);
+        }
+    }
     let (a, s) = (aws.stats(), run_command.stats());
     println!(
-        "api throttles injected: AutoScaling/EC2 {} of {} requests, SSM {} of {}; deploy exit {code}",
+        "api throttles injected: AutoScaling/EC2 {} of {} requests, SSM {} of {}; both deploys exit 0",
         a["throttle"], a["requests"], s["throttle"], s["requests"]
     );
-    assert_eq!(code, 0, "{stderr}\n{report}");
-    assert_eq!(report["totals"]["ok"], 3, "{report}");
-    for (_, root) in nodes.list() {
-        assert_tree(&root.join("www"), &tree);
-    }
-    assert!(a["throttle"].as_u64().unwrap() >= 1 && s["throttle"].as_u64().unwrap() >= 1, "both proxies throttled: {a} {s}");
+    assert!(a["throttle"].as_u64().unwrap() >= 2 && s["throttle"].as_u64().unwrap() >= 2, "both proxies throttled: {a} {s}");
 }
 
 #[tokio::test]
