@@ -76,6 +76,8 @@ class Proxy:
     def __init__(self, a):
         self.upstream = urllib.parse.urlparse(a.upstream)
         self.rate, self.stall, self.api, self.always = a.rate, a.stall, a.api, a.always
+        self.kinds = a.kinds.split(",") if a.kinds else BODY_FAULTS
+        self.max_faults = a.max_faults
         self.rng = random.Random(a.seed)
         self.stats_path = a.stats
         self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, **{f: 0 for f in BODY_FAULTS}}
@@ -107,8 +109,11 @@ class Proxy:
                         await writer.drain()
                         continue
                 fault = None
-                if self.rng.random() < self.rate:
-                    fault = self.rng.choice(BODY_FAULTS if is_object_get else STATUS_FAULTS)
+                exhausted = self.max_faults is not None and self.counts["faults"] >= self.max_faults
+                # With --kinds, only object GETs are faulted.
+                eligible = is_object_get or self.kinds is BODY_FAULTS
+                if not exhausted and eligible and self.rng.random() < self.rate:
+                    fault = self.rng.choice(self.kinds if is_object_get else STATUS_FAULTS)
                 if fault in ("500", "503"):
                     self.record(fault)
                     code, name = (500, "InternalError") if fault == "500" else (503, "SlowDown")
@@ -176,6 +181,8 @@ async def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--stall", type=float, default=5.0)
     ap.add_argument("--stats", required=True)
+    ap.add_argument("--max-faults", type=int, help="stop faulting after this many faults")
+    ap.add_argument("--kinds", help="the faults object GETs get, comma-separated (default: all six); other requests are then never faulted")
     ap.add_argument("--api", action="store_true", help="in front of an AWS API server: throttle at --rate")
     ap.add_argument("--always", help="with --api: answer every request with this error code")
     a = ap.parse_args()
