@@ -244,21 +244,9 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
     };
 
     let ranges: Vec<(u64, u64)> = (0..size).step_by(RANGE_SIZE as usize).map(|s| (s, (s + RANGE_SIZE).min(size) - 1)).collect();
-    // The MD5 is computed while later ranges are still downloading: a
-    // hashing thread reads each range back (from the page cache) as soon as
-    // it and every range before it have landed. Hashing after the last
-    // range instead added about a second per GiB to every large download.
-    let (landed, hashed) = match etag_md5(etag) {
-        Some(expected) => {
-            let (tx, rx) = std::sync::mpsc::channel::<usize>();
-            let (f, count) = (file.clone(), ranges.len());
-            (Some(tx), Some(tokio::task::spawn_blocking(move || hash_in_order(&f, count, &rx).map(|d| d.map(|d| d == expected)))))
-        }
-        None => (None, None),
-    };
-    let modes: Vec<u32> = futures::stream::iter(ranges.into_iter().enumerate())
-        .map(|(index, (first, last))| {
-            let (file, landed) = (file.clone(), landed.clone());
+    let modes: Vec<u32> = futures::stream::iter(ranges)
+        .map(|(first, last)| {
+            let file = file.clone();
             async move {
                 let _permit = ctx.ranges.acquire().await.expect("the range semaphore is never closed");
                 let mut out = ctx
@@ -295,10 +283,6 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
                 if at != last + 1 {
                     return Err(Attempt::Retry(format!("range {first}-{last} ended after {} bytes", at - first)));
                 }
-                if let Some(landed) = landed {
-                    // The hasher is gone only if it failed; that is reported below.
-                    let _ = landed.send(index);
-                }
                 Ok(mode)
             }
         })
@@ -308,15 +292,36 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
         .map_err(discard)?;
     let mode = modes.into_iter().next().unwrap_or(0o644);
 
-    // Every range has landed: the hasher finishes the last one and answers.
-    drop(landed);
-    if let Some(hashed) = hashed {
-        match hashed.await.expect("hashing does not panic") {
-            Ok(Some(true)) => {}
-            Ok(Some(false)) => return Err(discard(Attempt::Retry(format!("MD5 of the assembled ranges does not match ETag {etag}")))),
-            Ok(None) => return Err(discard(Attempt::Fatal("the hasher stopped before the last range".into()))),
-            Err(e) => return Err(discard(Attempt::Fatal(format!("reading back a staging file: {e}")))),
+    // The whole object's MD5, read back from the page cache once every
+    // range has landed. Hashing each range as soon as it and all before it
+    // had landed (overlapping the download) was tried and measured: no
+    // faster on this 2-core machine, where the hash, the download and the
+    // server all compete for CPU (1 GiB: 1.16 s vs 1.11 s; 20 x 100 MiB:
+    // 2.91 s vs 2.24 s, medians of 3), so the simpler order stays.
+    let expect_md5 = etag_md5(etag);
+    let f = file.clone();
+    let verified = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+        let Some(expected) = expect_md5 else {
+            return Ok(true);
+        };
+        let mut hasher = Md5::new();
+        let mut buf = vec![0u8; WRITE_BUFFER];
+        let mut off = 0;
+        loop {
+            let n = f.read_at(&mut buf, off)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            off += n as u64;
         }
+        Ok(hasher.finalize()[..] == expected[..])
+    })
+    .await
+    .expect("hashing does not panic")
+    .map_err(|e| discard(Attempt::Fatal(format!("reading back a staging file: {e}"))))?;
+    if !verified {
+        return Err(discard(Attempt::Retry(format!("MD5 of the assembled ranges does not match ETag {etag}"))));
     }
     let file = Arc::try_unwrap(file).map_err(|_| discard(Attempt::Fatal("staging file still shared".into())))?;
     let etag = etag.to_string();
@@ -325,37 +330,6 @@ async fn fetch_ranged(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> Result<S
         .expect("seal does not panic")
         .map_err(|e| discard(Attempt::Fatal(format!("finishing a temporary file: {e}"))))?;
     Ok(Staged { temp, placed })
-}
-
-/// The MD5 of a file written as `count` ranges of [`RANGE_SIZE`] landing in
-/// any order: each index received on `landed` is a range now complete;
-/// ranges are hashed in file order as soon as each and all before it are.
-/// `None` when the sender went away first (a range failed).
-fn hash_in_order(file: &File, count: usize, landed: &std::sync::mpsc::Receiver<usize>) -> std::io::Result<Option<[u8; 16]>> {
-    let mut hasher = Md5::new();
-    let mut ready = std::collections::BTreeSet::new();
-    let mut buf = vec![0u8; WRITE_BUFFER];
-    let mut next = 0;
-    while next < count {
-        match landed.recv() {
-            Ok(index) => ready.insert(index),
-            Err(_) => return Ok(None),
-        };
-        while ready.remove(&next) {
-            let (mut off, end) = (next as u64 * RANGE_SIZE, (next as u64 + 1) * RANGE_SIZE);
-            while off < end {
-                let want = buf.len().min((end - off) as usize);
-                let n = file.read_at(&mut buf[..want], off)?;
-                if n == 0 {
-                    break; // the last range ends before a whole RANGE_SIZE
-                }
-                hasher.update(&buf[..n]);
-                off += n as u64;
-            }
-            next += 1;
-        }
-    }
-    Ok(Some(hasher.finalize().into()))
 }
 
 /// Sets the final mode and reads back size and mtime for the state store.
