@@ -112,6 +112,15 @@ pub async fn check_source(client: &S3Client, url: &S3Url) -> Result<()> {
         .map_err(|e| ApiFailure::from_sdk(&e).to_error(&format!("listing the source {url}")))
 }
 
+/// Error codes (across S3, STS-signed APIs, AutoScaling, EC2 and SSM) for
+/// credentials that have expired.
+const EXPIRED_CREDENTIALS: &[&str] = &["ExpiredToken", "ExpiredTokenException", "RequestExpired"];
+/// Error codes for credentials that are wrong or unknown.
+const REFUSED_CREDENTIALS: &[&str] =
+    &["InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "UnrecognizedClientException", "InvalidClientTokenId"];
+/// Error codes for a call refused for its rate.
+const THROTTLED: &[&str] = &["Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException", "SlowDown"];
+
 /// What went wrong with one AWS API call, reduced to what callers branch
 /// on. Works for every SDK crate's errors (they share the smithy types).
 #[derive(Debug)]
@@ -169,10 +178,11 @@ impl ApiFailure {
     /// retries): AutoScaling and SSM answer 400 for it, which must not
     /// read as a configuration error.
     pub fn is_throttled(&self) -> bool {
-        matches!(
-            self.code.as_deref(),
-            Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException" | "SlowDown")
-        )
+        self.code_in(THROTTLED)
+    }
+
+    fn code_in(&self, codes: &[&str]) -> bool {
+        self.code.as_deref().is_some_and(|c| codes.contains(&c))
     }
 
     /// The library error for a failed `what` ("listing s3://b/p/"): a
@@ -190,20 +200,7 @@ impl ApiFailure {
     /// Whether the credentials are the problem: none found, or refused as
     /// expired or invalid.
     pub fn is_credentials(&self) -> bool {
-        self.no_credentials
-            || matches!(
-                self.code.as_deref(),
-                Some(
-                    "ExpiredToken"
-                        | "ExpiredTokenException"
-                        | "RequestExpired"
-                        | "InvalidAccessKeyId"
-                        | "SignatureDoesNotMatch"
-                        | "InvalidToken"
-                        | "UnrecognizedClientException"
-                        | "InvalidClientTokenId"
-                )
-            )
+        self.no_credentials || self.code_in(EXPIRED_CREDENTIALS) || self.code_in(REFUSED_CREDENTIALS)
     }
 
     /// A short explanation with the fix, for the common configuration errors.
@@ -213,20 +210,12 @@ impl ApiFailure {
         }
         match (self.code.as_deref(), self.status) {
             (Some("NoSuchBucket"), _) => "check the bucket name in the source URL",
-            (Some("ExpiredToken" | "ExpiredTokenException" | "RequestExpired"), _) => {
+            _ if self.code_in(EXPIRED_CREDENTIALS) => {
                 "the AWS credentials have expired: refresh them (a new session token, `aws sso login`) and retry"
             }
-            (
-                Some(
-                    "InvalidAccessKeyId"
-                    | "SignatureDoesNotMatch"
-                    | "InvalidToken"
-                    | "UnrecognizedClientException"
-                    | "InvalidClientTokenId",
-                ),
-                _,
-            )
-            | (_, Some(401)) => "check the AWS credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance role)",
+            _ if self.code_in(REFUSED_CREDENTIALS) || self.status == Some(401) => {
+                "check the AWS credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance role)"
+            }
             (Some("AccessDenied"), _) | (_, Some(403)) => "grant s3:ListBucket and s3:GetObject on the source to this identity",
             (Some("PermanentRedirect" | "AuthorizationHeaderMalformed"), _) | (_, Some(301)) => "set the bucket's region with --region",
             _ if self.no_response => "check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, the network and the credentials chain",

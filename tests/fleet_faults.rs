@@ -9,10 +9,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{assert_tree, deploy_command, ids, sample_tree, Bucket, FaultProxy, Nodes};
+use common::{assert_tree, deploy_command, ids, run_report, sample_tree, Bucket, FaultProxy, Nodes};
 
 fn moto() -> String {
     std::env::var("FLEETSYNC_MOTO").expect("run the tests with infra/local/test")
@@ -20,17 +20,6 @@ fn moto() -> String {
 
 fn ssm() -> String {
     std::env::var("AWS_ENDPOINT_URL_SSM").expect("run the tests with infra/local/test")
-}
-
-fn lock_of(b: &Bucket, asg: &str) -> fleetsync::fleet_lock::LockObject {
-    fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), asg).unwrap()
-}
-
-/// Runs `cmd`: (exit code, JSON report or Null, stderr).
-fn run(cmd: &mut Command) -> (i32, serde_json::Value, String) {
-    let out = cmd.output().unwrap();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap(), json, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[tokio::test]
@@ -47,10 +36,12 @@ async fn throttled_api_calls_are_retried_and_the_deploy_converges() {
     let aws = FaultProxy::start(&moto(), &["--api", "--rate", "0.3", "--seed", "8"]);
     let run_command = FaultProxy::start(&ssm(), &["--api", "--rate", "0.3", "--seed", "13"]);
     let deploy = || {
-        run(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
-            .env("AWS_ENDPOINT_URL_AUTO_SCALING", &aws.url)
-            .env("AWS_ENDPOINT_URL_EC2", &aws.url)
-            .env("AWS_ENDPOINT_URL_SSM", &run_command.url))
+        run_report(
+            deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+                .env("AWS_ENDPOINT_URL_AUTO_SCALING", &aws.url)
+                .env("AWS_ENDPOINT_URL_EC2", &aws.url)
+                .env("AWS_ENDPOINT_URL_SSM", &run_command.url),
+        )
     };
 
     // A cold deploy, then an update.
@@ -91,20 +82,24 @@ async fn missing_or_expired_credentials_and_a_missing_bucket_are_one_clear_line_
     };
 
     // No credentials anywhere in the chain.
-    let (code, _, stderr) = run(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_PROFILE")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_EC2_METADATA_DISABLED", "true"));
+    let (code, _, stderr) = run_report(
+        deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_EC2_METADATA_DISABLED", "true"),
+    );
     one_line(code, &stderr, &["no AWS credentials found", "AWS_PROFILE"]);
 
     // Credentials that expired: the AutoScaling API refuses them.
     let expired = FaultProxy::start(&moto(), &["--api", "--always", "ExpiredToken"]);
-    let (code, _, stderr) = run(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
-        .env("AWS_ENDPOINT_URL_AUTO_SCALING", &expired.url)
-        .env("AWS_ENDPOINT_URL_EC2", &expired.url));
+    let (code, _, stderr) = run_report(
+        deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+            .env("AWS_ENDPOINT_URL_AUTO_SCALING", &expired.url)
+            .env("AWS_ENDPOINT_URL_EC2", &expired.url),
+    );
     one_line(code, &stderr, &["DescribeAutoScalingGroups", "ExpiredToken", "have expired: refresh them"]);
 
     // Expired for SSM alone, so only after the fleet lock was taken: every
@@ -112,7 +107,7 @@ async fn missing_or_expired_credentials_and_a_missing_bucket_are_one_clear_line_
     // left to block the next deploy for a lease.
     let expired_ssm = FaultProxy::start(&ssm(), &["--api", "--always", "ExpiredTokenException"]);
     let (code, report, stderr) =
-        run(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm").env("AWS_ENDPOINT_URL_SSM", &expired_ssm.url));
+        run_report(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm").env("AWS_ENDPOINT_URL_SSM", &expired_ssm.url));
     assert_eq!(code, 1, "{stderr}");
     for n in report["nodes"].as_array().unwrap() {
         assert_eq!(n["status"], "failed", "{n}");
@@ -122,18 +117,18 @@ async fn missing_or_expired_credentials_and_a_missing_bucket_are_one_clear_line_
             "{n}"
         );
     }
-    assert!(fleetsync::fleet_lock::read(&b.client, &lock_of(&b, &asg)).await.unwrap().is_none(), "the lock was released");
+    assert!(fleetsync::fleet_lock::read(&b.client, &b.fleet_lock("app", &asg)).await.unwrap().is_none(), "the lock was released");
 
     // The agent's side: S3 refusing expired credentials.
     let expired_s3 = FaultProxy::start(&common::endpoint(), &["--api", "--always", "ExpiredToken"]);
     let node = common::Node::new();
-    let (code, _, stderr) = run(node.agent(&b.url("app")).env("AWS_ENDPOINT_URL_S3", &expired_s3.url));
+    let (code, _, stderr) = run_report(node.agent(&b.url("app")).env("AWS_ENDPOINT_URL_S3", &expired_s3.url));
     one_line(code, &stderr, &["ExpiredToken", "have expired: refresh them"]);
 
     // A source bucket that does not exist: refused before the lock is
     // written (SeaweedFS, unlike S3, would create the bucket to hold it).
     let missing = format!("s3://{}/app", common::unique("no-such-bucket"));
-    let (code, _, stderr) = run(&mut deploy_command(&asg, &missing, "/srv/www", &nodes, "ssm"));
+    let (code, _, stderr) = run_report(&mut deploy_command(&asg, &missing, "/srv/www", &nodes, "ssm"));
     one_line(code, &stderr, &["NoSuchBucket", "check the bucket name"]);
     let buckets = b.client.list_buckets().send().await.unwrap();
     assert!(!buckets.buckets().iter().any(|x| missing.contains(x.name().unwrap())), "no bucket was created for the lock");
@@ -146,7 +141,7 @@ async fn a_bastion_killed_mid_deploy_is_taken_over_when_its_lease_runs_out_and_t
     let v1 = sample_tree(30, 71);
     b.put_tree("app/", &v1).await;
     let (asg, nodes) = Nodes::group("killed", 2);
-    let lock = lock_of(&b, &asg);
+    let lock = b.fleet_lock("app", &asg);
     // The first node's pull waits on this, so the deploy is mid-flight.
     let node_lock = Nodes::hold_agent_lock(&nodes.dir.path().join(&ids(&asg)[0]).join("srv"));
 
@@ -165,7 +160,7 @@ async fn a_bastion_killed_mid_deploy_is_taken_over_when_its_lease_runs_out_and_t
     assert!(fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_some(), "a killed bastion leaves its lock");
 
     // Within the lease, the next deploy is refused.
-    let (code, _, stderr) = run(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm").args(["--lock-wait", "0"]));
+    let (code, _, stderr) = run_report(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm").args(["--lock-wait", "0"]));
     assert_eq!(code, 3, "{stderr}");
 
     // The source moves on; a deploy that waits takes the lock over once the

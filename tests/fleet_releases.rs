@@ -10,13 +10,11 @@ use std::process::Command;
 use common::{read_tree, Bucket, Nodes};
 
 fn fleetsync(args: &[&str], nodes: &Nodes) -> (i32, serde_json::Value, String) {
-    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(args)
-        .args(["--ssh-config", &nodes.ssh_config(), "--json"])
-        .output()
-        .unwrap();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap(), json, String::from_utf8_lossy(&out.stderr).into_owned())
+    common::run_report(Command::new(common::bin("fleetsync-bastion", "fleetsync")).args(args).args([
+        "--ssh-config",
+        &nodes.ssh_config(),
+        "--json",
+    ]))
 }
 
 fn publish(dir: &Path, target: &str, id: &str) {

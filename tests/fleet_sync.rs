@@ -28,7 +28,7 @@ async fn every_node_converges_and_a_second_sync_downloads_nothing() {
         assert_tree(&root.join("www"), &tree);
     }
     // The lock was released.
-    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+    let lock = b.fleet_lock("app", &asg);
     assert!(fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none());
 
     let (code, report, _) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
@@ -65,7 +65,7 @@ async fn a_held_lock_exits_3_naming_the_holder_and_touches_no_node() {
     let b = Bucket::new("fleetheld").await;
     b.put("app/index.php", b"<?php").await;
     let (asg, nodes) = Nodes::group("held", 2);
-    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+    let lock = b.fleet_lock("app", &asg);
     let lease = std::time::Duration::from_secs(60);
     let held = fleetsync::fleet_lock::acquire(
         &b.client,
@@ -230,7 +230,7 @@ async fn a_deploy_whose_lock_is_broken_starts_no_more_nodes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+    let lock = b.fleet_lock("app", &asg);
     while fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -295,7 +295,7 @@ async fn an_interrupted_deploy_releases_the_fleet_lock_at_once() {
     b.put("app/index.php", b"<?php").await;
     let (asg, nodes) = Nodes::group("int", 2);
     let _busy = Nodes::hold_agent_lock(&nodes.list()[0].1);
-    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+    let lock = b.fleet_lock("app", &asg);
 
     for (via, signal) in [("ssm", "-INT"), ("ssh", "-TERM")] {
         let child = deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, via)
@@ -323,7 +323,7 @@ async fn a_paused_holder_whose_lease_expired_is_taken_over_and_stops_when_it_res
     let (asg, nodes) = Nodes::group("pause", 2);
     // The first node started (instance-id order) stays busy while we act.
     let node_lock = Nodes::hold_agent_lock(&nodes.dir.path().join(&ids(&asg)[0]).join("srv"));
-    let lock = fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&b.url("app")).unwrap(), &asg).unwrap();
+    let lock = b.fleet_lock("app", &asg);
     let spawn = || {
         deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssh")
             .args(["--batch", "1", "--lock-lease", "3s"])

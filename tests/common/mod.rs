@@ -54,6 +54,11 @@ impl Bucket {
         format!("s3://{}/{}", self.name, prefix)
     }
 
+    /// The fleet lock object of group `asg` deploying `s3://BUCKET/prefix`.
+    pub fn fleet_lock(&self, prefix: &str, asg: &str) -> fleetsync::fleet_lock::LockObject {
+        fleetsync::fleet_lock::LockObject::for_group(&fleetsync::S3Url::parse(&self.url(prefix)).unwrap(), asg).unwrap()
+    }
+
     pub async fn put(&self, key: &str, body: &[u8]) -> String {
         self.put_with_meta(key, body, None).await
     }
@@ -232,6 +237,14 @@ impl Node {
     }
 }
 
+/// Runs a command that may or may not print a report: (exit code, the JSON
+/// report on stdout or Null when there is none, stderr).
+pub fn run_report(cmd: &mut Command) -> (i32, serde_json::Value, String) {
+    let out = cmd.output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap(), json, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Runs a command and parses the JSON report it printed on stdout.
 pub fn run_json(cmd: &mut Command) -> (i32, serde_json::Value, String) {
     let out = cmd.output().expect("agent runs");
@@ -387,10 +400,7 @@ pub fn deploy_command(asg: &str, source: &str, dest: &str, nodes: &Nodes, via: &
 
 /// Runs `deploy_command` plus `extra`: (exit code, JSON report or Null, stderr).
 pub fn deploy(asg: &str, source: &str, dest: &str, nodes: &Nodes, via: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
-    let out = deploy_command(asg, source, dest, nodes, via).args(extra).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap(), json, stderr)
+    run_report(deploy_command(asg, source, dest, nodes, via).args(extra))
 }
 
 /// The group's instance IDs, sorted (the order the bastion starts them in).
@@ -424,10 +434,7 @@ pub fn build_dir(files: usize, tag: &str) -> tempfile::TempDir {
 
 /// `fleetsync publish DIR TARGET --json` plus `extra`: (exit code, JSON report or Null, stderr).
 pub fn publish(dir: &Path, target: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
-    let out =
-        Command::new(bin("fleetsync-bastion", "fleetsync")).arg("publish").arg(dir).arg(target).arg("--json").args(extra).output().unwrap();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap(), json, String::from_utf8_lossy(&out.stderr).into_owned())
+    run_report(Command::new(bin("fleetsync-bastion", "fleetsync")).arg("publish").arg(dir).arg(target).arg("--json").args(extra))
 }
 
 /// infra/local/faultproxy.py on a free loopback port in front of
