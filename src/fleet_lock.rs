@@ -9,9 +9,15 @@
 //! - While held, a background task renews the lease with `If-Match: <etag>`.
 //!   If a renewal finds the object changed (someone broke or took over the
 //!   lock), the holder is told through [`HeldLock::lost`] and must stop
-//!   starting new work.
+//!   starting new work. Two answers are not that: a 409
+//!   ConditionalRequestConflict (S3's answer to a contender's write racing
+//!   ours) is retried within the renewal window, and a 412 whose object
+//!   still carries our owner token means our own earlier attempt landed and
+//!   only its response was lost: the lock is still ours.
 //! - Release is a DeleteObject guarded by the same ETag, so a holder never
-//!   deletes a lock it no longer owns.
+//!   deletes a lock it no longer owns. It first stops the renewal task and
+//!   waits for a renewal in flight, whose write would otherwise move the
+//!   ETag under the DELETE and leave the lock behind for a whole lease.
 //! - A lock whose lease has expired (its holder crashed or was paused) may
 //!   be taken over: a PutObject with `If-Match` on the stale ETag, which
 //!   again only one contender wins.
@@ -139,6 +145,8 @@ pub struct HeldLock {
     /// process paused with SIGSTOP resumes with its lease long gone).
     period_ms: u64,
     renewal: tokio::task::JoinHandle<()>,
+    /// Tells the renewal task to stop between renewals (see `release`).
+    stop: tokio::sync::watch::Sender<bool>,
     /// Whether we took over an expired lock (for the report).
     pub took_over: Option<LockInfo>,
 }
@@ -161,21 +169,38 @@ impl HeldLock {
         self.lost.load(Ordering::SeqCst) || now_ms() + self.period_ms >= self.valid_until.load(Ordering::SeqCst)
     }
 
-    /// Stops renewing and deletes the lock, if it is still ours.
-    pub async fn release(self) -> Result<()> {
-        self.renewal.abort();
-        let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match self.client.delete_object().bucket(&self.object.bucket).key(&self.object.key).if_match(etag).send().await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let f = ApiFailure::from_sdk(&e);
-                if matches!(f.status, Some(412 | 404)) {
-                    Err(Error::S3(format!("the fleet lock {} was no longer ours at release (broken or taken over)", self.object)))
-                } else {
-                    Err(Error::S3(format!("releasing the fleet lock {}: {}", self.object, f.message)))
+    /// Stops renewing (waiting for a renewal in flight) and deletes the
+    /// lock, if it is still ours.
+    pub async fn release(mut self) -> Result<()> {
+        self.stop.send_replace(true);
+        let _ = (&mut self.renewal).await;
+        for _ in 0..RELEASE_TRIES {
+            let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let f = match self.client.delete_object().bucket(&self.object.bucket).key(&self.object.key).if_match(etag).send().await {
+                Ok(_) => return Ok(()),
+                Err(e) => ApiFailure::from_sdk(&e),
+            };
+            match f.status {
+                // A contender's write raced ours: try again.
+                Some(409) => tokio::time::sleep(Duration::from_millis(100 + rand::random::<u64>() % 200)).await,
+                // Changed under us: still ours (a write whose answer was
+                // lost) or someone else's now.
+                Some(412) => match read(&self.client, &self.object).await? {
+                    Some((info, etag)) if info.owner == self.info.owner => *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag,
+                    _ => {
+                        return Err(Error::S3(format!(
+                            "the fleet lock {} was no longer ours at release (broken or taken over)",
+                            self.object
+                        )))
+                    }
+                },
+                Some(404) => {
+                    return Err(Error::S3(format!("the fleet lock {} was no longer ours at release (broken or taken over)", self.object)))
                 }
+                _ => return Err(Error::S3(format!("releasing the fleet lock {}: {}", self.object, f.message))),
             }
         }
+        Err(Error::S3(format!("releasing the fleet lock {}: it kept changing; its lease lets the next deploy take it over", self.object)))
     }
 }
 
@@ -197,15 +222,19 @@ pub async fn acquire(
                 let etag = Arc::new(Mutex::new(etag));
                 let lost = Arc::new(AtomicBool::new(false));
                 let valid_until = Arc::new(AtomicU64::new(info.expires_at_ms));
-                let renewal = tokio::spawn(renew(
-                    client.clone(),
-                    object.clone(),
-                    info.clone(),
-                    lease,
-                    etag.clone(),
-                    lost.clone(),
-                    valid_until.clone(),
-                ));
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                let renewal = tokio::spawn(
+                    Renewal {
+                        client: client.clone(),
+                        object: object.clone(),
+                        info: info.clone(),
+                        lease,
+                        etag: etag.clone(),
+                        lost: lost.clone(),
+                        valid_until: valid_until.clone(),
+                    }
+                    .run(stopped),
+                );
                 let period_ms = (lease / 3).as_millis() as u64;
                 return Ok(HeldLock {
                     client: client.clone(),
@@ -216,6 +245,7 @@ pub async fn acquire(
                     valid_until,
                     period_ms,
                     renewal,
+                    stop,
                     took_over,
                 });
             }
@@ -283,10 +313,11 @@ pub async fn read(client: &aws_sdk_s3::Client, object: &LockObject) -> Result<Op
         Ok(out) => out,
         Err(e) => {
             let f = ApiFailure::from_sdk(&e);
-            if f.status == Some(404) {
-                return Ok(None);
-            }
-            return Err(f.to_error(&format!("reading the fleet lock {object}")));
+            return match f.status {
+                Some(404) => Ok(None),
+                Some(403) if !f.is_credentials() => Err(crate::source::read_denied("the fleet lock", &object.bucket, &object.key, &f)),
+                _ => Err(f.to_error(&format!("reading the fleet lock {object}"))),
+            };
         }
     };
     let etag = out.e_tag().unwrap_or_default().to_string();
@@ -312,41 +343,99 @@ pub async fn break_lock(client: &aws_sdk_s3::Client, object: &LockObject) -> Res
     Ok(Some(info))
 }
 
-/// Renews the lease every third of its length until aborted or lost.
-async fn renew(
+/// The renewal task's state: what it writes and what it tells the holder.
+struct Renewal {
     client: aws_sdk_s3::Client,
     object: LockObject,
-    mut info: LockInfo,
+    info: LockInfo,
     lease: Duration,
     etag: Arc<Mutex<String>>,
     lost: Arc<AtomicBool>,
     valid_until: Arc<AtomicU64>,
-) {
-    let period = lease / 3;
-    loop {
-        tokio::time::sleep(period).await;
-        info.expires_at_ms = now_ms() + lease.as_millis() as u64;
-        let current = etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let body = serde_json::to_vec_pretty(&info).expect("lock info serializes");
-        match client.put_object().bucket(&object.bucket).key(&object.key).body(body.into()).if_match(current).send().await {
-            Ok(out) => {
-                *etag.lock().unwrap_or_else(|p| p.into_inner()) = out.e_tag().unwrap_or_default().to_string();
-                valid_until.store(info.expires_at_ms, Ordering::SeqCst);
+}
+
+/// Times a release tries its conditional DELETE when writes race it.
+const RELEASE_TRIES: u32 = 5;
+
+impl Renewal {
+    /// Renews the lease every third of its length until told to stop, or
+    /// until the lock is lost.
+    async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let period = self.lease / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = stop.wait_for(|s| *s) => return,
             }
-            Err(e) => {
-                let f = ApiFailure::from_sdk(&e);
-                if matches!(f.status, Some(412 | 404 | 409)) {
-                    tracing::error!(lock = %object, "the fleet lock was broken or taken over; stopping");
-                    lost.store(true, Ordering::SeqCst);
-                    return;
+            if !self.renew(period).await {
+                self.lost.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+
+    /// One renewal; `false` once the lock is no longer ours (or may not be).
+    async fn renew(&mut self, period: Duration) -> bool {
+        self.info.expires_at_ms = now_ms() + self.lease.as_millis() as u64;
+        let body = serde_json::to_vec_pretty(&self.info).expect("lock info serializes");
+        loop {
+            let current = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let put = self
+                .client
+                .put_object()
+                .bucket(&self.object.bucket)
+                .key(&self.object.key)
+                .body(body.clone().into())
+                .if_match(current)
+                .send()
+                .await;
+            let f = match put {
+                Ok(out) => {
+                    *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = out.e_tag().unwrap_or_default().to_string();
+                    self.valid_until.store(self.info.expires_at_ms, Ordering::SeqCst);
+                    return true;
                 }
-                // Transient: retry next period, unless the lease would run out
-                // before then, in which case someone may take it over.
-                tracing::warn!(lock = %object, error = %f.message, "renewing the fleet lock failed; will retry");
-                if now_ms() + period.as_millis() as u64 >= valid_until.load(Ordering::SeqCst) {
-                    tracing::error!(lock = %object, "the fleet lock's lease is running out unrenewed; stopping");
-                    lost.store(true, Ordering::SeqCst);
-                    return;
+                Err(e) => ApiFailure::from_sdk(&e),
+            };
+            // Room left before the lease could run out unrenewed.
+            let room = self.valid_until.load(Ordering::SeqCst).saturating_sub(now_ms() + period.as_millis() as u64 / 2);
+            match f.status {
+                Some(409) if room > 0 => {
+                    tracing::info!(lock = %self.object, "renewing the fleet lock raced another write (409); retrying");
+                    tokio::time::sleep(Duration::from_millis((100 + rand::random::<u64>() % 400).min(room))).await;
+                }
+                Some(412) => match read(&self.client, &self.object).await {
+                    // Our own write landed and its answer was lost: still ours.
+                    Ok(Some((info, etag))) if info.owner == self.info.owner => {
+                        tracing::info!(lock = %self.object, "a renewal's answer was lost, but the lock is still ours");
+                        *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
+                        self.valid_until.store(info.expires_at_ms, Ordering::SeqCst);
+                        return true;
+                    }
+                    Ok(_) => {
+                        tracing::error!(lock = %self.object, "the fleet lock was broken or taken over; stopping");
+                        return false;
+                    }
+                    Err(e) if room > 0 => {
+                        tracing::warn!(lock = %self.object, error = %e, "reading the fleet lock after a refused renewal failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500.min(room))).await;
+                    }
+                    Err(_) => return false,
+                },
+                Some(404) => {
+                    tracing::error!(lock = %self.object, "the fleet lock was broken; stopping");
+                    return false;
+                }
+                _ => {
+                    // Transient: retry next period, unless the lease would run
+                    // out before then, in which case someone may take it over.
+                    tracing::warn!(lock = %self.object, error = %f.message, "renewing the fleet lock failed; will retry");
+                    let left = self.valid_until.load(Ordering::SeqCst);
+                    if now_ms() + period.as_millis() as u64 >= left {
+                        tracing::error!(lock = %self.object, "the fleet lock's lease is running out unrenewed; stopping");
+                        return false;
+                    }
+                    return true;
                 }
             }
         }

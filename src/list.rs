@@ -13,6 +13,12 @@
 //! `public/`...), so this costs a few extra requests and divides the
 //! listing time by up to that many. Pages arrive out of key order; nothing
 //! downstream needs order.
+//!
+//! Listings ask for `encoding-type=url`: XML 1.0 cannot carry some
+//! characters a key may hold (`\x01`, say), and without it S3 sends a
+//! response no parser accepts, so one such key would make the whole source
+//! unlistable. Keys are decoded here, and the key rules then refuse such a
+//! key by name.
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -99,6 +105,15 @@ pub(crate) async fn collect(client: aws_sdk_s3::Client, source: S3Url) -> Result
     Ok(all)
 }
 
+/// A key (or prefix) of a listing made with `encoding-type=url`. S3 encodes
+/// a space as `+` (form encoding) and moto as `%20`; both decode here. A
+/// key that is not UTF-8 once decoded keeps its replacement characters,
+/// which the key rules then refuse by name.
+pub(crate) fn url_decode(encoded: &str) -> String {
+    let spaced = encoded.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy().into_owned()
+}
+
 /// Lists every key under `prefix`, sending each page. With `shallow`, lists
 /// one level (`delimiter=/`) and returns the sub-prefixes found. `None`
 /// when listing failed (the error was sent) or the receiver is gone.
@@ -107,6 +122,7 @@ async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, 
         .list_objects_v2()
         .bucket(&source.bucket)
         .prefix(prefix)
+        .encoding_type(aws_sdk_s3::types::EncodingType::Url)
         .set_delimiter(shallow.then(|| "/".to_string()))
         .into_paginator()
         .page_size(1000)
@@ -121,20 +137,33 @@ async fn list_prefix(client: &aws_sdk_s3::Client, source: &S3Url, prefix: &str, 
             }
         };
         let reserved = format!("{}{RESERVED_DIR}", source.prefix);
-        dirs.extend(page.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)).filter(|d| *d != reserved));
+        dirs.extend(page.common_prefixes().iter().filter_map(|p| p.prefix().map(url_decode)).filter(|d| *d != reserved));
         let objects = page
             .contents()
             .iter()
-            .filter(|o| !o.key().is_some_and(|k| k.starts_with(&reserved)))
             .filter_map(|o| {
                 Some(RemoteObject {
-                    key: o.key()?.to_string(),
+                    key: url_decode(o.key()?),
                     etag: o.e_tag().unwrap_or_default().to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,
                 })
             })
+            .filter(|o| !o.key.starts_with(&reserved))
             .collect();
         tx.send(Ok(objects)).await.ok()?;
     }
     Some(dirs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_keys_are_url_decoded_as_s3_and_moto_encode_them() {
+        assert_eq!(url_decode("app/a+b%2Bc.php"), "app/a b+c.php");
+        assert_eq!(url_decode("app/a%20b"), "app/a b");
+        assert_eq!(url_decode("app/evil%01name"), "app/evil\u{1}name");
+        assert_eq!(url_decode("app/caf%C3%A9"), "app/café");
+    }
 }

@@ -189,7 +189,13 @@ pub async fn read_pointer(client: &aws_sdk_s3::Client, source: &S3Url) -> Result
     let out = match client.get_object().bucket(&source.bucket).key(&key).send().await {
         Ok(out) => out,
         Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
-        Err(e) => return Err(ApiFailure::from_sdk(&e).to_error(&format!("reading the release pointer s3://{}/{key}", source.bucket))),
+        Err(e) => {
+            let f = ApiFailure::from_sdk(&e);
+            if f.status == Some(403) && !f.is_credentials() {
+                return Err(crate::source::read_denied("the release pointer", &source.bucket, &key, &f));
+            }
+            return Err(f.to_error(&format!("reading the release pointer s3://{}/{key}", source.bucket)));
+        }
     };
     let body = out.body.collect().await.map_err(|e| Error::S3(format!("reading the release pointer s3://{}/{key}: {e}", source.bucket)))?;
     serde_json::from_slice(&body.into_bytes()).map(Some).map_err(|e| {

@@ -90,7 +90,7 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     }
 
     let started_at_ns = now_ns();
-    let mut report = place(opts, client, None, observer, t0).await?;
+    let mut report = place(opts, open_dest(&opts.dest)?, client, None, observer, t0).await?;
     report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
     let record = LastPull { started_at_ns, report: report.clone() };
     tokio::task::spawn_blocking(move || write_atomic(&last_path, &serde_json::to_vec(&record).expect("report serializes")))
@@ -99,12 +99,13 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     Ok(report)
 }
 
-/// Makes `opts.dest` match the source: the pull proper, without the node
-/// lock and coalescing, which the caller owns. Lists the source unless
-/// `listing` is given (release mode has listed it already, to name the
-/// release).
+/// Makes `dest` (opened from `opts.dest`) match the source: the pull
+/// proper, without the node lock and coalescing, which the caller owns.
+/// Lists the source unless `listing` is given (release mode has listed it
+/// already, to name the release).
 pub(crate) async fn place(
     opts: &PullOptions,
+    dest: DestDir,
     client: aws_sdk_s3::Client,
     listing: Option<Vec<RemoteObject>>,
     observer: Arc<dyn Observer>,
@@ -117,7 +118,7 @@ pub(crate) async fn place(
     let mut report = PullReport::new(opts.source.to_string(), opts.dest.display().to_string(), false);
     report.started_at_ms = (now_ns() / 1_000_000) as u64;
 
-    let dest = Arc::new(open_dest(&opts.dest)?);
+    let dest = Arc::new(dest);
     if state.interrupted() {
         // The last pull was killed: it may have left temporary files beside
         // their final paths. Rare, so a walk of DEST is affordable.
@@ -129,7 +130,7 @@ pub(crate) async fn place(
     state.mark_in_progress()?;
     let state = Arc::new(state);
     let result = run(opts, client, listing, dest, state.clone(), placed, observer, &mut report).await;
-    state.flush();
+
     if result.is_err() {
         // Every temporary file was discarded on the way out.
         state.clear_in_progress();
@@ -155,7 +156,7 @@ pub(crate) fn empty_source(source: &S3Url, would: &str) -> Error {
     ))
 }
 
-fn check_options(opts: &PullOptions) -> Result<()> {
+pub(crate) fn check_options(opts: &PullOptions) -> Result<()> {
     if opts.concurrency == 0 {
         return Err(Error::Config("--concurrency must be at least 1".into()));
     }

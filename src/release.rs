@@ -26,6 +26,7 @@
 //! leaves the inode the older release holds untouched.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,7 +40,7 @@ use crate::node_lock::{IfBusy, NodeLock};
 use crate::progress::Observer;
 use crate::pull::{self, write_atomic, PullOptions};
 use crate::report::PullReport;
-use crate::safe_fs::DestDir;
+use crate::safe_fs::{self, DestDir};
 use crate::source::s3_client;
 use crate::state::{Placed, StateStore};
 
@@ -144,6 +145,8 @@ impl Layout {
         Layout { dest: dest.to_path_buf(), state: StateStore::dir_for(state_dir, dest), state_root: state_dir.to_path_buf() }
     }
 
+    /// A release's path, for messages, the hook's environment and its state
+    /// store's name (never to write through: see [`Releases`]).
     fn dir(&self, id: &str) -> PathBuf {
         self.dest.join(RELEASES).join(id)
     }
@@ -174,7 +177,8 @@ impl Layout {
         write_atomic(&self.registry_path(), &serde_json::to_vec_pretty(registry).expect("the registry serializes"))
     }
 
-    /// The live release, from the `current` symlink.
+    /// The live release, from the `current` symlink (read only: a link
+    /// planted elsewhere names no release of ours).
     fn current(&self) -> Result<Option<String>> {
         let link = self.dest.join(CURRENT);
         match std::fs::read_link(&link) {
@@ -188,45 +192,100 @@ impl Layout {
         }
     }
 
+    /// Removes a release's state store (its directory goes through [`Releases`]).
+    fn forget(&self, id: &str) {
+        let _ = std::fs::remove_dir_all(StateStore::dir_for(&self.state_root, &self.dir(id)));
+    }
+}
+
+/// DEST and `DEST/releases/`, held open: every change release mode makes
+/// on disk goes through these descriptors, and `releases` (and everything
+/// in it) is reached without following a symlink, so a link planted at
+/// `DEST/releases` (or at a release) makes the pull fail instead of making
+/// the agent, as root, delete or build somewhere else. DEST itself is the
+/// operator's choice and may be a symlink.
+struct Releases {
+    dest: PathBuf,
+    root: OwnedFd,
+    dir: OwnedFd,
+}
+
+impl Releases {
+    /// Opens DEST and `DEST/releases`, creating them.
+    fn open(dest: &Path) -> Result<Releases> {
+        let err = |e| Error::io(format!("opening {}", dest.join(RELEASES).display()), e);
+        std::fs::create_dir_all(dest).map_err(|e| Error::io(format!("creating DEST {}", dest.display()), e))?;
+        let root = safe_fs::open_root(dest).map_err(err)?;
+        let dir = safe_fs::open_dir_at(&root, RELEASES, true).map_err(err)?;
+        Ok(Releases { dest: dest.to_path_buf(), root, dir })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dest.join(RELEASES).join(id)
+    }
+
+    /// A release directory to build into (created if missing).
+    fn build(&self, id: &str) -> Result<DestDir> {
+        DestDir::open_in(&self.dir, id, self.path(id)).map_err(|e| Error::io(format!("creating release {}", self.path(id).display()), e))
+    }
+
+    /// A complete release, to share its files; `None` if it is gone.
+    fn read(&self, id: &str) -> Result<Option<DestDir>> {
+        DestDir::open_read_only_in(&self.dir, id, self.path(id))
+            .map_err(|e| Error::io(format!("opening release {}", self.path(id).display()), e))
+    }
+
+    /// The names in `releases/`.
+    fn names(&self) -> Result<Vec<String>> {
+        let err = |e: rustix::io::Errno| Error::io(format!("reading {}", self.dest.join(RELEASES).display()), e.into());
+        let dir = rustix::fs::Dir::read_from(&self.dir).map_err(err)?;
+        let mut names = Vec::new();
+        for entry in dir {
+            let name = entry.map_err(err)?.file_name().to_string_lossy().into_owned();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// Removes a release's tree (never following a symlink in it).
+    fn remove(&self, id: &str) -> Result<()> {
+        safe_fs::remove_tree_at(&self.dir, id).map_err(|e| Error::io(format!("removing release {}", self.path(id).display()), e))
+    }
+
     /// Points `current` at the release `id` atomically: a new symlink under
     /// a temporary name, renamed over the old one. A reader resolving
     /// `current` sees the old release or the new one, never neither.
+    ///
+    /// The file system is synced first: the release's files were written
+    /// through the page cache, and a power loss after the switch must not
+    /// leave the live release with empty or partial files. One syncfs
+    /// costs what writing the new files back costs, once per switch.
     fn switch_to(&self, id: &str) -> Result<()> {
-        let tmp = self.dest.join(format!(".{CURRENT}.tmp-{}", std::process::id()));
-        let err = |e| Error::io(format!("switching {} to release {id}", self.dest.join(CURRENT).display()), e);
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(Path::new(RELEASES).join(id), &tmp).map_err(err)?;
-        std::fs::rename(&tmp, self.dest.join(CURRENT)).map_err(err)?;
+        use rustix::fs::{renameat, symlinkat, syncfs, unlinkat, AtFlags};
+        let err = |e: rustix::io::Errno| Error::io(format!("switching {} to release {id}", self.dest.join(CURRENT).display()), e.into());
+        syncfs(&self.root).map_err(err)?;
+        let tmp = format!(".{CURRENT}.tmp-{}", std::process::id());
+        let _ = unlinkat(&self.root, tmp.as_str(), AtFlags::empty());
+        symlinkat(Path::new(RELEASES).join(id), &self.root, tmp.as_str()).map_err(err)?;
+        renameat(&self.root, tmp.as_str(), &self.root, CURRENT).map_err(err)?;
         // The rename is durable once DEST's directory entry is on disk.
-        std::fs::File::open(&self.dest).and_then(|d| d.sync_all()).map_err(err)
-    }
-
-    /// Removes a release's directory and its state store.
-    fn remove(&self, id: &str) -> Result<()> {
-        let dir = self.dir(id);
-        // remove_dir_all does not follow symlinks: only the tree goes.
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("removing release {}", dir.display()), e)),
-        }
-        let _ = std::fs::remove_dir_all(StateStore::dir_for(&self.state_root, &dir));
-        Ok(())
+        rustix::fs::fsync(&self.root).map_err(err)
     }
 
     /// Removes release directories that never completed (a killed or failed
     /// build): in `releases/` but not in the registry, and not live.
-    fn sweep_incomplete(&self, registry: &Registry, current: Option<&str>) -> Result<()> {
-        let entries = match std::fs::read_dir(self.dest.join(RELEASES)) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io(format!("reading {}", self.dest.join(RELEASES).display()), e)),
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if Some(name.as_str()) != current && !registry.releases.iter().any(|r| r.id == name) {
-                tracing::info!(release = %name, "removing a release that never completed");
-                self.remove(&name)?;
+    fn sweep_incomplete(&self, layout: &Layout, registry: &Registry, current: Option<&str>) -> Result<()> {
+        for name in self.names()? {
+            if Some(name.as_str()) != current && registry.get(&name).is_none() {
+                tracing::info!(release = %name, "removing a release that never completed (or was pruned)");
+                match self.remove(&name) {
+                    Ok(()) => layout.forget(&name),
+                    // Unregistered, so never live or "previous": harmless
+                    // where it is until a later pull can remove it.
+                    Err(e) => tracing::warn!(release = %name, error = %e, "could not remove it; a later pull tries again"),
+                }
             }
         }
         Ok(())
@@ -301,6 +360,7 @@ pub(crate) fn content_id(objects: &[RemoteObject], prefix: &str) -> String {
 pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) -> Result<PullReport> {
     let t0 = Instant::now();
     let p = &opts.pull;
+    pull::check_options(p)?;
     if let Some(id) = &opts.release_id {
         check_release_id(id)?;
     }
@@ -313,10 +373,10 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     }
     let client = s3_client(&p.client).await;
     let (_lock, lock_wait) = NodeLock::acquire(&p.state_dir, p.if_busy).await?;
-    std::fs::create_dir_all(p.dest.join(RELEASES)).map_err(|e| Error::io(format!("creating {}", p.dest.join(RELEASES).display()), e))?;
+    let releases = Releases::open(&p.dest)?;
     let mut registry = layout.load()?;
     let current = layout.current()?;
-    layout.sweep_incomplete(&registry, current.as_deref())?;
+    releases.sweep_incomplete(&layout, &registry, current.as_deref())?;
 
     let (listing, content, pointer) = consistent_listing(&client, &p.source).await?;
     let id = opts.release_id.clone().or_else(|| pointer.map(|p| p.release_id)).unwrap_or_else(|| content.clone());
@@ -329,11 +389,15 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     }
     // "Empty" counts files: S3-compatible servers may still list a
     // directory marker for the prefix itself.
+    // A first release as well as a later one: an instance must never
+    // enter service with no code.
     let no_files = !listing.iter().any(|o| matches!(map_key(&o.key, &p.source.prefix), Ok(Some(Entry::File(_)))));
     if no_files && !p.allow_empty {
-        if let Some(cur) = &current {
-            return Err(pull::empty_source(&p.source, &format!("replace release {cur} with an empty one")));
-        }
+        let would = match &current {
+            Some(cur) => format!("replace release {cur} with an empty one"),
+            None => "make an empty first release live".to_string(),
+        };
+        return Err(pull::empty_source(&p.source, &would));
     }
     let mut release = ReleaseReport { id: id.clone(), previous: current.clone(), ..Default::default() };
 
@@ -341,7 +405,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         // Live already: the in-place pull of the live tree repairs drift.
         release.previous = registry.previous(current.as_deref()).map(|r| r.id.clone());
         let live = PullOptions { dest: layout.dir(&id), ..p.clone() };
-        pull::place(&live, client, Some(listing), observer, t0).await?
+        pull::place(&live, releases.build(&id)?, client, Some(listing), observer, t0).await?
     } else if let Some(info) = registry.get(&id).cloned() {
         // An older complete release: live again, nothing to download.
         let mut report = PullReport::new(p.source.to_string(), p.dest.display().to_string(), false);
@@ -349,16 +413,17 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         report.counts.unchanged = listing.len() as u64;
         registry.went_live(info);
         layout.save(&registry)?;
-        layout.switch_to(&id)?;
+        releases.switch_to(&id)?;
         release.switched = true;
         report
     } else {
-        let (report, linked) = build(opts, &layout, current.as_deref(), &id, client, listing, observer, t0).await?;
+        let (report, linked) = build(opts, &layout, &releases, current.as_deref(), &id, client, listing, observer, t0).await?;
         release.linked = linked;
         if report.exit_code != crate::exit::OK {
             // Not every file arrived: the release is not complete, never goes
             // live and is not kept. The live release is untouched.
-            layout.remove(&id)?;
+            releases.remove(&id)?;
+            layout.forget(&id);
             let mut report = report;
             report.error = Some(format!("release {id} was not switched: {} files failed (see errors)", report.counts.failed));
             report.durations.total_ms = t0.elapsed().as_millis() as u64;
@@ -367,7 +432,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         let files = listing_files(&report);
         registry.went_live(ReleaseInfo { id: id.clone(), content: content.clone(), created_at_ms: now_ms(), files, rolled_back: false });
         layout.save(&registry)?;
-        layout.switch_to(&id)?;
+        releases.switch_to(&id)?;
         release.created = true;
         release.switched = true;
         report
@@ -388,20 +453,32 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
                             r.rolled_back = true;
                         }
                         layout.save(&registry)?;
-                        layout.switch_to(&prev)?;
+                        releases.switch_to(&prev)?;
                         release.rolled_back = true;
                         report.error = Some(format!("the after-switch command failed on release {id}; {prev} is live again"));
                     }
                 }
             }
         }
+        // Unregistered first, then deleted: a kill in between leaves an
+        // unregistered directory, which the next pull sweeps, never a
+        // half-deleted release the registry calls complete.
         let live = layout.current()?;
-        for old in registry.beyond(opts.keep, live.as_deref()) {
-            layout.remove(&old)?;
-            registry.releases.retain(|r| r.id != old);
-            release.removed.push(old);
-        }
+        let old = registry.beyond(opts.keep, live.as_deref());
+        registry.releases.retain(|r| !old.contains(&r.id));
         layout.save(&registry)?;
+        for id in old {
+            // A release that cannot be removed is already unregistered: the
+            // next pull's sweep tries again. Not a reason to fail a pull
+            // that went live.
+            match releases.remove(&id) {
+                Ok(()) => {
+                    layout.forget(&id);
+                    release.removed.push(id);
+                }
+                Err(e) => tracing::warn!(release = %id, error = %e, "could not remove an old release; the next pull tries again"),
+            }
+        }
     }
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
     report_with(report, release, lock_wait, &layout)
@@ -449,6 +526,7 @@ async fn consistent_listing(
 async fn build(
     opts: &ReleaseOptions,
     layout: &Layout,
+    releases: &Releases,
     current: Option<&str>,
     id: &str,
     client: aws_sdk_s3::Client,
@@ -458,41 +536,39 @@ async fn build(
 ) -> Result<(PullReport, u64)> {
     let p = &opts.pull;
     let dir = layout.dir(id);
-    let linked = match current {
-        Some(cur) => {
-            let (state_dir, from, to) = (p.state_dir.clone(), layout.dir(cur), dir.clone());
-            let wanted: HashMap<String, String> = listing
-                .iter()
-                .filter_map(|o| match map_key(&o.key, &p.source.prefix) {
-                    Ok(Some(Entry::File(path))) => Some((path.as_str().to_string(), o.etag.clone())),
-                    _ => None,
-                })
-                .collect();
-            tokio::task::spawn_blocking(move || seed(&state_dir, &from, &to, &wanted)).await.expect("seeding does not panic")?
-        }
-        None => 0,
-    };
+    let mut dst = releases.build(id)?;
+    let mut linked = 0;
+    if let Some(src) = current.map(|cur| releases.read(cur)).transpose()?.flatten() {
+        let wanted: HashMap<String, String> = listing
+            .iter()
+            .filter_map(|o| match map_key(&o.key, &p.source.prefix) {
+                Ok(Some(Entry::File(path))) => Some((path.as_str().to_string(), o.etag.clone())),
+                _ => None,
+            })
+            .collect();
+        let (state_dir, from) = (p.state_dir.clone(), layout.dir(current.expect("a source release is the live one")));
+        let to = dir.clone();
+        let seeded = tokio::task::spawn_blocking(move || seed(&state_dir, &from, &src, &to, &dst, &wanted).map(|n| (n, dst)));
+        (linked, dst) = seeded.await.expect("seeding does not panic")?;
+    }
     let target = PullOptions { dest: dir, ..p.clone() };
-    match pull::place(&target, client, Some(listing), observer, t0).await {
+    match pull::place(&target, dst, client, Some(listing), observer, t0).await {
         Ok(report) => Ok((report, linked)),
         Err(e) => {
             // The pull failed as a whole (a hostile key, say): the partial
             // release goes, the live one was never touched.
-            layout.remove(id)?;
+            releases.remove(id)?;
+            layout.forget(id);
             Err(e)
         }
     }
 }
 
-/// Hard-links into `to` every file of the release at `from` whose ETag is
-/// still wanted, and records them in `to`'s state store as placed.
-fn seed(state_dir: &Path, from: &Path, to: &Path, wanted: &HashMap<String, String>) -> Result<u64> {
+/// Hard-links into `dst` (release `to`) every file of `src` (release
+/// `from`) whose ETag is still wanted, and records them in `to`'s state
+/// store as placed.
+fn seed(state_dir: &Path, from: &Path, src: &DestDir, to: &Path, dst: &DestDir, wanted: &HashMap<String, String>) -> Result<u64> {
     let placed = StateStore::load_read_only(state_dir, from)?;
-    let src = match DestDir::open_read_only(from).map_err(|e| Error::io(format!("opening release {}", from.display()), e))? {
-        Some(d) => d,
-        None => return Ok(0),
-    };
-    let dst = DestDir::open(to).map_err(|e| Error::io(format!("creating release {}", to.display()), e))?;
     let mut seeded: HashMap<RelPath, Placed> = HashMap::new();
     for (path, record) in placed {
         if wanted.get(path.as_str()) != Some(&record.etag) {
@@ -500,7 +576,7 @@ fn seed(state_dir: &Path, from: &Path, to: &Path, wanted: &HashMap<String, Strin
         }
         // A file that cannot be linked (gone, drifted into a directory) is
         // simply downloaded by the pull.
-        if dst.link_from(&src, &path).is_ok() {
+        if dst.link_from(src, &path).is_ok() {
             seeded.insert(path, record);
         }
     }
@@ -584,7 +660,7 @@ pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, if_busy: 
         // Keep the going-live order: the target stays where it was, so a
         // second rollback goes further back.
         layout.save(&registry)?;
-        layout.switch_to(&target.id)?;
+        Releases::open(dest)?.switch_to(&target.id)?;
         release.switched = true;
     }
     report.counts.unchanged = target.files;

@@ -1,10 +1,11 @@
 //! REPORT: what a pull did, for people (one summary line) and for machines
 //! (one JSON object, which the bastion parses out of SSM or SSH output).
 //!
-//! The JSON stays small whatever the sync's size: counts, plus the first
-//! [`MAX_ERRORS`] errors and the first [`MAX_PLAN`] planned paths. SSM
-//! returns only the first 24,000 characters of a command's output, and a
-//! report cut in half is a report lost.
+//! The JSON stays small whatever the sync's size, counted in bytes: counts,
+//! plus the first errors up to [`MAX_ERRORS`] and [`ERRORS_BUDGET`] bytes,
+//! each key and message cut to a bounded length, and the first
+//! [`MAX_PLAN`] planned paths. SSM returns only the first 24,000 bytes of a
+//! command's output, and a report cut in half is a report lost.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +13,15 @@ use crate::error::exit;
 
 /// Errors kept in the report; the rest are counted in `errors_omitted`.
 pub const MAX_ERRORS: usize = 20;
+/// Bytes the kept errors may take in the JSON (escapes included): 20 keys
+/// of S3's maximum 1,024 bytes with long messages would not fit SSM's
+/// 24,000 otherwise.
+pub const ERRORS_BUDGET: usize = 10_000;
+/// Longest key and message kept in an error, and the pull's own error
+/// (longer ones are cut, ending in `...`).
+const MAX_KEY: usize = 1_100;
+const MAX_MESSAGE: usize = 600;
+const MAX_PULL_ERROR: usize = 2_000;
 /// Paths kept per list in a dry run's plan.
 pub const MAX_PLAN: usize = 50;
 
@@ -100,6 +110,9 @@ pub struct PullReport {
     /// Release mode: which release, whether it went live, the hook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<crate::release::ReleaseReport>,
+    /// Bytes `errors` takes in the JSON (kept under [`ERRORS_BUDGET`]).
+    #[serde(skip)]
+    errors_bytes: usize,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -125,6 +138,7 @@ impl PullReport {
             error: None,
             plan: None,
             release: None,
+            errors_bytes: 0,
         }
     }
 
@@ -133,15 +147,24 @@ impl PullReport {
         let mut r = PullReport::new(source, dest, false);
         r.status = if matches!(err, crate::Error::Busy { .. }) { PullStatus::Busy } else { PullStatus::Failed };
         r.exit_code = err.exit_code();
-        r.error = Some(err.to_string());
+        r.set_error(err.to_string());
         r
     }
 
-    /// Records a per-file failure, keeping the report small.
+    /// Sets why the pull failed as a whole, cut to a bounded length.
+    pub(crate) fn set_error(&mut self, error: String) {
+        self.error = Some(cut(error, MAX_PULL_ERROR));
+    }
+
+    /// Records a per-file failure, keeping the report small: at most
+    /// [`MAX_ERRORS`] errors of at most [`ERRORS_BUDGET`] bytes in all.
     pub(crate) fn push_error(&mut self, key: String, error: String) {
         self.counts.failed += 1;
-        if self.errors.len() < MAX_ERRORS {
-            self.errors.push(KeyError { key, error });
+        let e = KeyError { key: cut(key, MAX_KEY), error: cut(error, MAX_MESSAGE) };
+        let size = serde_json::to_string(&e).map_or(usize::MAX, |s| s.len() + 1);
+        if self.errors.len() < MAX_ERRORS && self.errors_bytes + size <= ERRORS_BUDGET {
+            self.errors_bytes += size;
+            self.errors.push(e);
         } else {
             self.errors_omitted += 1;
         }
@@ -181,6 +204,20 @@ impl PullReport {
     }
 }
 
+/// `s` cut to at most `max` bytes (on a character boundary), ending in
+/// `...` when it was cut.
+fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut at = max - 3;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push_str("...");
+    }
+    s
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -210,10 +247,29 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.len() < 20_000, "{}", json.len());
         assert_eq!(r.counts.failed, 100_000);
-        assert_eq!(r.errors_omitted, 100_000 - MAX_ERRORS as u64);
+        assert_eq!(r.errors.len() as u64 + r.errors_omitted, 100_000);
+        assert!(r.errors.len() <= MAX_ERRORS);
         assert_eq!(r.exit_code, exit::PARTIAL);
         let back: PullReport = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, r);
+        assert_eq!((back.errors, back.counts), (r.errors.clone(), r.counts.clone()));
+    }
+
+    #[test]
+    fn long_keys_control_characters_and_long_messages_stay_under_ssms_cap_in_bytes() {
+        let mut r = PullReport::new("s3://b/p/".into(), "/srv".into(), false);
+        for i in 0..25 {
+            // S3's longest key (1,024 bytes), each control character six
+            // bytes once escaped, and a message naming it twice.
+            let key = format!("p/{i}/{}", "\u{1}é".repeat(340));
+            r.push_error(key.clone(), format!("placing {key} in /srv: {}", "a directory is in the way ".repeat(40)));
+        }
+        r.set_error(format!("refusing to pull: {}", "x".repeat(50_000)));
+        r.settle();
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.len() < 20_000, "{} bytes", json.len());
+        assert!(!r.errors.is_empty() && r.errors_omitted > 0, "{} kept, {} omitted", r.errors.len(), r.errors_omitted);
+        assert_eq!(r.errors.len() as u64 + r.errors_omitted, 25);
+        assert!(r.errors[0].error.ends_with("...") && r.error.as_ref().unwrap().ends_with("..."));
     }
 
     #[test]

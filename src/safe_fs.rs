@@ -63,7 +63,7 @@ pub(crate) enum TempAt<'a> {
     Beside(&'a RelPath),
 }
 
-fn dir_flags() -> OFlags {
+pub(crate) fn dir_flags() -> OFlags {
     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
 }
 
@@ -78,6 +78,27 @@ impl DestDir {
         rfs::mkdirat(&root, STAGING_DIR, Mode::from_raw_mode(0o700))?;
         let staging = rfs::openat(&root, STAGING_DIR, dir_flags(), Mode::empty())?;
         Ok(DestDir { root: Arc::new(root), staging: Some(Arc::new(staging)), path: path.to_path_buf(), dirs: Default::default() })
+    }
+
+    /// Opens (creating) the directory `name` in `parent` as a DEST of its
+    /// own (a release being built), without following a symlink at `name`;
+    /// `path` is how it is named in messages.
+    pub(crate) fn open_in(parent: &OwnedFd, name: &str, path: PathBuf) -> std::io::Result<DestDir> {
+        let root = open_dir_at(parent, name, true)?;
+        remove_tree_at(&root, STAGING_DIR)?;
+        rfs::mkdirat(&root, STAGING_DIR, Mode::from_raw_mode(0o700))?;
+        let staging = rfs::openat(&root, STAGING_DIR, dir_flags(), Mode::empty())?;
+        Ok(DestDir { root: Arc::new(root), staging: Some(Arc::new(staging)), path, dirs: Default::default() })
+    }
+
+    /// Opens the directory `name` in `parent` for reading only, without
+    /// following a symlink at `name`; `None` when it does not exist.
+    pub(crate) fn open_read_only_in(parent: &OwnedFd, name: &str, path: PathBuf) -> std::io::Result<Option<DestDir>> {
+        match open_dir_at(parent, name, false) {
+            Ok(root) => Ok(Some(DestDir { root: Arc::new(root), staging: None, path, dirs: Default::default() })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Opens DEST for looking only (dry runs): creates nothing, and `None`
@@ -264,7 +285,7 @@ impl DestDir {
 
 /// Opens the directory `name` in `from` without following a symlink,
 /// creating it first when `create` and it is missing.
-fn open_dir_at(from: &OwnedFd, name: &str, create: bool) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_dir_at(from: &OwnedFd, name: &str, create: bool) -> std::io::Result<OwnedFd> {
     match rfs::openat(from, name, dir_flags(), Mode::empty()) {
         Ok(fd) => Ok(fd),
         Err(Errno::NOENT) if create => {
@@ -299,7 +320,7 @@ impl Drop for DestDir {
     }
 }
 
-fn open_root(path: &Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_root(path: &Path) -> std::io::Result<OwnedFd> {
     let file = File::open(path)?;
     if !file.metadata()?.is_dir() {
         return Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"));
@@ -318,7 +339,7 @@ fn ctx(e: std::io::Error, at: &str) -> std::io::Error {
 
 /// Removes `name` under `dir` recursively without following symlinks
 /// (`std::fs::remove_dir_all` is symlink-safe since Rust 1.58.1).
-fn remove_tree_at(dir: &OwnedFd, name: &str) -> std::io::Result<()> {
+pub(crate) fn remove_tree_at(dir: &OwnedFd, name: &str) -> std::io::Result<()> {
     match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(e.into()),

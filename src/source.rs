@@ -105,6 +105,7 @@ pub async fn check_source(client: &S3Client, url: &S3Url) -> Result<()> {
         .list_objects_v2()
         .bucket(&url.bucket)
         .prefix(&url.prefix)
+        .encoding_type(aws_sdk_s3::types::EncodingType::Url)
         .max_keys(1)
         .send()
         .await
@@ -222,6 +223,17 @@ impl ApiFailure {
             _ => "see the message",
         }
     }
+}
+
+/// The error for a read of one object refused with 403. S3 answers 403
+/// AccessDenied, not 404, for an object that does not exist when the caller
+/// lacks s3:ListBucket on its key, so a missing lock or pointer reads as a
+/// permission problem: say which permissions make it read as "absent".
+pub(crate) fn read_denied(what: &str, bucket: &str, key: &str, failure: &ApiFailure) -> Error {
+    Error::Config(format!(
+        "reading {what} s3://{bucket}/{key} was refused ({}): S3 answers 403 instead of 404 for a missing object when the caller lacks s3:ListBucket; grant s3:ListBucket on arn:aws:s3:::{bucket} for the prefix {key:?}, and s3:GetObject on the object (infra/aws/fleetsync.yaml's policies do)",
+        failure.message
+    ))
 }
 
 /// The credentials error somewhere in `err`'s chain: the SDK reports a

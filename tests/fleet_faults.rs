@@ -188,3 +188,54 @@ async fn a_bastion_killed_mid_deploy_is_taken_over_when_its_lease_runs_out_and_t
     }
     assert!(fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none(), "the new holder released the lock");
 }
+
+#[tokio::test]
+async fn instances_ec2_does_not_show_yet_are_asked_for_again_and_the_deploy_converges() {
+    let b = Bucket::new("notfound").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("notfound", 3);
+    // EC2 is eventually consistent: an instance the group just launched can
+    // be unknown to DescribeInstances, which then fails as a whole, naming
+    // it. The first three calls that name instances are answered so.
+    let ec2 = FaultProxy::start(&moto(), &["--api", "--rate", "0", "--not-found", "3"]);
+    let (code, report, stderr) =
+        run_report(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm").env("AWS_ENDPOINT_URL_EC2", &ec2.url));
+    assert_eq!(code, 0, "{stderr}\n{report}");
+    assert_eq!(report["totals"]["ok"], 3, "{report}");
+    assert_eq!(ec2.stats()["not-found"], 3, "{}", ec2.stats());
+    for (_, root) in nodes.list() {
+        assert_eq!(std::fs::read(root.join("www/index.php")).unwrap(), b"<?php");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_relisting_at_the_end_is_exit_1_with_the_reason_not_a_configuration_error() {
+    let b = Bucket::new("relistfail").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("relistfail", 2);
+    // The first listing of the group works; every later one finds the
+    // credentials expired (a long deploy outlived its session).
+    let autoscaling = FaultProxy::start(
+        &moto(),
+        &[
+            "--api",
+            "--rate",
+            "0",
+            "--fail-op",
+            "DescribeAutoScalingGroups",
+            "--fail-skip",
+            "1",
+            "--fail-count",
+            "1000",
+            "--fail-code",
+            "ExpiredToken",
+        ],
+    );
+    let (code, report, stderr) =
+        run_report(deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssh").env("AWS_ENDPOINT_URL_AUTO_SCALING", &autoscaling.url));
+    assert_eq!(code, 1, "every node changed: not exit 2, which promises nothing changed: {stderr}");
+    assert_eq!(report["totals"]["ok"], 2, "{report}");
+    let why = report["rejoin_error"].as_str().unwrap();
+    assert!(why.contains("listing the group again") && why.contains("ExpiredToken"), "{why}");
+    assert!(stderr.contains("ExpiredToken"), "{stderr}");
+}

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::Bucket;
+use std::process::Command;
+
+use common::{Bucket, FaultProxy, Nodes};
 use fleetsync::fleet_lock::{self, LockError, LockInfo, LockObject};
 
 fn object(b: &Bucket) -> LockObject {
@@ -140,4 +142,99 @@ async fn the_bastion_shows_and_breaks_the_lock() {
     let (code, _, err) = run(&["lock", "show", "--asg", "a/b", "--source", &source]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--lock"), "{err}");
+}
+
+#[tokio::test]
+async fn renewal_rides_out_a_conflicting_write_and_a_lost_answer_and_release_waits_for_a_renewal_in_flight() {
+    let b = Bucket::new("lockrenew").await;
+    let obj = object(&b);
+    let lease = Duration::from_secs(3); // renewed every second
+                                        // After the PUT that takes the lock: two renewal writes answered 409
+                                        // ConditionalRequestConflict (a contender's write racing ours), then
+                                        // one that reaches S3 but whose answer is lost (S3 then says 412 to the
+                                        // retry: the object changed, by our own hand).
+    let proxy = FaultProxy::start(
+        &common::endpoint(),
+        &["--rate", "0", "--put-fault", "409:locks/web.json:1:2", "--put-fault", "lost:locks/web.json:3:1"],
+    );
+    let client = common::client_via(&proxy.url).await;
+    let held =
+        fleet_lock::acquire(&client, &obj, LockInfo::for_this_process("renewing deploy", lease), lease, Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let stats = proxy.stats();
+    assert_eq!((stats["409"].as_u64(), stats["lost"].as_u64()), (Some(2), Some(1)), "{stats}");
+    assert!(!held.lost(), "a 409 and a lost answer are not a lost lock");
+    let (info, _) = fleet_lock::read(&b.client, &obj).await.unwrap().unwrap();
+    assert_eq!(info.owner, held.info().owner);
+    assert!(info.expires_at_ms > now_ms() + 1000, "the lease is still being renewed");
+    held.release().await.unwrap();
+    assert!(fleet_lock::read(&b.client, &obj).await.unwrap().is_none(), "released");
+
+    // A renewal whose answer takes 2 s is in flight when release() is
+    // called: release waits for it and deletes the lock at its new ETag,
+    // rather than leaving it behind for a whole lease.
+    let slow = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--put-fault", "slow:locks/web.json:1:1", "--slow", "2"]);
+    let client = common::client_via(&slow.url).await;
+    let held = fleet_lock::acquire(&client, &obj, LockInfo::for_this_process("slow renewal", lease), lease, Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the first renewal is in flight
+    assert_eq!(slow.stats()["slow"], 1);
+    held.release().await.unwrap();
+    assert!(fleet_lock::read(&b.client, &obj).await.unwrap().is_none(), "released, not left for the lease to run out");
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[tokio::test]
+async fn a_deploy_role_restricted_as_the_template_restricts_it_reads_a_free_lock_and_deploys() {
+    // The bucket's name gives the world's "deployer" identity (see
+    // infra/local/lib.sh) the template DeployPolicy's object permissions
+    // on it; the proxy answers 403 for a missing object outside what the
+    // policy grants s3:ListBucket for, as S3 does.
+    let b = Bucket::new("leastpriv").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("leastpriv", 1);
+    let template = concat!(env!("CARGO_MANIFEST_DIR"), "/infra/aws/fleetsync.yaml");
+    let group = format!("GroupName={asg}");
+    let as_template = FaultProxy::start(
+        &common::endpoint(),
+        &["--rate", "0", "--list-prefixes-from", template, "--template-param", "SourcePrefix=app", "--template-param", &group],
+    );
+    let deployer = |proxy: &FaultProxy, args: &[&str]| {
+        let mut c = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
+        c.args(args)
+            .env("AWS_ENDPOINT_URL_S3", &proxy.url)
+            .env("AWS_ACCESS_KEY_ID", "fleetsync-deployer")
+            .env("AWS_SECRET_ACCESS_KEY", "fleetsync-deployer-secret");
+        c
+    };
+    let source = b.url("app");
+    let lock_args = ["--asg", asg.as_str(), "--source", source.as_str()];
+
+    let out = deployer(&as_template, &[&["lock", "show"][..], &lock_args].concat()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not held"));
+    let out = deployer(&as_template, &[&["lock", "break"][..], &lock_args].concat()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, _, stderr) = common::run_report(
+        deployer(&as_template, &["sync", "--via", "ssh", "--asg", &asg, "--source", &source, "--dest", "/srv/www", "--dry-run"])
+            .args(["--ssh-config", &nodes.ssh_config()]),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let (code, report, stderr) = common::run_report(
+        deployer(&as_template, &["sync", "--via", "ssh", "--asg", &asg, "--source", &source, "--dest", "/srv/www", "--json"])
+            .args(["--ssh-config", &nodes.ssh_config()]),
+    );
+    assert_eq!(code, 0, "{stderr}\n{report}");
+    assert!(as_template.stats()["denied"].as_u64().unwrap_or(0) == 0, "{}", as_template.stats());
+
+    // Without s3:ListBucket on the lock's key, a free lock reads as 403:
+    // one line that names the permission and the key.
+    let source_only = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--list-prefixes", "app/"]);
+    let out = deployer(&source_only, &[&["lock", "show"][..], &lock_args].concat()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("s3:ListBucket") && stderr.contains(&format!(".fleetsync/locks/{asg}.json")), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }

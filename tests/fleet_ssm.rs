@@ -15,14 +15,17 @@ fn sync(asg: &str, source: &str, nodes: &Nodes, extra: &[&str]) -> (i32, serde_j
     deploy(asg, source, "/srv/www", nodes, "ssm", extra)
 }
 
+/// Everything the emulator recorded (infra/local/ssm_emulator.py's calls.jsonl).
+fn all_ssm_calls() -> Vec<serde_json::Value> {
+    let path = std::path::Path::new(&std::env::var("FLEETSYNC_SSM_DIR").expect("run the tests with infra/local/test")).join("calls.jsonl");
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect()
+}
+
 /// What the emulator recorded about the instances in `ids`.
 fn ssm_calls(ids: &[String]) -> Vec<serde_json::Value> {
     let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let path = std::path::Path::new(&std::env::var("FLEETSYNC_SSM_DIR").expect("run the tests with infra/local/test")).join("calls.jsonl");
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    all_ssm_calls()
+        .into_iter()
         .filter(|c| match c["op"].as_str() {
             Some("SendCommand") => c["instance_ids"].as_array().unwrap().iter().any(|i| ids.contains(i.as_str().unwrap())),
             Some("invocation") => ids.contains(c["instance_id"].as_str().unwrap()),
@@ -67,8 +70,13 @@ async fn every_node_converges_over_ssm_and_a_second_sync_downloads_nothing() {
     assert_eq!((code, report["totals"]["downloaded"].as_u64()), (0, Some(0)), "{report}");
 }
 
+/// The SendCommands the emulator saw for `ids` (skipping the first `skip`).
+fn sends(ids: &[String], skip: usize) -> Vec<serde_json::Value> {
+    ssm_calls(ids).into_iter().filter(|c| c["op"] == "SendCommand").skip(skip).collect()
+}
+
 #[tokio::test]
-async fn sixty_instances_go_out_in_commands_of_at_most_fifty_within_the_batch() {
+async fn sixty_instances_go_out_in_commands_of_at_most_fifty_never_queued_inside_ssm() {
     let b = Bucket::new("ssmsixty").await;
     let tree = sample_tree(20, 52);
     b.put_tree("app/", &tree).await;
@@ -82,24 +90,45 @@ async fn sixty_instances_go_out_in_commands_of_at_most_fifty_within_the_batch() 
     for (_, root) in nodes.list() {
         assert_tree(&root.join("www"), &tree);
     }
-    let calls = ssm_calls(&ids);
-    let sends: Vec<_> = calls.iter().filter(|c| c["op"] == "SendCommand").collect();
-    let sizes: Vec<usize> = sends.iter().map(|c| c["instance_ids"].as_array().unwrap().len()).collect();
-    assert_eq!(sizes, [50, 10], "{sends:?}");
-    let concurrency: Vec<&str> = sends.iter().map(|c| c["max_concurrency"].as_str().unwrap()).collect();
-    assert_eq!(concurrency, ["20", "10"]);
-    let runs: Vec<_> = calls.iter().filter(|c| c["op"] == "invocation").collect();
+    // SSM expires a command TimeoutSeconds + executionTimeout after it was
+    // sent, so nodes queued behind a smaller MaxConcurrency could expire
+    // unrun: every command runs all its nodes at once, within the batch,
+    // and the next one goes as places free up.
+    let first = sends(&ids, 0);
+    let sizes: Vec<usize> = first.iter().map(|c| c["instance_ids"].as_array().unwrap().len()).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 60, "{first:?}");
+    for c in &first {
+        let size = c["instance_ids"].as_array().unwrap().len();
+        assert!(size <= 20, "no command is larger than --batch: {c}");
+        assert_eq!(c["max_concurrency"], size.to_string(), "a command's nodes all run at once: {c}");
+    }
+    let runs: Vec<serde_json::Value> = ssm_calls(&ids).into_iter().filter(|c| c["op"] == "invocation").collect();
     assert_eq!(runs.len(), 60);
-    let peak = peak_overlap(&runs);
+    let peak = peak_overlap(&runs.iter().collect::<Vec<_>>());
     assert!(peak <= 20 && peak > 1, "at most --batch nodes ran at once, and more than one: {peak}");
 
     // A batch covering the fleet sends both commands at once.
     let (code, report, _) = sync(&asg, &b.url("app"), &nodes, &[]);
     assert_eq!((code, report["totals"]["downloaded"].as_u64()), (0, Some(0)), "{report}");
-    let sends: Vec<_> = ssm_calls(&ids).into_iter().filter(|c| c["op"] == "SendCommand").skip(2).collect();
-    let mut concurrency: Vec<&str> = sends.iter().map(|c| c["max_concurrency"].as_str().unwrap()).collect();
+    let second = sends(&ids, first.len());
+    let mut concurrency: Vec<&str> = second.iter().map(|c| c["max_concurrency"].as_str().unwrap()).collect();
     concurrency.sort();
     assert_eq!(concurrency, ["10", "50"]);
+
+    // DescribeInstanceInformation refused for the first 50 IDs: those nodes
+    // fail with the reason; the other ten are checked and synced.
+    let refusing = common::FaultProxy::start(
+        &std::env::var("AWS_ENDPOINT_URL_SSM").unwrap(),
+        &["--api", "--rate", "0", "--fail-op", "DescribeInstanceInformation", "--fail-code", "AccessDeniedException"],
+    );
+    let (code, report, stderr) = common::run_report(
+        common::deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm").env("AWS_ENDPOINT_URL_SSM", &refusing.url),
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!((report["totals"]["failed"].as_u64(), report["totals"]["ok"].as_u64()), (Some(50), Some(10)), "{report}");
+    let failed = report["nodes"].as_array().unwrap().iter().find(|n| n["status"] == "failed").unwrap();
+    let e = failed["error"].as_str().unwrap();
+    assert!(e.contains("could not check that the SSM agent is online") && e.contains("AccessDeniedException"), "{e}");
 }
 
 #[tokio::test]
@@ -161,11 +190,115 @@ async fn hostile_arguments_reach_the_agent_verbatim_over_ssm() {
     b.put("app/index.php", b"<?php").await;
     let (asg, nodes) = Nodes::group_ssm("ssmquote", 1, 3);
     let dest = "/srv/we ird; touch /srv/pwned1 $(touch /srv/pwned2) `touch /srv/pwned3` 'q\" x\nnext";
-    let (code, report, stderr) = deploy(&asg, &b.url("app"), dest, &nodes, "ssm", &[]);
+    // The group's fleetsync document takes no such value: refused before
+    // anything is sent, naming it.
+    let (code, _, stderr) = deploy(&asg, &b.url("app"), dest, &nodes, "ssm", &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--dest") && stderr.contains("is not sent through the SSM document"), "{stderr}");
+    assert!(sends(&ids(&asg), 0).is_empty(), "nothing was sent");
+    // AWS-RunShellScript takes a command line, every argument quoted.
+    let (code, report, stderr) = deploy(&asg, &b.url("app"), dest, &nodes, "ssm", &["--ssm-document", "AWS-RunShellScript"]);
     assert_eq!(code, 0, "{stderr}\n{report}");
     let (_, root) = &nodes.list()[0];
     assert_eq!(std::fs::read(root.join(dest.trim_start_matches("/srv/")).join("index.php")).unwrap(), b"<?php");
     for p in ["pwned1", "pwned2", "pwned3"] {
         assert!(!root.join(p).exists(), "{p} was created: the argument was run as a command");
     }
+}
+
+#[tokio::test]
+async fn an_interrupted_deploy_cancels_every_command_it_sent_and_no_agent_of_it_runs_on() {
+    let b = Bucket::new("ssmcancel").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group_ssm("ssmcancel", 3, 4);
+    let ids = ids(&asg);
+    // Every node's pull waits on its node lock, so the deploy is mid-flight.
+    let held: Vec<_> = ids.iter().map(|id| Nodes::hold_agent_lock(&nodes.dir.path().join(id).join("srv"))).collect();
+    let child = common::deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+        .args(["--batch", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while sends(&ids, 0).is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await; // the agent is running
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let calls = ssm_calls(&ids);
+    let sent: HashSet<&str> = calls.iter().filter(|c| c["op"] == "SendCommand").map(|c| c["command_id"].as_str().unwrap()).collect();
+    let cancelled: HashSet<String> =
+        all_ssm_calls().into_iter().filter(|c| c["op"] == "CancelCommand").map(|c| c["command_id"].as_str().unwrap().to_string()).collect();
+    assert!(!sent.is_empty());
+    for id in &sent {
+        assert!(cancelled.contains(*id), "CancelCommand {id} was sent");
+    }
+    // With the node locks free again, an agent still running would pull now.
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    for id in &ids {
+        assert!(!nodes.dir.path().join(id).join("srv/www/index.php").exists(), "no agent of the interrupted deploy ran on {id}");
+    }
+}
+
+#[tokio::test]
+async fn offline_and_dead_ssm_agents_are_named_and_do_not_hold_back_the_other_nodes() {
+    let b = Bucket::new("ssmdead").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group_ssm("ssmdead", 5, 5);
+    let ids = ids(&asg);
+    // ids[0]: its SSM agent lost its connection (SSM says so: ConnectionLost).
+    common::fleet(&["ssm-agent", &ids[0], "connection-lost"]);
+    // ids[1]: its SSM agent died but the instance still shows Online: its
+    // command is never run, and SSM expires it.
+    common::fleet(&["ssm-agent", &ids[1], "dead"]);
+
+    let started = std::time::Instant::now();
+    let (code, report, stderr) = sync(&asg, &b.url("app"), &nodes, &["--batch", "2", "--timeout", "5", "--ssm-delivery-timeout", "30"]);
+    assert_eq!(code, 1, "{stderr}\n{report}");
+    let offline = node_in(&report, &ids[0]);
+    assert!(offline["error"].as_str().unwrap().contains("ping status ConnectionLost"), "{offline}");
+    assert_eq!(offline["duration_ms"], 0, "reported at once, never sent");
+    let dead = node_in(&report, &ids[1]);
+    let e = dead["error"].as_str().unwrap();
+    assert!(e.contains("SSM never ran the command") && e.contains("30 s to deliver + 5 s to run"), "{e}");
+    // The other three ran through the other place of the batch meanwhile.
+    for id in &ids[2..] {
+        assert_eq!(node_in(&report, id)["status"], "ok", "{report}");
+        assert_eq!(std::fs::read(nodes.dir.path().join(id).join("srv/www/index.php")).unwrap(), b"<?php");
+    }
+    let runs: Vec<serde_json::Value> = ssm_calls(&ids).into_iter().filter(|c| c["op"] == "invocation").collect();
+    let end = |id: &str| runs.iter().find(|r| r["instance_id"] == id).map(|r| r["end"].as_f64().unwrap()).unwrap();
+    let dead_end = end(&ids[1]);
+    for id in &ids[2..] {
+        assert!(end(id) < dead_end - 20.0, "{id} did not wait for the dead node");
+    }
+    assert!(started.elapsed().as_secs() >= 35, "the dead node's command expired after 30 + 5 s");
+    assert!(runs.iter().any(|r| r["instance_id"] == ids[1].as_str() && r["details"] == "DeliveryTimedOut"), "{runs:?}");
+}
+
+#[tokio::test]
+async fn a_report_with_long_failures_reaches_the_bastion_whole_over_ssm() {
+    let b = Bucket::new("ssmlong").await;
+    let (asg, nodes) = Nodes::group_ssm("ssmlong", 1, 6);
+    let root = nodes.list()[0].1.clone();
+    // 25 files with keys near S3's limit of 1,024 bytes, each of which fails
+    // to be placed: a directory stands where each must go.
+    let deep = ["d".repeat(200), "e".repeat(200), "f".repeat(200), "g".repeat(200)].join("/");
+    for i in 0..25 {
+        let rel = format!("{deep}/{i:02}-{}", "h".repeat(150));
+        b.put(&format!("app/{rel}"), b"x").await;
+        std::fs::create_dir_all(root.join("www").join(&rel).join("in-the-way")).unwrap();
+    }
+    let (code, report, stderr) = sync(&asg, &b.url("app"), &nodes, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let node = &report["nodes"][0];
+    let agent = &node["agent"];
+    assert_eq!(agent["counts"]["failed"], 25, "the agent's own report arrived: {node}");
+    assert!(agent["errors_omitted"].as_u64().unwrap() > 0, "{node}");
+    let e = node["error"].as_str().unwrap();
+    assert!(e.starts_with("25 files failed, first app/") && e.contains(": placing "), "{e}");
 }

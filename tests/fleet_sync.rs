@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{assert_tree, deploy_command, fleet, ids, sample_tree, Bucket, Nodes};
+use common::{assert_tree, deploy_command, fleet, ids, sample_tree, Bucket, FaultProxy, Nodes};
 
 /// `fleetsync sync --via ssh` for `asg`: (exit code, JSON report or Null, stderr).
 fn sync(asg: &str, source: &str, dest: &str, nodes: &Nodes, extra: &[&str]) -> (i32, serde_json::Value, String) {
@@ -281,6 +281,13 @@ async fn fleetsync_toml_supplies_the_flags_and_flags_override_it() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(root.join("other/index.php")).unwrap(), b"<?php", "--dest overrode the file");
 
+    // SSM's documents run at most 48 hours (and the SSM agent would quietly
+    // run a larger executionTimeout with one hour): refused up front.
+    let out = fleetsync().args(["sync", "--via", "ssm", "--timeout", "49h"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--timeout") && stderr.contains("48h") && stderr.trim().lines().count() == 1, "{stderr}");
+
     // A misspelt key is a one-line configuration error naming the file.
     std::fs::write(dir.path().join("bad.toml"), "max_errors = 2\n").unwrap();
     let out = fleetsync().args(["--config", "bad.toml", "sync"]).output().unwrap();
@@ -314,6 +321,30 @@ async fn an_interrupted_deploy_releases_the_fleet_lock_at_once() {
         assert!(stderr.contains("releasing the fleet lock"), "{stderr}");
         assert!(fleetsync::fleet_lock::read(&b.client, &lock).await.unwrap().is_none(), "{via}: the lock was released");
     }
+}
+
+#[tokio::test]
+async fn an_agent_past_the_ssh_timeout_is_stopped_and_never_switches_afterwards() {
+    let b = Bucket::new("sshgone").await;
+    b.put("app/index.php", b"<?php").await;
+    // The node's first object GET stalls for 5 s (then succeeds when
+    // retried), past the bastion's --timeout of 2 s: the agent has printed
+    // its listing and writes nothing more until after its switch. A
+    // non-interactive ssh session has no terminal, so sshd sends no SIGHUP
+    // when the bastion kills ssh: only the agent's watch on its stdin stops it.
+    let stalling = FaultProxy::start(&common::endpoint(), &["--rate", "1", "--kinds", "stall", "--stall", "5", "--max-faults", "1"]);
+    let (asg, nodes) = Nodes::group_with_env("sshgone", 1, &[("AWS_ENDPOINT_URL_S3", &stalling.url)]);
+    let root = nodes.list()[0].1.clone();
+    let state = format!("/srv/state-{}", common::unique("gone"));
+    let (code, report, stderr) = sync(&asg, &b.url("app"), "/srv/rel", &nodes, &["--releases", "--state-dir", &state, "--timeout", "2"]);
+    assert_eq!(code, 1, "{stderr}\n{report}");
+    assert!(report["nodes"][0]["error"].as_str().unwrap().contains("timed out after 2 s"), "{report}");
+    // An agent still running would go live once its retried GET succeeds.
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    assert_eq!(stalling.stats()["stall"], 1, "the GET was stalled");
+    assert!(!root.join("rel/current").exists(), "no release went live after the bastion reported the node failed");
+    let running = Command::new("pgrep").args(["-f", &state]).output().unwrap();
+    assert!(running.stdout.is_empty(), "the agent is gone: {}", String::from_utf8_lossy(&running.stdout));
 }
 
 #[tokio::test]

@@ -244,3 +244,24 @@ async fn a_release_build_killed_half_way_never_goes_live_and_is_swept_by_the_nex
     want.entry("index.php".into()).or_insert(b"v1".to_vec());
     assert_tree(&node.dest.join("current"), &want);
 }
+
+#[tokio::test]
+async fn the_release_is_on_disk_before_current_switches_to_it() {
+    // After a power loss, `current` must not name a release whose files
+    // were still only in the page cache: the file system is synced before
+    // the rename that switches it. strace shows the order of the calls.
+    let b = Bucket::new("relsync").await;
+    b.put_tree("app/", &sample_tree(30, 64)).await;
+    let node = Node::new();
+    let trace = node.tmp.path().join("strace.out");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-e", "trace=syncfs,fsync,renameat,renameat2,rename", "-o"]).arg(&trace).arg(agent_bin());
+    cmd.args(["pull", &b.url("app"), "--releases", "--json", "--dest"]).arg(&node.dest).arg("--state-dir").arg(&node.state);
+    let (code, _, stderr) = run_json(&mut cmd);
+    assert_eq!(code, 0, "{stderr}");
+    let calls = std::fs::read_to_string(&trace).unwrap();
+    let switch =
+        calls.lines().position(|l| l.contains("rename") && l.contains("\"current\"")).expect("the switch is a rename onto current");
+    let synced = calls.lines().position(|l| l.contains("syncfs(")).expect("the file system is synced");
+    assert!(synced < switch, "synced before the switch:\n{calls}");
+}

@@ -90,6 +90,108 @@ async fn planted_symlinks_are_never_followed() {
 }
 
 #[tokio::test]
+async fn keys_xml_cannot_carry_are_listed_url_encoded_and_refused_by_name() {
+    // moto's S3 stores keys as AWS does, with characters XML 1.0 cannot
+    // carry (SeaweedFS refuses them): listed without encoding-type=url, the
+    // response no parser accepts.
+    let moto = std::env::var("FLEETSYNC_MOTO").expect("run the tests with infra/local/test");
+    let client = common::client_via(&moto).await;
+    let bucket = common::unique("xml-keys");
+    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    for key in ["app/index.php", "app/evil\u{1}name.php", "app/with space+plus.php"] {
+        client.put_object().bucket(&bucket).key(key).body(b"x".to_vec().into()).send().await.unwrap();
+    }
+    let node = Node::new();
+    let (code, json, stderr) = run_json(node.agent(&format!("s3://{bucket}/app")).env("AWS_ENDPOINT_URL_S3", &moto));
+    assert_eq!(code, 1, "{stderr}");
+    let e = json["error"].as_str().unwrap();
+    assert!(e.contains("app/evil\\u{1}name.php") && e.contains("control character"), "the key is refused by name: {e}");
+    assert!(!node.dest.join("index.php").exists(), "nothing was written");
+
+    // Without it, the other keys come through decoded, a space and a `+` each.
+    client.delete_object().bucket(&bucket).key("app/evil\u{1}name.php").send().await.unwrap();
+    let (code, _, stderr) = run_json(node.agent(&format!("s3://{bucket}/app")).env("AWS_ENDPOINT_URL_S3", &moto));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read(node.dest.join("with space+plus.php")).unwrap(), b"x");
+}
+
+#[tokio::test]
+async fn release_mode_never_follows_a_symlink_at_dest_releases() {
+    let b = Bucket::new("relsymlink").await;
+    b.put("app/index.php", b"<?php").await;
+    let node = Node::new();
+    // A link planted at DEST/releases, pointing where root must not write
+    // or delete: a stale directory there would be "swept", the release
+    // built there.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(outside.path().join("stale-release")).unwrap();
+    std::fs::write(outside.path().join("stale-release/precious"), b"precious").unwrap();
+    std::fs::create_dir_all(&node.dest).unwrap();
+    std::os::unix::fs::symlink(outside.path(), node.dest.join("releases")).unwrap();
+    let (code, json, stderr) = run_json(node.agent(&b.url("app")).arg("--releases"));
+    assert_ne!(code, 0, "{stderr}");
+    assert!(json["error"].as_str().unwrap().contains("symlink"), "{json}");
+    assert_eq!(read_tree(outside.path()).into_keys().collect::<Vec<_>>(), ["stale-release/precious"], "nothing deleted or built there");
+    assert!(!node.dest.join("current").exists());
+}
+
+#[tokio::test]
+async fn an_empty_source_never_goes_live_as_a_first_release() {
+    let b = Bucket::new("relempty").await;
+    b.put("other/x.php", b"x").await;
+    let node = Node::new();
+    let (code, json, stderr) = run_json(node.agent(&b.url("app")).arg("--releases"));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(json["error"].as_str().unwrap().contains("lists no objects"), "{json}");
+    assert!(!node.dest.join("current").exists(), "an instance never enters service with no code");
+    let (code, _, stderr) = run_json(node.agent(&b.url("app")).args(["--releases", "--allow-empty"]));
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[tokio::test]
+async fn a_release_that_cannot_be_pruned_is_unregistered_first_and_never_rolled_back_to() {
+    let b = Bucket::new("relprune").await;
+    let node = Node::new();
+    let pull = |id: &str| run_json(node.agent(&b.url("app")).args(["--releases", "--keep", "0", "--release-id", id]));
+    for (i, id) in ["r1", "r2", "r3"].iter().enumerate() {
+        b.put("app/index.php", format!("<?php // {i}").as_bytes()).await;
+        b.put(&format!("app/file{i}.php"), b"x").await;
+        if *id == "r3" {
+            // r1 is pruned now (keep 0, neither live nor previous): one of
+            // its files cannot be removed, so its removal stops half-way.
+            let stuck = node.dest.join("releases/r1/file0.php");
+            assert!(Command::new("chattr").arg("+i").arg(&stuck).status().unwrap().success());
+        }
+        let (code, json, stderr) = pull(id);
+        if *id == "r3" {
+            assert!(Command::new("chattr").arg("-i").arg(node.dest.join("releases/r1/file0.php")).status().unwrap().success());
+        }
+        assert_eq!(code, 0, "{id}: {stderr}\n{json}");
+    }
+    // r1 is half-deleted on disk, and no longer a complete release.
+    let status = |args: &[&str]| {
+        let mut c = Command::new(common::agent_bin());
+        c.args(args).arg("--dest").arg(&node.dest).arg("--state-dir").arg(&node.state);
+        run_json(&mut c)
+    };
+    let (_, st, _) = status(&["status", "--json"]);
+    let known: Vec<&str> = st["releases"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(known, ["r2", "r3"], "{st}");
+    let out = Command::new(common::agent_bin())
+        .args(["rollback", "--to", "r1", "--dest"])
+        .arg(&node.dest)
+        .arg("--state-dir")
+        .arg(&node.state)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a half-deleted release is never made live again");
+    // The next pull sweeps what is left of it.
+    let (code, _, stderr) = pull("r3");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!node.dest.join("releases/r1").exists());
+}
+
+#[tokio::test]
 async fn configuration_errors_exit_2_with_one_line_and_touch_nothing() {
     let b = Bucket::new("config").await;
     let tree = sample_tree(20, 5);
@@ -118,6 +220,27 @@ async fn configuration_errors_exit_2_with_one_line_and_touch_nothing() {
             "AWS_ENDPOINT_URL",
         ),
         ("bad source", node.agent("https://example/x"), "s3://BUCKET"),
+        (
+            "no credentials in the chain (the SDK's own warnings stay out of the way)",
+            {
+                let mut c = node.agent(&b.url(""));
+                c.env_remove("AWS_ACCESS_KEY_ID")
+                    .env_remove("AWS_SECRET_ACCESS_KEY")
+                    .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+                    .env("AWS_CONFIG_FILE", "/nonexistent");
+                c
+            },
+            "no AWS credentials found",
+        ),
+        (
+            "--concurrency 0 in release mode",
+            {
+                let mut c = node.agent(&b.url(""));
+                c.args(["--releases", "--concurrency", "0"]);
+                c
+            },
+            "--concurrency",
+        ),
     ];
     for (what, mut cmd, needle) in cases {
         let (code, json, stderr) = run_json(&mut cmd);

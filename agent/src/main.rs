@@ -12,6 +12,7 @@ use fleetsync::pull::{DEFAULT_CONCURRENCY, DEFAULT_STATE_DIR};
 use fleetsync::{exit, ClientOptions, IfBusy, PullOptions, PullReport, S3Url};
 
 mod config;
+mod lifeline;
 mod progress;
 
 use config::{AgentConfig, Mode};
@@ -35,6 +36,10 @@ struct Cli {
     /// More log output on stderr (-v info, -vv debug). RUST_LOG also works.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Stop (exit code 130) when stdin closes: how the bastion's SSH
+    /// sessions make sure no agent outlives them.
+    #[arg(long, global = true)]
+    exit_with_stdin: bool,
 }
 
 #[derive(Subcommand)]
@@ -220,6 +225,9 @@ fn main() -> ExitCode {
 fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if cli.exit_with_stdin {
+        lifeline::exit_when_stdin_closes(exit::INTERRUPTED);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let cfg: AgentConfig = config::FILE.load(cli.config.as_deref())?;
     match cli.command {
@@ -381,9 +389,13 @@ fn print_stdout(s: &str) {
     let _ = writeln!(out, "{s}").and_then(|()| out.flush());
 }
 
+/// Logs on stderr. By default only the agent's own warnings: the AWS SDK
+/// logs its configuration lookups (a missing config file, an unreachable
+/// instance metadata service) as warnings that bury the one line that says
+/// what is wrong and how to fix it; `-v` shows them.
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        0 => "error,fleetsync=warn,fleetsync_agent=warn",
         1 => "info",
         _ => "debug",
     };

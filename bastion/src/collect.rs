@@ -9,6 +9,9 @@ use serde::Serialize;
 
 use crate::trigger::{last_line, Expect, Outcome};
 
+/// How the SSM agent ends an output it cut at 24,000 bytes.
+const SSM_TRUNCATED: &str = "--output truncated--";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NodeStatus {
@@ -47,6 +50,13 @@ pub fn collect(instance_id: &str, address: &str, outcome: Outcome, expects: Expe
         (Some(r), Some(0), _) if r.exit_code == 0 => (NodeStatus::Ok, None),
         (Some(r), _, _) => (NodeStatus::Failed, Some(r.error.clone().unwrap_or_else(|| agent_failures(r)))),
         (None, _, Some(why)) => (NodeStatus::Failed, Some(why.clone())),
+        (None, code, None) if outcome.stdout.trim_end().ends_with(SSM_TRUNCATED) => (
+            NodeStatus::Failed,
+            Some(format!(
+                "the agent's report was truncated (SSM keeps the first 24,000 characters of output; exit code {})",
+                code.map_or("none".into(), |c| c.to_string())
+            )),
+        ),
         (None, Some(127), _) => (NodeStatus::Failed, Some(format!("fleetsync-agent is not installed on {instance_id} ({last_stderr})"))),
         (None, code, None) => (
             NodeStatus::Failed,
@@ -110,5 +120,8 @@ mod tests {
         let r = collect("i-2", "10.0.0.2", outcome("", "bash: line 1: fleetsync-agent: command not found\n", 127), Expect::Pull);
         let e = r.error.unwrap();
         assert!(e.contains("not installed on i-2") && e.contains("command not found"), "{e}");
+        let cut = format!("{{\"status\":\"partial\",\"errors\":[{}--output truncated--", "x".repeat(23_000));
+        let e = collect("i-3", "10.0.0.3", outcome(&cut, "", 1), Expect::Pull).error.unwrap();
+        assert!(e.contains("report was truncated"), "{e}");
     }
 }

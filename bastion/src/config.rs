@@ -25,6 +25,8 @@ pub struct FileConfig {
     pub max_errors: Option<Limit>,
     pub canary: Option<usize>,
     pub timeout: Option<Seconds>,
+    pub ssm_document: Option<String>,
+    pub ssm_delivery_timeout: Option<Seconds>,
     pub lock: Option<String>,
     pub lock_wait: Option<Seconds>,
     pub lock_lease: Option<Seconds>,

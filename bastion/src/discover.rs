@@ -44,6 +44,10 @@ impl Node {
 /// Instance IDs per DescribeInstances call: well under the API's limit, so
 /// one huge group is several small calls.
 const IDS_PER_CALL: usize = 200;
+/// Calls made for IDs EC2 does not show yet, and the first pause between
+/// them (doubled each time): about 6 s in all.
+const NOT_FOUND_TRIES: u32 = 5;
+const NOT_FOUND_PAUSE: std::time::Duration = std::time::Duration::from_millis(400);
 
 /// Lists the group's instances, targets first.
 pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<Vec<Node>> {
@@ -74,15 +78,7 @@ pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<V
     let ids: Vec<String> = members.iter().filter_map(|m| m.instance_id().map(str::to_string)).collect();
     let mut ec2_view: HashMap<String, aws_sdk_ec2::types::Instance> = HashMap::new();
     for chunk in ids.chunks(IDS_PER_CALL) {
-        let mut pages = ec2.describe_instances().set_instance_ids(Some(chunk.to_vec())).into_paginator().send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| api_error("DescribeInstances", &ApiFailure::from_sdk(&e), NEEDS))?;
-            for i in page.reservations().iter().flat_map(|r| r.instances()) {
-                if let Some(id) = i.instance_id() {
-                    ec2_view.insert(id.to_string(), i.clone());
-                }
-            }
-        }
+        ec2_view.extend(describe_instances(&ec2, chunk).await?);
     }
 
     let mut nodes: Vec<Node> = members
@@ -117,4 +113,106 @@ pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<V
         .collect();
     nodes.sort_by(|a, b| (a.skipped.is_some(), &a.instance_id).cmp(&(b.skipped.is_some(), &b.instance_id)));
     Ok(nodes)
+}
+
+/// DescribeInstances of `ids`. EC2 is eventually consistent: an instance
+/// the group has just launched can be unknown to DescribeInstances for a
+/// moment, and one unknown ID fails the whole call with
+/// InvalidInstanceID.NotFound, naming it. Those IDs are set aside and asked
+/// for again after a pause; the others are described at once. An ID still
+/// unknown after the last try is left out (the node is then skipped with
+/// EC2 state "unknown", and a later deploy or its own boot catches it up).
+async fn describe_instances(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> anyhow::Result<HashMap<String, aws_sdk_ec2::types::Instance>> {
+    let mut found = HashMap::new();
+    let mut ask: Vec<String> = ids.to_vec();
+    let mut later: Vec<String> = Vec::new();
+    let mut pause = NOT_FOUND_PAUSE;
+    for attempt in 1..=NOT_FOUND_TRIES {
+        while !ask.is_empty() {
+            match describe_page(ec2, &ask).await {
+                Ok(instances) => {
+                    found.extend(instances);
+                    ask.clear();
+                }
+                Err(DescribeError::NotFound(missing)) if !missing.is_empty() && missing.iter().all(|m| ask.contains(m)) => {
+                    ask.retain(|id| !missing.contains(id));
+                    later.extend(missing);
+                }
+                Err(DescribeError::NotFound(_)) => {
+                    // Not told which: ask for each alone next time.
+                    later.append(&mut ask);
+                }
+                Err(DescribeError::Other(e)) => return Err(e),
+            }
+        }
+        if later.is_empty() || attempt == NOT_FOUND_TRIES {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+        // One at a time from now on: one still unknown must not hide the rest.
+        let retry = std::mem::take(&mut later);
+        for id in retry {
+            match describe_page(ec2, std::slice::from_ref(&id)).await {
+                Ok(instances) => found.extend(instances),
+                Err(DescribeError::NotFound(_)) => later.push(id),
+                Err(DescribeError::Other(e)) => return Err(e),
+            }
+        }
+        if later.is_empty() {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+enum DescribeError {
+    /// InvalidInstanceID.NotFound, with the IDs its message names.
+    NotFound(Vec<String>),
+    Other(anyhow::Error),
+}
+
+async fn describe_page(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> Result<HashMap<String, aws_sdk_ec2::types::Instance>, DescribeError> {
+    let mut found = HashMap::new();
+    let mut pages = ec2.describe_instances().set_instance_ids(Some(ids.to_vec())).into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = match page {
+            Ok(page) => page,
+            Err(e) => {
+                let f = ApiFailure::from_sdk(&e);
+                if f.code.as_deref() == Some("InvalidInstanceID.NotFound") {
+                    return Err(DescribeError::NotFound(instance_ids_in(&f.message)));
+                }
+                return Err(DescribeError::Other(api_error("DescribeInstances", &f, NEEDS)));
+            }
+        };
+        for i in page.reservations().iter().flat_map(|r| r.instances()) {
+            if let Some(id) = i.instance_id() {
+                found.insert(id.to_string(), i.clone());
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The instance IDs an EC2 error message names ("The instance IDs 'i-1,
+/// i-2' do not exist").
+fn instance_ids_in(message: &str) -> Vec<String> {
+    message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.strip_prefix("i-").is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit())))
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_are_read_out_of_not_found_messages() {
+        assert_eq!(instance_ids_in("The instance ID 'i-0abc1' does not exist"), ["i-0abc1"]);
+        assert_eq!(instance_ids_in("The instance IDs 'i-1f, i-2e' do not exist (HTTP 400)"), ["i-1f", "i-2e"]);
+        assert!(instance_ids_in("no ids here, i- or i-xyz").is_empty());
+    }
 }

@@ -1,17 +1,19 @@
 //! `fleetsync`: the operator's and CI's command for a whole Auto Scaling
-//! Group. Parsing and printing only; the work is in the library.
-//!
-//! `sync` is the product's data flow, one module per step: discover ->
-//! lock -> trigger -> collect -> report (`progress` draws it live). `list`
-//! is the discover step alone; `lock show|break` manage the fleet lock.
-//! Flags may come from `fleetsync.toml` (`config`).
+//! Group. Parsing and printing only: the flows are in `deploy` (sync,
+//! rollback) and `status`, their steps in one module each (discover ->
+//! lock -> trigger -> collect -> report; `progress` draws it live), and the
+//! rest in the library. `list` is the discover step alone; `lock
+//! show|break` manage the fleet lock. Flags may come from `fleetsync.toml`
+//! (`config`).
 
 mod api;
 mod collect;
 mod config;
+mod deploy;
 mod discover;
 mod progress;
 mod report;
+mod status;
 mod trigger;
 mod values;
 
@@ -27,8 +29,9 @@ use fleetsync::source::S3Client;
 use fleetsync::{exit, ClientOptions, S3Url};
 
 use crate::config::FileConfig;
-use crate::progress::{log, Progress};
-use crate::trigger::{AddressChoice, Via};
+use crate::deploy::{Deploy, Ended};
+use crate::progress::log;
+use crate::trigger::{Action, AddressChoice, AgentCall, Via};
 use crate::values::{Limit, Seconds};
 
 const EXIT_CODES: &str = "\
@@ -38,7 +41,8 @@ Exit codes:
      during the run, status found drifting nodes, or the operation failed
   2  usage or configuration error (flags, credentials, group, bucket, endpoint)
   3  the fleet lock is held by another deploy (the message names it)
-  130  interrupted (SIGINT/SIGTERM): no new node is started, the fleet lock is released";
+  130  interrupted (SIGINT/SIGTERM): no new node is started, SSM commands are cancelled,
+       the fleet lock is released";
 
 #[derive(Parser)]
 #[command(name = "fleetsync", version, about = "Keeps every instance of an Auto Scaling Group on the same codebase from S3.", after_help = EXIT_CODES)]
@@ -99,9 +103,18 @@ struct FleetArgs {
     #[arg(long)]
     canary: Option<usize>,
     /// How long one node's agent may run before it is stopped and the node
-    /// reported failed: 90, 90s, 5m, 1h [default: 30m].
+    /// reported failed: 90, 90s, 5m, 1h; at most 48h [default: 30m].
     #[arg(long, value_name = "DURATION")]
     timeout: Option<Seconds>,
+    /// The SSM Command document to send [default: fleetsync-agent-ASG, which
+    /// infra/aws/fleetsync.yaml creates; AWS-RunShellScript sends a shell
+    /// command line instead].
+    #[arg(long, value_name = "NAME")]
+    ssm_document: Option<String>,
+    /// How long SSM may take to deliver the command to a node's SSM agent
+    /// before it gives up (SendCommand's TimeoutSeconds, 30s..30 days) [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    ssm_delivery_timeout: Option<Seconds>,
     /// The fleet lock (default: s3://SOURCE_BUCKET/.fleetsync/locks/ASG.json).
     #[arg(long)]
     lock: Option<String>,
@@ -252,19 +265,6 @@ struct AwsArgs {
     path_style: bool,
 }
 
-/// Resolves on the first SIGINT or SIGTERM, naming it.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        // Without handlers the default action (exit) stays; never resolve.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => "interrupted",
-        _ = term.recv() => "terminated",
-    }
-}
-
 /// A required value missing from both the flags and the config file.
 fn missing(flag: &str) -> anyhow::Error {
     fleetsync::Error::Config(format!("missing --{flag}: give it as a flag or as `{flag} = ...` in fleetsync.toml")).into()
@@ -285,6 +285,8 @@ impl FleetArgs {
         self.max_errors = self.max_errors.or(file.max_errors);
         self.canary = self.canary.or(file.canary);
         self.timeout = self.timeout.or(file.timeout);
+        self.ssm_document = self.ssm_document.take().or(file.ssm_document.clone());
+        self.ssm_delivery_timeout = self.ssm_delivery_timeout.or(file.ssm_delivery_timeout);
         self.lock = self.lock.take().or(file.lock.clone());
         self.lock_wait = self.lock_wait.or(file.lock_wait);
         self.lock_lease = self.lock_lease.or(file.lock_lease);
@@ -303,6 +305,22 @@ impl FleetArgs {
         }
         if self.lock_lease.is_some_and(|l| l.0 < Duration::from_secs(3)) {
             return Err(fleetsync::Error::Config("--lock-lease must be at least 3s (it is renewed every third of it)".into()).into());
+        }
+        if self.timeout() > trigger::MAX_EXECUTION_TIMEOUT {
+            // SSM's documents take at most 48 h (and the SSM agent quietly
+            // runs a larger value with one hour instead).
+            return Err(fleetsync::Error::Config(format!(
+                "--timeout {} s is more than SSM allows (48h, 172800 s): give at most --timeout 48h",
+                self.timeout().as_secs()
+            ))
+            .into());
+        }
+        let (low, high) = trigger::DELIVERY_TIMEOUT_RANGE;
+        if !(low..=high).contains(&self.delivery_timeout().as_secs()) {
+            return Err(fleetsync::Error::Config(format!(
+                "--ssm-delivery-timeout must be between {low} s and {high} s (30 days), SendCommand's range"
+            ))
+            .into());
         }
         Ok(())
     }
@@ -327,16 +345,13 @@ impl FleetArgs {
         self.lock_lease.map_or(Duration::from_secs(60), |t| t.0)
     }
 
-    /// `--dest` and `--state-dir` for the agent, when given.
-    fn node_paths(&self) -> Vec<String> {
-        let mut words = Vec::new();
-        if let Some(d) = &self.dest {
-            words.extend(["--dest".to_string(), d.clone()]);
-        }
-        if let Some(s) = &self.state_dir {
-            words.extend(["--state-dir".to_string(), s.clone()]);
-        }
-        words
+    fn delivery_timeout(&self) -> Duration {
+        self.ssm_delivery_timeout.map_or(Duration::from_secs(300), |t| t.0)
+    }
+
+    /// The agent call for `action`, with `--dest` and `--state-dir` when given.
+    fn agent_call(&self, action: Action) -> AgentCall {
+        AgentCall { dest: self.dest.clone(), state_dir: self.state_dir.clone(), ..AgentCall::new(action) }
     }
 
     /// How to reach the nodes.
@@ -344,7 +359,9 @@ impl FleetArgs {
         match self.via() {
             Via::Ssm => trigger::Transport::Ssm(trigger::Ssm {
                 client: aws_sdk_ssm::Client::new(sdk),
+                document: self.ssm_document.clone().unwrap_or_else(|| format!("fleetsync-agent-{}", self.asg())),
                 timeout: self.timeout(),
+                delivery_timeout: self.delivery_timeout(),
                 comment: format!("fleetsync {verb} --asg {}", self.asg()),
                 sent: Default::default(),
             }),
@@ -378,28 +395,17 @@ impl SyncArgs {
     }
 
     /// What every node's agent is asked to do.
-    fn agent_call(&self) -> trigger::AgentCall {
-        let mut words = vec!["pull".to_string(), self.fleet.source().to_string()];
-        words.extend(self.fleet.node_paths());
-        if self.releases {
-            words.push("--releases".into());
+    fn agent_call(&self) -> AgentCall {
+        AgentCall {
+            source: Some(self.fleet.source().to_string()),
+            releases: self.releases,
+            release: self.release_id.clone(),
+            keep: self.keep,
+            after_switch: self.after_switch.clone(),
+            rollback_on_failure: self.rollback_on_failure,
+            allow_empty: self.allow_empty,
+            ..self.fleet.agent_call(Action::Pull)
         }
-        if let Some(id) = &self.release_id {
-            words.extend(["--release-id".into(), id.clone()]);
-        }
-        if let Some(k) = self.keep {
-            words.extend(["--keep".into(), k.to_string()]);
-        }
-        if let Some(cmd) = &self.after_switch {
-            words.extend(["--after-switch".into(), cmd.clone()]);
-        }
-        if self.rollback_on_failure {
-            words.push("--rollback-on-failure".into());
-        }
-        if self.allow_empty {
-            words.push("--allow-empty".into());
-        }
-        trigger::AgentCall::new(trigger::Expect::Pull, words)
     }
 }
 
@@ -462,230 +468,89 @@ fn try_main() -> anyhow::Result<i32> {
     }
 }
 
-/// `sync --dry-run`: what would be synced, how, and whether the lock is free.
-async fn dry_run(
-    args: &FleetArgs,
-    call: &trigger::AgentCall,
-    targets: &[discover::Node],
-    skipped: &[discover::Node],
-    s3: &S3Client,
-    object: &LockObject,
-) -> anyhow::Result<i32> {
-    let via = match args.via() {
-        Via::Ssm => "ssm",
-        Via::Ssh => "ssh",
-    };
-    let mut out = format!("would run on {} nodes over {via}: {}\n", targets.len(), call.command_line());
-    for n in targets {
-        let address = trigger::address(n, args.address.unwrap_or(AddressChoice::PrivateIp)).unwrap_or_else(|| "(no address)".into());
-        out.push_str(&format!("  sync {} {address}\n", n.instance_id));
-    }
-    for n in skipped {
-        out.push_str(&format!("  skip {}: {}\n", n.instance_id, n.skipped.as_deref().unwrap_or("")));
-    }
-    let lock = fleet_lock::read(s3, object).await?;
-    match &lock {
-        None => out.push_str(&format!("the fleet lock {object} is free")),
-        Some((info, _)) => out.push_str(&format!("the fleet lock {object} is held by {}", info.describe())),
-    }
-    print_stdout(&out);
-    Ok(if lock.is_some_and(|(info, _)| !info.expired()) { exit::BUSY } else { exit::OK })
-}
-
-/// `sync`: discover -> lock -> trigger -> collect -> report.
+/// `sync`: the deploy flow (see `deploy`), or with `--dry-run` what it would do.
 async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
     let call = args.agent_call();
-    deploy(&args.fleet, call, Deploy { verb: "sync", dry_run: args.dry_run, rejoin: true }).await
+    let dry_run = args.dry_run;
+    deploy_and_print(&args.fleet, call, "sync", true, dry_run).await
 }
 
 /// `rollback`: the same flow as `sync`, each node's agent asked to make an
-/// earlier release live again.
+/// earlier release live again. An instance that joins mid-rollback booted
+/// on the published release: it has nothing to roll back, so there is no
+/// second pass.
 async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
-    let mut words = vec!["rollback".to_string()];
-    words.extend(args.fleet.node_paths());
-    if let Some(to) = &args.to {
-        words.extend(["--to".to_string(), to.clone()]);
-    }
-    let call = trigger::AgentCall::new(trigger::Expect::Pull, words);
-    // An instance that joins mid-rollback booted on the published release:
-    // it has nothing to roll back, so there is no second pass.
-    deploy(&args.fleet, call, Deploy { verb: "rollback", dry_run: false, rejoin: false }).await
+    let call = AgentCall { release: args.to.clone(), ..args.fleet.agent_call(Action::Rollback) };
+    deploy_and_print(&args.fleet, call, "rollback", false, false).await
 }
 
-/// What differs between the commands that change the fleet.
-struct Deploy {
-    /// For messages and the SSM comment.
-    verb: &'static str,
-    dry_run: bool,
-    /// List the group again at the end and run the new instances too.
-    rejoin: bool,
-}
-
-/// discover -> lock -> trigger -> collect -> report, for `call` on every node.
-async fn deploy(args: &FleetArgs, call: trigger::AgentCall, how: Deploy) -> anyhow::Result<i32> {
-    let started = std::time::Instant::now();
+/// Runs a deploy (or its dry run) and prints what it gave.
+async fn deploy_and_print(args: &FleetArgs, call: AgentCall, verb: &'static str, rejoin: bool, dry_run: bool) -> anyhow::Result<i32> {
     let source = S3Url::parse(args.source())?;
     let client_opts = args.aws.client_options();
     let sdk = fleetsync::source::sdk_config(&client_opts).await;
-
-    // Discover.
-    let (targets, skipped): (Vec<_>, Vec<_>) = discover::discover(&sdk, args.asg()).await?.into_iter().partition(|n| n.is_target());
-    if targets.is_empty() {
-        return Err(fleetsync::Error::Config(format!(
-            "no instance of {:?} is InService, Healthy and running; nothing to {}",
-            args.asg(),
-            how.verb
-        ))
-        .into());
-    }
-
-    // Lock.
-    let object = match &args.lock {
-        Some(l) => LockObject::parse(l)?,
-        None => LockObject::for_group(&source, args.asg())?,
-    };
     let s3 = fleetsync::source::s3_client(&client_opts).await;
-    fleetsync::source::check_source(&s3, &source).await?;
-    if how.dry_run {
-        return dry_run(args, &call, &targets, &skipped, &s3, &object).await;
-    }
-    let command: Vec<String> = std::env::args().collect();
-    let info = fleet_lock::LockInfo::for_this_process(&command.join(" "), args.lease());
-    let wait = args.lock_wait.map_or(Duration::ZERO, |w| w.0);
-    let held = match fleet_lock::acquire(&s3, &object, info, args.lease(), wait).await {
-        Ok(h) => h,
-        Err(fleet_lock::LockError::Held { object, holder }) => {
-            eprintln!("fleetsync: another deploy holds the fleet lock {object}: {} (wait with --lock-wait, or break it with `fleetsync lock break`)", holder.describe());
-            return Ok(exit::BUSY);
-        }
-        Err(fleet_lock::LockError::Other(e)) => return Err(e.into()),
-    };
-    let progress = Progress::new(targets.len());
-    if let Some(prev) = &held.took_over {
-        progress.note(&format!("took over an expired fleet lock from {}", prev.describe()));
-    }
-
-    // Trigger and collect: canaries first, then the rest, then any instance
-    // that joined the group while we were busy.
-    let fleet = trigger::Fleet {
-        transport: args.transport(&sdk, how.verb),
+    let d = Deploy {
+        verb,
+        asg: args.asg().to_string(),
+        lock: match &args.lock {
+            Some(l) => LockObject::parse(l)?,
+            None => LockObject::for_group(&source, args.asg())?,
+        },
+        source,
+        dest: args.dest.clone().unwrap_or_default(),
+        lease: args.lease(),
+        lock_wait: args.lock_wait.map_or(Duration::ZERO, |w| w.0),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        transport: args.transport(&sdk, verb),
         call,
-        held: Some(&held),
         address: args.address.unwrap_or(AddressChoice::PrivateIp),
         batch: args.batch,
         max_errors: args.max_errors,
-        fleet_size: targets.len(),
-        progress: &progress,
-        failures: Default::default(),
+        canary: args.canary.unwrap_or(0),
+        rejoin,
     };
-    progress.note(&format!("{}: {} nodes of {} over {}", how.verb, targets.len(), args.asg(), fleet.transport.name()));
-    // The deploy proper runs until it is done or the operator interrupts it
-    // (Ctrl-C, or SIGTERM from a cancelled CI job); either way the lock is
-    // released below, not left to block the next deploy for a lease.
-    let deploy = async {
-        // Set when the group could not be listed again for instances that
-        // joined: reported as the command's error once the lock is released.
-        let mut rediscover_error = None;
-        let canaries = args.canary.unwrap_or(0).min(targets.len());
-        let (first, rest) = targets.split_at(canaries);
-        let mut results = fleet.run(first).await;
-        if canaries > 0 && results.iter().any(|r| r.status != collect::NodeStatus::Ok) {
-            progress.note("a canary failed; no other node is started");
-            results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
-        } else {
-            results.extend(fleet.run(rest).await);
-            if how.rejoin && !held.lost() {
-                // The lock is held here: a failure must not return early (`?`)
-                // and leave it to block every deploy until its lease runs out.
-                match discover::discover(&sdk, args.asg()).await {
-                    Ok(now) => {
-                        let known: std::collections::HashSet<&str> = targets.iter().map(|n| n.instance_id.as_str()).collect();
-                        let joined: Vec<_> = now.into_iter().filter(|n| n.is_target() && !known.contains(n.instance_id.as_str())).collect();
-                        if !joined.is_empty() {
-                            progress.note(&format!("{} instances joined the group during the deploy; syncing them too", joined.len()));
-                            progress.add(joined.len());
-                            results.extend(fleet.run(&joined).await);
-                        }
-                    }
-                    Err(e) => rediscover_error = Some(e.context("listing the group again for instances that joined during the deploy")),
-                }
-            }
+    if dry_run {
+        let (text, code) = deploy::dry_run(&d, &sdk, &s3).await?;
+        print_stdout(&text);
+        return Ok(code);
+    }
+    let lock = d.lock.to_string();
+    match deploy::run(d, &sdk, &s3).await? {
+        Ended::Busy(holder) => {
+            eprintln!("fleetsync: another deploy holds the fleet lock {lock}: {holder} (wait with --lock-wait, or break it with `fleetsync lock break`)");
+            Ok(exit::BUSY)
         }
-        (results, rediscover_error)
-    };
-    let (results, rediscover_error) = tokio::select! {
-        done = deploy => done,
-        signal = interrupted() => {
-            progress.finish();
-            log(&format!("{signal}: starting no more nodes, cancelling what was sent, releasing the fleet lock"));
-            fleet.transport.cancel(&progress).await;
-            if let Err(e) = held.release().await {
-                log(&format!("warning: {e}"));
+        Ended::Interrupted => Ok(exit::INTERRUPTED),
+        Ended::Report(report) => {
+            if let Some(e) = &report.rejoin_error {
+                log(&format!("error: {e}"));
             }
-            return Ok(exit::INTERRUPTED);
+            if args.json {
+                print_stdout(&serde_json::to_string(&report)?);
+            } else {
+                print_stdout(&report.table());
+            }
+            Ok(report.exit_code)
         }
-    };
-    progress.finish();
-    let lock_lost = held.lost();
-    if lock_lost {
-        log("the fleet lock was lost during the deploy (broken, taken over, or its lease ran out unrenewed); nodes not yet started were skipped");
-    }
-    if let Err(e) = held.release().await {
-        log(&format!("warning: {e}"));
-    }
-
-    // Report.
-    let (asg, source, dest) = (args.asg().to_string(), args.source().to_string(), args.dest.clone().unwrap_or_default());
-    let mut report = report::FleetReport::new(asg, source, dest, results, skipped, started.elapsed().as_millis() as u64);
-    if lock_lost {
-        // Another deploy may have run meanwhile: this one cannot vouch for
-        // the fleet, whatever its nodes said.
-        report.lock_lost = true;
-        report.exit_code = report.exit_code.max(exit::PARTIAL);
-    }
-    if args.json {
-        print_stdout(&serde_json::to_string(&report)?);
-    } else {
-        print_stdout(&report.table());
-    }
-    match rediscover_error {
-        Some(e) => Err(e),
-        None => Ok(report.exit_code),
     }
 }
 
-/// `status`: discover -> ask every node's agent for its release status ->
-/// a table with drift flagged. Takes no lock: it changes nothing.
+/// `status`: every node's live release, drift flagged (see `status`).
 async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let f = &args.fleet;
     let client_opts = f.aws.client_options();
     let sdk = fleetsync::source::sdk_config(&client_opts).await;
-    let (targets, skipped): (Vec<_>, Vec<_>) = discover::discover(&sdk, f.asg()).await?.into_iter().partition(|n| n.is_target());
-    // The release last published, when the source has a pointer.
-    let published = match &f.source {
-        Some(source) => {
-            let s3 = fleetsync::source::s3_client(&client_opts).await;
-            fleetsync::publish::read_pointer(&s3, &S3Url::parse(source)?).await?.map(|p| p.release_id)
-        }
-        None => None,
-    };
-    let mut words = vec!["status".to_string()];
-    words.extend(f.node_paths());
-    let progress = Progress::new(targets.len());
-    let fleet = trigger::Fleet {
+    let s3 = fleetsync::source::s3_client(&client_opts).await;
+    let st = status::Status {
+        asg: f.asg().to_string(),
+        source: f.source.as_deref().map(S3Url::parse).transpose()?,
         transport: f.transport(&sdk, "status"),
-        call: trigger::AgentCall::new(trigger::Expect::Status, words),
-        held: None,
+        call: f.agent_call(Action::Status),
         address: f.address.unwrap_or(AddressChoice::PrivateIp),
         batch: f.batch,
-        max_errors: None,
-        fleet_size: targets.len(),
-        progress: &progress,
-        failures: Default::default(),
     };
-    let results = fleet.run(&targets).await;
-    progress.finish();
-    let report = report::StatusReport::new(f.asg().to_string(), published, results, skipped);
+    let report = status::run(st, &sdk, &s3).await?;
     if f.json {
         print_stdout(&serde_json::to_string(&report)?);
     } else {

@@ -16,6 +16,10 @@ pub struct FleetReport {
     pub exit_code: i32,
     /// The fleet lock was broken, taken over or ran out during the run.
     pub lock_lost: bool,
+    /// Listing the group again at the end failed (instances that joined
+    /// during the deploy may not have been synced): why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejoin_error: Option<String>,
     pub nodes: Vec<NodeResult>,
     /// Instances that were not targets, with the reason.
     pub skipped: Vec<Node>,
@@ -49,7 +53,7 @@ impl FleetReport {
             }
         }
         let exit_code = if t.failed + t.not_attempted > 0 { fleetsync::exit::PARTIAL } else { fleetsync::exit::OK };
-        FleetReport { asg, source, dest, exit_code, lock_lost: false, nodes, skipped, totals: t, duration_ms }
+        FleetReport { asg, source, dest, exit_code, lock_lost: false, rejoin_error: None, nodes, skipped, totals: t, duration_ms }
     }
 
     /// One row per node, then the skipped instances and the totals.
@@ -82,6 +86,9 @@ impl FleetReport {
         let mut out = table(&["INSTANCE", "ADDRESS", "STATUS", "RELEASE", "DOWNLOADED", "DELETED", "BYTES", "TIME", "ERROR"], &rows);
         for s in &self.skipped {
             out.push_str(&format!("\nskipped {}: {}", s.instance_id, s.skipped.as_deref().unwrap_or("")));
+        }
+        if let Some(e) = &self.rejoin_error {
+            out.push_str(&format!("\nwarning: {e}"));
         }
         let t = &self.totals;
         out.push_str(&format!(

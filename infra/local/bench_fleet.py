@@ -12,7 +12,16 @@ pull time (from the agents' own reports), the orchestration overhead
 `--batch` covers the fleet, so every node runs at once: the overhead is
 what discovery, the fleet lock, the transport and polling add on top of
 the slowest node.
+
+`--fleets 2000:sim` is the scale run: 2,000 instances in moto whose SSM
+agents are simulated by the emulator (each answers after about
+`--sim-ms` with a canned report marked as a simulation; nothing is
+pulled), with the emulator throttling above `--ssm-rate` requests a second.
+It measures the bastion alone: wall time over the slowest simulated node,
+CPU, peak RSS, and SSM API calls per node and per second (throttled ones
+included), read from the emulator's own counts.
 """
+import urllib.request
 import argparse
 import json
 import os
@@ -59,6 +68,8 @@ def main():
     ap.add_argument("--via", default="ssh,ssm")
     ap.add_argument("--fleets", help="fleet sizes with their transports instead of --sizes x --via, e.g. 100:ssm,50:ssh")
     ap.add_argument("--files", type=int, default=300, help="files in the tree each node pulls")
+    ap.add_argument("--sim-ms", type=int, default=2000, help="sim: how long a simulated node takes (+-25%%)")
+    ap.add_argument("--ssm-rate", type=float, default=40, help="sim: SSM requests a second before ThrottlingException")
     a = ap.parse_args()
     if a.fleets:
         fleets = [(int(n), vias.split("+")) for n, vias in (f.split(":") for f in a.fleets.split(","))]
@@ -76,10 +87,17 @@ def main():
     print(f"tree per node: {a.files} files, {size_mib:.1f} MiB; every node pulls it at once (--batch covers the fleet)\n")
 
     rows = []
+    sims = []
+    subnet = 10
     for k, (n, vias) in enumerate(fleets):
-        group = f"bench{n}"
-        sh(FLEET + ["create", group, "--size", str(n), "--subnet", str(10 + k)], env=env)
-        nodes = os.path.join(a.work, f"nodes{n}")
+        group = f"bench{n}-{k}"
+        subnets = max(1, -(-n // 240))  # a /24 holds about 250 instances
+        sh(FLEET + ["create", group, "--size", str(n), "--subnet", f"{subnet}-{subnet + subnets - 1}"], env=env)
+        subnet += subnets
+        nodes = os.path.join(a.work, f"nodes{n}-{k}")
+        if vias == ["sim"]:
+            sims.append(simulate(a, bastion, env, group, n, nodes))
+            continue
         sh(FLEET + ["nodes-up", group, "--dir", nodes], env=env)
         try:
             for via in vias:
@@ -118,6 +136,14 @@ def main():
         finally:
             sh(FLEET + ["nodes-down", "--dir", nodes], env=env)
 
+    if sims:
+        print("\n| simulated nodes | SSM rate limit | bastion wall | slowest node | overhead | after last end | bastion CPU | peak RSS | SSM calls | calls per node | calls per second | throttled |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in sims:
+            print("| {n} | {rate:.0f}/s | {wall:.2f} s | {slowest:.2f} s | {over:.1f}% | {tail:.2f} s | {cpu:.2f} s | {rss:.0f} MiB | {calls} | {per_node:.2f} | {per_sec:.1f} | {throttled} |".format(**r))
+        print("\nSSM calls by operation: " + "; ".join(", ".join(f"{op} {c}" for op, c in sorted(r["ops"].items())) for r in sims))
+    if not rows:
+        return
     print("\n| nodes | via | case | bastion wall | slowest node pull | overhead | before first agent | first agent start to last end | after last end | bastion CPU (incl. ssh) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, via, case, wall, slowest, over, cpu, _, first, window, tail in rows:
@@ -126,6 +152,45 @@ def main():
     print("|---|---|---|---|")
     for n, via, case, _wall, _slowest, _over, _cpu, rss, *_ in rows:
         print(f"| {n} | {via} | {case} | {rss:.0f} MiB |")
+
+
+def ssm_call(op, body):
+    """A call to the SSM emulator's own operations (not signed: it does not check)."""
+    req = urllib.request.Request(os.environ["AWS_ENDPOINT_URL_SSM"] + "/", data=json.dumps(body).encode(), method="POST",
+                                 headers={"X-Amz-Target": f"AmazonSSM.{op}", "Content-Type": "application/x-amz-json-1.1"})
+    return json.load(urllib.request.urlopen(req))
+
+
+def simulate(a, bastion, env, group, n, nodes):
+    """One deploy of `n` simulated instances over SSM; what the bastion cost."""
+    sh(FLEET + ["nodes-up", group, "--dir", nodes, "--simulated", str(a.sim_ms)], env=env)
+    try:
+        ssm_call("FleetsyncEmulatorConfigure", {"RateLimit": a.ssm_rate})
+        before = ssm_call("FleetsyncEmulatorStats", {})
+        code, out, err, t0, wall, ru, rss = timed([
+            bastion, "sync", "--asg", group, "--source", "s3://fleetbench/app", "--dest", "/srv/www", "--via", "ssm", "--json",
+        ], a.work)
+        after = ssm_call("FleetsyncEmulatorStats", {})
+    finally:
+        ssm_call("FleetsyncEmulatorConfigure", {"RateLimit": 0})
+        sh(FLEET + ["nodes-down", "--dir", nodes], env=env)
+    if code != 0:
+        sys.exit(f"sim {n} nodes failed ({code}): {err.decode()[-2000:]}")
+    report = json.loads(out)
+    agents = [x["agent"] for x in report["nodes"]]
+    slowest = max(x["durations"]["total_ms"] for x in agents) / 1000
+    last_end = max(x["finished_at_ms"] for x in agents) / 1000
+    ops = {op: c - before["requests"].get(op, 0) for op, c in after["requests"].items() if c - before["requests"].get(op, 0) > 0}
+    ops.pop("FleetsyncEmulatorStats", None)
+    ops.pop("FleetsyncEmulatorConfigure", None)
+    calls = sum(ops.values())
+    r = dict(n=n, rate=a.ssm_rate, wall=wall, slowest=slowest, over=100 * (wall / slowest - 1), tail=t0 + wall - last_end,
+             cpu=ru.ru_utime + ru.ru_stime, rss=rss, calls=calls, per_node=calls / n, per_sec=calls / wall,
+             throttled=after["throttled"] - before["throttled"], ops=ops)
+    print(f"{n} simulated nodes over ssm: wall {wall:.2f} s, slowest {slowest:.2f} s, overhead {r['over']:.1f}%, "
+          f"after last end {r['tail']:.2f} s, CPU {r['cpu']:.2f} s, RSS {rss:.0f} MiB, {calls} SSM calls "
+          f"({r['per_node']:.2f} per node, {r['per_sec']:.1f}/s, {r['throttled']} throttled)", flush=True)
+    return r
 
 
 if __name__ == "__main__":

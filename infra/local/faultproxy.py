@@ -25,10 +25,31 @@ AutoScaling and EC2, the SSM emulator) and its one fault is `throttle`: the
 error each API sends when its rate limit is hit, in that API's own protocol
 (AutoScaling `Throttling`, EC2 `RequestLimitExceeded`, SSM
 `ThrottlingException`). `--always CODE` answers every request with error
-CODE instead (e.g. `ExpiredToken`: credentials that have expired). Requests are forwarded unchanged (the Host header too, so
-SigV4 signatures stay valid), one upstream connection per request, asking
-for HTTP/1.0 so that bodies come whole, not chunked. Counts per fault are
-rewritten to `--stats` (JSON) after every fault.
+CODE instead (e.g. `ExpiredToken`: credentials that have expired).
+`--not-found N` answers the first N DescribeInstances calls that name
+instances with InvalidInstanceID.NotFound for the last one named, as EC2
+does for an instance it has just launched (it is eventually consistent).
+`--fail-op OP --fail-count N --fail-code CODE [--fail-skip K]` answers N
+calls of operation OP, after the first K, with error CODE.
+
+AWS behaviours the local S3 server is kinder about:
+- `--list-prefixes P1,P2`: the caller holds s3:ListBucket only for keys
+  under these prefixes, so a GET or HEAD of a missing object anywhere else
+  is answered 403 AccessDenied instead of 404, as S3 does.
+  `--list-prefixes-from TEMPLATE --template-param K=V ...` takes them from
+  the `s3:prefix` conditions of the s3:ListBucket grants of the template's
+  DeployPolicy (infra/aws/fleetsync.yaml), so a test runs as that policy
+  lets a deploy role run.
+- `--put-fault KIND:TEXT:SKIP:COUNT`: PUTs of keys containing TEXT, after
+  the first SKIP of them, COUNT times: `409` (ConditionalRequestConflict,
+  S3's answer to a conditional write racing another), `lost` (the PUT
+  reaches the server, then the connection drops before its answer) or
+  `slow` (the answer is held back `--slow` seconds).
+
+Requests are forwarded unchanged (the Host header too, so SigV4 signatures
+stay valid), one upstream connection per request, asking for HTTP/1.0 so
+that bodies come whole, not chunked. Counts per fault are rewritten to
+`--stats` (JSON) after every fault.
 """
 import argparse
 import asyncio
@@ -43,7 +64,7 @@ BODY_FAULTS = ["500", "503", "reset", "truncate", "flip", "stall"]
 STATUS_FAULTS = ["500", "503"]
 
 
-def api_error(headers, body, code):
+def api_error(headers, body, code, msg=None):
     """An AWS API error response for the request, in its protocol: JSON 1.1
     (has X-Amz-Target: SSM), EC2's query dialect, the AWS query protocol
     (AutoScaling), or S3's REST XML. Throttling codes get their API's own
@@ -54,7 +75,7 @@ def api_error(headers, body, code):
     if code == "throttle":
         code = "ThrottlingException" if json_protocol else "RequestLimitExceeded" if ec2 else "Throttling" if query else "SlowDown"
     status = 503 if code in ("RequestLimitExceeded", "SlowDown") else 400
-    msg = "Rate exceeded" if "Throttl" in code or "Limit" in code else "injected by faultproxy.py"
+    msg = msg or ("Rate exceeded" if "Throttl" in code or "Limit" in code else "injected by faultproxy.py")
     if json_protocol:
         payload = json.dumps({"__type": code, "message": msg}).encode()
         ctype = "application/x-amz-json-1.1"
@@ -72,6 +93,27 @@ def api_error(headers, body, code):
     return (f"HTTP/1.1 {status} Error\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
 
 
+def template_list_prefixes(path, params):
+    """The key prefixes the template's DeployPolicy grants s3:ListBucket for."""
+    import yaml
+    doc = yaml.safe_load(open(path))
+    statements = doc["Resources"]["DeployPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    prefixes = []
+    for st in statements:
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        if st.get("Effect") != "Allow" or "s3:ListBucket" not in actions:
+            continue
+        values = st.get("Condition", {}).get("StringLike", {}).get("s3:prefix")
+        if values is None:
+            return [""]  # the whole bucket
+        for v in values:
+            text = v["Fn::Sub"] if isinstance(v, dict) else v
+            for k, val in params.items():
+                text = text.replace("${" + k + "}", val)
+            prefixes.append(text.rstrip("*"))
+    return prefixes
+
+
 class Proxy:
     def __init__(self, a):
         self.upstream = urllib.parse.urlparse(a.upstream)
@@ -80,7 +122,19 @@ class Proxy:
         self.max_faults = a.max_faults
         self.rng = random.Random(a.seed)
         self.stats_path = a.stats
-        self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, **{f: 0 for f in BODY_FAULTS}}
+        self.not_found = a.not_found
+        self.fail_op, self.fail_count, self.fail_code, self.fail_skip = a.fail_op, a.fail_count, a.fail_code, a.fail_skip
+        self.op_calls = 0
+        self.list_prefixes = a.list_prefixes.split(",") if a.list_prefixes is not None else None
+        if a.list_prefixes_from:
+            self.list_prefixes = template_list_prefixes(a.list_prefixes_from, dict(p.split("=", 1) for p in a.template_param or []))
+        self.put_faults = []
+        for spec in a.put_fault or []:
+            kind, text, skip, count = spec.split(":")
+            self.put_faults.append({"kind": kind, "text": text, "skip": int(skip), "count": int(count), "seen": 0})
+        self.slow = a.slow
+        self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, "not-found": 0, "fail-op": 0, "denied": 0,
+                       "409": 0, "lost": 0, "slow": 0, **{f: 0 for f in BODY_FAULTS}}
 
     def record(self, fault):
         self.counts["faults"] += 1
@@ -102,6 +156,11 @@ class Proxy:
                 path, _, query = target.partition("?")
                 is_object_get = method == "GET" and path.count("/") >= 2 and "list-type" not in query and "uploads" not in query
                 if self.api:
+                    fault = self.api_fault(headers, body)
+                    if fault is not None:
+                        writer.write(api_error(headers, body, fault[0], fault[1]))
+                        await writer.drain()
+                        continue
                     fault = self.always or ("throttle" if self.rng.random() < self.rate else None)
                     if fault is not None:
                         self.record("always" if self.always else fault)
@@ -121,7 +180,25 @@ class Proxy:
                     writer.write(f"HTTP/1.1 {code} {name}\r\nContent-Type: application/xml\r\nContent-Length: {len(msg)}\r\n\r\n".encode() + msg)
                     await writer.drain()
                     continue
+                put_fault = self.put_fault(method, path) if not self.api else None
+                if put_fault == "409":
+                    msg = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ConditionalRequestConflict</Code><Message>A conflicting conditional operation is currently in progress against this resource.</Message></Error>'
+                    writer.write(b"HTTP/1.1 409 Conflict\r\nContent-Type: application/xml\r\nContent-Length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
+                    await writer.drain()
+                    continue
                 status_line, resp_headers, resp_body = await self.forward(method, target, headers, body)
+                if put_fault == "lost":
+                    return  # the server did it; the client never hears
+                if put_fault == "slow":
+                    await asyncio.sleep(self.slow)
+                if self.list_prefixes is not None and method in ("GET", "HEAD") and status_line.split(" ")[1] == "404":
+                    key = urllib.parse.unquote(path.split("/", 2)[2]) if path.count("/") >= 2 else ""
+                    if key and not any(key.startswith(p) for p in self.list_prefixes if p):
+                        self.record("denied")
+                        msg = b"" if method == "HEAD" else b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+                        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
+                        await writer.drain()
+                        continue
                 if fault is not None and resp_body and status_line.split(" ")[1] in ("200", "206"):
                     self.record(fault)
                     await self.inject(fault, writer, status_line, resp_headers, resp_body)
@@ -135,6 +212,34 @@ class Proxy:
                 writer.close()
             except Exception:
                 pass
+
+    def api_fault(self, headers, body):
+        """(code, message) for an API call the options fault, else None."""
+        target = next((h.split(":", 1)[1].strip() for h in headers if h.lower().startswith("x-amz-target:")), "")
+        params = urllib.parse.parse_qs(body.decode("latin-1")) if b"Action=" in body else {}
+        op = target.rsplit(".", 1)[-1] if target else (params.get("Action") or [""])[0]
+        if self.fail_op and op == self.fail_op:
+            self.op_calls += 1
+            if self.fail_skip < self.op_calls <= self.fail_skip + self.fail_count:
+                self.record("fail-op")
+                return self.fail_code, "injected by faultproxy.py"
+        named = [v[0] for k, v in sorted(params.items()) if k.startswith("InstanceId.")]
+        if op == "DescribeInstances" and named and self.counts["not-found"] < self.not_found:
+            self.record("not-found")
+            return "InvalidInstanceID.NotFound", f"The instance ID '{named[-1]}' does not exist"
+        return None
+
+    def put_fault(self, method, path):
+        """The fault (409, lost, slow) a PUT of this key gets, if any."""
+        if method != "PUT":
+            return None
+        for f in self.put_faults:
+            if f["text"] in urllib.parse.unquote(path):
+                f["seen"] += 1
+                if f["skip"] < f["seen"] <= f["skip"] + f["count"]:
+                    self.record(f["kind"])
+                    return f["kind"]
+        return None
 
     def head(self, status_line, headers, length):
         kept = [h for h in headers if not h.lower().startswith(("content-length:", "connection:", "transfer-encoding:"))]
@@ -185,6 +290,16 @@ async def main():
     ap.add_argument("--kinds", help="the faults object GETs get, comma-separated (default: all six); other requests are then never faulted")
     ap.add_argument("--api", action="store_true", help="in front of an AWS API server: throttle at --rate")
     ap.add_argument("--always", help="with --api: answer every request with this error code")
+    ap.add_argument("--not-found", type=int, default=0, help="with --api: the first N DescribeInstances naming instances get InvalidInstanceID.NotFound")
+    ap.add_argument("--fail-op", help="with --api: the operation --fail-count calls of answer --fail-code")
+    ap.add_argument("--fail-count", type=int, default=1)
+    ap.add_argument("--fail-skip", type=int, default=0)
+    ap.add_argument("--fail-code", default="AccessDeniedException")
+    ap.add_argument("--list-prefixes", help="S3: key prefixes the caller may list; a missing object elsewhere is 403, not 404")
+    ap.add_argument("--list-prefixes-from", metavar="TEMPLATE", help="S3: --list-prefixes from the template's DeployPolicy")
+    ap.add_argument("--template-param", action="append", metavar="K=V", help="a template parameter's value, for --list-prefixes-from")
+    ap.add_argument("--put-fault", action="append", help="S3: KIND:TEXT:SKIP:COUNT, KIND one of 409, lost, slow")
+    ap.add_argument("--slow", type=float, default=1.0, help="seconds a `slow` PUT's answer is held back")
     a = ap.parse_args()
     proxy = Proxy(a)
     server = await asyncio.start_server(proxy.handle, "127.0.0.1", a.port)

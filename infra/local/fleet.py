@@ -7,15 +7,16 @@ to the loopback interface: a listener bound to an instance's address is
 reachable, which is how later steps give each instance its own sshd.
 
     fleet.py network                      # create the VPC and subnet (idempotent)
-    fleet.py create NAME --size N [--subnet K]  # N InService instances in 127.0.K.0/24; prints JSON
+    fleet.py create NAME --size N [--subnet K[-L]]  # N InService instances in 127.0.K.0/24 (..L); prints JSON
     fleet.py describe NAME                # the group's instances; prints JSON
     fleet.py health INSTANCE Unhealthy    # SetInstanceHealth
     fleet.py standby NAME INSTANCE        # EnterStandby (moto launches a replacement)
     fleet.py scale NAME N                 # SetDesiredCapacity
     fleet.py terminate INSTANCE           # TerminateInstanceInAutoScalingGroup
-    fleet.py nodes-up NAME --dir DIR [--no-sshd]  # a node root (and sshd) per InService instance
+    fleet.py nodes-up NAME --dir DIR [--no-sshd] [--simulated MS] [--env K=V ...]  # a node root (and sshd) per InService instance
     fleet.py nodes-down --dir DIR         # stops them
-    fleet.py ssm-deregister INSTANCE      # the instance's SSM agent "stops"
+    fleet.py ssm-deregister INSTANCE      # the instance's SSM agent is gone (not managed any more)
+    fleet.py ssm-agent INSTANCE STATE     # online | connection-lost | dead (Online, but runs nothing)
 
 Each node is a real OpenSSH sshd bound to its instance's private IP (port
 FLEETSYNC_SSH_PORT), started in a private mount namespace where the node's
@@ -31,7 +32,13 @@ Each node is also registered with the SSM emulator (FLEETSYNC_SSM_DIR): its
 node.json holds the root and environment, and a link to the node directory
 in FLEETSYNC_SSM_DIR/instances/ is what "the SSM agent runs" means there. So
 SSM commands and SSH sessions see the same /srv. `--no-sshd` registers the
-node for SSM only (large fleets that are only reached over SSM).
+node for SSM only (large fleets that are only reached over SSM);
+`--simulated MS` registers it as a simulated instance, whose SSM agent
+answers after MS milliseconds with a canned report (the scale benchmark).
+
+`create` also creates the group's SSM Command document
+`fleetsync-agent-NAME` in the SSM emulator from
+infra/aws/ssm-agent-document.yaml, as the CloudFormation stack does.
 
 Reads FLEETSYNC_MOTO for the endpoint.
 """
@@ -43,8 +50,10 @@ import subprocess
 import time
 
 import boto3
+import yaml
 
 TAG = "fleetsync-local"
+DOCUMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "aws", "ssm-agent-document.yaml")
 
 
 def clients():
@@ -110,7 +119,18 @@ def describe(ec2, asg, name):
 NODE_ENV = ["AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED"]
 
 
-def nodes_up(ec2, asg, name, root, sshd=True):
+def create_document(name):
+    """The group's SSM Command document, as the CloudFormation stack makes it."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_SSM")
+    if not endpoint:
+        return
+    ssm = boto3.client("ssm", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION", "us-east-1"),
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    content = yaml.safe_load(open(DOCUMENT))
+    ssm.create_document(Name=f"fleetsync-agent-{name}", DocumentType="Command", DocumentFormat="JSON", Content=json.dumps(content))
+
+
+def nodes_up(ec2, asg, name, root, sshd=True, simulated=None, extra_env=()):
     port = int(os.environ["FLEETSYNC_SSH_PORT"])
     os.makedirs(root, exist_ok=True)
     client_key = os.path.join(root, "id_ed25519")
@@ -127,6 +147,8 @@ def nodes_up(ec2, asg, name, root, sshd=True):
     # ...and its /etc/fleetsync/agent.toml is /srv/etc/fleetsync/agent.toml
     # (empty unless a test writes one).
     env["FLEETSYNC_AGENT_CONFIG"] = "/srv/etc/fleetsync/agent.toml"
+    # --env: what a test changes about the nodes (say, S3 through a proxy).
+    env.update(kv.split("=", 1) for kv in extra_env)
     ssm_dir = os.environ.get("FLEETSYNC_SSM_DIR")
     nodes = []
     for inst in describe(ec2, asg, name)["instances"]:
@@ -137,8 +159,13 @@ def nodes_up(ec2, asg, name, root, sshd=True):
             continue  # already up
         os.makedirs(os.path.join(node, "srv", "etc", "fleetsync"), exist_ok=True)
         open(os.path.join(node, "srv", "etc", "fleetsync", "agent.toml"), "a").close()
+        info = {"id": inst["id"], "ip": inst["ip"], "root": os.path.join(node, "srv"), "env": env}
+        if simulated is not None:
+            # Spread +-25% around MS, the same for an instance every time.
+            spread = int(inst["id"][-6:], 16) % 1000 / 1000 - 0.5
+            info.update(simulated=True, simulated_ms=int(simulated * (1 + spread / 2)))
         with open(os.path.join(node, "node.json"), "w") as f:
-            json.dump({"id": inst["id"], "ip": inst["ip"], "root": os.path.join(node, "srv"), "env": env}, f)
+            json.dump(info, f)
         if ssm_dir:
             link = os.path.join(ssm_dir, "instances", inst["id"])
             if not os.path.lexists(link):
@@ -214,7 +241,7 @@ def main():
     c = sub.add_parser("create")
     c.add_argument("name")
     c.add_argument("--size", type=int, default=3)
-    c.add_argument("--subnet", type=int, default=1, help="K in 127.0.K.0/24")
+    c.add_argument("--subnet", default="1", help="K in 127.0.K.0/24, or K-L for several subnets (about 250 instances each)")
     sub.add_parser("describe").add_argument("name")
     h = sub.add_parser("health")
     h.add_argument("instance")
@@ -230,7 +257,12 @@ def main():
     nu.add_argument("name")
     nu.add_argument("--dir", required=True)
     nu.add_argument("--no-sshd", action="store_true", help="register with the SSM emulator only")
+    nu.add_argument("--simulated", type=int, metavar="MS", help="simulated instances: the SSM emulator answers for them after MS ms")
+    nu.add_argument("--env", action="append", default=[], metavar="K=V", help="an environment variable the nodes' sessions get")
     sub.add_parser("ssm-deregister").add_argument("instance")
+    sa = sub.add_parser("ssm-agent")
+    sa.add_argument("instance")
+    sa.add_argument("state", choices=["online", "connection-lost", "dead"])
     sub.add_parser("nodes-down").add_argument("--dir", required=True)
     a = ap.parse_args()
 
@@ -239,18 +271,25 @@ def main():
         if os.path.lexists(link):
             os.unlink(link)
         return
+    if a.cmd == "ssm-agent":
+        node = os.path.realpath(os.path.join(os.environ["FLEETSYNC_SSM_DIR"], "instances", a.instance))
+        with open(os.path.join(node, "ssm-agent"), "w") as f:
+            f.write(a.state)
+        return
     if a.cmd == "nodes-down":
         print(json.dumps(nodes_down(a.dir)))
         return
     ec2, asg = clients()
     if a.cmd == "nodes-up":
-        print(json.dumps(nodes_up(ec2, asg, a.name, a.dir, sshd=not a.no_sshd)))
+        sshd = not a.no_sshd and a.simulated is None
+        print(json.dumps(nodes_up(ec2, asg, a.name, a.dir, sshd=sshd, simulated=a.simulated, extra_env=a.env)))
         return
     if a.cmd == "network":
         print(network(ec2))
         return
     if a.cmd == "create":
-        subnet = network(ec2, a.subnet)
+        first, _, last = a.subnet.partition("-")
+        subnet = ",".join(network(ec2, k) for k in range(int(first), int(last or first) + 1))
         ec2.create_launch_template(
             LaunchTemplateName=a.name, LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"}
         )
@@ -262,6 +301,7 @@ def main():
             DesiredCapacity=a.size,
             VPCZoneIdentifier=subnet,
         )
+        create_document(a.name)
     elif a.cmd == "health":
         asg.set_instance_health(InstanceId=a.instance, HealthStatus=a.status)
         return

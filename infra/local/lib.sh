@@ -32,6 +32,8 @@ ensure_tools() {
   command -v shellcheck >/dev/null || missing+=(shellcheck)
   # The benchmarks read each tool's peak RSS from GNU time.
   [[ -x /usr/bin/time ]] || missing+=(time)
+  # A test watches the agent's system calls (the sync before a switch).
+  command -v strace >/dev/null || missing+=(strace)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -74,8 +76,16 @@ s3_up() {
   mkdir -p "$dir/data"
   local s3 master volume filer metrics
   s3=$(free_port); master=$(free_port); volume=$(free_port); filer=$(free_port); metrics=$(free_port)
+  # "deployer" is a deploy role restricted as infra/aws/fleetsync.yaml's
+  # DeployPolicy restricts it, for buckets named t-leastpriv*: read, write
+  # and list the source prefix app/, read and write the fleet locks,
+  # nothing else (tests/fleet_lock.rs).
   cat > "$dir/identities.json" <<JSON
-{"identities":[{"name":"admin","credentials":[{"accessKey":"fleetsync","secretKey":"fleetsync-local-secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
+{"identities":[
+ {"name":"admin","credentials":[{"accessKey":"fleetsync","secretKey":"fleetsync-local-secret"}],"actions":["Admin","Read","Write","List","Tagging"]},
+ {"name":"deployer","credentials":[{"accessKey":"fleetsync-deployer","secretKey":"fleetsync-deployer-secret"}],
+  "actions":["Read:t-leastpriv*/app/*","Write:t-leastpriv*/app/*","List:t-leastpriv*/app/*",
+             "Read:t-leastpriv*/.fleetsync/locks/*","Write:t-leastpriv*/.fleetsync/locks/*"]}]}
 JSON
   # Every bucket is a SeaweedFS collection, and its first write makes 7
   # volumes. With the default -volume.max=0 the limit is free disk / 128 MiB,

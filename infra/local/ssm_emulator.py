@@ -7,39 +7,75 @@ this server instead, reached with AWS_ENDPOINT_URL_SSM. It speaks the real
 wire protocol (AWS JSON 1.1, `X-Amz-Target: AmazonSSM.<Operation>`), so the
 bastion uses the unmodified aws-sdk-ssm client.
 
-    ssm_emulator.py --port P --dir DIR      # FLEETSYNC_MOTO must point at moto
+    ssm_emulator.py --port P --dir DIR [--rate-limit N]   # FLEETSYNC_MOTO must point at moto
 
-What it copies from the real service (../shared/notes/local-world.md):
-- SendCommand with AWS-RunShellScript: at most 50 InstanceIds (more is a
-  ValidationException); `tag:KEY` and `InstanceIds` Targets resolved against
-  moto's EC2 at send time; instances not registered (no SSM agent) make the
-  call fail with InvalidInstanceId, as on AWS.
+It is meant to be as unkind as SSM wherever fleetsync depends on a
+behaviour (../shared/notes/local-world.md; the SSM agent's source,
+aws/amazon-ssm-agent; the botocore model):
+- Documents: AWS-RunShellScript (`commands`, `executionTimeout`, whose
+  unanchored pattern lets an out-of-range value through and runs it with
+  3600 s, as the SSM agent does) and Command documents made with
+  CreateDocument (schemaVersion 2.2, one aws:runShellScript step): typed
+  parameters checked against allowedValues / allowedPattern (a mismatch is
+  InvalidParameters and nothing runs), defaults applied, `{{ name }}`
+  pasted into the script as plain text, `timeoutSeconds` from a parameter.
+- SendCommand: at most 50 InstanceIds (more is a ValidationException);
+  `tag:KEY` and `InstanceIds` Targets resolved against moto's EC2 at send
+  time; an instance not registered (no SSM agent) fails the whole call with
+  InvalidInstanceId, as on AWS; TimeoutSeconds 30..2592000.
 - MaxConcurrency and MaxErrors (a number or N%, defaults 50 and 0): at most
   MaxConcurrency invocations run at once; once errors exceed MaxErrors no
   further instance is started and the rest end Cancelled.
-- Invocations go Pending -> InProgress -> Success | Failed | TimedOut
-  (`executionTimeout`, default 3600 s, kills the script's process group);
-  ResponseCode is the script's exit status.
-- GetCommandInvocation answers InvocationDoesNotExist for a short while
-  after SendCommand (FLEETSYNC_SSM_INVOCATION_DELAY seconds, default 0.5),
-  and returns the first 24,000 characters of stdout and 8,000 of stderr;
-  ListCommandInvocations with Details returns 2,500 per plugin.
-- DescribeInstanceInformation lists registered instances as Online.
-- CancelCommand: invocations not yet started end Cancelled; running ones
-  are killed and end Cancelled.
+- Invocations go Pending -> InProgress -> Success | Failed | TimedOut |
+  Cancelled, with StatusDetails as on the wire (`ExecutionTimedOut`,
+  `DeliveryTimedOut`, no spaces). ResponseCode is -1 until the end, then the
+  script's exit status; executionTimeout and CancelCommand SIGKILL the
+  script's process group. A command expires TimeoutSeconds +
+  executionTimeout after SendCommand: whatever is still Pending or
+  InProgress then ends TimedOut / DeliveryTimedOut (waves queued behind a
+  small MaxConcurrency do).
+- Output as the SSM agent shapes it: stdout cut at 24,000 bytes ending in
+  `--output truncated--`, stderr capped at 8,000 characters by the service;
+  on a non-zero exit the agent appends `failed to run commands: exit status
+  N` to stderr. ListCommandInvocations with Details carries the plugin
+  Output (stdout, `\\n----------ERROR-------\\n`, stderr, 2,500 characters
+  with the agent's truncation markers).
+- Eventual consistency: GetCommandInvocation answers InvocationDoesNotExist
+  for FLEETSYNC_SSM_INVOCATION_DELAY s (default 0.5) after SendCommand, and
+  for FLEETSYNC_SSM_OUTPUT_LAG s (default 0.5) after an invocation ended it
+  still answers InProgress with empty output and ResponseCode -1, while
+  ListCommandInvocations already shows the final status.
+- DescribeInstanceInformation: registered instances, paged (MaxResults
+  5..50), with their PingStatus.
+- `--rate-limit N` (or FLEETSYNC_SSM_RATE_LIMIT): more than N requests a
+  second (burst 2N) are answered ThrottlingException, as SSM does under
+  load. Two operations that are not AWS's serve the scale benchmark:
+  `FleetsyncEmulatorStats` answers the requests seen per operation and how
+  many were throttled; `FleetsyncEmulatorConfigure {"RateLimit": N}` sets
+  the limit (0: none).
 
 An instance is registered when DIR/instances/<instance-id> links to its node
 directory (fleet.py nodes-up does this): the script runs as root in a
 private mount namespace with the node's own srv/ bind-mounted over /srv and
-the environment from its node.json, the same root its sshd serves.
+the environment from its node.json, the same root its sshd serves. A file
+`ssm-agent` in the node directory changes how its SSM agent behaves:
+`connection-lost` (PingStatus ConnectionLost; nothing is ever delivered),
+`dead` (the agent died but the instance still shows Online: an invocation
+goes InProgress and then nothing happens until the command expires). A node
+whose node.json says `"simulated": true` runs nothing: it answers after
+`simulated_ms` with a canned agent report marked `"simulated": true` (the
+bastion's scale benchmark, thousands of instances).
 
-Every SendCommand and every finished invocation is appended to
+Every SendCommand, CancelCommand and finished invocation is appended to
 DIR/calls.jsonl, so tests can check batching and concurrency.
 """
 import argparse
+import heapq
 import json
 import math
 import os
+import random
+import re
 import signal
 import subprocess
 import threading
@@ -48,10 +84,29 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
+import yaml
 
 STDOUT_GET, STDERR_GET, OUTPUT_LIST = 24_000, 8_000, 2_500
+AGENT_MAX_OUTPUT, AGENT_TRUNCATED = 24_000, b"--output truncated--"
+ERR_TITLE, TRUNC_OUT, TRUNC_ERR = "\n----------ERROR-------\n", "\n---Output truncated---", "\n---Error truncated----"
 MAX_INSTANCE_IDS = 50
 TERMINAL = {"Success", "Failed", "TimedOut", "Cancelled"}
+PARAM_REF = re.compile(r"\{\{\s*([A-Za-z0-9]+)\s*\}\}")
+
+# AWS-RunShellScript, as the SSM agent reads it: executionTimeout's pattern
+# has no anchors, so any value with a digit 1-9 in it passes.
+RUN_SHELL_SCRIPT = {
+    "schemaVersion": "1.2",
+    "parameters": {
+        "commands": {"type": "StringList"},
+        "workingDirectory": {"type": "String", "default": ""},
+        "executionTimeout": {
+            "type": "String",
+            "default": "3600",
+            "allowedPattern": "([1-9][0-9]{0,4})|(1[0-6][0-9]{4})|(17[0-1][0-9]{3})|(172[0-7][0-9]{2})|(172800)",
+        },
+    },
+}
 
 
 class ApiError(Exception):
@@ -77,6 +132,77 @@ def resolve_limit(value, targets, default):
         raise ApiError("ValidationException", f"invalid rate control value {value!r}: use a number or a percentage like 10%")
 
 
+def agent_truncate(data: bytes) -> str:
+    """The SSM agent's StringPrefix: a byte prefix plus its marker, from 24,000 bytes up."""
+    if len(data) >= AGENT_MAX_OUTPUT:
+        data = data[: AGENT_MAX_OUTPUT - len(AGENT_TRUNCATED)] + AGENT_TRUNCATED
+    return data.decode("utf-8", "replace")
+
+
+def plugin_output(stdout, stderr, capacity=OUTPUT_LIST):
+    """The SSM agent's TruncateOutput: what ListCommandInvocations' Details show."""
+    title = ERR_TITLE if stderr else ""
+    space = capacity - len(title)
+    if len(stdout) + len(stderr) < space:
+        return stdout + title + stderr
+    if len(stdout) > space // 2 and len(stderr) > space // 2:
+        cut = space - len(TRUNC_ERR) - len(TRUNC_OUT)
+        return stdout[: cut // 2] + TRUNC_OUT + title + stderr[: cut // 2] + TRUNC_ERR
+    if len(stdout) <= space // 2:
+        cut = space - len(TRUNC_ERR)
+        return stdout + title + stderr[: cut - len(stdout)] + TRUNC_ERR
+    cut = space - len(TRUNC_OUT)
+    return stdout[: cut - len(stderr)] + TRUNC_OUT + title + stderr
+
+
+class Document:
+    """A Command document: its parameters and how it becomes a script."""
+
+    def __init__(self, name, content):
+        self.name, self.content = name, content
+        self.parameters = content.get("parameters") or {}
+        if name != "AWS-RunShellScript":
+            steps = content.get("mainSteps") or []
+            if content.get("schemaVersion") != "2.2" or len(steps) != 1 or steps[0].get("action") != "aws:runShellScript":
+                raise ApiError("InvalidDocumentContent", "this emulator runs schemaVersion 2.2 documents of one aws:runShellScript step")
+            for p in self.parameters:
+                if not re.fullmatch(r"[a-zA-Z0-9]+", p):
+                    raise ApiError("InvalidDocumentContent", f"parameter name {p!r}: letters and digits only")
+
+    def resolve(self, given):
+        """Checks the parameters as SSM does and returns (script, execution timeout)."""
+        values = {}
+        for name, value in (given or {}).items():
+            if name not in self.parameters:
+                raise ApiError("InvalidParameters", f"Parameter {name!r} is not defined in document {self.name}")
+            values[name] = value
+        for name, spec in self.parameters.items():
+            if name not in values:
+                if "default" not in spec:
+                    raise ApiError("InvalidParameters", f"Parameter {name!r} is required by document {self.name}")
+                values[name] = spec["default"] if spec.get("type") == "StringList" else [spec["default"]]
+            vals = values[name] if isinstance(values[name], list) else [values[name]]
+            if spec.get("type", "String") == "String" and len(vals) != 1:
+                raise ApiError("InvalidParameters", f"Parameter {name!r} takes one value")
+            for v in vals:
+                if "allowedValues" in spec and v not in spec["allowedValues"]:
+                    raise ApiError("InvalidParameters", f"Parameter {name!r} value {v!r} is not one of {spec['allowedValues']}")
+                if "allowedPattern" in spec and not re.search(spec["allowedPattern"], v):
+                    raise ApiError("InvalidParameters", f"Parameter {name!r} value {v!r} does not match the allowed pattern {spec['allowedPattern']}")
+            values[name] = vals
+        if self.name == "AWS-RunShellScript":
+            timeout = int(values["executionTimeout"][0]) if values["executionTimeout"][0].isdigit() else 3600
+            return "\n".join(values["commands"]) + "\n", timeout if 1 <= timeout <= 172800 else 3600
+
+        def paste(text):
+            return PARAM_REF.sub(lambda m: values[m.group(1)][0].replace("$$", "$") if m.group(1) in values else m.group(0), text)
+
+        inputs = self.content["mainSteps"][0].get("inputs") or {}
+        script = "\n".join(paste(line) for line in inputs.get("runCommand") or []) + "\n"
+        timeout = paste(str(inputs.get("timeoutSeconds", "3600")))
+        return script, int(timeout) if timeout.isdigit() and 1 <= int(timeout) <= 172800 else 3600
+
+
 class Invocation:
     def __init__(self, command, instance_id):
         self.command, self.instance_id = command, instance_id
@@ -84,29 +210,50 @@ class Invocation:
         self.code = -1
         self.stdout = self.stderr = ""
         self.start = self.end = None
-        self.proc = None  # the running script, for CancelCommand
+        self.proc = None  # the running script, for CancelCommand and expiry
         self.cancel_requested = False
 
     def finish(self, status, details, code, stdout="", stderr=""):
+        """Ends the invocation once; later attempts (a kill racing the end) are ignored."""
         with self.command.world.lock:
+            if self.status in TERMINAL:
+                return False
             self.status, self.details, self.code = status, details, code
             self.stdout, self.stderr = stdout, stderr
             self.end = time.time()
+        self.command.world.log_invocation(self)
+        return True
+
+    def stop(self, status, details):
+        """SIGKILLs the running script's process group (`execute` then
+        records how it ended) or, when nothing runs there (not delivered, a
+        dead or simulated agent), ends the invocation now."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            self.finish(status, details, -1)
+
+    def visible(self, now):
+        """What GetCommandInvocation shows: the final state only once the output lag has passed."""
+        if self.status in TERMINAL and now < self.end + self.command.world.output_lag:
+            return "InProgress", "InProgress", -1, "", ""
+        return self.status, self.details, self.code, self.stdout, self.stderr
 
 
 class Command:
-    def __init__(self, world, req, instance_ids):
+    def __init__(self, world, req, instance_ids, document):
         self.world = world
         self.id = str(uuid.uuid4())
         self.req = req
         self.requested = time.time()
-        params = req.get("Parameters") or {}
-        self.commands = params.get("commands") or []
-        timeout = (params.get("executionTimeout") or ["3600"])[0]
-        try:
-            self.timeout = int(timeout)
-        except ValueError:
-            raise ApiError("InvalidParameters", f"executionTimeout {timeout!r} is not a number of seconds")
+        self.script, self.timeout = document.resolve(req.get("Parameters"))
+        delivery = req.get("TimeoutSeconds", 3600)
+        if not 30 <= delivery <= 2592000:
+            raise ApiError("ValidationException", f"TimeoutSeconds {delivery}: must be between 30 and 2592000")
+        self.expires_at = self.requested + delivery + self.timeout
         self.invocations = {i: Invocation(self, i) for i in instance_ids}
         n = len(instance_ids)
         self.max_concurrency_text = req.get("MaxConcurrency") or "50"
@@ -118,14 +265,14 @@ class Command:
         self.visible_at = self.requested + world.invocation_delay
 
     def errors(self):
-        return sum(1 for v in self.invocations.values() if v.status in ("Failed", "TimedOut"))
+        return sum(1 for v in self.invocations.values() if v.status == "Failed" or v.details == "ExecutionTimedOut")
 
     def status(self):
         states = [v.status for v in self.invocations.values()]
         if all(s == "Pending" for s in states):
             return "Pending", "Pending"
         if not all(s in TERMINAL for s in states):
-            return "InProgress", "In Progress"
+            return "InProgress", "InProgress"
         if all(s == "Success" for s in states):
             return "Success", "Success"
         if self.errors() > self.max_errors:
@@ -135,21 +282,19 @@ class Command:
     def run(self):
         """Starts invocations, MaxConcurrency at a time, until done or
         MaxErrors is exceeded (then the rest are Cancelled)."""
-        running = []
         for inv in self.invocations.values():
             while True:
-                running = [t for t in running if t.is_alive()]
-                if self.errors() > self.max_errors or len(running) < self.max_concurrency:
+                with self.world.lock:
+                    running = sum(1 for v in self.invocations.values() if v.status == "InProgress")
+                if self.errors() > self.max_errors or self.cancelled or inv.status in TERMINAL or running < self.max_concurrency:
                     break
                 time.sleep(0.02)
+            if inv.status in TERMINAL:  # expired while queued
+                continue
             if self.errors() > self.max_errors or self.cancelled:
                 inv.finish("Cancelled", "Cancelled", -1)
                 continue
-            with self.world.lock:
-                inv.status, inv.details, inv.start = "InProgress", "In Progress", time.time()
-            t = threading.Thread(target=self.world.execute, args=(inv,), daemon=True)
-            t.start()
-            running.append(t)
+            self.world.deliver(inv)
 
     def describe(self):
         status, details = self.status()
@@ -162,6 +307,7 @@ class Command:
             "InstanceIds": self.req.get("InstanceIds") or [],
             "Targets": self.req.get("Targets") or [],
             "RequestedDateTime": self.requested,
+            "ExpiresAfter": self.expires_at,
             "Status": status,
             "StatusDetails": details,
             "MaxConcurrency": self.max_concurrency_text,
@@ -169,17 +315,43 @@ class Command:
             "TargetCount": len(self.invocations),
             "CompletedCount": sum(1 for v in vals if v.status in TERMINAL),
             "ErrorCount": self.errors(),
-            "DeliveryTimedOutCount": 0,
+            "DeliveryTimedOutCount": sum(1 for v in vals if v.details == "DeliveryTimedOut"),
             "TimeoutSeconds": self.req.get("TimeoutSeconds", 3600),
         }
 
 
+class RateLimit:
+    """A token bucket: `rate` requests a second, bursts of twice that."""
+
+    def __init__(self, rate):
+        self.rate, self.tokens, self.at = rate, 2 * rate, time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self):
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(2 * self.rate, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            return True
+
+
 class World:
-    def __init__(self, root):
+    def __init__(self, root, rate_limit=None):
         self.root = root
         self.lock = threading.Lock()  # guards every Command and Invocation
         self.commands = {}
+        self.documents = {"AWS-RunShellScript": Document("AWS-RunShellScript", RUN_SHELL_SCRIPT)}
         self.invocation_delay = float(os.environ.get("FLEETSYNC_SSM_INVOCATION_DELAY", "0.5"))
+        self.output_lag = float(os.environ.get("FLEETSYNC_SSM_OUTPUT_LAG", "0.5"))
+        self.rate_limit = RateLimit(rate_limit) if rate_limit else None
+        self.throttled = 0
+        self.requests = {}  # operation -> requests seen
+        # Simulated invocations end on this heap (time, seq, invocation), so
+        # thousands of them need no thread each.
+        self.timers, self.timer_seq, self.timer_wake = [], 0, threading.Condition(self.lock)
         self.ec2 = boto3.client(
             "ec2",
             endpoint_url=os.environ["FLEETSYNC_MOTO"],
@@ -188,10 +360,19 @@ class World:
             aws_secret_access_key="testing",
         )
         os.makedirs(os.path.join(root, "instances"), exist_ok=True)
+        threading.Thread(target=self.expire_forever, daemon=True).start()
+        threading.Thread(target=self.timers_forever, daemon=True).start()
 
     def node_dir(self, instance_id):
         path = os.path.join(self.root, "instances", instance_id)
         return path if os.path.exists(os.path.join(path, "node.json")) else None
+
+    def agent_state(self, node):
+        """online, connection-lost or dead (see the module doc)."""
+        try:
+            return open(os.path.join(node, "ssm-agent")).read().strip() or "online"
+        except FileNotFoundError:
+            return "online"
 
     def record(self, entry):
         with self.lock, open(os.path.join(self.root, "calls.jsonl"), "a") as f:
@@ -199,9 +380,33 @@ class World:
 
     # -- operations ---------------------------------------------------------
 
+    def FleetsyncEmulatorStats(self, req):
+        with self.lock:
+            return {"requests": dict(self.requests), "throttled": self.throttled}
+
+    def FleetsyncEmulatorConfigure(self, req):
+        rate = float(req.get("RateLimit") or 0)
+        self.rate_limit = RateLimit(rate) if rate > 0 else None
+        return {}
+
+    def CreateDocument(self, req):
+        name = req.get("Name", "")
+        if not re.fullmatch(r"[a-zA-Z0-9_.-]{3,128}", name) or name.startswith(("AWS-", "aws-", "amazon")):
+            raise ApiError("ValidationException", f"document name {name!r} is not valid")
+        if req.get("DocumentType", "Command") != "Command":
+            raise ApiError("InvalidDocumentType", "this emulator runs Command documents only")
+        content = yaml.safe_load(req.get("Content", "")) if req.get("DocumentFormat") == "YAML" else json.loads(req.get("Content", "{}"))
+        doc = Document(name, content)
+        with self.lock:
+            if name in self.documents:
+                raise ApiError("DocumentAlreadyExists", f"document {name} already exists")
+            self.documents[name] = doc
+        return {"DocumentDescription": {"Name": name, "DocumentType": "Command", "Status": "Active", "SchemaVersion": "2.2"}}
+
     def SendCommand(self, req):
-        if req.get("DocumentName") != "AWS-RunShellScript":
-            raise ApiError("InvalidDocument", f"document {req.get('DocumentName')!r}: this emulator runs AWS-RunShellScript only")
+        doc = self.documents.get(req.get("DocumentName"))
+        if doc is None:
+            raise ApiError("InvalidDocument", f"Document with name {req.get('DocumentName')!r} does not exist")
         ids = req.get("InstanceIds") or []
         if len(ids) > MAX_INSTANCE_IDS:
             raise ApiError(
@@ -216,12 +421,14 @@ class World:
             raise ApiError("InvalidParameters", "the command has no targets")
         unregistered = [i for i in ids if not self.node_dir(i)]
         if unregistered:
-            raise ApiError("InvalidInstanceId", f"Instances {unregistered} not in a valid state for account (is the SSM agent running?)")
-        cmd = Command(self, req, list(dict.fromkeys(ids)))
+            raise ApiError("InvalidInstanceId", f"Instances [{unregistered}] not in a valid state for account 123456789012")
+        cmd = Command(self, req, list(dict.fromkeys(ids)), doc)
         with self.lock:
             self.commands[cmd.id] = cmd
-        self.record({"op": "SendCommand", "command_id": cmd.id, "instance_ids": list(cmd.invocations),
-                     "max_concurrency": cmd.max_concurrency_text, "max_errors": cmd.max_errors_text, "timeout": cmd.timeout})
+        self.record({"op": "SendCommand", "command_id": cmd.id, "instance_ids": list(cmd.invocations), "document": doc.name,
+                     "parameters": req.get("Parameters") or {}, "max_concurrency": cmd.max_concurrency_text,
+                     "max_errors": cmd.max_errors_text, "timeout": cmd.timeout, "delivery_timeout": req.get("TimeoutSeconds", 3600),
+                     "time": cmd.requested})
         threading.Thread(target=cmd.run, daemon=True).start()
         with self.lock:
             return {"Command": cmd.describe()}
@@ -251,24 +458,26 @@ class World:
         with self.lock:
             cmd = self.command(req)
             inv = cmd.invocations.get(req.get("InstanceId", ""))
-            if inv is None or time.time() < cmd.visible_at:
+            now = time.time()
+            if inv is None or now < cmd.visible_at:
                 raise ApiError("InvocationDoesNotExist", "")
+            status, details, code, stdout, stderr = inv.visible(now)
             fmt = lambda t: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".000Z" if t else ""
             return {
                 "CommandId": cmd.id,
                 "InstanceId": inv.instance_id,
                 "Comment": cmd.req.get("Comment", ""),
-                "DocumentName": "AWS-RunShellScript",
+                "DocumentName": cmd.req.get("DocumentName"),
                 "PluginName": "aws:runShellScript",
-                "ResponseCode": inv.code,
+                "ResponseCode": code,
                 "ExecutionStartDateTime": fmt(inv.start),
-                "ExecutionEndDateTime": fmt(inv.end),
+                "ExecutionEndDateTime": fmt(inv.end) if status in TERMINAL else "",
                 "ExecutionElapsedTime": "",
-                "Status": inv.status,
-                "StatusDetails": inv.details,
-                "StandardOutputContent": inv.stdout[:STDOUT_GET],
+                "Status": status,
+                "StatusDetails": details,
+                "StandardOutputContent": stdout[:STDOUT_GET],
                 "StandardOutputUrl": "",
-                "StandardErrorContent": inv.stderr[:STDERR_GET],
+                "StandardErrorContent": stderr[:STDERR_GET],
                 "StandardErrorUrl": "",
             }
 
@@ -279,10 +488,13 @@ class World:
             else:
                 cmds = list(self.commands.values())
             now = time.time()
+            # Right after SendCommand the list is empty, as on AWS.
             rows = [(c, v) for c in cmds if now >= c.visible_at for v in c.invocations.values()
                     if not req.get("InstanceId") or v.instance_id == req["InstanceId"]]
             start = int(req.get("NextToken") or 0)
             size = int(req.get("MaxResults") or 50)
+            if not 1 <= size <= 50:
+                raise ApiError("ValidationException", "MaxResults must be between 1 and 50")
             page = rows[start:start + size]
             out = []
             for c, v in page:
@@ -291,7 +503,7 @@ class World:
                     "InstanceId": v.instance_id,
                     "InstanceName": "",
                     "Comment": c.req.get("Comment", ""),
-                    "DocumentName": "AWS-RunShellScript",
+                    "DocumentName": c.req.get("DocumentName"),
                     "RequestedDateTime": c.requested,
                     "Status": v.status,
                     "StatusDetails": v.details,
@@ -301,7 +513,7 @@ class World:
                 }
                 if req.get("Details"):
                     plugin = {"Name": "aws:runShellScript", "Status": v.status, "StatusDetails": v.details,
-                              "ResponseCode": v.code, "Output": (v.stdout + v.stderr)[:OUTPUT_LIST]}
+                              "ResponseCode": v.code, "Output": plugin_output(v.stdout, v.stderr)}
                     if v.start:
                         plugin["ResponseStartDateTime"] = v.start
                     if v.end:
@@ -329,16 +541,12 @@ class World:
         with self.lock:
             cmd = self.command(req)
             cmd.cancelled = True
-            running = [v for v in cmd.invocations.values() if v.status == "InProgress"]
+            running = [v for v in cmd.invocations.values() if v.status in ("InProgress", "Pending")]
             for v in running:
                 v.cancel_requested = True
-        self.record({"op": "CancelCommand", "command_id": cmd.id})
+        self.record({"op": "CancelCommand", "command_id": cmd.id, "time": time.time()})
         for v in running:
-            if v.proc is not None:
-                try:
-                    os.killpg(v.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            v.stop("Cancelled", "Cancelled")
         return {}
 
     def DescribeInstanceInformation(self, req):
@@ -351,49 +559,121 @@ class World:
                 ids += f.get("valueSet") or []
         if not ids:
             ids = sorted(os.listdir(os.path.join(self.root, "instances")))
+        size = int(req.get("MaxResults") or 10)
+        if not 5 <= size <= 50:
+            raise ApiError("ValidationException", "MaxResults must be between 5 and 50")
         found = [i for i in ids if self.node_dir(i)]
-        return {"InstanceInformationList": [
-            {"InstanceId": i, "PingStatus": "Online", "PlatformType": "Linux", "AgentVersion": "3.3.0.0-fleetsync-emulator",
-             "ResourceType": "EC2Instance", "LastPingDateTime": time.time()} for i in found]}
+        start = int(req.get("NextToken") or 0)
+        page = []
+        for i in found[start:start + size]:
+            ping = "ConnectionLost" if self.agent_state(self.node_dir(i)) == "connection-lost" else "Online"
+            page.append({"InstanceId": i, "PingStatus": ping, "PlatformType": "Linux", "AgentVersion": "3.3.0.0-fleetsync-emulator",
+                         "ResourceType": "EC2Instance", "LastPingDateTime": time.time()})
+        resp = {"InstanceInformationList": page}
+        if start + size < len(found):
+            resp["NextToken"] = str(start + size)
+        return resp
 
     # -- running a script on a node ------------------------------------------
 
-    def execute(self, inv):
-        cmd = inv.command
+    def deliver(self, inv):
+        """Hands the invocation to the instance's SSM agent, as it behaves."""
         node = self.node_dir(inv.instance_id)
         if node is None:  # deregistered since SendCommand: the agent went away
-            inv.finish("Failed", "Undeliverable", -1, stderr="the SSM agent on this instance is not running")
-            self.log_invocation(inv)
+            inv.finish("Failed", "Undeliverable", -1)
             return
+        state = self.agent_state(node)
+        if state == "connection-lost":
+            return  # stays Pending until the command expires
+        with self.lock:
+            if inv.status in TERMINAL:  # cancelled or expired meanwhile
+                return
+            inv.status, inv.details, inv.start = "InProgress", "InProgress", time.time()
+        if state == "dead":
+            return  # InProgress until the command expires
         info = json.load(open(os.path.join(node, "node.json")))
+        if info.get("simulated"):
+            with self.lock:
+                self.timer_seq += 1
+                heapq.heappush(self.timers, (time.time() + info.get("simulated_ms", 1000) / 1000, self.timer_seq, inv))
+                self.timer_wake.notify()
+            return
+        threading.Thread(target=self.execute, args=(inv, node, info), daemon=True).start()
+
+    def execute(self, inv, node, info):
+        cmd = inv.command
         work = os.path.join(node, "ssm", cmd.id)
         os.makedirs(work, exist_ok=True)
         script = os.path.join(work, "_script.sh")
         with open(script, "w") as f:
-            f.write("\n".join(cmd.commands) + "\n")
+            f.write(cmd.script)
+        os.chmod(script, 0o700)
         out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            # The SSM agent runs `sh -c <script>`; this runs `sh <script>`,
+            # the same for the sh scripts fleetsync sends, without exec'ing
+            # a file another thread's fork may still hold open for writing
+            # (ETXTBSY).
             proc = inv.proc = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
                  'mount --bind "$1" /srv && cd / && exec sh "$2"', "sh", info["root"], script],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=info["env"], start_new_session=True,
             )
+            remaining = max(0.0, min(cmd.timeout, cmd.expires_at - time.time()))
             try:
-                code = proc.wait(timeout=cmd.timeout)
-                status = ("Success", "Success") if code == 0 else ("Failed", "Failed")
+                code = proc.wait(timeout=remaining)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                code, status = -1, ("TimedOut", "Execution Timed Out")
-        read = lambda p: open(p, "rb").read().decode("utf-8", "replace")
+                code = proc.wait()
+        stdout = open(out_path, "rb").read()
+        stderr = open(err_path, "rb").read()
         if inv.cancel_requested:
             code, status = -1, ("Cancelled", "Cancelled")
-        inv.finish(status[0], status[1], code, read(out_path), read(err_path))
-        self.log_invocation(inv)
+        elif code < 0 or code == 137:  # SIGKILLed: by the execution timeout, or at the command's expiry
+            expired = time.time() >= cmd.expires_at - 0.05
+            code, status = -1, ("TimedOut", "DeliveryTimedOut" if expired else "ExecutionTimedOut")
+        elif code != 0:
+            status = ("Failed", "Failed")
+            stderr += f"failed to run commands: exit status {code}".encode()
+        else:
+            status = ("Success", "Success")
+        inv.finish(status[0], status[1], code, agent_truncate(stdout), agent_truncate(stderr))
+
+    def timers_forever(self):
+        """Ends simulated invocations when their time comes."""
+        while True:
+            with self.lock:
+                while not self.timers or self.timers[0][0] > time.time():
+                    self.timer_wake.wait(timeout=None if not self.timers else max(0.0, self.timers[0][0] - time.time()))
+                _, _, inv = heapq.heappop(self.timers)
+            if inv.status != "InProgress":
+                continue
+            cmd = inv.command
+            now_ms = int(time.time() * 1000)
+            report = {
+                "status": "ok", "exit_code": 0, "source": "s3://simulated/app/", "dest": "/srv/www", "dry_run": False,
+                "coalesced": False, "started_at_ms": int(inv.start * 1000), "finished_at_ms": now_ms,
+                "counts": {"listed": 1000, "downloaded": 10, "deleted": 0, "unchanged": 990, "failed": 0, "repaired": 0,
+                           "vanished": 0, "replanned": 0, "retries": 0},
+                "bytes_downloaded": 40960, "durations": {"lock_wait_ms": 0, "total_ms": now_ms - int(inv.start * 1000)},
+                "simulated": True,
+            }
+            inv.finish("Success", "Success", 0, json.dumps(report) + "\n", "simulated by ssm_emulator.py\n")
+
+    def expire_forever(self):
+        """A command's invocations still Pending or InProgress when it expires end DeliveryTimedOut."""
+        while True:
+            time.sleep(0.1)
+            now = time.time()
+            with self.lock:
+                expired = [v for c in self.commands.values() if c.expires_at <= now
+                           for v in c.invocations.values() if v.status in ("Pending", "InProgress", "Delayed")]
+            for v in expired:
+                v.stop("TimedOut", "DeliveryTimedOut")
 
     def log_invocation(self, inv):
         self.record({"op": "invocation", "command_id": inv.command.id, "instance_id": inv.instance_id,
-                     "status": inv.status, "start": inv.start, "end": inv.end})
+                     "status": inv.status, "details": inv.details, "start": inv.start, "end": inv.end})
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -409,6 +689,12 @@ class Handler(BaseHTTPRequestHandler):
             fn = getattr(self.world, op, None) if op[:1].isupper() else None
             if fn is None:
                 raise ApiError("UnknownOperationException", f"operation {op or target!r} is not emulated")
+            with self.world.lock:
+                self.world.requests[op] = self.world.requests.get(op, 0) + 1
+            if not op.startswith("FleetsyncEmulator") and self.world.rate_limit is not None and not self.world.rate_limit.take():
+                with self.world.lock:
+                    self.world.throttled += 1
+                raise ApiError("ThrottlingException", "Rate exceeded")
             resp, status = fn(json.loads(body or b"{}")), 200
         except ApiError as e:
             resp, status = {"__type": e.code, "message": e.message}, e.status
@@ -430,8 +716,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--dir", required=True)
+    ap.add_argument("--rate-limit", type=float, default=float(os.environ.get("FLEETSYNC_SSM_RATE_LIMIT") or 0) or None,
+                    help="requests a second before ThrottlingException (burst twice that)")
     a = ap.parse_args()
-    Handler.world = World(a.dir)
+    Handler.world = World(a.dir, a.rate_limit)
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())

@@ -25,6 +25,14 @@ pub async fn client() -> aws_sdk_s3::Client {
     fleetsync::source::s3_client(&fleetsync::ClientOptions::default()).await
 }
 
+/// An S3 client that reaches the world's S3 server through `endpoint` (a
+/// FaultProxy in front of it).
+pub async fn client_via(endpoint: &str) -> aws_sdk_s3::Client {
+    assert!(endpoint.starts_with("http://127."), "{endpoint}");
+    let shared = fleetsync::source::sdk_config(&fleetsync::ClientOptions::default()).await;
+    aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&shared).endpoint_url(endpoint).force_path_style(true).build())
+}
+
 /// A bucket of its own for one test, so tests can run in parallel and count
 /// their own requests.
 pub struct Bucket {
@@ -318,6 +326,16 @@ impl Nodes {
         let asg = unique(name);
         fleet(&["create", &asg, "--size", &size.to_string()]);
         let nodes = Nodes::start(&asg, &[]);
+        (asg, nodes)
+    }
+
+    /// A new group whose nodes' sessions get `env` besides the world's.
+    pub fn group_with_env(name: &str, size: u32, env: &[(&str, &str)]) -> (String, Nodes) {
+        let asg = unique(name);
+        fleet(&["create", &asg, "--size", &size.to_string()]);
+        let pairs: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let args: Vec<&str> = pairs.iter().flat_map(|p| ["--env", p.as_str()]).collect();
+        let nodes = Nodes::start(&asg, &args);
         (asg, nodes)
     }
 

@@ -15,20 +15,55 @@ use std::time::Duration;
 use fleetsync::fleet_lock::HeldLock;
 
 pub use ssh::Ssh;
-pub use ssm::Ssm;
+pub use ssm::{Ssm, DELIVERY_TIMEOUT_RANGE, MAX_EXECUTION_TIMEOUT};
 
 use crate::collect::{self, NodeResult, NodeStatus};
 use crate::discover::Node;
 use crate::progress::Progress;
 use crate::values::Limit;
 
-/// What the agent on a node is asked to do: `fleetsync-agent WORDS...`.
-#[derive(Debug, Clone)]
+/// What the agent on a node is asked to do. Kept as named values, not as
+/// a command line, because SSM's fleetsync document takes them as typed
+/// parameters while SSH (and AWS-RunShellScript) take a quoted command line.
+#[derive(Debug, Clone, Default)]
 pub struct AgentCall {
-    /// The agent's arguments (subcommand first); `--json` is added.
-    words: Vec<String>,
-    /// What the agent prints on stdout for it.
-    pub expects: Expect,
+    pub action: Action,
+    /// `pull`: the source (else the node's agent.toml).
+    pub source: Option<String>,
+    pub dest: Option<String>,
+    pub state_dir: Option<String>,
+    /// `pull --releases`.
+    pub releases: bool,
+    /// `pull --release-id`, or `rollback --to`.
+    pub release: Option<String>,
+    /// `--group`: the group whose deployed release the node follows.
+    pub group: Option<String>,
+    pub keep: Option<usize>,
+    pub after_switch: Option<String>,
+    pub rollback_on_failure: bool,
+    pub allow_empty: bool,
+    /// SSH only: the agent stops when its stdin closes (the bastion holds
+    /// it open), so a killed ssh session does not leave it running.
+    pub exit_with_stdin: bool,
+}
+
+/// The agent subcommand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Action {
+    #[default]
+    Pull,
+    Rollback,
+    Status,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Pull => "pull",
+            Action::Rollback => "rollback",
+            Action::Status => "status",
+        }
+    }
 }
 
 /// The JSON an agent command prints.
@@ -41,16 +76,52 @@ pub enum Expect {
 }
 
 impl AgentCall {
-    pub fn new(expects: Expect, words: Vec<String>) -> AgentCall {
-        AgentCall { words, expects }
+    pub fn new(action: Action) -> AgentCall {
+        AgentCall { action, ..AgentCall::default() }
+    }
+
+    /// What the agent prints on stdout for this call.
+    pub fn expects(&self) -> Expect {
+        match self.action {
+            Action::Status => Expect::Status,
+            Action::Pull | Action::Rollback => Expect::Pull,
+        }
+    }
+
+    /// The agent's arguments, subcommand first, `--json` last.
+    pub fn words(&self) -> Vec<String> {
+        let mut w = vec![self.action.as_str().to_string()];
+        let mut flag = |name: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                w.extend([name.to_string(), v.clone()]);
+            }
+        };
+        flag("--dest", &self.dest);
+        flag("--state-dir", &self.state_dir);
+        flag("--group", &self.group);
+        flag(if self.action == Action::Rollback { "--to" } else { "--release-id" }, &self.release);
+        flag("--keep", &self.keep.map(|k| k.to_string()));
+        flag("--after-switch", &self.after_switch);
+        if let Some(s) = &self.source {
+            w.insert(1, s.clone());
+        }
+        let switches = [
+            (self.releases, "--releases"),
+            (self.rollback_on_failure, "--rollback-on-failure"),
+            (self.allow_empty, "--allow-empty"),
+            (self.exit_with_stdin, "--exit-with-stdin"),
+        ];
+        w.extend(switches.iter().filter(|(on, _)| *on).map(|(_, f)| f.to_string()));
+        w.push("--json".into());
+        w
     }
 
     /// The command line sent to the node's shell (SSH's remote command,
-    /// SSM's script). Every argument is quoted, so no string the user typed
-    /// can become a second command.
+    /// AWS-RunShellScript's script). Every argument is quoted, so no string
+    /// the user typed can become a second command.
     pub fn command_line(&self) -> String {
-        let words = std::iter::once("fleetsync-agent").chain(self.words.iter().map(String::as_str)).chain(["--json"]);
-        shlex::try_join(words).expect("arguments contain no NUL (clap refuses them)")
+        let words = std::iter::once("fleetsync-agent".to_string()).chain(self.words());
+        shlex::try_join(words.collect::<Vec<_>>().iter().map(String::as_str)).expect("arguments contain no NUL (clap refuses them)")
     }
 }
 
@@ -91,6 +162,16 @@ impl Transport {
         }
     }
 
+    /// Whether `call` can be sent this way at all (SSM's fleetsync document
+    /// takes checked values only): a configuration error before anything
+    /// is discovered, locked or sent.
+    pub fn check(&self, call: &AgentCall) -> fleetsync::Result<()> {
+        match self {
+            Transport::Ssm(ssm) => ssm.parameters(call).map(drop).map_err(fleetsync::Error::Config),
+            Transport::Ssh(_) => Ok(()),
+        }
+    }
+
     /// Stops what was started, when the deploy is interrupted. SSH sessions
     /// end when their `ssh` is killed (dropping the deploy does that); SSM
     /// commands run on until cancelled.
@@ -118,15 +199,60 @@ pub struct Fleet<'a> {
     /// Nodes failed so far, across passes; atomic because SSH nodes finish
     /// on many tasks at once.
     pub failures: AtomicUsize,
+    /// Becomes true once every node of a pass has been started (or will
+    /// never be): what listing the group again waits for.
+    started_all: tokio::sync::watch::Sender<bool>,
+}
+
+impl<'a> Fleet<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        transport: Transport,
+        call: AgentCall,
+        held: Option<&'a HeldLock>,
+        address: AddressChoice,
+        batch: Option<Limit>,
+        max_errors: Option<Limit>,
+        fleet_size: usize,
+        progress: &'a Progress,
+    ) -> Fleet<'a> {
+        Fleet {
+            transport,
+            call,
+            held,
+            address,
+            batch,
+            max_errors,
+            fleet_size,
+            progress,
+            failures: AtomicUsize::new(0),
+            started_all: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 impl Fleet<'_> {
     /// Runs the agent on `nodes`; one result per node, in their order.
     pub async fn run(&self, nodes: &[Node]) -> Vec<NodeResult> {
-        match &self.transport {
+        self.started_all.send_replace(false);
+        let results = match &self.transport {
             Transport::Ssh(ssh) => ssh::run(ssh, self, nodes).await,
             Transport::Ssm(ssm) => ssm.run(self, nodes).await,
-        }
+        };
+        self.mark_all_started();
+        results
+    }
+
+    /// Called by a transport once it has started the last node of a pass
+    /// (or stopped starting any).
+    pub fn mark_all_started(&self) {
+        self.started_all.send_replace(true);
+    }
+
+    /// Resolves once every node of the current pass has been started.
+    pub async fn all_started(&self) {
+        let mut rx = self.started_all.subscribe();
+        let _ = rx.wait_for(|started| *started).await;
     }
 
     /// How many nodes may run at once (at least one).
@@ -163,7 +289,7 @@ impl Fleet<'_> {
     /// Turns what a node's run gave into its result, counts a failure, and
     /// shows it.
     pub fn finish(&self, node: &Node, outcome: Outcome) -> NodeResult {
-        let result = collect::collect(&node.instance_id, &self.address_of(node), outcome, self.call.expects);
+        let result = collect::collect(&node.instance_id, &self.address_of(node), outcome, self.call.expects());
         self.record(result)
     }
 
@@ -229,9 +355,15 @@ mod tests {
     #[test]
     fn hostile_arguments_stay_one_word_each() {
         let hostile = ["s3://b/a b'; rm -rf / #", "/srv/$(reboot)/`id`\nx", "/var/lib/fs \"q\""];
-        let call =
-            AgentCall::new(Expect::Pull, ["pull", hostile[0], "--dest", hostile[1], "--state-dir", hostile[2]].map(String::from).to_vec());
+        let call = AgentCall {
+            source: Some(hostile[0].into()),
+            dest: Some(hostile[1].into()),
+            state_dir: Some(hostile[2].into()),
+            ..AgentCall::new(Action::Pull)
+        };
         let words = shlex::split(&call.command_line()).unwrap();
         assert_eq!(words, ["fleetsync-agent", "pull", hostile[0], "--dest", hostile[1], "--state-dir", hostile[2], "--json"]);
+        let rollback = AgentCall { release: Some("r1".into()), ..AgentCall::new(Action::Rollback) };
+        assert_eq!(rollback.words(), ["rollback", "--to", "r1", "--json"]);
     }
 }

@@ -27,7 +27,15 @@ pub struct Ssh {
 /// Runs the agent on `nodes`, `--batch` at a time, in order.
 pub(super) async fn run(ssh: &Ssh, fleet: &Fleet<'_>, nodes: &[Node]) -> Vec<NodeResult> {
     use futures::StreamExt as _;
-    futures::stream::iter(nodes).map(|node| run_one(ssh, fleet, node)).buffered(fleet.batch_size(nodes.len())).collect().await
+    let started = std::sync::atomic::AtomicUsize::new(0);
+    let start = |node| {
+        // The last node of the pass is on its way: the group may be listed again.
+        if started.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nodes.len() {
+            fleet.mark_all_started();
+        }
+        run_one(ssh, fleet, node)
+    };
+    futures::stream::iter(nodes).map(start).buffered(fleet.batch_size(nodes.len())).collect().await
 }
 
 async fn run_one(ssh: &Ssh, fleet: &Fleet<'_>, node: &Node) -> NodeResult {
@@ -61,11 +69,22 @@ impl Ssh {
         if let Some(u) = &self.user {
             cmd.arg("-l").arg(u);
         }
+        // The agent stops when its stdin closes: a non-interactive session
+        // has no terminal, so sshd sends it no SIGHUP when ssh goes away
+        // (a timeout here, Ctrl-C, a lost bastion), but it does close the
+        // session's stdin, which this process holds open until the end.
+        let call = AgentCall { exit_with_stdin: true, ..call.clone() };
         cmd.arg("--").arg(address).arg(call.command_line());
         // Dropping the future (timeout) kills ssh, which ends the remote
         // session; the agent is safe to stop at any point.
-        cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
-        match tokio::time::timeout(self.timeout, cmd.output()).await {
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        cmd.kill_on_drop(true);
+        let run = async {
+            let mut child = cmd.spawn()?;
+            let _stdin = child.stdin.take();
+            child.wait_with_output().await
+        };
+        match tokio::time::timeout(self.timeout, run).await {
             Ok(Ok(out)) => {
                 let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
                 // 255 is ssh's own failure; without a report the agent never ran.
