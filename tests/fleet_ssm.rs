@@ -115,8 +115,9 @@ async fn sixty_instances_go_out_in_commands_of_at_most_fifty_never_queued_inside
     concurrency.sort();
     assert_eq!(concurrency, ["10", "50"]);
 
-    // DescribeInstanceInformation refused for the first 50 IDs: those nodes
-    // fail with the reason; the other ten are checked and synced.
+    // One DescribeInstanceInformation call refused (the checks run at once,
+    // so whichever reaches SSM first: the 50 IDs or the 10): its nodes fail
+    // with the reason; the others are checked and synced.
     let refusing = common::FaultProxy::start(
         &std::env::var("AWS_ENDPOINT_URL_SSM").unwrap(),
         &["--api", "--rate", "0", "--fail-op", "DescribeInstanceInformation", "--fail-code", "AccessDeniedException"],
@@ -125,7 +126,8 @@ async fn sixty_instances_go_out_in_commands_of_at_most_fifty_never_queued_inside
         common::deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm").env("AWS_ENDPOINT_URL_SSM", &refusing.url),
     );
     assert_eq!(code, 1, "{stderr}");
-    assert_eq!((report["totals"]["failed"].as_u64(), report["totals"]["ok"].as_u64()), (Some(50), Some(10)), "{report}");
+    let (failed, ok) = (report["totals"]["failed"].as_u64().unwrap(), report["totals"]["ok"].as_u64().unwrap());
+    assert!(matches!((failed, ok), (50, 10) | (10, 50)), "one call's nodes failed, the others synced: {report}");
     let failed = report["nodes"].as_array().unwrap().iter().find(|n| n["status"] == "failed").unwrap();
     let e = failed["error"].as_str().unwrap();
     assert!(e.contains("could not check that the SSM agent is online") && e.contains("AccessDeniedException"), "{e}");

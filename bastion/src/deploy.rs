@@ -181,7 +181,8 @@ async fn trigger_and_collect(
         done.send_replace(true);
         results
     };
-    let (rest_results, now) = tokio::join!(pass, relist(fleet, sdk, asg, &mut finished));
+    let known: std::collections::HashSet<String> = targets.iter().map(|n| n.instance_id.clone()).collect();
+    let (rest_results, now) = tokio::join!(pass, relist(fleet, sdk, asg, &known, &mut finished));
     results.extend(rest_results);
     let now = match now {
         Ok(now) => now,
@@ -190,8 +191,7 @@ async fn trigger_and_collect(
     if fleet.lock_lost() {
         return (results, None);
     }
-    let known: std::collections::HashSet<&str> = targets.iter().map(|n| n.instance_id.as_str()).collect();
-    let joined: Vec<Node> = now.into_iter().filter(|n| n.is_target() && !known.contains(n.instance_id.as_str())).collect();
+    let joined: Vec<Node> = now.into_iter().filter(Node::is_target).collect();
     if !joined.is_empty() {
         progress.note(&format!("{} instances joined the group during the deploy; syncing them too", joined.len()));
         progress.add(joined.len());
@@ -200,29 +200,44 @@ async fn trigger_and_collect(
     (results, None)
 }
 
-/// Lists the group again while the pass's last nodes run, so that the
+/// Lists the group again (the instances not in `known`) while the pass's
+/// last nodes run, so that the
 /// listing adds nothing to the deploy's end: from the moment every node
 /// has been started, again and again (after 1 s, then 2, 4, ... at most
 /// 30 s apart, so a straggler does not cost an AutoScaling call a second)
-/// until the pass is over, waiting only for a listing already under way.
-/// The last listing is the answer. An instance that joins after it is
-/// missed here and converges on its own (its boot pull, the agent's timer).
+/// until the pass is over. The last listing finished is the answer; only
+/// when none has finished yet is the one under way waited for. An instance
+/// that joins after it is missed here and converges on its own (its boot
+/// pull, the agent's timer).
 async fn relist(
     fleet: &Fleet<'_>,
     sdk: &aws_types::SdkConfig,
     asg: &str,
+    known: &std::collections::HashSet<String>,
     finished: &mut tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<Node>> {
     fleet.all_started().await;
     let mut pause = Duration::from_secs(1);
+    let mut done: Option<anyhow::Result<Vec<Node>>> = None;
     loop {
-        let listing = discover::discover(sdk, asg).await;
+        let listing = discover::joined(sdk, asg, known);
+        tokio::pin!(listing);
+        let listing = match done.take() {
+            // A listing finished already: a new one is only worth its wait
+            // while the pass goes on.
+            Some(previous) => tokio::select! {
+                l = &mut listing => l,
+                _ = finished.wait_for(|f| *f) => return previous,
+            },
+            None => listing.await,
+        };
         if *finished.borrow() {
             return listing;
         }
+        done = Some(listing);
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = finished.wait_for(|f| *f) => return listing,
+            _ = finished.wait_for(|f| *f) => return done.expect("just set"),
         }
         pause = (pause * 2).min(Duration::from_secs(30));
     }

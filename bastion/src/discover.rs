@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use fleetsync::source::ApiFailure;
+use futures::StreamExt as _;
 use serde::Serialize;
 
 use crate::api::api_error;
@@ -44,6 +45,8 @@ impl Node {
 /// Instance IDs per DescribeInstances call: well under the API's limit, so
 /// one huge group is several small calls.
 const IDS_PER_CALL: usize = 200;
+/// DescribeInstances calls in flight at once (a 2,000-instance group is 10).
+const CALLS_AT_ONCE: usize = 4;
 /// Calls made for IDs EC2 does not show yet, and the first pause between
 /// them (doubled each time): about 6 s in all.
 const NOT_FOUND_TRIES: u32 = 5;
@@ -51,6 +54,17 @@ const NOT_FOUND_PAUSE: std::time::Duration = std::time::Duration::from_millis(40
 
 /// Lists the group's instances, targets first.
 pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<Vec<Node>> {
+    list(sdk, asg, &std::collections::HashSet::new()).await
+}
+
+/// The group's instances that are not in `known`: one DescribeAutoScalingGroups,
+/// and DescribeInstances only for the new ones (a deploy looking for
+/// instances that joined meanwhile need not describe the whole fleet again).
+pub async fn joined(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collections::HashSet<String>) -> anyhow::Result<Vec<Node>> {
+    list(sdk, asg, known).await
+}
+
+async fn list(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collections::HashSet<String>) -> anyhow::Result<Vec<Node>> {
     let autoscaling = aws_sdk_autoscaling::Client::new(sdk);
     let ec2 = aws_sdk_ec2::Client::new(sdk);
     let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
@@ -71,14 +85,20 @@ pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<V
         ))
         .into());
     }
-    if members.is_empty() {
+    if members.is_empty() && known.is_empty() {
         return Err(fleetsync::Error::Config(format!("Auto Scaling Group {asg:?} has no instances; nothing to sync")).into());
     }
+    members.retain(|m| m.instance_id().is_some_and(|id| !known.contains(id)));
 
     let ids: Vec<String> = members.iter().filter_map(|m| m.instance_id().map(str::to_string)).collect();
     let mut ec2_view: HashMap<String, aws_sdk_ec2::types::Instance> = HashMap::new();
-    for chunk in ids.chunks(IDS_PER_CALL) {
-        ec2_view.extend(describe_instances(&ec2, chunk).await?);
+    let described: Vec<_> = futures::stream::iter(ids.chunks(IDS_PER_CALL))
+        .map(|chunk| describe_instances(&ec2, chunk))
+        .buffer_unordered(CALLS_AT_ONCE)
+        .collect()
+        .await;
+    for d in described {
+        ec2_view.extend(d?);
     }
 
     let mut nodes: Vec<Node> = members

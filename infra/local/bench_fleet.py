@@ -91,9 +91,11 @@ def main():
     subnet = 10
     for k, (n, vias) in enumerate(fleets):
         group = f"bench{n}-{k}"
-        subnets = max(1, -(-n // 240))  # a /24 holds about 250 instances
-        sh(FLEET + ["create", group, "--size", str(n), "--subnet", f"{subnet}-{subnet + subnets - 1}"], env=env)
-        subnet += subnets
+        if n > 240:  # moto puts a group in one subnet: a /20 (4,000 addresses) from 127.0.64.0
+            sh(FLEET + ["create", group, "--size", str(n), "--subnet", "64", "--subnet-bits", "20"], env=env)
+        else:
+            sh(FLEET + ["create", group, "--size", str(n), "--subnet", str(subnet)], env=env)
+            subnet += 1
         nodes = os.path.join(a.work, f"nodes{n}-{k}")
         if vias == ["sim"]:
             sims.append(simulate(a, bastion, env, group, n, nodes))
@@ -137,10 +139,10 @@ def main():
             sh(FLEET + ["nodes-down", "--dir", nodes], env=env)
 
     if sims:
-        print("\n| simulated nodes | SSM rate limit | bastion wall | slowest node | overhead | after last end | bastion CPU | peak RSS | SSM calls | calls per node | calls per second | throttled |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| simulated nodes | SSM rate limit | bastion wall | slowest node | overhead | before first node (discovery, lock, sends) | after last end | bastion CPU | peak RSS | SSM calls | calls per node | calls per second | throttled |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sims:
-            print("| {n} | {rate:.0f}/s | {wall:.2f} s | {slowest:.2f} s | {over:.1f}% | {tail:.2f} s | {cpu:.2f} s | {rss:.0f} MiB | {calls} | {per_node:.2f} | {per_sec:.1f} | {throttled} |".format(**r))
+            print("| {n} | {rate:.0f}/s | {wall:.2f} s | {slowest:.2f} s | {over:.1f}% | {first:.2f} s | {tail:.2f} s | {cpu:.2f} s | {rss:.0f} MiB | {calls} | {per_node:.2f} | {per_sec:.1f} | {throttled} |".format(**r))
         print("\nSSM calls by operation: " + "; ".join(", ".join(f"{op} {c}" for op, c in sorted(r["ops"].items())) for r in sims))
     if not rows:
         return
@@ -180,15 +182,16 @@ def simulate(a, bastion, env, group, n, nodes):
     agents = [x["agent"] for x in report["nodes"]]
     slowest = max(x["durations"]["total_ms"] for x in agents) / 1000
     last_end = max(x["finished_at_ms"] for x in agents) / 1000
+    first = min(x["started_at_ms"] for x in agents) / 1000 - t0
     ops = {op: c - before["requests"].get(op, 0) for op, c in after["requests"].items() if c - before["requests"].get(op, 0) > 0}
     ops.pop("FleetsyncEmulatorStats", None)
     ops.pop("FleetsyncEmulatorConfigure", None)
     calls = sum(ops.values())
-    r = dict(n=n, rate=a.ssm_rate, wall=wall, slowest=slowest, over=100 * (wall / slowest - 1), tail=t0 + wall - last_end,
+    r = dict(n=n, rate=a.ssm_rate, wall=wall, slowest=slowest, over=100 * (wall / slowest - 1), tail=t0 + wall - last_end, first=first,
              cpu=ru.ru_utime + ru.ru_stime, rss=rss, calls=calls, per_node=calls / n, per_sec=calls / wall,
              throttled=after["throttled"] - before["throttled"], ops=ops)
     print(f"{n} simulated nodes over ssm: wall {wall:.2f} s, slowest {slowest:.2f} s, overhead {r['over']:.1f}%, "
-          f"after last end {r['tail']:.2f} s, CPU {r['cpu']:.2f} s, RSS {rss:.0f} MiB, {calls} SSM calls "
+          f"before first node {first:.2f} s, after last end {r['tail']:.2f} s, CPU {r['cpu']:.2f} s, RSS {rss:.0f} MiB, {calls} SSM calls "
           f"({r['per_node']:.2f} per node, {r['per_sec']:.1f}/s, {r['throttled']} throttled)", flush=True)
     return r
 

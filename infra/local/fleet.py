@@ -66,12 +66,13 @@ def clients():
     return boto3.client("ec2", **kw), boto3.client("autoscaling", **kw)
 
 
-def network(ec2, k=1):
-    """The subnet 127.0.K.0/24 (created on first use). A /24 holds about 250
-    instances over a world's life (moto never reuses an address), so large
-    groups take a subnet of their own."""
+def network(ec2, k=1, bits=24):
+    """The subnet 127.0.K.0/BITS (created on first use). A /24 holds about
+    250 instances over a world's life (moto never reuses an address, and
+    puts a group's instances in its first subnet), so large groups take a
+    subnet of their own, and thousands a /20."""
     name = TAG if k == 1 else f"{TAG}-{k}"
-    cidr = [{"Name": "cidr-block", "Values": [f"127.0.{k}.0/24"]}]
+    cidr = [{"Name": "cidr-block", "Values": [f"127.0.{k}.0/{bits}"]}]
     subnets = ec2.describe_subnets(Filters=cidr)["Subnets"]
     if subnets:
         return subnets[0]["SubnetId"]
@@ -82,7 +83,7 @@ def network(ec2, k=1):
         vpc = ec2.create_vpc(CidrBlock="127.0.0.0/16")["Vpc"]["VpcId"]
         ec2.create_tags(Resources=[vpc], Tags=[{"Key": "Name", "Value": TAG}])
     try:
-        sub = ec2.create_subnet(VpcId=vpc, CidrBlock=f"127.0.{k}.0/24")["Subnet"]["SubnetId"]
+        sub = ec2.create_subnet(VpcId=vpc, CidrBlock=f"127.0.{k}.0/{bits}")["Subnet"]["SubnetId"]
     except ec2.exceptions.ClientError as e:
         if e.response["Error"]["Code"] != "InvalidSubnet.Conflict":
             raise
@@ -242,6 +243,7 @@ def main():
     c.add_argument("name")
     c.add_argument("--size", type=int, default=3)
     c.add_argument("--subnet", default="1", help="K in 127.0.K.0/24, or K-L for several subnets (about 250 instances each)")
+    c.add_argument("--subnet-bits", type=int, default=24, help="the subnets' prefix length (20 for thousands of instances)")
     sub.add_parser("describe").add_argument("name")
     h = sub.add_parser("health")
     h.add_argument("instance")
@@ -289,7 +291,7 @@ def main():
         return
     if a.cmd == "create":
         first, _, last = a.subnet.partition("-")
-        subnet = ",".join(network(ec2, k) for k in range(int(first), int(last or first) + 1))
+        subnet = ",".join(network(ec2, k, a.subnet_bits) for k in range(int(first), int(last or first) + 1))
         ec2.create_launch_template(
             LaunchTemplateName=a.name, LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"}
         )

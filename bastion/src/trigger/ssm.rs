@@ -64,7 +64,10 @@ const MAX_POLL: Duration = Duration::from_secs(1);
 const MIN_POLL: Duration = Duration::from_millis(100);
 /// ListCommandInvocations calls a second at most, whatever the number of
 /// commands in flight (a 2,000-node deploy is 40 of them).
-const POLLS_PER_SECOND: f64 = 20.0;
+const POLLS_PER_SECOND: f64 = 40.0;
+/// DescribeInstanceInformation and SendCommand calls in flight at once
+/// (a 2,000-node fleet is 40 of each).
+const CALLS_AT_ONCE: usize = 8;
 /// How long GetCommandInvocation may lag ListCommandInvocations (or say
 /// InvocationDoesNotExist) before the node is reported without its output.
 const OUTPUT_PATIENCE: Duration = Duration::from_secs(30);
@@ -191,8 +194,13 @@ impl Ssm {
     /// now: not managed by SSM, or its agent not online.
     async fn reachable<'n>(&self, fleet: &Fleet<'_>, nodes: &'n [Node], results: &mut HashMap<String, NodeResult>) -> Vec<&'n Node> {
         let mut managed = Vec::new();
-        for chunk in nodes.chunks(IDS_PER_COMMAND) {
-            let pings = match self.ping(chunk).await {
+        let checked: Vec<_> = futures::stream::iter(nodes.chunks(IDS_PER_COMMAND))
+            .map(|chunk| async move { (chunk, self.ping(chunk).await) })
+            .buffered(CALLS_AT_ONCE)
+            .collect()
+            .await;
+        for (chunk, pings) in checked {
+            let pings = match pings {
                 Ok(p) => p,
                 Err(e) => {
                     // Only these nodes could not be checked.
@@ -260,10 +268,24 @@ impl Ssm {
             if let Some(why) = fleet.stop_reason() {
                 results.extend(queue.drain(..).map(|n| fleet.not_attempted(n, why)));
             }
-            while !queue.is_empty() && busy < places {
-                let take = (places - busy).min(IDS_PER_COMMAND).min(queue.len());
-                let chunk: Vec<&'n Node> = queue.drain(..take).collect();
-                match self.send(fleet, &chunk, parameters).await {
+            // As many commands as there are free places, sent together.
+            let mut chunks: Vec<Vec<&'n Node>> = Vec::new();
+            let mut free = places.saturating_sub(busy);
+            while !queue.is_empty() && free > 0 {
+                let take = free.min(IDS_PER_COMMAND).min(queue.len());
+                chunks.push(queue.drain(..take).collect());
+                free -= take;
+            }
+            let sent: Vec<_> = futures::stream::iter(chunks)
+                .map(|chunk| async move {
+                    let sent = self.send(fleet, &chunk, parameters).await;
+                    (chunk, sent)
+                })
+                .buffered(CALLS_AT_ONCE)
+                .collect()
+                .await;
+            for (chunk, sent) in sent {
+                match sent {
                     Ok(id) => {
                         busy += chunk.len();
                         let waiting = chunk.iter().map(|n| (n.instance_id.clone(), *n)).collect();
