@@ -44,6 +44,12 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An object the release store should hold is not there: a release id
+    /// never published (or pruned). The caller named it: a configuration
+    /// error.
+    #[error("{0}")]
+    NotInStore(String),
+
     /// An S3 call failed in a way that is not the user's configuration.
     #[error("{0}")]
     S3(String),
@@ -57,7 +63,7 @@ impl Error {
     /// The exit code a binary should end with for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) => exit::CONFIG,
+            Error::Config(_) | Error::NotInStore(_) => exit::CONFIG,
             Error::Busy { .. } => exit::BUSY,
             Error::HostileKey { .. } | Error::Io { .. } | Error::S3(_) => exit::PARTIAL,
         }

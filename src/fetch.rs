@@ -89,6 +89,10 @@ pub(crate) struct FetchCtx {
     pub gate: GateWaiter,
     /// [`RANGES_TOTAL`] permits, one per ranged GET in flight.
     pub ranges: Arc<tokio::sync::Semaphore>,
+    /// An object replaced (412) or deleted (404) since it was listed fails
+    /// its file instead of being fetched at its new version (release mode:
+    /// a release is one listing, never a mix of two).
+    pub strict: bool,
 }
 
 impl FetchCtx {
@@ -129,6 +133,14 @@ pub(crate) async fn fetch(ctx: &Arc<FetchCtx>, job: &FetchJob, seq: u64) -> (Res
         };
         match result {
             Ok(staged) => return (Ok(staged), stats),
+            Err(Attempt::Replaced) if ctx.strict => {
+                let why = "it was replaced after it was listed (something is writing the prefix); the release is not switched, the next pull lists again";
+                return (Err(FetchError::Failed(why.into())), stats);
+            }
+            Err(Attempt::Vanished) if ctx.strict => {
+                let why = "it was deleted after it was listed (something is writing the prefix); the release is not switched, the next pull lists again";
+                return (Err(FetchError::Failed(why.into())), stats);
+            }
             Err(Attempt::Replaced) => {
                 stats.replanned = true;
                 if_match = None;

@@ -447,16 +447,18 @@ fn now_ms() -> u64 {
 }
 
 /// Who runs this process, for lock holders and publishers.
+/// The login name, else the uid (a service or a container may set neither
+/// variable).
 fn user() -> String {
-    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into())
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| format!("uid{}", rustix::process::getuid().as_raw()))
 }
 
 fn host() -> String {
     rustix::system::uname().nodename().to_string_lossy().into_owned()
 }
 
-/// `user@host`.
-pub(crate) fn user_at_host() -> String {
+/// `user@host`: who publishes, deploys, holds a lock.
+pub fn user_at_host() -> String {
     format!("{}@{}", user(), host())
 }
 

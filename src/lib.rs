@@ -12,10 +12,13 @@
 //! - [`report`]: the summary and JSON the bastion reads;
 //!
 //! run by [`pull`] under the [`node_lock`]. In release mode, [`release`]
-//! builds each release beside the live one and switches `current`.
+//! builds each release beside the live one and switches `current`, from
+//! the [`store`] (a published source) or from a listing.
 //!
-//! For the bastion, [`fleet_lock`] keeps two deploys of one group apart,
-//! and [`publish`] uploads a build and writes the release pointer.
+//! The [`store`] is the concept both sides share: releases as immutable,
+//! content-addressed snapshots (manifests, packs, blobs) and the pointers
+//! to them. [`publish`] writes it, [`prune`] sweeps it, and for the bastion
+//! [`fleet_lock`] keeps two deploys of one group apart.
 
 pub mod config_file;
 mod error;
@@ -26,6 +29,7 @@ mod list;
 pub mod node_lock;
 mod plan;
 pub mod progress;
+pub mod prune;
 pub mod publish;
 pub mod pull;
 pub mod release;
@@ -33,6 +37,7 @@ pub mod report;
 mod safe_fs;
 pub mod source;
 mod state;
+pub mod store;
 mod switch;
 
 pub use error::{exit, Error, Result};

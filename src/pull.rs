@@ -90,7 +90,7 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     }
 
     let started_at_ns = now_ns();
-    let mut report = place(opts, open_dest(&opts.dest)?, client, None, observer, t0).await?;
+    let mut report = place(opts, open_dest(&opts.dest)?, client, None, observer, t0, false).await?;
     report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
     let record = LastPull { started_at_ns, report: report.clone() };
     tokio::task::spawn_blocking(move || write_atomic(&last_path, &serde_json::to_vec(&record).expect("report serializes")))
@@ -102,7 +102,10 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
 /// Makes `dest` (opened from `opts.dest`) match the source: the pull
 /// proper, without the node lock and coalescing, which the caller owns.
 /// Lists the source unless `listing` is given (release mode has listed it
-/// already, to name the release).
+/// already, to name the release). With `strict`, an object replaced or
+/// deleted since it was listed fails its file (a release is one listing)
+/// instead of being fetched at its new version.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn place(
     opts: &PullOptions,
     dest: DestDir,
@@ -110,6 +113,7 @@ pub(crate) async fn place(
     listing: Option<Vec<RemoteObject>>,
     observer: Arc<dyn Observer>,
     t0: Instant,
+    strict: bool,
 ) -> Result<PullReport> {
     let (state, placed) = {
         let (sd, d) = (opts.state_dir.clone(), opts.dest.clone());
@@ -129,7 +133,7 @@ pub(crate) async fn place(
     }
     state.mark_in_progress()?;
     let state = Arc::new(state);
-    let result = run(opts, client, listing, dest, state.clone(), placed, observer, &mut report).await;
+    let result = run(opts, client, listing, dest, state.clone(), placed, observer, &mut report, strict).await;
 
     if result.is_err() {
         // Every temporary file was discarded on the way out.
@@ -147,6 +151,19 @@ pub(crate) async fn place(
     .await
     .expect("state write does not panic")?;
     Ok(report)
+}
+
+/// An empty prefix that holds a release store (`fleetsync publish` puts
+/// everything under `.fleetsync/`, which a listing skips): the error that
+/// says to pull it in release mode, rather than an empty tree reported ok.
+async fn published_store(client: &aws_sdk_s3::Client, source: &S3Url) -> Option<Error> {
+    let store = crate::store::Store::of(source);
+    let head = client.head_object().bucket(&store.bucket).key(store.latest_key()).send().await;
+    head.ok().map(|_| {
+        Error::Config(format!(
+            "{source} holds a release store (`fleetsync publish`), which in-place mode does not read: pull it with --releases (or mode = \"releases\" in agent.toml)"
+        ))
+    })
 }
 
 /// The error for an empty listing that would wipe what is there.
@@ -207,7 +224,10 @@ async fn run(
     placed: HashMap<RelPath, Placed>,
     observer: Arc<dyn Observer>,
     report: &mut PullReport,
+    strict: bool,
 ) -> Result<HashMap<RelPath, Placed>> {
+    // In place, this pull lists the source itself (release mode hands it a listing).
+    let in_place = listing.is_none();
     let (mut jobs, planner) = start_planner(opts, client.clone(), listing, Some(dest.clone()), placed, observer.clone());
     let gate = Gate::new();
     let ctx = Arc::new(FetchCtx {
@@ -216,6 +236,7 @@ async fn run(
         dest: dest.clone(),
         gate: gate.waiter(),
         ranges: Arc::new(Semaphore::new(fetch::RANGES_TOTAL)),
+        strict,
     });
     let permits = Arc::new(Semaphore::new(opts.concurrency));
     let mut tasks = JoinSet::new();
@@ -249,6 +270,14 @@ async fn run(
             return Err(e);
         }
     };
+    if end.listed == 0 && in_place {
+        if let Some(e) = published_store(&ctx.client, &opts.source).await {
+            gate.abort();
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            return Err(e);
+        }
+    }
     report.counts.listed = end.listed;
     report.counts.unchanged = end.unchanged;
     observer.listing_done(end.listed);
@@ -389,7 +418,7 @@ async fn dry_run(opts: &PullOptions, client: aws_sdk_s3::Client, observer: Arc<d
     let placed = StateStore::load_read_only(&opts.state_dir, &opts.dest)?;
     let dest =
         DestDir::open_read_only(&opts.dest).map_err(|e| Error::io(format!("opening DEST {}", opts.dest.display()), e))?.map(Arc::new);
-    let (mut jobs, planner) = start_planner(opts, client, None, dest, placed, observer);
+    let (mut jobs, planner) = start_planner(opts, client.clone(), None, dest, placed, observer);
     let mut report = PullReport::new(opts.source.to_string(), opts.dest.display().to_string(), true);
     let mut plan = Plan::default();
     while let Some(job) = jobs.recv().await {
@@ -401,6 +430,11 @@ async fn dry_run(opts: &PullOptions, client: aws_sdk_s3::Client, observer: Arc<d
         }
     }
     let end = planner.await.expect("planner does not panic")?;
+    if end.listed == 0 {
+        if let Some(e) = published_store(&client, &opts.source).await {
+            return Err(e);
+        }
+    }
     report.counts.listed = end.listed;
     report.counts.unchanged = end.unchanged;
     report.counts.deleted = end.plan.deletions.len() as u64;

@@ -1,20 +1,33 @@
-//! Release mode across a fleet: `fleetsync publish`, `sync --releases`,
-//! `status` with drift, and `rollback` under the fleet lock, on the local
-//! world (moto, SSM emulator, sshd nodes, SeaweedFS).
+//! The release store across a fleet: `fleetsync publish` adds a release,
+//! `sync --releases` deploys it under the fleet lock and moves the group's
+//! deployed pointer, `status` compares the nodes with it, `rollback` moves
+//! the group back (or `--to` any release), `--rollback-on-failure` ends a
+//! failed deploy on one release, and `history`/`releases` tell what
+//! happened; on the local world (moto, SSM emulator, sshd nodes, SeaweedFS).
 
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use common::{read_tree, Bucket, Nodes};
+use common::{read_tree, Bucket, Node, Nodes};
+
+fn fleetsync_command(args: &[&str], nodes: &Nodes) -> Command {
+    let mut c = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
+    c.args(args).args(["--ssh-config", &nodes.ssh_config(), "--json"]);
+    c
+}
 
 fn fleetsync(args: &[&str], nodes: &Nodes) -> (i32, serde_json::Value, String) {
-    common::run_report(Command::new(common::bin("fleetsync-bastion", "fleetsync")).args(args).args([
-        "--ssh-config",
-        &nodes.ssh_config(),
-        "--json",
-    ]))
+    common::run_report(&mut fleetsync_command(args, nodes))
+}
+
+/// A store command (`releases`, `history`): its JSON.
+fn store_command(args: &[&str]) -> serde_json::Value {
+    let (code, v, stderr) = common::run_report(Command::new(common::bin("fleetsync-bastion", "fleetsync")).args(args).arg("--json"));
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    v
 }
 
 fn publish(dir: &Path, target: &str, id: &str) {
@@ -26,41 +39,168 @@ fn live(root: &Path) -> String {
     std::fs::read_link(root.join("www/current")).unwrap().display().to_string()
 }
 
+/// The group's deployed pointer as stored, if any.
+async fn deployed(b: &Bucket, asg: &str) -> Option<serde_json::Value> {
+    let key = format!("app/.fleetsync/deployed/{asg}.json");
+    let out = b.client.get_object().bucket(&b.name).key(key).send().await.ok()?;
+    Some(serde_json::from_slice(&out.body.collect().await.unwrap().into_bytes()).unwrap())
+}
+
 #[tokio::test]
-async fn publish_sync_status_and_rollback_across_the_fleet() {
+async fn publishing_is_not_deploying_and_rollback_moves_the_group_between_releases() {
     let b = Bucket::new("fleetrel").await;
     let (v1, v2) = (common::build_dir(10, "v1"), common::build_dir(10, "v2"));
     let (asg, nodes) = Nodes::group("rel", 3);
     let source = b.url("app");
     let base = ["--asg", asg.as_str(), "--source", source.as_str(), "--dest", "/srv/www"];
+    let on_every_node = |release: &str, tree: &Path| {
+        for (_, root) in nodes.list() {
+            assert_eq!(live(&root), format!("releases/{release}"));
+            assert_eq!(read_tree(&root.join("www/current")), read_tree(tree), "byte-identical to {release}");
+        }
+    };
 
     publish(v1.path(), &source, "r1");
     let (code, r, stderr) = fleetsync(&[&["sync", "--releases"][..], &base].concat(), &nodes);
-    assert_eq!(code, 0, "{stderr}\n{r}");
-    publish(v2.path(), &source, "r2");
-    let (code, r, stderr) = fleetsync(&[&["sync", "--releases", "--via", "ssh"][..], &base].concat(), &nodes);
-    assert_eq!(code, 0, "{stderr}\n{r}");
-    for (_, root) in nodes.list() {
-        assert_eq!(live(&root), "releases/r2");
-        assert_eq!(read_tree(&root.join("www/current")), read_tree(v2.path()));
-    }
+    assert_eq!((code, r["release"].as_str()), (0, Some("r1")), "{stderr}\n{r}");
+    on_every_node("r1", v1.path());
 
+    // A publish changes no node: the group stays on its deployed release,
+    // even when a node's own timer pulls meanwhile.
+    publish(v2.path(), &source, "r2");
     let (code, st, stderr) = fleetsync(&[&["status"][..], &base].concat(), &nodes);
     assert_eq!(code, 0, "{stderr}\n{st}");
-    assert_eq!((st["majority"].as_str(), st["published"].as_str()), (Some("r2"), Some("r2")), "{st}");
-    for n in st["nodes"].as_array().unwrap() {
-        assert_eq!((n["current"].as_str(), n["previous"].as_str(), n["drift"].is_null()), (Some("r2"), Some("r1"), true), "{n}");
-    }
+    assert_eq!((st["deployed"].as_str(), st["published"].as_str()), (Some("r1"), Some("r2")), "{st}");
+    let (ip, _) = &nodes.list()[0];
+    let timer = format!("fleetsync-agent pull {source} --dest /srv/www --releases --group {asg} --json");
+    let out = nodes.ssh(ip, &timer, &[]);
+    let pulled: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        (out.status.code(), pulled["release"]["id"].as_str()),
+        (Some(0), Some("r1")),
+        "{pulled}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    on_every_node("r1", v1.path());
 
+    let (code, r, stderr) = fleetsync(&[&["sync", "--releases", "--via", "ssh"][..], &base].concat(), &nodes);
+    assert_eq!((code, r["release"].as_str()), (0, Some("r2")), "{stderr}\n{r}");
+    on_every_node("r2", v2.path());
+
+    // Back to the release deployed before, then no further back without --to.
     let (code, r, stderr) = fleetsync(&[&["rollback"][..], &base].concat(), &nodes);
-    assert_eq!(code, 0, "{stderr}\n{r}");
-    assert_eq!(r["totals"]["ok"], 3, "{r}");
-    for (_, root) in nodes.list() {
-        assert_eq!(live(&root), "releases/r1");
-        assert_eq!(read_tree(&root.join("www/current")), read_tree(v1.path()), "byte-identical to r1");
-    }
-    // The fleet now runs r1 while r2 is published: every node drifts.
+    assert_eq!((code, r["release"].as_str(), r["totals"]["ok"].as_u64()), (0, Some("r1"), Some(3)), "{stderr}\n{r}");
+    on_every_node("r1", v1.path());
     let (code, st, _) = fleetsync(&[&["status"][..], &base].concat(), &nodes);
-    assert_eq!(code, 1, "{st}");
-    assert!(st["nodes"].as_array().unwrap().iter().all(|n| n["drift"] == "not on the published release"), "{st}");
+    assert_eq!((code, st["deployed"].as_str(), st["published"].as_str()), (0, Some("r1"), Some("r2")), "no node drifts: {st}");
+    let (code, _, stderr) = fleetsync(&[&["rollback"][..], &base].concat(), &nodes);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("nothing to roll group") && stderr.contains("--to"), "{stderr}");
+
+    // Any stored release by name, also to a node that never had it.
+    let wiped = &nodes.list()[2].1;
+    std::fs::remove_dir_all(wiped.join("www")).unwrap();
+    std::fs::remove_dir_all(wiped.join("state")).unwrap();
+    let (code, r, stderr) = fleetsync(&[&["rollback", "--to", "r2"][..], &base].concat(), &nodes);
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    on_every_node("r2", v2.path());
+    let (code, _, stderr) = fleetsync(&[&["rollback", "--to", "r9"][..], &base].concat(), &nodes);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("release r9 is not in the release store"), "{stderr}");
+
+    // What happened, oldest first; and the store's catalogue.
+    let history = store_command(&["history", &source, "--asg", &asg]);
+    let rows: Vec<(&str, &str, &str)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["verb"].as_str().unwrap(), h["release"].as_str().unwrap_or("-"), h["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rows, [("sync", "r1", "ok"), ("sync", "r2", "ok"), ("rollback", "r1", "ok"), ("rollback", "r2", "ok")], "{history}");
+    assert_eq!((history[2]["previous"].as_str(), history[3]["nodes"].as_array().unwrap().len()), (Some("r2"), 3), "{history}");
+    let catalog = store_command(&["releases", &source]);
+    let r2 = catalog["releases"].as_array().unwrap().iter().find(|r| r["id"] == "r2").unwrap_or_else(|| panic!("{catalog}"));
+    assert_eq!((r2["latest"].as_bool(), r2["deployed"][0].as_str()), (Some(true), Some(asg.as_str())), "{catalog}");
+}
+
+#[tokio::test]
+async fn boots_and_timers_follow_the_deployed_release_and_a_failed_deploy_rolls_the_fleet_back_to_one() {
+    let b = Bucket::new("fleetrob").await;
+    let (v1, v2) = (common::build_dir(10, "v1"), common::build_dir(10, "v2"));
+    let (asg, nodes) = Nodes::group("rob", 3);
+    let source = b.url("app");
+    let base = ["--asg", asg.as_str(), "--source", source.as_str(), "--dest", "/srv/www", "--via", "ssh"];
+    let pull = |node: &Node| common::run_json(node.agent(&source).args(["--releases", "--group", &asg]));
+
+    // Before the group's first deploy, an instance with no release boots
+    // the latest published; one that runs a release keeps it.
+    publish(v1.path(), &source, "r1");
+    let early = Node::new();
+    let (code, pulled, stderr) = pull(&early);
+    assert_eq!((code, pulled["release"]["id"].as_str()), (0, Some("r1")), "{stderr}\n{pulled}");
+    publish(v2.path(), &source, "r2");
+    let (code, pulled, stderr) = pull(&early);
+    assert_eq!((code, pulled["release"]["id"].as_str()), (0, Some("r1")), "{stderr}\n{pulled}");
+    assert!(pulled["release"]["held"].as_str().is_some_and(|h| h.contains("no deployed release yet")), "{pulled}");
+    let (code, r, stderr) = fleetsync(&[&["sync", "--releases", "--release", "r1"][..], &base].concat(), &nodes);
+    assert_eq!((code, r["release"].as_str()), (0, Some("r1")), "{stderr}\n{r}");
+
+    // The third node's after-switch command fails; the first node's agent
+    // waits for its node lock, so the deploy stays under way for a while.
+    let roots: Vec<_> = nodes.list().into_iter().map(|(_, root)| root).collect();
+    std::fs::write(roots[2].join("fail"), b"").unwrap();
+    let held = Nodes::hold_agent_lock(&roots[0]);
+    let args = [&["sync", "--releases", "--rollback-on-failure", "--after-switch", "test ! -e /srv/fail"][..], &base].concat();
+    let child = fleetsync_command(&args, &nodes).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+
+    let started = Instant::now();
+    while deployed(&b, &asg).await.is_none_or(|d| d["state"] != "deploying") {
+        assert!(started.elapsed() < Duration::from_secs(20), "the pointer never said deploying: {:?}", deployed(&b, &asg).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An instance booting now takes the release deployed before, not the
+    // one being tried.
+    let booting = Node::new();
+    let (code, pulled, stderr) = pull(&booting);
+    assert_eq!((code, pulled["release"]["id"].as_str()), (0, Some("r1")), "{stderr}\n{pulled}");
+    // Its timer (which remembers the group) keeps what it runs meanwhile.
+    let (code, pulled, stderr) = common::run_json(booting.agent(&source).arg("--releases"));
+    assert_eq!(
+        (code, pulled["release"]["id"].as_str(), pulled["release"]["switched"].as_bool()),
+        (0, Some("r1"), Some(false)),
+        "{stderr}\n{pulled}"
+    );
+    assert!(pulled["release"]["held"].as_str().is_some_and(|h| h.contains("under way")), "{pulled}");
+    drop(held);
+
+    let out = child.wait_with_output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(out.status.code(), Some(1), "{}\n{r}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((r["rolled_back"]["to"].as_str(), r["rolled_back"]["nodes"].as_u64()), (Some("r1"), Some(2)), "{r}");
+    for root in &roots {
+        assert_eq!(live(root), "releases/r1", "the fleet ends on one release");
+        assert_eq!(read_tree(&root.join("www/current")), read_tree(v1.path()));
+    }
+    let pointer = deployed(&b, &asg).await.unwrap();
+    assert_eq!((pointer["release"].as_str(), pointer["state"].as_str()), (Some("r1"), Some("done")), "{pointer}");
+    let history = store_command(&["history", &source, "--asg", &asg, "-n", "1"]);
+    assert_eq!((history[0]["outcome"].as_str(), history[0]["rolled_back_to"].as_str()), (Some("rolled-back"), Some("r1")), "{history}");
+
+    // A booting instance now takes r1 too; after a good deploy, r2.
+    let (code, st, _) = fleetsync(&[&["status"][..], &base].concat(), &nodes);
+    assert_eq!((code, st["deployed"].as_str()), (0, Some("r1")), "{st}");
+    std::fs::remove_file(roots[2].join("fail")).unwrap();
+    let (code, r, stderr) = fleetsync(&[&["sync", "--releases"][..], &base].concat(), &nodes);
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    let (code, pulled, _) = pull(&booting);
+    assert_eq!((code, pulled["release"]["id"].as_str()), (0, Some("r2")), "{pulled}");
+
+    // Every node switched, but the pointer could not be set at the end
+    // (the writes after the first conflict, again and again): not a success.
+    let conflict = common::FaultProxy::start(&common::endpoint(), &["--rate", "0", "--put-fault", "409:/deployed/:1:20"]);
+    let args = [&["sync", "--releases", "--release", "r1"][..], &base].concat();
+    let (code, r, stderr) = common::run_report(fleetsync_command(&args, &nodes).env("AWS_ENDPOINT_URL_S3", &conflict.url));
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    assert_eq!(r["totals"]["ok"], 3, "{r}");
+    assert!(r["pointer_error"].as_str().is_some_and(|e| e.contains("sync --releases --release r1")), "{r}");
 }

@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub state_dir: Option<PathBuf>,
     pub mode: Option<Mode>,
     pub keep: Option<usize>,
+    /// The Auto Scaling Group the node belongs to (release mode follows
+    /// the release deployed to it).
+    pub group: Option<String>,
     pub after_switch: Option<String>,
     pub rollback_on_failure: Option<bool>,
     pub concurrency: Option<usize>,

@@ -89,10 +89,17 @@ struct PullArgs {
     /// In-place mode: DEST itself is the tree (overrides `mode` in agent.toml).
     #[arg(long)]
     in_place: bool,
-    /// Release mode: the release's name (a CI build number or git sha);
-    /// default: the release pointer's, else a hash of the content.
+    /// Release mode: the release to make live: one in the release store
+    /// (`fleetsync publish`), or the name to give a plain prefix's release;
+    /// default: the group's deployed release, else the latest published,
+    /// else (a plain prefix) a hash of the content.
     #[arg(long)]
     release_id: Option<String>,
+    /// Release mode: the Auto Scaling Group this node belongs to; the node
+    /// follows the release `fleetsync sync` deployed to it (not merely the
+    /// latest published). Remembered for later pulls.
+    #[arg(long)]
+    group: Option<String>,
     /// Release mode: releases kept besides the live one and the one before it [default: 5].
     #[arg(long)]
     keep: Option<usize>,
@@ -129,6 +136,7 @@ impl PullArgs {
         self.state_dir = self.state_dir.take().or(cfg.state_dir);
         self.concurrency = self.concurrency.or(cfg.concurrency);
         self.keep = self.keep.or(cfg.keep);
+        self.group = self.group.take().or(cfg.group);
         self.after_switch = self.after_switch.take().or(cfg.after_switch);
         self.rollback_on_failure |= cfg.rollback_on_failure.unwrap_or(false);
         self.region = self.region.take().or(cfg.region);
@@ -144,6 +152,7 @@ impl PullArgs {
         }
         let release_only = [
             ("--release-id", self.release_id.is_some()),
+            ("--group", self.group.is_some()),
             ("--keep", self.keep.is_some()),
             ("--after-switch", self.after_switch.is_some()),
             ("--rollback-on-failure", self.rollback_on_failure),
@@ -284,6 +293,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         let release = fleetsync::ReleaseOptions {
             pull: opts,
             release_id: args.release_id.clone(),
+            group: args.group.clone(),
             keep: args.keep.unwrap_or(fleetsync::release::DEFAULT_KEEP),
             after_switch: args.after_switch.clone(),
             rollback_on_failure: args.rollback_on_failure,

@@ -1,14 +1,19 @@
 //! DEPLOY: the flow of every command that changes the fleet (`sync`,
-//! `rollback`): discover -> lock -> trigger -> collect -> report.
+//! `rollback`): discover -> lock -> target -> trigger -> collect -> report.
 //!
 //! - discover: the group's InService, Healthy, running instances;
 //! - lock: the fleet lock, so two deploys of one group never overlap (the
 //!   source is checked first: a misspelt bucket must not get a lock object);
+//! - target (a published source, [`crate::target`]): the release the group
+//!   moves to, and its deployed pointer set to `deploying`;
 //! - trigger and collect: canaries first, then the rest in `--batch`es,
 //!   each node's agent report turned into a result; while the last nodes
 //!   run, the group is listed again, and instances that joined during the
-//!   deploy are synced too;
-//! - report: the per-node results, for the caller to print.
+//!   deploy are synced too. When a deploy of a published source fails and
+//!   `--rollback-on-failure` is given, the nodes that had switched are
+//!   switched back, so the fleet ends on one release;
+//! - report: the per-node results, for the caller to print, and a record in
+//!   the store's deploy history (`fleetsync history`).
 //!
 //! An interrupt (Ctrl-C, or SIGTERM from a cancelled CI job) stops starting
 //! nodes, cancels what SSM was sent, and releases the lock at once rather
@@ -20,11 +25,16 @@ use fleetsync::fleet_lock::{self, LockObject};
 use fleetsync::source::S3Client;
 use fleetsync::{exit, S3Url};
 
+use fleetsync::store::fence;
+use fleetsync::store::history::{DeployRecord, NodeOutcome};
+use fleetsync::store::pointer::{self, DeployState};
+
 use crate::collect::{NodeResult, NodeStatus};
 use crate::discover::{self, Node};
 use crate::progress::{log, Progress};
-use crate::report::FleetReport;
-use crate::trigger::{self, AddressChoice, AgentCall, Fleet, Transport};
+use crate::report::{FleetReport, FleetRollback};
+use crate::target::{self, Target};
+use crate::trigger::{self, Action, AddressChoice, AgentCall, Fleet, Transport};
 use crate::values::Limit;
 
 /// Everything one deploy needs, resolved from flags and fleetsync.toml.
@@ -49,12 +59,28 @@ pub struct Deploy {
     pub canary: usize,
     /// List the group again and run instances that joined meanwhile too.
     pub rejoin: bool,
+    /// Which release, when the source is a release store.
+    pub releases: Releases,
+    /// A failed deploy of a published source switches the nodes that had
+    /// switched back to the group's previous release.
+    pub rollback_on_failure: bool,
+}
+
+/// What a deploy asks of a release store.
+#[derive(Debug, Clone)]
+pub enum Releases {
+    /// Not release mode (`sync` in place).
+    None,
+    /// `sync --releases`: this release, or the latest published.
+    Sync(Option<String>),
+    /// `rollback`: this release, or the group's previous one.
+    Rollback(Option<String>),
 }
 
 /// How a deploy ended, for the caller to print.
 pub enum Ended {
     /// The per-node report (its exit code says how it went).
-    Report(FleetReport),
+    Report(Box<FleetReport>),
     /// Another deploy holds the lock: its description.
     Busy(String),
     /// SIGINT or SIGTERM (the lock was released, SSM commands cancelled).
@@ -96,6 +122,7 @@ pub async fn dry_run(d: &Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> a
 /// discover -> lock -> trigger -> collect -> report.
 pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow::Result<Ended> {
     let started = Instant::now();
+    let started_ms = now_ms();
     d.transport.check(&d.call)?;
     let (targets, skipped) = targets(sdk, &d.asg, d.verb).await?;
 
@@ -106,40 +133,101 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
         Err(fleet_lock::LockError::Held { holder, .. }) => return Ok(Ended::Busy(holder.describe())),
         Err(fleet_lock::LockError::Other(e)) => return Err(e.into()),
     };
+    let mut target = match resolve_target(&d, s3).await {
+        Ok(t) => t,
+        Err(e) => {
+            // Nothing was changed: the lock goes before the error does.
+            if let Err(release) = held.release().await {
+                log(&format!("warning: {release}"));
+            }
+            return Err(e);
+        }
+    };
     let progress = Progress::new(targets.len());
     if let Some(prev) = &held.took_over {
         progress.note(&format!("took over an expired fleet lock from {}", prev.describe()));
     }
-    let fleet = Fleet::new(d.transport, d.call, Some(&held), d.address, d.batch, d.max_errors, targets.len(), &progress);
+    let mut call = d.call.clone();
+    if let Some(t) = &target {
+        call = store_call(&d.source, &d.call, t, &t.release);
+        progress.note(&format!(
+            "{} group {} to release {}{}",
+            d.verb,
+            d.asg,
+            t.release,
+            t.from.as_ref().filter(|f| **f != t.release).map_or(String::new(), |f| format!(" (from {f})"))
+        ));
+    }
+    let what = What { verb: d.verb, asg: d.asg.clone(), source: d.source.clone(), command: d.command.clone() };
+    let mut fleet = Fleet::new(d.transport, call, Some(&held), d.address, d.batch, d.max_errors, targets.len(), &progress);
     progress.note(&format!("{}: {} nodes of {} over {}", d.verb, targets.len(), d.asg, fleet.transport.name()));
 
     let pass = trigger_and_collect(&fleet, sdk, &d.asg, &targets, d.canary, d.rejoin && !held.lost(), &progress);
-    let (results, rejoin_error) = tokio::select! {
+    let Pass { results, joined, rejoin_error } = tokio::select! {
         done = pass => done,
         signal = interrupted() => {
             progress.finish();
             log(&format!("{signal}: starting no more nodes, cancelling what was sent, releasing the fleet lock"));
             fleet.transport.cancel(&progress).await;
+            if let Some(t) = &mut target {
+                // Some nodes may have switched: boots take the previous release.
+                warn(t.end(s3, DeployState::Failed, false).await);
+            }
+            record(s3, &what, target.as_ref(), started_ms, "interrupted", None, &[]).await;
             if let Err(e) = held.release().await {
                 log(&format!("warning: {e}"));
             }
             return Ok(Ended::Interrupted);
         }
     };
-    progress.finish();
+    let mut rolled_back = None;
+    let mut pointer_error = None;
     let lock_lost = held.lost();
+    if let Some(t) = target.as_mut().filter(|_| !lock_lost) {
+        let failed = results.iter().any(|r| r.status != NodeStatus::Ok);
+        let ended = if !failed {
+            t.end(s3, DeployState::Done, false).await
+        } else if let Some(prev) = t.previous.clone().filter(|_| d.rollback_on_failure) {
+            // The fleet ends on one release: the nodes that switched go back
+            // (those that joined during the deploy included).
+            let run: Vec<Node> = targets.iter().chain(&joined).cloned().collect();
+            let switched: Vec<Node> = targets_switched(&run, &results, &t.release);
+            progress.note(&format!("the deploy failed: switching {} nodes back to {}", switched.len(), prev.release));
+            fleet.call = store_call(&d.source, &d.call, t, &prev.release);
+            let back = fleet.run(&switched).await;
+            let failed: Vec<String> = back.iter().filter(|r| r.status != NodeStatus::Ok).map(|r| r.instance_id.clone()).collect();
+            rolled_back = Some(FleetRollback { to: prev.release.clone(), nodes: switched.len() - failed.len(), failed });
+            t.end(s3, DeployState::Done, true).await
+        } else {
+            t.end(s3, DeployState::Failed, false).await
+        };
+        // The nodes are done, but boots and timers follow the pointer: a
+        // deploy whose pointer is not where the fleet is has not succeeded.
+        pointer_error = ended.err().map(|e| {
+            format!(
+                "{e:#}; instances that boot or pull on their own follow what it says now: run `fleetsync sync --releases --release {}` again",
+                t.release
+            )
+        });
+    }
+    progress.finish();
     if lock_lost {
         log("the fleet lock was lost during the deploy (broken, taken over, or its lease ran out unrenewed); nodes not yet started were skipped");
     }
-    if let Err(e) = held.release().await {
-        log(&format!("warning: {e}"));
-    }
 
-    let mut report = FleetReport::new(d.asg, d.source.to_string(), d.dest, results, skipped, started.elapsed().as_millis() as u64);
+    let mut report =
+        FleetReport::new(d.asg.clone(), d.source.to_string(), d.dest.clone(), results, skipped, started.elapsed().as_millis() as u64);
+    report.release = target.as_ref().map(|t| t.release.clone());
+    report.deploy = target.as_ref().map(|t| t.deploy.clone());
     if lock_lost {
         // Another deploy may have run meanwhile: this one cannot vouch for
         // the fleet, whatever its nodes said.
         report.lock_lost = true;
+        report.exit_code = report.exit_code.max(exit::PARTIAL);
+    }
+    if let Some(e) = pointer_error {
+        log(&format!("error: {e}"));
+        report.pointer_error = Some(e);
         report.exit_code = report.exit_code.max(exit::PARTIAL);
     }
     if let Some(e) = rejoin_error {
@@ -148,12 +236,149 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
         report.rejoin_error = Some(format!("{e:#}"));
         report.exit_code = report.exit_code.max(exit::PARTIAL);
     }
-    Ok(Ended::Report(report))
+    let outcome = match (&rolled_back, report.exit_code) {
+        (Some(_), _) => "rolled-back",
+        (None, 0) => "ok",
+        _ => "failed",
+    };
+    let to = rolled_back.as_ref().map(|r| r.to.clone());
+    report.rolled_back = rolled_back;
+    record(s3, &what, target.as_ref(), started_ms, outcome, to, &report.nodes).await;
+    if let Err(e) = held.release().await {
+        log(&format!("warning: {e}"));
+    }
+    Ok(Ended::Report(Box::new(report)))
+}
+
+/// The release a deploy of a published source moves the group to (and its
+/// pointer set to `deploying`); `None` for a plain prefix or in-place sync.
+///
+/// The release may be an old one no pointer names yet: from reading its
+/// manifest to naming it in the group's pointer, the deploy stands as a
+/// publish does, so that a prune neither runs meanwhile nor removes it
+/// (see the library's `store::fence`).
+async fn resolve_target(d: &Deploy, s3: &S3Client) -> anyhow::Result<Option<Target>> {
+    if matches!(d.releases, Releases::None) {
+        return Ok(None);
+    }
+    let store = fleetsync::store::Store::of(&d.source);
+    let latest = pointer::read::<pointer::Latest>(s3, &store, &store.latest_key(), None).await?;
+    if matches!(latest, pointer::Found::Absent) {
+        // A plain prefix: each node builds its release from a listing.
+        return Ok(None);
+    }
+    let marker = fence::Marker::put(s3, &store, fence::Side::Publishing).await?;
+    let target = async {
+        fence::wait_for_prunes(s3, &store).await?;
+        let mut target = match &d.releases {
+            Releases::Sync(requested) => target::for_sync(s3, &d.source, &d.asg, requested.as_deref()).await?,
+            Releases::Rollback(to) => target::for_rollback(s3, &d.source, &d.asg, to.as_deref()).await?,
+            Releases::None => None,
+        };
+        if let Some(t) = &mut target {
+            t.begin(s3).await?;
+        }
+        anyhow::Ok(target)
+    }
+    .await;
+    marker.remove(s3, &store).await;
+    target
+}
+
+/// The agent call that makes `release` live on a node of a published
+/// source's group: a pull of that release (also for a rollback: a node
+/// that never had it fetches it).
+fn store_call(source: &S3Url, call: &AgentCall, t: &Target, release: &str) -> AgentCall {
+    AgentCall {
+        action: Action::Pull,
+        source: Some(source.to_string()),
+        releases: true,
+        release: Some(release.to_string()),
+        group: Some(t.group.clone()),
+        rollback_on_failure: call.rollback_on_failure && call.after_switch.is_some(),
+        ..call.clone()
+    }
+}
+
+/// The nodes whose agent switched to `release` in this deploy and left it
+/// live (an agent whose after-switch command failed may have switched back
+/// already).
+fn targets_switched(nodes: &[Node], results: &[NodeResult], release: &str) -> Vec<Node> {
+    let switched = |r: &NodeResult| {
+        r.agent.as_ref().and_then(|a| a.release.as_ref()).is_some_and(|rel| rel.switched && !rel.rolled_back && rel.id == release)
+    };
+    let ids: std::collections::HashSet<&str> = results.iter().filter(|r| switched(r)).map(|r| r.instance_id.as_str()).collect();
+    nodes.iter().filter(|n| ids.contains(n.instance_id.as_str())).cloned().collect()
+}
+
+/// What a history record says a deploy was.
+struct What {
+    verb: &'static str,
+    asg: String,
+    source: S3Url,
+    command: String,
+}
+
+/// Writes the deploy's record to the store's history (a warning if it
+/// cannot: the deploy itself is done).
+async fn record(
+    s3: &S3Client,
+    d: &What,
+    t: Option<&Target>,
+    started_ms: u64,
+    outcome: &str,
+    rolled_back_to: Option<String>,
+    nodes: &[NodeResult],
+) {
+    let store = fleetsync::store::Store::of(&d.source);
+    let r = DeployRecord {
+        id: t.map_or_else(|| fleetsync::store::history::new_id(&d.asg), |t| t.deploy.clone()),
+        verb: d.verb.to_string(),
+        group: d.asg.clone(),
+        release: t.map(|t| t.release.clone()),
+        previous: t.and_then(|t| t.from.clone()),
+        by: fleetsync::fleet_lock::user_at_host(),
+        command: d.command.clone(),
+        started_at_ms: started_ms,
+        finished_at_ms: now_ms(),
+        outcome: outcome.to_string(),
+        rolled_back_to,
+        nodes: nodes
+            .iter()
+            .map(|n| NodeOutcome {
+                instance_id: n.instance_id.clone(),
+                status: serde_json::to_value(n.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                release: n.agent.as_ref().and_then(|a| a.release.as_ref()).map(|r| r.id.clone()),
+                error: n.error.clone(),
+            })
+            .collect(),
+    };
+    if let Err(e) = fleetsync::store::history::record(s3, &store, &r).await {
+        log(&format!("warning: the deploy's history record was not written: {e}"));
+    }
+}
+
+fn warn(r: anyhow::Result<()>) {
+    if let Err(e) = r {
+        log(&format!("warning: {e:#}"));
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// What one pass over the fleet gave.
+struct Pass {
+    results: Vec<NodeResult>,
+    /// The instances that joined the group during the deploy, synced too.
+    joined: Vec<Node>,
+    /// Listing the group again failed: why.
+    rejoin_error: Option<anyhow::Error>,
 }
 
 /// Canaries first, then the rest; then the instances that joined during
-/// the deploy (listed again while the last nodes run). Returns the results
-/// and, when listing the group again failed, why.
+/// the deploy (listed again while the last nodes run).
 async fn trigger_and_collect(
     fleet: &Fleet<'_>,
     sdk: &aws_types::SdkConfig,
@@ -162,18 +387,18 @@ async fn trigger_and_collect(
     canary: usize,
     rejoin: bool,
     progress: &Progress,
-) -> (Vec<NodeResult>, Option<anyhow::Error>) {
+) -> Pass {
     let canaries = canary.min(targets.len());
     let (first, rest) = targets.split_at(canaries);
     let mut results = fleet.run(first).await;
     if canaries > 0 && results.iter().any(|r| r.status != NodeStatus::Ok) {
         progress.note("a canary failed; no other node is started");
         results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
-        return (results, None);
+        return Pass { results, joined: Vec::new(), rejoin_error: None };
     }
     if !rejoin {
         results.extend(fleet.run(rest).await);
-        return (results, None);
+        return Pass { results, joined: Vec::new(), rejoin_error: None };
     }
     let (done, mut finished) = tokio::sync::watch::channel(false);
     let pass = async {
@@ -186,10 +411,13 @@ async fn trigger_and_collect(
     results.extend(rest_results);
     let now = match now {
         Ok(now) => now,
-        Err(e) => return (results, Some(e.context("listing the group again for instances that joined during the deploy"))),
+        Err(e) => {
+            let e = e.context("listing the group again for instances that joined during the deploy");
+            return Pass { results, joined: Vec::new(), rejoin_error: Some(e) };
+        }
     };
     if fleet.lock_lost() {
-        return (results, None);
+        return Pass { results, joined: Vec::new(), rejoin_error: None };
     }
     let joined: Vec<Node> = now.into_iter().filter(Node::is_target).collect();
     if !joined.is_empty() {
@@ -197,7 +425,7 @@ async fn trigger_and_collect(
         progress.add(joined.len());
         results.extend(fleet.run(&joined).await);
     }
-    (results, None)
+    Pass { results, joined, rejoin_error: None }
 }
 
 /// Lists the group again (the instances not in `known`) while the pass's

@@ -14,6 +14,7 @@ mod discover;
 mod progress;
 mod report;
 mod status;
+mod target;
 mod trigger;
 mod values;
 
@@ -29,7 +30,7 @@ use fleetsync::source::S3Client;
 use fleetsync::{exit, ClientOptions, S3Url};
 
 use crate::config::FileConfig;
-use crate::deploy::{Deploy, Ended};
+use crate::deploy::{Deploy, Ended, Releases};
 use crate::progress::log;
 use crate::trigger::{Action, AddressChoice, AgentCall, Via};
 use crate::values::{Limit, Seconds};
@@ -65,8 +66,14 @@ enum Command {
     Status(StatusArgs),
     /// List the group's instances: which would be synced, and why the others are skipped.
     List(ListArgs),
-    /// Upload a build directory to the source (only what changed), then write the release pointer.
+    /// Add a build to the release store: upload what the store lacks, write its manifest, mark it latest.
     Publish(PublishArgs),
+    /// List the releases in the store: id, when, by whom, files, bytes, latest, deployed to which groups.
+    Releases(StoreArgs),
+    /// Remove releases beyond the newest N (never one a pointer names), then content no kept release names.
+    Prune(PruneArgs),
+    /// Show the last deploys and rollbacks: who, from where, which release, each node's result.
+    History(HistoryArgs),
     /// Inspect or break the fleet lock that keeps two deploys of a group apart.
     #[command(subcommand)]
     Lock(LockCommand),
@@ -159,8 +166,10 @@ struct SyncArgs {
     /// beside the live one and switches DEST/current atomically.
     #[arg(long)]
     releases: bool,
-    /// Release mode: the release's name (default: the release pointer's, else a content hash).
-    #[arg(long)]
+    /// Release mode: the release to deploy, any one in the store (`fleetsync
+    /// releases` lists them); default: the latest published (for a plain
+    /// prefix: the name of its release, default a content hash).
+    #[arg(long, visible_alias = "release", value_name = "ID")]
     release_id: Option<String>,
     /// Release mode: releases kept on each node besides the live one and the one before it.
     #[arg(long)]
@@ -168,7 +177,9 @@ struct SyncArgs {
     /// Release mode: a command each node runs after its switch (e.g. a php-fpm reload).
     #[arg(long, value_name = "CMD")]
     after_switch: Option<String>,
-    /// Release mode: a node whose after-switch command fails switches back.
+    /// Release mode: when the deploy fails (a canary, --max-errors, a node's
+    /// after-switch command), the nodes that already switched are switched
+    /// back, so the fleet ends on one release.
     #[arg(long)]
     rollback_on_failure: bool,
     /// Let an empty source wipe the nodes' trees (refused by default: it is
@@ -224,6 +235,45 @@ struct PublishArgs {
     json: bool,
     #[command(flatten)]
     aws: AwsArgs,
+}
+
+/// A release store (a published source).
+#[derive(Args)]
+struct StoreArgs {
+    /// The source, s3://BUCKET[/PREFIX] (or `source` in fleetsync.toml).
+    source: Option<String>,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    aws: AwsArgs,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Releases kept besides those a pointer names (latest, each group's deployed and previous release).
+    #[arg(long)]
+    keep: usize,
+    /// Nothing younger than this is removed, so an in-flight publish's uploads survive [default: 1h].
+    #[arg(long, value_name = "DURATION")]
+    grace: Option<Seconds>,
+    /// Print what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
+struct HistoryArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Only this group's deploys (default: `asg` in fleetsync.toml, else every group's).
+    #[arg(long)]
+    asg: Option<String>,
+    /// How many deploys [default: 10].
+    #[arg(short = 'n', long)]
+    last: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -402,7 +452,9 @@ impl SyncArgs {
             release: self.release_id.clone(),
             keep: self.keep,
             after_switch: self.after_switch.clone(),
-            rollback_on_failure: self.rollback_on_failure,
+            // The agent's own switch-back (when its after-switch command
+            // fails); the fleet-level one is the deploy's.
+            rollback_on_failure: self.rollback_on_failure && self.after_switch.is_some(),
             allow_empty: self.allow_empty,
             ..self.fleet.agent_call(Action::Pull)
         }
@@ -457,6 +509,19 @@ fn try_main() -> anyhow::Result<i32> {
             args.aws.apply(&file);
             runtime.block_on(publish(args))
         }
+        Command::Releases(mut args) => {
+            args.apply(&file);
+            runtime.block_on(releases(args))
+        }
+        Command::Prune(mut args) => {
+            args.store.apply(&file);
+            runtime.block_on(prune(args))
+        }
+        Command::History(mut args) => {
+            args.store.apply(&file);
+            args.asg = args.asg.take().or(file.asg.clone());
+            runtime.block_on(history(args))
+        }
         Command::Lock(LockCommand::Show(mut args)) => {
             args.apply(file);
             runtime.block_on(lock_show(args))
@@ -470,22 +535,40 @@ fn try_main() -> anyhow::Result<i32> {
 
 /// `sync`: the deploy flow (see `deploy`), or with `--dry-run` what it would do.
 async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
-    let call = args.agent_call();
-    let dry_run = args.dry_run;
-    deploy_and_print(&args.fleet, call, "sync", true, dry_run).await
+    let how = How {
+        verb: "sync",
+        rejoin: true,
+        dry_run: args.dry_run,
+        releases: if args.releases { Releases::Sync(args.release_id.clone()) } else { Releases::None },
+        rollback_on_failure: args.rollback_on_failure,
+    };
+    deploy_and_print(&args.fleet, args.agent_call(), how).await
 }
 
-/// `rollback`: the same flow as `sync`, each node's agent asked to make an
-/// earlier release live again. An instance that joins mid-rollback booted
-/// on the published release: it has nothing to roll back, so there is no
-/// second pass.
+/// `rollback`: the same flow as `sync`. With a release store, the group
+/// moves to `--to` or its previous release (a node that never had it
+/// fetches it); for a plain prefix, each node's agent makes its own
+/// previous release live again (an instance that joins meanwhile booted on
+/// the source: it has nothing to roll back, so there is no second pass).
 async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
     let call = AgentCall { release: args.to.clone(), ..args.fleet.agent_call(Action::Rollback) };
-    deploy_and_print(&args.fleet, call, "rollback", false, false).await
+    let how =
+        How { verb: "rollback", rejoin: false, dry_run: false, releases: Releases::Rollback(args.to.clone()), rollback_on_failure: false };
+    deploy_and_print(&args.fleet, call, how).await
+}
+
+/// What differs between the commands that change the fleet.
+struct How {
+    verb: &'static str,
+    rejoin: bool,
+    dry_run: bool,
+    releases: Releases,
+    rollback_on_failure: bool,
 }
 
 /// Runs a deploy (or its dry run) and prints what it gave.
-async fn deploy_and_print(args: &FleetArgs, call: AgentCall, verb: &'static str, rejoin: bool, dry_run: bool) -> anyhow::Result<i32> {
+async fn deploy_and_print(args: &FleetArgs, call: AgentCall, how: How) -> anyhow::Result<i32> {
+    let How { verb, rejoin, dry_run, releases, rollback_on_failure } = how;
     let source = S3Url::parse(args.source())?;
     let client_opts = args.aws.client_options();
     let sdk = fleetsync::source::sdk_config(&client_opts).await;
@@ -509,6 +592,8 @@ async fn deploy_and_print(args: &FleetArgs, call: AgentCall, verb: &'static str,
         max_errors: args.max_errors,
         canary: args.canary.unwrap_or(0),
         rejoin,
+        releases,
+        rollback_on_failure,
     };
     if dry_run {
         let (text, code) = deploy::dry_run(&d, &sdk, &s3).await?;
@@ -607,31 +692,104 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
         dry_run: args.dry_run,
         client: args.aws.client_options(),
     };
-    let report = fleetsync::publish::publish(&opts).await?;
-    for e in &report.errors {
-        eprintln!("fleetsync: upload failed: {e}");
-    }
+    let r = fleetsync::publish::publish(&opts).await?;
     if args.json {
-        print_stdout(&serde_json::to_string(&report)?);
-    } else {
-        let verb = if report.dry_run { "would publish" } else { "published" };
+        print_stdout(&serde_json::to_string(&r)?);
+        return Ok(r.exit_code);
+    }
+    let human = fleetsync::report::human_bytes;
+    let what = format!("{} files ({}) as release {} to {}", r.files, human(r.bytes), r.release_id, r.dest);
+    if r.unchanged {
+        print_stdout(&format!("{what}: unchanged, release {} already holds this content; nothing uploaded", r.latest));
+    } else if r.dry_run {
         print_stdout(&format!(
-            "{verb} {} as release {} to {}: {} files uploaded ({}), {} unchanged, {} deleted{}",
-            report.source,
-            report.release_id,
-            report.dest,
-            report.uploaded,
-            fleetsync::report::human_bytes(report.bytes_uploaded),
-            report.unchanged,
-            report.deleted,
-            if report.errors.is_empty() {
-                String::new()
-            } else {
-                format!("; {} FAILED, nothing deleted, pointer not written", report.errors.len())
-            }
+            "would publish {what}: {} files new to the store ({}), {} stored already",
+            r.uploaded_files,
+            human(r.uploaded_bytes),
+            r.reused_files
+        ));
+    } else {
+        print_stdout(&format!(
+            "published {what}: {} files new to the store ({} uploaded in {} packs and {} blobs), {} stored already; latest is {} (not deployed: `fleetsync sync --releases` deploys it)",
+            r.uploaded_files,
+            human(r.uploaded_bytes),
+            r.packs_uploaded,
+            r.blobs_uploaded,
+            r.reused_files,
+            r.latest
         ));
     }
-    Ok(report.exit_code)
+    Ok(r.exit_code)
+}
+
+impl StoreArgs {
+    fn apply(&mut self, file: &FileConfig) {
+        self.aws.apply(file);
+        self.source = self.source.take().or(file.source.clone());
+    }
+
+    /// The store's source URL and an S3 client.
+    async fn open(&self) -> anyhow::Result<(S3Url, S3Client)> {
+        let source = S3Url::parse(self.source.as_deref().ok_or_else(|| missing("source"))?)?;
+        Ok((source, fleetsync::source::s3_client(&self.aws.client_options()).await))
+    }
+}
+
+/// `releases`: the store's catalogue.
+async fn releases(args: StoreArgs) -> anyhow::Result<i32> {
+    let (source, s3) = args.open().await?;
+    let catalog = fleetsync::store::catalog::catalog(&s3, &fleetsync::store::Store::of(&source)).await?;
+    if args.json {
+        print_stdout(&serde_json::to_string(&catalog)?);
+    } else {
+        print_stdout(&report::releases_table(&catalog));
+    }
+    Ok(exit::OK)
+}
+
+/// `prune`: mark and sweep the store (see the library's `prune`).
+async fn prune(args: PruneArgs) -> anyhow::Result<i32> {
+    let (source, _) = args.store.open().await?;
+    let opts = fleetsync::prune::PruneOptions {
+        source,
+        keep: args.keep,
+        grace: args.grace.map_or(Duration::from_secs(3600), |g| g.0),
+        dry_run: args.dry_run,
+        client: args.store.aws.client_options(),
+    };
+    let r = fleetsync::prune::prune(&opts).await?;
+    if args.store.json {
+        print_stdout(&serde_json::to_string(&r)?);
+    } else {
+        let verb = if r.dry_run { "would remove" } else { "removed" };
+        let mut out = format!(
+            "{verb} {} releases ({}), {} packs and {} blobs ({}); kept {} releases",
+            r.deleted_releases.len(),
+            if r.deleted_releases.is_empty() { "none".to_string() } else { r.deleted_releases.join(", ") },
+            r.deleted_packs,
+            r.deleted_blobs,
+            fleetsync::report::human_bytes(r.freed_bytes),
+            r.kept.len()
+        );
+        if let Some(why) = &r.content_skipped {
+            out.push_str(&format!("\ncontent left alone: {why}"));
+        }
+        print_stdout(&out);
+    }
+    Ok(exit::OK)
+}
+
+/// `history`: the last deploys and rollbacks.
+async fn history(args: HistoryArgs) -> anyhow::Result<i32> {
+    let (source, s3) = args.store.open().await?;
+    let store = fleetsync::store::Store::of(&source);
+    let records = fleetsync::store::history::last(&s3, &store, args.asg.as_deref(), args.last.unwrap_or(10)).await?;
+    if args.store.json {
+        print_stdout(&serde_json::to_string(&records)?);
+    } else {
+        print_stdout(&report::history_table(&records));
+    }
+    Ok(exit::OK)
 }
 
 /// `lock show`: the holder of the group's fleet lock, if any.

@@ -20,11 +20,35 @@ pub struct FleetReport {
     /// during the deploy may not have been synced): why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rejoin_error: Option<String>,
+    /// The group's deployed pointer could not be set at the end: why, and
+    /// what to run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pointer_error: Option<String>,
+    /// A deploy of a published source: the release the group was moved to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// The deploy failed and the nodes that had switched were switched back
+    /// (`--rollback-on-failure`): the fleet is on one release again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<FleetRollback>,
+    /// The deploy's record in the store's history (`fleetsync history`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<String>,
     pub nodes: Vec<NodeResult>,
     /// Instances that were not targets, with the reason.
     pub skipped: Vec<Node>,
     pub totals: Totals,
     pub duration_ms: u64,
+}
+
+/// A fleet rollback after a failed deploy.
+#[derive(Debug, Serialize)]
+pub struct FleetRollback {
+    /// The release the switched nodes went back to.
+    pub to: String,
+    /// Nodes switched back, and those whose switch back failed.
+    pub nodes: usize,
+    pub failed: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -53,7 +77,22 @@ impl FleetReport {
             }
         }
         let exit_code = if t.failed + t.not_attempted > 0 { fleetsync::exit::PARTIAL } else { fleetsync::exit::OK };
-        FleetReport { asg, source, dest, exit_code, lock_lost: false, rejoin_error: None, nodes, skipped, totals: t, duration_ms }
+        FleetReport {
+            asg,
+            source,
+            dest,
+            exit_code,
+            lock_lost: false,
+            rejoin_error: None,
+            pointer_error: None,
+            release: None,
+            rolled_back: None,
+            deploy: None,
+            nodes,
+            skipped,
+            totals: t,
+            duration_ms,
+        }
     }
 
     /// One row per node, then the skipped instances and the totals.
@@ -90,6 +129,12 @@ impl FleetReport {
         if let Some(e) = &self.rejoin_error {
             out.push_str(&format!("\nwarning: {e}"));
         }
+        if let Some(r) = &self.rolled_back {
+            out.push_str(&format!("\nthe deploy failed: {} nodes that had switched were switched back to {}", r.nodes, r.to));
+            if !r.failed.is_empty() {
+                out.push_str(&format!(" ({} could not be: {})", r.failed.len(), r.failed.join(", ")));
+            }
+        }
         let t = &self.totals;
         out.push_str(&format!(
             "\n{} ok, {} failed, {} not attempted; {} files downloaded ({}), {} deleted in {:.1} s",
@@ -107,7 +152,7 @@ impl FleetReport {
 
 /// Release mode: the node's release after the run, `A (was B)` when it
 /// switched, with the after-switch rollback noted.
-pub fn release_of(n: &NodeResult) -> Option<String> {
+pub(crate) fn release_of(n: &NodeResult) -> Option<String> {
     let r = n.agent.as_ref()?.release.as_ref()?;
     let mut s = r.id.clone();
     if r.switched {
@@ -147,8 +192,10 @@ pub struct StatusReport {
     pub asg: String,
     /// The release the fleet runs most (ties: the first seen).
     pub majority: Option<String>,
-    /// The release in the source's pointer, when `--source` was given and
-    /// something was published.
+    /// The release the group is deployed on (its deploy done), when
+    /// `--source` names a release store.
+    pub deployed: Option<String>,
+    /// The latest release published to the store (not necessarily deployed).
     pub published: Option<String>,
     /// 0 every node answered and none drifts; 1 otherwise.
     pub exit_code: i32,
@@ -165,13 +212,19 @@ pub struct NodeStatusRow {
     /// The last pull's status and when it finished (ms since the epoch).
     pub last_pull: Option<String>,
     pub last_pull_at_ms: Option<u64>,
-    /// Why this node stands out: not on the majority release, not on the
-    /// published one, or no answer.
+    /// Why this node stands out: not on the group's deployed release, not
+    /// on the majority release, or no answer.
     pub drift: Option<String>,
 }
 
 impl StatusReport {
-    pub fn new(asg: String, published: Option<String>, results: Vec<NodeResult>, skipped: Vec<Node>) -> StatusReport {
+    pub fn new(
+        asg: String,
+        deployed: Option<String>,
+        published: Option<String>,
+        results: Vec<NodeResult>,
+        skipped: Vec<Node>,
+    ) -> StatusReport {
         let field = |r: &NodeResult, k: &str| r.release_status.as_ref().and_then(|s| s.get(k)).and_then(|v| v.as_str()).map(str::to_string);
         let mut counts: Vec<(String, usize)> = Vec::new();
         for r in &results {
@@ -194,7 +247,7 @@ impl StatusReport {
                 let drift = match (&r.error, &current) {
                     (Some(e), _) => Some(format!("no answer: {e}")),
                     (None, None) => Some("no live release".to_string()),
-                    (None, Some(c)) if published.as_ref().is_some_and(|p| p != c) => Some("not on the published release".to_string()),
+                    (None, Some(c)) if deployed.as_ref().is_some_and(|p| p != c) => Some("not on the group's deployed release".to_string()),
                     (None, Some(c)) if majority.as_ref().is_some_and(|m| m != c) => Some("not on the fleet's release".to_string()),
                     _ => None,
                 };
@@ -210,7 +263,7 @@ impl StatusReport {
             })
             .collect();
         let exit_code = if nodes.iter().any(|n| n.drift.is_some()) { fleetsync::exit::PARTIAL } else { fleetsync::exit::OK };
-        StatusReport { asg, majority, published, exit_code, nodes, skipped }
+        StatusReport { asg, majority, deployed, published, exit_code, nodes, skipped }
     }
 
     pub fn table(&self) -> String {
@@ -239,11 +292,81 @@ impl StatusReport {
         }
         let drifting = self.nodes.iter().filter(|n| n.drift.is_some()).count();
         out.push_str(&format!(
-            "\n{} nodes; fleet release {}; published {}; {drifting} drifting",
+            "\n{} nodes; fleet release {}; deployed {}; latest published {}; {drifting} drifting",
             self.nodes.len(),
             self.majority.as_deref().unwrap_or("-"),
+            self.deployed.as_deref().unwrap_or("-"),
             self.published.as_deref().unwrap_or("-")
         ));
         out
+    }
+}
+
+/// `fleetsync releases`: one row per release, oldest first.
+pub fn releases_table(c: &fleetsync::store::catalog::Catalog) -> String {
+    let rows: Vec<[String; 6]> = c
+        .releases
+        .iter()
+        .map(|r| {
+            let mut marks = Vec::new();
+            if r.latest {
+                marks.push("latest".to_string());
+            }
+            marks.extend(r.deployed.iter().map(|g| format!("deployed: {g}")));
+            [
+                r.id.clone(),
+                when(r.created_at_ms),
+                r.publisher.clone(),
+                r.files.to_string(),
+                fleetsync::report::human_bytes(r.bytes),
+                marks.join(", "),
+            ]
+        })
+        .collect();
+    let mut out = table(&["RELEASE", "PUBLISHED", "BY", "FILES", "BYTES", "POINTERS"], &rows);
+    out.push_str(&format!("\n{} releases in {}", c.releases.len(), c.store));
+    out
+}
+
+/// `fleetsync history`: one row per deploy, oldest first.
+pub fn history_table(records: &[fleetsync::store::history::DeployRecord]) -> String {
+    let rows: Vec<[String; 7]> = records
+        .iter()
+        .map(|r| {
+            let ok = r.nodes.iter().filter(|n| n.status == "ok").count();
+            let mut outcome = r.outcome.clone();
+            if let Some(to) = &r.rolled_back_to {
+                outcome.push_str(&format!(" (back to {to})"));
+            }
+            [
+                when(r.started_at_ms),
+                r.verb.clone(),
+                r.group.clone(),
+                match (&r.release, &r.previous) {
+                    (Some(to), Some(from)) if from != to => format!("{to} (was {from})"),
+                    (Some(to), _) => to.clone(),
+                    (None, _) => "-".into(),
+                },
+                format!("{ok}/{} ok", r.nodes.len()),
+                outcome,
+                r.by.clone(),
+            ]
+        })
+        .collect();
+    table(&["STARTED (UTC)", "VERB", "GROUP", "RELEASE", "NODES", "OUTCOME", "BY"], &rows)
+}
+
+/// A time as `YYYY-MM-DD HH:MM:SS` UTC.
+fn when(ms: u64) -> String {
+    use aws_sdk_ssm::primitives::{DateTime, DateTimeFormat};
+    let t = DateTime::from_secs((ms / 1000) as i64).fmt(DateTimeFormat::DateTime).unwrap_or_default();
+    t.trim_end_matches('Z').replace('T', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_utc() {
+        assert_eq!(super::when(1_796_040_413_461), "2026-11-30 12:06:53");
     }
 }

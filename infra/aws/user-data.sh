@@ -48,6 +48,8 @@ cat > /etc/fleetsync/agent.toml <<TOML
 source = "s3://$FLEETSYNC_BUCKET/$FLEETSYNC_PREFIX"
 dest = "$FLEETSYNC_DEST"
 mode = "releases"
+# Follow the release fleetsync sync deployed to this group, not merely the latest published.
+group = "$FLEETSYNC_GROUP"
 TOML
 
 systemctl daemon-reload

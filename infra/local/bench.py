@@ -37,11 +37,9 @@ def requests_so_far():
     return n
 
 
-def tools(work):
-    aws_config = os.path.join(work, "aws-config")
-    with open(aws_config, "w") as f:
-        f.write("[default]\ns3 =\n  max_concurrent_requests = 64\n  max_queue_size = 10000\n")
-    rclone_env = {
+def rclone_env():
+    """rclone's remote `local:`, the local S3 server, from the environment."""
+    return {
         "RCLONE_CONFIG_LOCAL_TYPE": "s3",
         "RCLONE_CONFIG_LOCAL_PROVIDER": "Other",
         "RCLONE_CONFIG_LOCAL_ENDPOINT": EP,
@@ -49,6 +47,12 @@ def tools(work):
         "RCLONE_CONFIG_LOCAL_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
         "RCLONE_CONFIG_LOCAL_REGION": "us-east-1",
     }
+
+
+def tools(work):
+    aws_config = os.path.join(work, "aws-config")
+    with open(aws_config, "w") as f:
+        f.write("[default]\ns3 =\n  max_concurrent_requests = 64\n  max_queue_size = 10000\n")
     return {
         "fleetsync": (
             lambda d: [os.environ["FLEETSYNC_AGENT"], "pull", f"s3://{BUCKET}/{PREFIX}", "--dest", d, "--state-dir", d + ".state"],
@@ -60,7 +64,7 @@ def tools(work):
         ),
         "rclone sync": (
             lambda d: ["rclone", "sync", "--fast-list", "--checksum", "--transfers", "64", "--checkers", "64", f"local:{BUCKET}/{PREFIX}", d],
-            rclone_env,
+            rclone_env(),
         ),
         "aws s3 sync": (
             lambda d: ["aws", "--endpoint-url", EP, "s3", "sync", "--delete", "--only-show-errors", f"s3://{BUCKET}/{PREFIX}", d],
@@ -80,25 +84,32 @@ def set_aside(path, trash):
         os.rename(path, os.path.join(trash, f"{len(os.listdir(trash))}"))
 
 
-def run(argv, env):
-    """Runs one command; returns (seconds, peak RSS in MiB, requests).
+def timed(argv, env):
+    """Runs one command under GNU time; returns (seconds, peak RSS in MiB,
+    stdout), and exits with its stderr when it fails.
 
     The peak RSS comes from GNU time, not from this script's wait4: a child
     forked from Python inherits the Python process's own peak as its
     ru_maxrss (Linux carries the high-water mark across exec), which made
     every small figure read as this script's size."""
-    before = requests_so_far()
     rss_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fleetsync-bench-rss.{os.getpid()}")
     t = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file] + argv, env={**os.environ, **env},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - t
     if p.returncode != 0:
         sys.exit(f"{argv[0]} failed ({p.returncode}): {p.stderr.decode(errors='replace')[-2000:]}")
     with open(rss_file) as f:
         rss_kib = int(f.read().split()[-1])
     os.remove(rss_file)
-    return elapsed, rss_kib / 1024, requests_so_far() - before
+    return elapsed, rss_kib / 1024, p.stdout
+
+
+def run(argv, env):
+    """Runs one command; returns (seconds, peak RSS in MiB, requests)."""
+    before = requests_so_far()
+    elapsed, rss, _ = timed(argv, env)
+    return elapsed, rss, requests_so_far() - before
 
 
 def digest_tree(root):
@@ -116,19 +127,31 @@ def upload_all(src):
 
 
 def upload_some(src, paths, work):
+    upload_some_to(src, paths, f"s3://{BUCKET}/{PREFIX}", work)
+
+
+def upload_some_to(src, paths, url, work):
+    """Uploads `paths` (relative to src) under `url` with one s5cmd run."""
     cmds = os.path.join(work, "s5cmd-cmds")
     with open(cmds, "w") as f:
         for p in paths:
-            f.write(f'cp "{os.path.join(src, p)}" "s3://{BUCKET}/{PREFIX}/{p}"\n')
+            f.write(f'cp "{os.path.join(src, p)}" "{url}/{p}"\n')
     subprocess.run(["s5cmd", "--endpoint-url", EP, "--log", "error", "run", cmds], check=True)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def tree_arguments(doc):
+    """The options every tree benchmark takes: its work dir, the tree's
+    shape (gentree), and how many rounds."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--work", required=True)
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--big", type=int, default=20)
     ap.add_argument("--runs", type=int, default=3)
+    return ap
+
+
+def main():
+    ap = tree_arguments(__doc__)
     ap.add_argument("--tools", default="fleetsync,s5cmd sync,rclone sync,aws s3 sync")
     a = ap.parse_args()
 

@@ -40,6 +40,12 @@ AWS behaviours the local S3 server is kinder about:
   the `s3:prefix` conditions of the s3:ListBucket grants of the template's
   DeployPolicy (infra/aws/fleetsync.yaml), so a test runs as that policy
   lets a deploy role run.
+- `--kms`: objects as SSE-KMS stores them: every ETag the client sees (in
+  headers and in listings) is opaque, 32 hex digits that are not the MD5
+  of the content, and responses say `x-amz-server-side-encryption:
+  aws:kms`. The client's If-Match / If-None-Match ETags are mapped back (and
+  the request signed again with the world's credentials, since the SDK
+  signs those headers), so conditional requests keep working as on S3.
 - `--put-fault KIND:TEXT:SKIP:COUNT`: PUTs of keys containing TEXT, after
   the first SKIP of them, COUNT times: `409` (ConditionalRequestConflict,
   S3's answer to a conditional write racing another), `lost` (the PUT
@@ -53,9 +59,11 @@ that bodies come whole, not chunked. Counts per fault are rewritten to
 """
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import random
+import re
 import socket
 import struct
 import urllib.parse
@@ -114,11 +122,38 @@ def template_list_prefixes(path, params):
     return prefixes
 
 
+def resign(method, target, headers):
+    """Signs a request again (SigV4, the world's credentials from the
+    environment) after a signed header was changed. The client's payload
+    hash (X-Amz-Content-SHA256) is kept as it is."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    class AsIs(SigV4Auth):
+        def _normalize_url_path(self, path):
+            return path  # S3 paths are signed as sent
+
+    fields = {}
+    for h in headers:
+        name, _, value = h.partition(":")
+        fields[name.strip()] = value.strip()
+    auth = next(v for k, v in fields.items() if k.lower() == "authorization")
+    region = auth.split("Credential=", 1)[1].split("/")[2]
+    host = next(v for k, v in fields.items() if k.lower() == "host")
+    keep = {k: v for k, v in fields.items() if k.lower() not in ("authorization", "x-amz-date")}
+    req = AWSRequest(method=method, url=f"http://{host}{target}", headers=keep)
+    creds = Credentials(os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"], os.environ.get("AWS_SESSION_TOKEN"))
+    AsIs(creds, "s3", region).add_auth(req)
+    return [f"{k}: {v}" for k, v in req.headers.items()]
+
+
 class Proxy:
     def __init__(self, a):
         self.upstream = urllib.parse.urlparse(a.upstream)
         self.rate, self.stall, self.api, self.always = a.rate, a.stall, a.api, a.always
         self.kinds = a.kinds.split(",") if a.kinds else BODY_FAULTS
+        self.only = a.only
         self.max_faults = a.max_faults
         self.rng = random.Random(a.seed)
         self.stats_path = a.stats
@@ -133,6 +168,8 @@ class Proxy:
             kind, text, skip, count = spec.split(":")
             self.put_faults.append({"kind": kind, "text": text, "skip": int(skip), "count": int(count), "seen": 0})
         self.slow = a.slow
+        self.kms = a.kms
+        self.opaque = {}  # opaque ETag -> the server's
         self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, "not-found": 0, "fail-op": 0, "denied": 0,
                        "409": 0, "lost": 0, "slow": 0, **{f: 0 for f in BODY_FAULTS}}
 
@@ -171,6 +208,8 @@ class Proxy:
                 exhausted = self.max_faults is not None and self.counts["faults"] >= self.max_faults
                 # With --kinds, only object GETs are faulted.
                 eligible = is_object_get or self.kinds is BODY_FAULTS
+                if self.only and self.only not in urllib.parse.unquote(path):
+                    eligible = False
                 if not exhausted and eligible and self.rng.random() < self.rate:
                     fault = self.rng.choice(self.kinds if is_object_get else STATUS_FAULTS)
                 if fault in ("500", "503"):
@@ -186,7 +225,13 @@ class Proxy:
                     writer.write(b"HTTP/1.1 409 Conflict\r\nContent-Type: application/xml\r\nContent-Length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
                     await writer.drain()
                     continue
+                if self.kms:
+                    unmasked = [self.unmask(h) for h in headers]
+                    if unmasked != headers:
+                        headers = resign(method, target, unmasked)
                 status_line, resp_headers, resp_body = await self.forward(method, target, headers, body)
+                if self.kms:
+                    resp_headers, resp_body = self.mask(resp_headers, resp_body, method)
                 if put_fault == "lost":
                     return  # the server did it; the client never hears
                 if put_fault == "slow":
@@ -212,6 +257,39 @@ class Proxy:
                 writer.close()
             except Exception:
                 pass
+
+    def opaque_of(self, etag):
+        """The opaque ETag shown for a server ETag (quoted or not)."""
+        bare = etag.strip('"')
+        o = hashlib.md5(b"kms:" + bare.encode()).hexdigest()
+        self.opaque[o] = bare
+        return o
+
+    def mask(self, headers, body, method):
+        out = []
+        for h in headers:
+            name, _, value = h.partition(":")
+            if name.lower() == "etag":
+                h = f'{name}: "{self.opaque_of(value.strip())}"'
+            out.append(h)
+        if method in ("GET", "HEAD", "PUT") and not any(h.lower().startswith("x-amz-server-side-encryption:") for h in out):
+            out.append("x-amz-server-side-encryption: aws:kms")
+        if b"<ETag>" in body:
+            def opaque(m):
+                bare = m.group(1).decode()
+                for quote in ("&quot;", "&#34;", '"'):
+                    bare = bare.replace(quote, "")
+                return b"<ETag>&quot;" + self.opaque_of(bare).encode() + b"&quot;</ETag>"
+            body = re.sub(rb"<ETag>(.*?)</ETag>", opaque, body)
+        return out, body
+
+    def unmask(self, h):
+        name, _, value = h.partition(":")
+        if name.lower() in ("if-match", "if-none-match") and value.strip() != "*":
+            real = self.opaque.get(value.strip().strip('"'))
+            if real is not None:
+                return f'{name}: "{real}"'
+        return h
 
     def api_fault(self, headers, body):
         """(code, message) for an API call the options fault, else None."""
@@ -287,6 +365,7 @@ async def main():
     ap.add_argument("--stall", type=float, default=5.0)
     ap.add_argument("--stats", required=True)
     ap.add_argument("--max-faults", type=int, help="stop faulting after this many faults")
+    ap.add_argument("--only", metavar="TEXT", help="fault only requests whose path contains TEXT")
     ap.add_argument("--kinds", help="the faults object GETs get, comma-separated (default: all six); other requests are then never faulted")
     ap.add_argument("--api", action="store_true", help="in front of an AWS API server: throttle at --rate")
     ap.add_argument("--always", help="with --api: answer every request with this error code")
@@ -300,6 +379,7 @@ async def main():
     ap.add_argument("--template-param", action="append", metavar="K=V", help="a template parameter's value, for --list-prefixes-from")
     ap.add_argument("--put-fault", action="append", help="S3: KIND:TEXT:SKIP:COUNT, KIND one of 409, lost, slow")
     ap.add_argument("--slow", type=float, default=1.0, help="seconds a `slow` PUT's answer is held back")
+    ap.add_argument("--kms", action="store_true", help="S3: opaque ETags (not the content's MD5), as SSE-KMS gives")
     a = ap.parse_args()
     proxy = Proxy(a)
     server = await asyncio.start_server(proxy.handle, "127.0.0.1", a.port)

@@ -32,6 +32,9 @@ ensure_tools() {
   command -v shellcheck >/dev/null || missing+=(shellcheck)
   # The benchmarks read each tool's peak RSS from GNU time.
   [[ -x /usr/bin/time ]] || missing+=(time)
+  # The release-store benchmark's bound: one zstd tar fetched with curl.
+  command -v zstd >/dev/null || missing+=(zstd)
+  command -v curl >/dev/null || missing+=(curl)
   # A test watches the agent's system calls (the sync before a switch).
   command -v strace >/dev/null || missing+=(strace)
   if ((${#missing[@]})); then

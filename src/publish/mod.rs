@@ -1,0 +1,344 @@
+//! PUBLISH: a build directory becomes a release in the store (the CI side
+//! of a deploy: `fleetsync publish build/ s3://code/app`).
+//!
+//! walk -> hash -> diff -> upload -> manifest -> pointer:
+//! - [`walk`]: the build's files, symlinks and empty directories, every
+//!   path one the agent accepts; files hashed (SHA-256) on every core;
+//! - diff: against the latest release's manifest, the store's index of
+//!   what it holds (no LIST, no HEAD per file): content already stored is
+//!   named where it is, only new content is uploaded;
+//! - [`upload`]: new small files packed, each compressed on its own; large
+//!   files as blobs; both named by their digest and written once. A
+//!   `publishing/` marker tells `prune` to leave content alone meanwhile;
+//! - the manifest, written once under the release id: an id can never name
+//!   other content (the same content again is a no-op, so a CI re-run of
+//!   one build collides with nothing);
+//! - last, `latest.json`, compare-and-swap: of two concurrent publishes,
+//!   one wins and the other exits 1 naming the winner.
+//!
+//! Killed at any moment, the pointer still names a complete release; run
+//! again, the same packs are built and found stored, so nothing is
+//! uploaded twice. Nothing here deploys: the agents follow their group's
+//! deployed release, which `fleetsync sync` sets.
+
+mod upload;
+mod walk;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::release::check_release_id;
+use crate::source::{s3_client, ClientOptions, S3Url};
+use crate::store::manifest::{Entry, FileEntry, Location, Manifest};
+use crate::store::pointer::{self, Expect, Found, Latest};
+use crate::store::{fence, fetch_bytes, fetch_manifest, Digest, Store};
+
+use walk::Item;
+
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    pub dir: PathBuf,
+    pub dest: S3Url,
+    /// The release's name; default: `c` and the start of its tree digest.
+    pub release_id: Option<String>,
+    pub follow_symlinks: bool,
+    pub dry_run: bool,
+    pub client: ClientOptions,
+}
+
+/// What a publish did.
+#[derive(Debug, Default, Serialize)]
+pub struct PublishReport {
+    pub source: String,
+    pub dest: String,
+    pub release_id: String,
+    /// The release's content digest.
+    pub tree: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Files whose content the store did not hold, and their stored
+    /// (compressed) bytes uploaded.
+    pub uploaded_files: u64,
+    pub uploaded_bytes: u64,
+    /// Files whose content was in the store already.
+    pub reused_files: u64,
+    pub packs_uploaded: u64,
+    pub blobs_uploaded: u64,
+    /// The same content was the latest release already: nothing written.
+    pub unchanged: bool,
+    pub dry_run: bool,
+    /// The release `latest.json` names now.
+    pub latest: String,
+    pub exit_code: i32,
+    pub duration_ms: u64,
+    pub hash_ms: u64,
+}
+
+/// Runs one publish.
+pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
+    let t0 = Instant::now();
+    if let Some(id) = &opts.release_id {
+        check_release_id(id)?;
+    }
+    let (dir, follow) = (opts.dir.clone(), opts.follow_symlinks);
+    let items = tokio::task::spawn_blocking(move || -> Result<Vec<Item>> {
+        let mut items = walk::walk(&dir, follow)?;
+        walk::hash_all(&mut items)?;
+        Ok(items)
+    })
+    .await
+    .expect("the walk does not panic")?;
+    let hash_ms = t0.elapsed().as_millis() as u64;
+
+    let client = s3_client(&opts.client).await;
+    let store = Store::of(&opts.dest);
+    // The latest release: its manifest is the index of what the store holds.
+    let (latest, latest_etag, known) = match pointer::read::<Latest>(&client, &store, &store.latest_key(), None).await? {
+        Found::Value { value, etag } => {
+            let manifest = fetch_manifest(&client, &store, &value.release, Some(&value.manifest)).await?;
+            (Some(value), Some(etag), Some(manifest))
+        }
+        _ => (None, None, None),
+    };
+
+    let mut plan = Plan::new(known.as_ref());
+    // In path order, whatever order the file system listed them in: which
+    // of two identical files uploads the content, and so the packs' bytes,
+    // must not depend on the machine (a CI re-run on another runner builds
+    // the same packs and finds them stored).
+    let mut items = items;
+    items.sort_by(|a, b| a.path().cmp(b.path()));
+    for item in items {
+        plan.add(item);
+    }
+    let tree = crate::store::manifest::tree_digest(&{
+        let mut e = plan.entries.clone();
+        e.sort_by(|a, b| a.path().cmp(b.path()));
+        e
+    });
+    let id = opts.release_id.clone().unwrap_or_else(|| format!("c{}", &tree.to_string()[..16]));
+    let mut report = PublishReport {
+        source: opts.dir.display().to_string(),
+        dest: opts.dest.to_string(),
+        release_id: id.clone(),
+        tree: tree.to_string(),
+        files: plan.files,
+        bytes: plan.bytes,
+        reused_files: plan.reused,
+        uploaded_files: plan.new_files() as u64,
+        dry_run: opts.dry_run,
+        latest: latest.as_ref().map(|l| l.release.clone()).unwrap_or_default(),
+        hash_ms,
+        ..Default::default()
+    };
+    // The latest release has this content: nothing to publish (under its
+    // id, unless another one was asked for).
+    if let Some(l) = latest.as_ref().filter(|l| l.tree == tree && opts.release_id.as_ref().is_none_or(|id| *id == l.release)) {
+        report.release_id = l.release.clone();
+        report.unchanged = true;
+        report.duration_ms = t0.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+    if opts.dry_run {
+        report.uploaded_bytes = plan.new_bytes();
+        report.duration_ms = t0.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+
+    // Everything written from here on is under a marker that keeps `prune`
+    // off the store, and only once no prune is under way (see `fence`).
+    let marker = fence::Marker::put(&client, &store, fence::Side::Publishing).await?;
+    let written = async {
+        fence::wait_for_prunes(&client, &store).await?;
+        write(&client, &store, &mut plan, (latest, latest_etag), &id, tree, report, t0).await
+    }
+    .await;
+    marker.remove(&client, &store).await;
+    written
+}
+
+/// Uploads the new content, then writes the manifest and the pointer.
+#[allow(clippy::too_many_arguments)]
+async fn write(
+    client: &aws_sdk_s3::Client,
+    store: &Store,
+    plan: &mut Plan,
+    latest: (Option<Latest>, Option<String>),
+    id: &str,
+    tree: Digest,
+    mut report: PublishReport,
+    t0: Instant,
+) -> Result<PublishReport> {
+    let uploaded = upload::content(client, store, plan).await?;
+    report.uploaded_bytes = uploaded.bytes;
+    report.packs_uploaded = uploaded.packs;
+    report.blobs_uploaded = uploaded.blobs;
+
+    // The manifest, once under its id.
+    let manifest = Manifest::new(id.to_string(), crate::fleet_lock::user_at_host(), plan.packs.clone(), plan.entries.clone());
+    let bytes = manifest.to_bytes();
+    let digest = Digest::of(&bytes);
+    let key = store.manifest_key(id);
+    if !pointer::put_once(client, store, &key, bytes, "application/zstd").await? {
+        let existing = fetch_manifest(client, store, id, None).await?;
+        if existing.header.tree != tree {
+            return Err(Error::Config(format!(
+                "release {id} already exists in {} with other content: give this build a new --release-id (in CI, include the run attempt: ${{{{ github.sha }}}}-${{{{ github.run_attempt }}}})",
+                store.url(&key)
+            )));
+        }
+        // This very content was published under this id before (a re-run):
+        // the pointer names the stored manifest.
+        let digest = Digest::of(&fetch_bytes(client, store, &key).await?);
+        return point_latest(client, store, latest, &existing, digest, report, t0).await;
+    }
+    point_latest(client, store, latest, &manifest, digest, report, t0).await
+}
+
+/// Writes `latest.json` (compare-and-swap on what was read at the start).
+async fn point_latest(
+    client: &aws_sdk_s3::Client,
+    store: &Store,
+    (was, etag): (Option<Latest>, Option<String>),
+    manifest: &Manifest,
+    digest: Digest,
+    mut report: PublishReport,
+    t0: Instant,
+) -> Result<PublishReport> {
+    let h = &manifest.header;
+    let latest = Latest {
+        release: h.id.clone(),
+        manifest: digest,
+        tree: h.tree,
+        files: h.files,
+        bytes: h.bytes,
+        published_at_ms: crate::store::now_ms(),
+        publisher: crate::fleet_lock::user_at_host(),
+        previous: was.map(|l| l.release).filter(|r| *r != h.id),
+    };
+    let expect = etag.map_or(Expect::Absent, Expect::Etag);
+    if pointer::swap(client, store, &store.latest_key(), &latest, &expect).await?.is_none() {
+        let winner = match pointer::read::<Latest>(client, store, &store.latest_key(), None).await? {
+            Found::Value { value, .. } => format!("release {} by {}", value.release, value.publisher),
+            _ => "a publish that was then removed".to_string(),
+        };
+        return Err(Error::S3(format!(
+            "another publish wrote {} first ({winner}); release {} is in the store but not latest: deploy it with `fleetsync sync --releases --release {}`, or publish again",
+            store.url(&store.latest_key()),
+            h.id,
+            h.id
+        )));
+    }
+    report.latest = h.id.clone();
+    report.duration_ms = t0.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// What will go into the new release: its entries, with each file's bytes
+/// either where the store has them already or still to upload.
+pub(crate) struct Plan {
+    pub entries: Vec<Entry>,
+    pub packs: Vec<Digest>,
+    /// Content the store holds: hash -> where (packs named by digest).
+    known: HashMap<Digest, (Option<Digest>, Location)>,
+    /// The pack indexes of known packs in `packs`.
+    pack_index: HashMap<Digest, u32>,
+    /// Files to upload (first path of each new content), and the entries
+    /// waiting for their location: content hash -> entry indexes.
+    pub new: Vec<walk::LocalFile>,
+    pub waiting: HashMap<Digest, Vec<usize>>,
+    files: u64,
+    bytes: u64,
+    reused: u64,
+}
+
+impl Plan {
+    fn new(known: Option<&Manifest>) -> Plan {
+        let mut index = HashMap::new();
+        if let Some(m) = known {
+            for f in m.files() {
+                let pack = match f.at {
+                    Location::Pack { pack, .. } => Some(m.header.packs[pack as usize]),
+                    Location::Blob { .. } => None,
+                };
+                index.entry(f.hash).or_insert((pack, f.at));
+            }
+        }
+        Plan {
+            entries: Vec::new(),
+            packs: Vec::new(),
+            known: index,
+            pack_index: HashMap::new(),
+            new: Vec::new(),
+            waiting: HashMap::new(),
+            files: 0,
+            bytes: 0,
+            reused: 0,
+        }
+    }
+
+    fn add(&mut self, item: Item) {
+        let f = match item {
+            Item::Symlink { path, target } => return self.entries.push(Entry::Symlink { path, target }),
+            Item::Dir { path } => return self.entries.push(Entry::Dir { path }),
+            Item::File(f) => f,
+        };
+        let hash = f.hash.expect("files are hashed before planning");
+        self.files += 1;
+        self.bytes += f.size;
+        let at = match self.known.get(&hash).copied() {
+            Some((pack, at)) => {
+                self.reused += 1;
+                match (pack, at) {
+                    (Some(p), Location::Pack { offset, len, compressed, .. }) => {
+                        Location::Pack { pack: self.pack_number(p), offset, len, compressed }
+                    }
+                    (_, at) => at,
+                }
+            }
+            None => {
+                let waiting = self.waiting.entry(hash).or_default();
+                waiting.push(self.entries.len());
+                let first = waiting.len() == 1;
+                let at = Location::Blob { len: f.size };
+                let entry = Entry::File(FileEntry { path: f.path.clone(), size: f.size, mode: f.mode, hash, at });
+                self.entries.push(entry);
+                if first {
+                    self.new.push(f);
+                }
+                return;
+            }
+        };
+        self.entries.push(Entry::File(FileEntry { path: f.path, size: f.size, mode: f.mode, hash, at }));
+    }
+
+    /// The index of pack `p` in this release's pack list, adding it.
+    pub(crate) fn pack_number(&mut self, p: Digest) -> u32 {
+        let next = self.packs.len() as u32;
+        *self.pack_index.entry(p).or_insert_with(|| {
+            self.packs.push(p);
+            next
+        })
+    }
+
+    /// Content `hash` is stored at `at`: every entry waiting for it says so.
+    pub(crate) fn stored(&mut self, hash: &Digest, at: Location) {
+        for &i in self.waiting.get(hash).map(Vec::as_slice).unwrap_or_default() {
+            if let Entry::File(f) = &mut self.entries[i] {
+                f.at = at;
+            }
+        }
+    }
+
+    fn new_files(&self) -> usize {
+        self.waiting.values().map(Vec::len).sum()
+    }
+
+    fn new_bytes(&self) -> u64 {
+        self.new.iter().map(|f| f.size).sum()
+    }
+}

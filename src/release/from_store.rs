@@ -1,0 +1,481 @@
+//! A release from the release store ([`crate::store`]): resolve -> plan ->
+//! fetch -> (the caller) switch.
+//!
+//! Resolve: which release this node should run, with as few requests as
+//! possible.
+//! - `--release-id ID` (what the bastion passes): that release. When it is
+//!   live already, intact on disk and came from the store, not one request.
+//! - Otherwise the node's group's `deployed/GROUP.json` (the group is
+//!   `--group`, or `group` in agent.toml, or the one the last deploy named),
+//!   else `latest.json`, read with `If-None-Match` on the ETag seen last: an
+//!   unchanged pointer is a 304 with no body, and with the live release
+//!   intact on disk the pull ends there: a no-op is one request.
+//! - A deploy under way or failed (`deploying`, `failed`) holds a node that
+//!   has a release (the deploy itself switches it); a node with nothing
+//!   live boots the group's previous release, the last one deployed whole.
+//! - No pointer at all: not a store; the prefix is listed instead.
+//!
+//! Plan: the manifest (one GET, checked against the pointer's digest and
+//! parsed without trusting it) diffed against the live release's files,
+//! which the state store knows by content digest and mode: a file whose
+//! digest and mode are unchanged (at any path) is hard-linked, one whose
+//! mode alone changed is copied (never chmod-ed under the live release),
+//! the rest is fetched ([`super::fetch`]). Nothing is listed.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::fetch::{parse_store_etag, store_etag, Failure, Fetcher};
+use super::{Ctx, ReleaseInfo, Step};
+use crate::error::{Error, Result};
+use crate::keypath::RelPath;
+use crate::report::PullReport;
+use crate::safe_fs::{DestDir, Lstats};
+use crate::state::{Placed, StateStore};
+use crate::store::manifest::{Entry, FileEntry, Manifest};
+use crate::store::pointer::{self, DeployState, Deployed, Found, Latest};
+use crate::store::{fetch_manifest, Digest, Store};
+
+/// Which release to make live.
+pub(super) enum Target {
+    /// This release (its manifest checked against `digest` when known).
+    Release { id: String, digest: Option<Digest>, manifest: Option<Manifest> },
+    /// Keep the live release: why.
+    Hold { reason: String },
+}
+
+/// The pointer read last and its ETag, kept in the state dir: what a 304
+/// means.
+#[derive(Serialize, Deserialize)]
+struct Seen {
+    key: String,
+    etag: String,
+    body: serde_json::Value,
+}
+
+/// Which release the store says this node should run; `None` when the
+/// source has no store.
+pub(super) async fn resolve(ctx: &Ctx<'_>) -> Result<Option<Target>> {
+    let store = Store::of(&ctx.opts.pull.source);
+    if let Some(id) = &ctx.opts.release_id {
+        return resolve_id(ctx, &store, id).await;
+    }
+    let seen_path = ctx.layout.state.join("pointer.json");
+    let seen: Option<Seen> = std::fs::read(&seen_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let group = group(ctx)?;
+    let mut undeployed = None;
+    if let Some(g) = &group {
+        let key = store.deployed_key(g);
+        match read_pointer::<Deployed>(ctx, &store, &key, seen.as_ref(), &seen_path).await? {
+            Some(d) => return Ok(Some(decide(ctx, g, d))),
+            None => undeployed = Some(g),
+        }
+    }
+    let key = store.latest_key();
+    let Some(latest) = read_pointer::<Latest>(ctx, &store, &key, seen.as_ref(), &seen_path).await? else {
+        return Ok(None);
+    };
+    match (undeployed, &ctx.current) {
+        // A group never deployed from the store: an instance with no
+        // release boots the latest, one that runs a release keeps it until
+        // a deploy (publishing is not deploying).
+        (Some(g), Some(live)) if *live != latest.release => Ok(Some(Target::Hold {
+            reason: format!(
+                "group {g} has no deployed release yet; this node keeps {live} until `fleetsync sync --releases` deploys one (latest published: {})",
+                latest.release
+            ),
+        })),
+        _ => Ok(Some(Target::Release { id: latest.release, digest: Some(latest.manifest), manifest: None })),
+    }
+}
+
+/// The node's group: given, else the one the last pull that named one
+/// recorded (a deploy names it; the agent's timer then follows it).
+fn group(ctx: &Ctx<'_>) -> Result<Option<String>> {
+    let path = ctx.layout.state.join("group");
+    match &ctx.opts.group {
+        Some(g) => {
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(g.as_str()) {
+                std::fs::create_dir_all(&ctx.layout.state).map_err(|e| Error::io(format!("creating {}", ctx.layout.state.display()), e))?;
+                crate::pull::write_atomic(&path, g.as_bytes())?;
+            }
+            Ok(Some(g.clone()))
+        }
+        None => Ok(std::fs::read_to_string(&path).ok().filter(|g| crate::store::check_group(g).is_ok())),
+    }
+}
+
+/// Reads a pointer, conditionally on the ETag seen last for that key; the
+/// value (fresh, or remembered when unchanged), `None` when absent.
+async fn read_pointer<T: serde::de::DeserializeOwned>(
+    ctx: &Ctx<'_>,
+    store: &Store,
+    key: &str,
+    seen: Option<&Seen>,
+    seen_path: &std::path::Path,
+) -> Result<Option<T>> {
+    let seen = seen.filter(|s| s.key == key);
+    match pointer::read::<serde_json::Value>(&ctx.client, store, key, seen.map(|s| s.etag.as_str())).await? {
+        Found::Absent => Ok(None),
+        Found::Unchanged => {
+            let body = seen.expect("a 304 answers an ETag we sent").body.clone();
+            Ok(Some(serde_json::from_value(body).map_err(|e| Error::S3(format!("{}: {e}", store.url(key))))?))
+        }
+        Found::Value { value, etag } => {
+            let parsed = serde_json::from_value(value.clone()).map_err(|e| {
+                Error::S3(format!("{0} is not a valid fleetsync pointer ({e}): delete it (`aws s3 rm {0}`), then publish or deploy again to write a new one", store.url(key)))
+            })?;
+            let seen = Seen { key: key.to_string(), etag, body: value };
+            std::fs::create_dir_all(&ctx.layout.state).map_err(|e| Error::io(format!("creating {}", ctx.layout.state.display()), e))?;
+            crate::pull::write_atomic(seen_path, &serde_json::to_vec(&seen).expect("serializes"))?;
+            Ok(Some(parsed))
+        }
+    }
+}
+
+/// What a group's deployed pointer means for this node.
+fn decide(ctx: &Ctx<'_>, group: &str, d: Deployed) -> Target {
+    match (d.state, &ctx.current) {
+        (DeployState::Done, _) => Target::Release { id: d.release, digest: Some(d.manifest), manifest: None },
+        (state, Some(live)) if *live != d.release => Target::Hold {
+            reason: format!(
+                "a deploy of group {group} to release {} is {}; this node keeps {live} until it is switched (or a sync or rollback ends it)",
+                d.release,
+                if state == DeployState::Deploying { "under way" } else { "failed" }
+            ),
+        },
+        (_, Some(_)) => Target::Release { id: d.release, digest: Some(d.manifest), manifest: None },
+        (_, None) => {
+            let boot = d.for_boot();
+            Target::Release { id: boot.release, digest: Some(boot.manifest), manifest: None }
+        }
+    }
+}
+
+/// `--release-id ID`: that release of the store, or, when the source has
+/// no store, the name of the listing's release.
+async fn resolve_id(ctx: &Ctx<'_>, store: &Store, id: &str) -> Result<Option<Target>> {
+    // Live, from the store, intact: nothing to ask.
+    let stored_live = ctx.current.as_deref() == Some(id) && ctx.registry.get(id).is_some_and(|r| r.content.starts_with(STORE_CONTENT));
+    if stored_live {
+        return Ok(Some(Target::Release { id: id.to_string(), digest: None, manifest: None }));
+    }
+    match fetch_manifest(&ctx.client, store, id, None).await {
+        Ok(m) => Ok(Some(Target::Release { id: id.to_string(), digest: None, manifest: Some(m) })),
+        Err(Error::NotInStore(_)) => match pointer::read::<serde_json::Value>(&ctx.client, store, &store.latest_key(), None).await? {
+            Found::Absent => Ok(None),
+            _ => Err(Error::Config(format!(
+                "release {id} is not in the release store at {} (`fleetsync releases {}` lists what is)",
+                store.url(&store.root),
+                ctx.opts.pull.source
+            ))),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// What the registry records as a store release's content: this prefix and
+/// its tree digest.
+const STORE_CONTENT: &str = "tree:";
+
+/// Makes the target live (or says it is, or holds).
+pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
+    let p = &ctx.opts.pull;
+    let store = Store::of(&p.source);
+    let (id, digest, manifest) = match target {
+        Target::Hold { reason } => {
+            let current = ctx.current.clone().expect("a node holds only what it has");
+            let (_, files) = intact(ctx, &current)?;
+            let mut report = new_report(ctx);
+            (report.counts.listed, report.counts.unchanged) = (files, files);
+            return Ok(Step::Held { report, id: current, reason });
+        }
+        Target::Release { id, digest, manifest } => (id, digest, manifest),
+    };
+    // A release this node has already: the store's (a release built from
+    // a listing may carry the same name), and intact: its hard-linked files
+    // share inodes with other releases, which an application may have
+    // written to. Drift is repaired in place, file by file, before it goes
+    // live (again).
+    let live = ctx.current.as_deref() == Some(id.as_str());
+    let known = ctx.registry.get(&id).cloned();
+    if live || known.is_some() {
+        if let Some(k) = known.as_ref().filter(|k| !k.content.starts_with(STORE_CONTENT)) {
+            return Err(Error::Config(format!(
+                "release {id} on this node was built from a listing of the prefix ({}), not from the release store: publish this build under a new --release-id",
+                k.content
+            )));
+        }
+        if let Some(m) = &manifest {
+            ctx.check_content(&id, &format!("{STORE_CONTENT}{}", m.header.tree))?;
+        }
+        let (ok, files) = intact(ctx, &id)?;
+        let report = if ok {
+            let mut report = new_report(ctx);
+            (report.counts.listed, report.counts.unchanged) = (files, files);
+            report
+        } else {
+            let manifest = match manifest {
+                Some(m) => m,
+                None => fetch_manifest(&ctx.client, &store, &id, digest.as_ref()).await?,
+            };
+            ctx.check_content(&id, &format!("{STORE_CONTENT}{}", manifest.header.tree))?;
+            let built = build(ctx, &store, &id, &Arc::new(manifest), true).await?;
+            if !live && built.report.exit_code != crate::exit::OK {
+                return Ok(Step::Incomplete { report: built.report, id, linked: 0 });
+            }
+            built.report
+        };
+        return Ok(match known.filter(|_| !live) {
+            Some(info) => Step::Existing { report, info },
+            None => Step::Live { report, id },
+        });
+    }
+    let manifest = match manifest {
+        Some(m) => m,
+        None => fetch_manifest(&ctx.client, &store, &id, digest.as_ref()).await?,
+    };
+    if manifest.header.id != id {
+        return Err(Error::S3(format!("the manifest of release {id} says it is release {}; the store is damaged", manifest.header.id)));
+    }
+    let content = format!("{STORE_CONTENT}{}", manifest.header.tree);
+    ctx.check_content(&id, &content)?;
+    ctx.check_not_empty(manifest.header.files)?;
+    let files = manifest.header.files;
+    let built = build(ctx, &store, &id, &Arc::new(manifest), false).await?;
+    if built.report.exit_code != crate::exit::OK {
+        return Ok(Step::Incomplete { report: built.report, id, linked: built.linked });
+    }
+    let info = ReleaseInfo { id, content, created_at_ms: crate::store::now_ms(), files, rolled_back: false };
+    Ok(Step::Built { report: built.report, info, linked: built.linked, copied: built.copied })
+}
+
+/// A report of this pull, started when the pull did.
+fn new_report(ctx: &Ctx<'_>) -> PullReport {
+    let p = &ctx.opts.pull;
+    let mut r = PullReport::new(p.source.to_string(), p.dest.display().to_string(), false);
+    r.started_at_ms = crate::store::now_ms().saturating_sub(ctx.t0.elapsed().as_millis() as u64);
+    r
+}
+
+/// Whether release `id`'s files are on disk as they were placed (size,
+/// mtime and mode against the state store; no request), and how many
+/// there are. A state store that lost records (fewer than the registry
+/// counts) is not intact.
+fn intact(ctx: &Ctx<'_>, id: &str) -> Result<(bool, u64)> {
+    let placed = StateStore::load_read_only(&ctx.opts.pull.state_dir, &ctx.layout.dir(id))?;
+    let Some(dir) = ctx.releases.read(id)? else {
+        return Ok((false, 0));
+    };
+    if ctx.registry.get(id).is_some_and(|r| r.files != placed.len() as u64) {
+        return Ok((false, placed.len() as u64));
+    }
+    // The stats are most of a no-op pull's time: on every core.
+    let files: Vec<(&RelPath, &Placed)> = placed.iter().collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let chunk = files.len().div_ceil(threads).max(1);
+    let ok = std::thread::scope(|scope| {
+        let checks: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| {
+                let dir = &dir;
+                scope.spawn(move || {
+                    let mut stats = dir.lstats();
+                    part.iter().all(|(path, p)| on_disk(&mut stats, path, p))
+                })
+            })
+            .collect();
+        checks.into_iter().all(|c| c.join().expect("a stat does not panic"))
+    });
+    Ok((ok, placed.len() as u64))
+}
+
+/// Whether the file at `path` is still the one `p` records: a regular
+/// file of its size, mtime and mode.
+fn on_disk(stats: &mut Lstats<'_>, path: &RelPath, p: &Placed) -> bool {
+    let mode = parse_store_etag(&p.etag).map(|(_, mode)| mode);
+    match stats.stat(path) {
+        Some(st) => {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+                && st.st_size as u64 == p.file_size
+                && st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64 == p.mtime_ns
+                && mode.is_none_or(|m| st.st_mode & 0o7777 == m)
+        }
+        _ => false,
+    }
+}
+
+/// What a build did.
+struct Built {
+    report: PullReport,
+    linked: u64,
+    copied: u64,
+}
+
+/// Builds release `id` from its manifest: beside the live release (hard
+/// links for what did not change), or with `repair`, in place of the live
+/// release's drifted files.
+async fn build(ctx: &Ctx<'_>, store: &Store, id: &str, manifest: &Arc<Manifest>, repair: bool) -> Result<Built> {
+    let p = &ctx.opts.pull;
+    let path = ctx.layout.dir(id);
+    let dst = ctx.releases.build(id)?;
+    let (state, existing) = StateStore::open(&p.state_dir, &path)?;
+    if state.interrupted() {
+        // A repair was killed: its temporary files are beside their paths.
+        let swept = dst.sweep_temps().map_err(|e| Error::io(format!("removing temporary files left in {}", path.display()), e))?;
+        tracing::info!(swept, "the previous pull was interrupted; removed its temporary files");
+    }
+    state.mark_in_progress()?;
+    let base = match (&ctx.current, repair) {
+        (Some(cur), false) => {
+            let placed = StateStore::load_read_only(&p.state_dir, &ctx.layout.dir(cur))?;
+            ctx.releases.read(cur)?.map(|dir| (dir, placed))
+        }
+        _ => None,
+    };
+    let fetcher = Arc::new(Fetcher {
+        client: ctx.client.clone(),
+        store: store.clone(),
+        dest: Arc::new(dst),
+        state: Arc::new(state),
+        observer: ctx.observer.clone(),
+        seq: AtomicU64::new(0),
+    });
+    ctx.observer.listed(manifest.header.files);
+
+    // Plan (and link, copy, make directories and symlinks) on the blocking
+    // pool: thousands of small system calls.
+    let (f2, m2) = (fetcher.clone(), manifest.clone());
+    let planned = tokio::task::spawn_blocking(move || plan(&f2, &m2, base, existing, repair)).await.expect("planning does not panic")?;
+    ctx.observer.listing_done(manifest.header.files);
+    let fetched = fetcher.fetch(&manifest.header.packs, planned.fetch).await;
+
+    let mut report = new_report(ctx);
+    report.counts.listed = manifest.header.files;
+    report.counts.downloaded = fetched.files;
+    report.counts.unchanged = planned.unchanged + planned.linked + planned.copied;
+    report.counts.deleted = planned.deleted;
+    report.counts.retries = fetched.retries;
+    report.bytes_downloaded = fetched.bytes;
+    for (path, error) in planned.failed.into_iter().chain(fetched.failed) {
+        report.push_error(path, error);
+    }
+    report.settle();
+    // The state store ends like a pull's: snapshot written, marker cleared.
+    let state = &fetcher.state;
+    let records = StateStore::load_read_only(&p.state_dir, &path)?;
+    state.compact(&records)?;
+    state.clear_in_progress();
+    Ok(Built { report, linked: planned.linked, copied: planned.copied })
+}
+
+/// What planning decided and did.
+#[derive(Default)]
+struct Planned {
+    fetch: Vec<FileEntry>,
+    linked: u64,
+    copied: u64,
+    unchanged: u64,
+    deleted: u64,
+    failed: Vec<(String, String)>,
+}
+
+/// The live release's files by content: digest -> (path, mode, record).
+type Index = HashMap<Digest, Vec<(RelPath, u32, Placed)>>;
+
+/// Decides every entry: a directory or a symlink is made now; a file is
+/// kept (repair), linked, copied, or left to fetch. Blocking.
+fn plan(
+    f: &Fetcher,
+    m: &Manifest,
+    base: Option<(DestDir, HashMap<RelPath, Placed>)>,
+    existing: HashMap<RelPath, Placed>,
+    repair: bool,
+) -> Result<Planned> {
+    let dst = &f.dest;
+    let mut out = Planned::default();
+    let mut index: Index = HashMap::new();
+    if let Some((_, placed)) = &base {
+        for (path, p) in placed {
+            if let Some((hash, mode)) = parse_store_etag(&p.etag) {
+                index.entry(hash).or_default().push((path.clone(), mode, p.clone()));
+            }
+        }
+    }
+    let seq = || f.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut wanted: std::collections::HashSet<&RelPath> = std::collections::HashSet::new();
+    let (mut dst_stats, mut base_stats) = (dst.lstats(), base.as_ref().map(|(dir, _)| dir.lstats()));
+    for e in &m.entries {
+        wanted.insert(e.path());
+        let result = match e {
+            Entry::Dir { path } => dst.make_dir(path).map_err(|e| format!("creating directory {path}: {e}")),
+            Entry::Symlink { path, target } => {
+                if dst.read_link(path).as_deref() == Some(target.as_str()) {
+                    Ok(())
+                } else {
+                    dst.symlink(path, target, seq()).map_err(|e| format!("making symlink {path}: {e}"))
+                }
+            }
+            Entry::File(file) => {
+                let etag = store_etag(&file.hash, file.mode);
+                if repair && existing.get(&file.path).is_some_and(|p| p.etag == etag && on_disk(&mut dst_stats, &file.path, p)) {
+                    out.unchanged += 1;
+                    continue;
+                }
+                if repair {
+                    f.observer.planned(file.size);
+                    out.fetch.push(file.clone());
+                    continue;
+                }
+                match reuse(f, base.as_ref().map(|(dir, _)| dir).zip(base_stats.as_mut()), &index, file) {
+                    Some(Reused::Linked) => out.linked += 1,
+                    Some(Reused::Copied) => out.copied += 1,
+                    None => {
+                        f.observer.planned(file.size);
+                        out.fetch.push(file.clone());
+                    }
+                }
+                Ok(())
+            }
+        };
+        if let Err(why) = result {
+            out.failed.push((e.path().to_string(), why));
+        }
+    }
+    if repair {
+        // Files placed in the live release that its manifest does not have.
+        for path in existing.keys().filter(|p| !wanted.contains(p)) {
+            if dst.remove_file(path, &|_| false).is_ok() && f.state.record_deleted(path).is_ok() {
+                out.deleted += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+enum Reused {
+    Linked,
+    Copied,
+}
+
+/// Shares a file with the live release when its content is there, intact:
+/// a hard link when its mode is the same too, else a copy with the new mode.
+fn reuse(f: &Fetcher, base: Option<(&DestDir, &mut Lstats<'_>)>, index: &Index, file: &FileEntry) -> Option<Reused> {
+    let (src, stats) = base?;
+    let candidates = index.get(&file.hash)?;
+    let intact: Vec<&(RelPath, u32, Placed)> = candidates.iter().filter(|(path, _, p)| on_disk(stats, path, p)).collect();
+    if let Some((path, _, p)) = intact.iter().find(|(_, mode, _)| *mode == file.mode) {
+        if f.dest.link_as(src, path, &file.path).is_ok() && f.state.record_placed(&file.path, p).is_ok() {
+            return Some(Reused::Linked);
+        }
+    }
+    let (path, _, _) = intact.first()?;
+    let mut from = src.open_file(path).ok()?;
+    match f.place_copy(&file.path, &mut from, file.mode, &file.hash, file.size) {
+        Ok(()) => Some(Reused::Copied),
+        Err(Failure::Retry(_) | Failure::Fatal(_)) => None,
+    }
+}

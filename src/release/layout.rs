@@ -1,0 +1,172 @@
+//! Release mode on disk: where things are (DEST, `DEST/releases/ID`,
+//! `DEST/current`, the registry in the state dir), and every change made
+//! there, through descriptors that never follow a symlink.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use super::{Registry, CURRENT, RELEASES};
+use crate::error::{Error, Result};
+use crate::pull::write_atomic;
+use crate::safe_fs::{self, DestDir};
+use crate::state::StateStore;
+
+/// DEST in release mode: where things are, and the registry.
+pub(super) struct Layout {
+    pub dest: PathBuf,
+    /// The DEST's own state-store directory, which holds the registry.
+    pub state: PathBuf,
+    pub state_root: PathBuf,
+}
+
+impl Layout {
+    pub(super) fn new(dest: &Path, state_dir: &Path) -> Layout {
+        Layout { dest: dest.to_path_buf(), state: StateStore::dir_for(state_dir, dest), state_root: state_dir.to_path_buf() }
+    }
+
+    /// A release's path, for messages, the hook's environment and its state
+    /// store's name (never to write through: see [`Releases`]).
+    pub(super) fn dir(&self, id: &str) -> PathBuf {
+        self.dest.join(RELEASES).join(id)
+    }
+
+    pub(super) fn registry_path(&self) -> PathBuf {
+        self.state.join("releases.json")
+    }
+
+    pub(super) fn last_pull_path(&self) -> PathBuf {
+        self.state.join("last-release-pull.json")
+    }
+
+    pub(super) fn load(&self) -> Result<Registry> {
+        match std::fs::read(self.registry_path()) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                Error::Config(format!(
+                    "the release registry {} is damaged ({e}); move it aside to start over",
+                    self.registry_path().display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
+            Err(e) => Err(Error::io(format!("reading {}", self.registry_path().display()), e)),
+        }
+    }
+
+    pub(super) fn save(&self, registry: &Registry) -> Result<()> {
+        std::fs::create_dir_all(&self.state).map_err(|e| Error::io(format!("creating {}", self.state.display()), e))?;
+        write_atomic(&self.registry_path(), &serde_json::to_vec_pretty(registry).expect("the registry serializes"))
+    }
+
+    /// The live release, from the `current` symlink (read only: a link
+    /// planted elsewhere names no release of ours).
+    pub(super) fn current(&self) -> Result<Option<String>> {
+        let link = self.dest.join(CURRENT);
+        match std::fs::read_link(&link) {
+            Ok(target) => Ok(target.strip_prefix(RELEASES).ok().and_then(|t| t.to_str()).map(str::to_string)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(Error::Config(format!(
+                "{} exists and is not a symlink: DEST holds an in-place tree; give --releases a DEST of its own",
+                link.display()
+            ))),
+            Err(e) => Err(Error::io(format!("reading {}", link.display()), e)),
+        }
+    }
+
+    /// Removes a release's state store (its directory goes through [`Releases`]).
+    pub(super) fn forget(&self, id: &str) {
+        let _ = std::fs::remove_dir_all(StateStore::dir_for(&self.state_root, &self.dir(id)));
+    }
+}
+
+/// DEST and `DEST/releases/`, held open: every change release mode makes
+/// on disk goes through these descriptors, and `releases` (and everything
+/// in it) is reached without following a symlink, so a link planted at
+/// `DEST/releases` (or at a release) makes the pull fail instead of making
+/// the agent, as root, delete or build somewhere else. DEST itself is the
+/// operator's choice and may be a symlink.
+pub(super) struct Releases {
+    dest: PathBuf,
+    root: OwnedFd,
+    dir: OwnedFd,
+}
+
+impl Releases {
+    /// Opens DEST and `DEST/releases`, creating them.
+    pub(super) fn open(dest: &Path) -> Result<Releases> {
+        let err = |e| Error::io(format!("opening {}", dest.join(RELEASES).display()), e);
+        std::fs::create_dir_all(dest).map_err(|e| Error::io(format!("creating DEST {}", dest.display()), e))?;
+        let root = safe_fs::open_root(dest).map_err(err)?;
+        let dir = safe_fs::open_dir_at(&root, RELEASES, true).map_err(err)?;
+        Ok(Releases { dest: dest.to_path_buf(), root, dir })
+    }
+
+    pub(super) fn path(&self, id: &str) -> PathBuf {
+        self.dest.join(RELEASES).join(id)
+    }
+
+    /// A release directory to build into (created if missing).
+    pub(super) fn build(&self, id: &str) -> Result<DestDir> {
+        DestDir::open_in(&self.dir, id, self.path(id)).map_err(|e| Error::io(format!("creating release {}", self.path(id).display()), e))
+    }
+
+    /// A complete release, to share its files; `None` if it is gone.
+    pub(super) fn read(&self, id: &str) -> Result<Option<DestDir>> {
+        DestDir::open_read_only_in(&self.dir, id, self.path(id))
+            .map_err(|e| Error::io(format!("opening release {}", self.path(id).display()), e))
+    }
+
+    /// The names in `releases/`.
+    pub(super) fn names(&self) -> Result<Vec<String>> {
+        let err = |e: rustix::io::Errno| Error::io(format!("reading {}", self.dest.join(RELEASES).display()), e.into());
+        let dir = rustix::fs::Dir::read_from(&self.dir).map_err(err)?;
+        let mut names = Vec::new();
+        for entry in dir {
+            let name = entry.map_err(err)?.file_name().to_string_lossy().into_owned();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// Removes a release's tree (never following a symlink in it).
+    pub(super) fn remove(&self, id: &str) -> Result<()> {
+        safe_fs::remove_tree_at(&self.dir, id).map_err(|e| Error::io(format!("removing release {}", self.path(id).display()), e))
+    }
+
+    /// Points `current` at the release `id` atomically: a new symlink under
+    /// a temporary name, renamed over the old one. A reader resolving
+    /// `current` sees the old release or the new one, never neither.
+    ///
+    /// The file system is synced first: the release's files were written
+    /// through the page cache, and a power loss after the switch must not
+    /// leave the live release with empty or partial files. One syncfs
+    /// costs what writing the new files back costs, once per switch.
+    pub(super) fn switch_to(&self, id: &str) -> Result<()> {
+        use rustix::fs::{renameat, symlinkat, syncfs, unlinkat, AtFlags};
+        let err = |e: rustix::io::Errno| Error::io(format!("switching {} to release {id}", self.dest.join(CURRENT).display()), e.into());
+        syncfs(&self.root).map_err(err)?;
+        let tmp = format!(".{CURRENT}.tmp-{}", std::process::id());
+        let _ = unlinkat(&self.root, tmp.as_str(), AtFlags::empty());
+        symlinkat(Path::new(RELEASES).join(id), &self.root, tmp.as_str()).map_err(err)?;
+        renameat(&self.root, tmp.as_str(), &self.root, CURRENT).map_err(err)?;
+        // The rename is durable once DEST's directory entry is on disk.
+        rustix::fs::fsync(&self.root).map_err(err)
+    }
+
+    /// Removes release directories that never completed (a killed or failed
+    /// build): in `releases/` but not in the registry, and not live.
+    pub(super) fn sweep_incomplete(&self, layout: &Layout, registry: &Registry, current: Option<&str>) -> Result<()> {
+        for name in self.names()? {
+            if Some(name.as_str()) != current && registry.get(&name).is_none() {
+                tracing::info!(release = %name, "removing a release that never completed (or was pruned)");
+                match self.remove(&name) {
+                    Ok(()) => layout.forget(&name),
+                    // Unregistered, so never live or "previous": harmless
+                    // where it is until a later pull can remove it.
+                    Err(e) => tracing::warn!(release = %name, error = %e, "could not remove it; a later pull tries again"),
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,525 @@
+//! RELEASES: the agent's atomic-release mode (`--releases`), where a web
+//! server never sees a half-synced tree and a bad deploy is undone in
+//! one rename.
+//!
+//! ```text
+//! DEST/releases/<id>/        one complete tree per release, not changed once live
+//! DEST/current -> releases/<id>   the live tree, switched with rename(2)
+//! STATE/dest-<DEST>/releases.json  the complete releases, in the order they went live
+//! ```
+//!
+//! A pull names the release the source stands for, then makes it live:
+//! - from the release store ([`from_store`]), when the source was published
+//!   with `fleetsync publish`: the release the node's group is deployed on
+//!   (or `--release-id`, or the latest one), one conditional GET of a
+//!   pointer; its manifest diffed against the live release's files;
+//! - from a listing ([`from_listing`]) of a plain prefix written by anything
+//!   else: named by `--release-id` or a hash of its keys and ETags.
+//!
+//! If the release is live already, the pull checks it on disk (and repairs
+//! drift). If it is an older complete release, it goes live again without a
+//! download. Otherwise it is built beside the live one: files that did not
+//! change are hard links to the live release's, the rest is fetched into
+//! the new directory. Only a release whose every file arrived goes into the
+//! registry and then live; a failed or killed build is removed by the next
+//! pull and never counted.
+//!
+//! Hard links are safe to share because nothing writes into a placed file:
+//! a changed file is a new temporary file renamed over the link, which
+//! leaves the inode the older release holds untouched; and a file whose
+//! mode alone changed is copied, never chmod-ed under the older release.
+
+mod fetch;
+mod from_listing;
+mod from_store;
+mod layout;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::node_lock::{IfBusy, NodeLock};
+use crate::progress::Observer;
+use crate::pull::{self, write_atomic, PullOptions};
+use crate::report::PullReport;
+use crate::source::s3_client;
+
+use layout::{Layout, Releases};
+
+/// The live release's name in DEST.
+pub const CURRENT: &str = "current";
+/// Where the releases live in DEST.
+pub const RELEASES: &str = "releases";
+/// Releases kept when `--keep` is not given.
+pub const DEFAULT_KEEP: usize = 5;
+
+/// A release pull: the in-place pull's options (`dest` is the releases
+/// root) and what is particular to releases.
+#[derive(Debug, Clone)]
+pub struct ReleaseOptions {
+    pub pull: PullOptions,
+    /// The release to make live: a release of the store, or the name of
+    /// a plain prefix's release; default: the group's deployed release (in
+    /// a store), else derived from the content.
+    pub release_id: Option<String>,
+    /// The Auto Scaling Group the node belongs to: the node follows the
+    /// release this group is deployed on. Default: the group recorded by
+    /// the last pull that named one.
+    pub group: Option<String>,
+    /// Releases kept (besides the live one and the one before it, which
+    /// are never removed).
+    pub keep: usize,
+    /// A shell command run after the switch (e.g. reload php-fpm).
+    pub after_switch: Option<String>,
+    /// Switch back to the previous release when `after_switch` fails.
+    pub rollback_on_failure: bool,
+}
+
+/// What a release pull did, inside its [`PullReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseReport {
+    /// The release the source's content is (live now unless the pull failed
+    /// or was rolled back).
+    pub id: String,
+    /// What was live before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    /// This pull built the release directory.
+    pub created: bool,
+    /// `current` was switched by this pull.
+    pub switched: bool,
+    /// Files shared with the previous release by hard link (not downloaded).
+    pub linked: u64,
+    /// Files whose content was live already but whose mode changed: copied,
+    /// so that the older release keeps its mode.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copied: u64,
+    /// The release came from the release store (not a listing).
+    #[serde(default)]
+    pub store: bool,
+    /// Nothing switched because a deploy of the node's group is under way
+    /// or failed: why. The node keeps its live release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_switch: Option<HookReport>,
+    /// The after-switch command failed and the previous release is live again.
+    pub rolled_back: bool,
+    /// Old releases removed (`--keep`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// How the after-switch command went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookReport {
+    pub command: String,
+    pub exit_code: Option<i32>,
+    pub ok: bool,
+    /// The end of its stderr (at most 2,000 characters).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stderr: String,
+}
+
+/// One complete release, as the registry remembers it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    pub id: String,
+    /// Its content: the store's tree digest, or for a listing the hash of
+    /// its keys and ETags. An id never names two contents.
+    pub content: String,
+    pub created_at_ms: u64,
+    pub files: u64,
+    /// Taken out of service by a rollback: never "previous" again.
+    #[serde(default)]
+    pub rolled_back: bool,
+}
+
+/// The complete releases of one DEST, in the order they went live.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Registry {
+    releases: Vec<ReleaseInfo>,
+}
+
+/// `fleetsync-agent status`: what is live and what could be rolled back to.
+#[derive(Debug, Serialize)]
+pub struct ReleaseStatus {
+    pub dest: String,
+    pub current: Option<String>,
+    pub previous: Option<String>,
+    pub releases: Vec<ReleaseInfo>,
+    /// The report of the last release pull (or rollback).
+    pub last_pull: Option<PullReport>,
+}
+
+impl Registry {
+    pub(crate) fn get(&self, id: &str) -> Option<&ReleaseInfo> {
+        self.releases.iter().find(|r| r.id == id)
+    }
+
+    /// `id` went live: it moves to the end of the order.
+    fn went_live(&mut self, mut info: ReleaseInfo) {
+        self.releases.retain(|r| r.id != info.id);
+        info.rolled_back = false;
+        self.releases.push(info);
+    }
+
+    /// The release that was live before `current`: the last one before it
+    /// in going-live order that was not rolled back.
+    fn previous(&self, current: Option<&str>) -> Option<&ReleaseInfo> {
+        let at = self.releases.iter().position(|r| Some(r.id.as_str()) == current)?;
+        self.releases[..at].iter().rev().find(|r| !r.rolled_back)
+    }
+
+    /// Releases beyond the `keep` most recent, except the live one and the
+    /// one before it.
+    fn beyond(&self, keep: usize, current: Option<&str>) -> Vec<String> {
+        let previous = self.previous(current).map(|r| r.id.clone());
+        let n = self.releases.len();
+        self.releases[..n.saturating_sub(keep)]
+            .iter()
+            .filter(|r| Some(r.id.as_str()) != current && Some(&r.id) != previous.as_ref())
+            .map(|r| r.id.clone())
+            .collect()
+    }
+}
+
+/// A release id: one path component of safe characters, not starting with
+/// `.` (hidden, or `..`) or `-` (it would read as a flag).
+pub fn check_release_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with(['.', '-'])
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "release id {id:?} is not usable as a directory name: use letters, digits, '.', '_' and '-' (not first '.' or '-'), at most 128"
+        )))
+    }
+}
+
+/// What the source asked for, once a release path has looked at it.
+enum Step {
+    /// The live release is it (drift repaired, if any): nothing switches.
+    Live { report: PullReport, id: String },
+    /// A deploy of the node's group is under way or failed: the node keeps
+    /// its live release.
+    Held { report: PullReport, id: String, reason: String },
+    /// A complete release already on disk: it goes live again.
+    Existing { report: PullReport, info: ReleaseInfo },
+    /// A new release, complete: registered, then live.
+    Built { report: PullReport, info: ReleaseInfo, linked: u64, copied: u64 },
+    /// A new release that did not complete: removed, never live.
+    Incomplete { report: PullReport, id: String, linked: u64 },
+}
+
+/// What a release path needs: the options, where things are on disk, what
+/// is live, the client, the progress observer.
+struct Ctx<'a> {
+    opts: &'a ReleaseOptions,
+    layout: &'a Layout,
+    releases: &'a Releases,
+    registry: &'a Registry,
+    current: Option<String>,
+    client: aws_sdk_s3::Client,
+    observer: Arc<dyn Observer>,
+    t0: Instant,
+}
+
+impl Ctx<'_> {
+    /// Refuses `id` for `content` when the registry knows it with other
+    /// content: an id never names two trees.
+    fn check_content(&self, id: &str, content: &str) -> Result<()> {
+        match self.registry.get(id) {
+            Some(known) if known.content != content => Err(Error::Config(format!(
+                "release {id} already exists with other content on this node ({}): give this build a new --release-id",
+                known.content
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A release with no files never goes live, first or not: an instance
+    /// must never enter service with no code.
+    fn check_not_empty(&self, files: u64) -> Result<()> {
+        if files > 0 || self.opts.pull.allow_empty {
+            return Ok(());
+        }
+        let would = match &self.current {
+            Some(cur) => format!("replace release {cur} with an empty one"),
+            None => "make an empty first release live".to_string(),
+        };
+        Err(pull::empty_source(&self.opts.pull.source, &would))
+    }
+}
+
+/// Runs one release pull: name the release, build it (or reuse it),
+/// switch, run the after-switch command, prune. Under the node lock, like
+/// an in-place pull.
+pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) -> Result<PullReport> {
+    let t0 = Instant::now();
+    let p = &opts.pull;
+    pull::check_options(p)?;
+    if let Some(id) = &opts.release_id {
+        check_release_id(id)?;
+    }
+    if let Some(g) = &opts.group {
+        crate::store::check_group(g)?;
+    }
+    let layout = Layout::new(&p.dest, &p.state_dir);
+    if p.dry_run {
+        // What the pull would change, relative to the live release.
+        let current = layout.current()?;
+        let dest = current.map_or_else(|| layout.dest.join(RELEASES).join(".none"), |id| layout.dir(&id));
+        return pull::pull(&PullOptions { dest, ..p.clone() }, observer).await;
+    }
+    let client = s3_client(&p.client).await;
+    let (_lock, lock_wait) = NodeLock::acquire(&p.state_dir, p.if_busy).await?;
+    let releases = Releases::open(&p.dest)?;
+    let mut registry = layout.load()?;
+    let current = layout.current()?;
+    releases.sweep_incomplete(&layout, &registry, current.as_deref())?;
+
+    let ctx = Ctx { opts, layout: &layout, releases: &releases, registry: &registry, current: current.clone(), client, observer, t0 };
+    let (step, store) = match from_store::resolve(&ctx).await? {
+        Some(target) => (from_store::run(&ctx, target).await?, true),
+        None => (from_listing::run(&ctx).await?, false),
+    };
+
+    let mut release = ReleaseReport { previous: current.clone(), store, ..Default::default() };
+    let (mut report, id) = match step {
+        Step::Live { report, id } => {
+            release.previous = registry.previous(current.as_deref()).map(|r| r.id.clone());
+            (report, id)
+        }
+        Step::Held { report, id, reason } => {
+            release.previous = registry.previous(current.as_deref()).map(|r| r.id.clone());
+            release.held = Some(reason);
+            (report, id)
+        }
+        Step::Existing { report, info } => {
+            let id = info.id.clone();
+            registry.went_live(info);
+            layout.save(&registry)?;
+            releases.switch_to(&id)?;
+            release.switched = true;
+            (report, id)
+        }
+        Step::Built { report, info, linked, copied } => {
+            let id = info.id.clone();
+            registry.went_live(info);
+            layout.save(&registry)?;
+            releases.switch_to(&id)?;
+            (release.created, release.switched, release.linked, release.copied) = (true, true, linked, copied);
+            (report, id)
+        }
+        Step::Incomplete { mut report, id, linked } => {
+            // Not every file arrived: the release is not complete, never goes
+            // live and is not kept. The live release is untouched.
+            // (A release this node had, whose repair failed, is unregistered
+            // first: the registry never names a release that is not whole.)
+            if registry.get(&id).is_some() {
+                registry.releases.retain(|r| r.id != id);
+                layout.save(&registry)?;
+            }
+            releases.remove(&id)?;
+            layout.forget(&id);
+            report.set_error(format!("release {id} was not switched: {} files failed (see errors)", report.counts.failed));
+            report.durations.total_ms = t0.elapsed().as_millis() as u64;
+            release.id = id;
+            release.linked = linked;
+            return report_with(report, release, lock_wait, &layout);
+        }
+    };
+    release.id = id.clone();
+
+    if release.switched {
+        if let Some(cmd) = &opts.after_switch {
+            let hook = run_hook(cmd, &layout, &id, release.previous.as_deref()).await;
+            let failed = !hook.ok;
+            release.after_switch = Some(hook);
+            if failed {
+                report.exit_code = crate::exit::PARTIAL;
+                report.status = crate::report::PullStatus::Failed;
+                report.set_error(format!("the after-switch command failed on release {id}"));
+                if opts.rollback_on_failure {
+                    if let Some(prev) = release.previous.clone().filter(|prev| registry.get(prev).is_some()) {
+                        if let Some(r) = registry.releases.iter_mut().find(|r| r.id == id) {
+                            r.rolled_back = true;
+                        }
+                        layout.save(&registry)?;
+                        releases.switch_to(&prev)?;
+                        release.rolled_back = true;
+                        report.set_error(format!("the after-switch command failed on release {id}; {prev} is live again"));
+                    }
+                }
+            }
+        }
+        // Unregistered first, then deleted: a kill in between leaves an
+        // unregistered directory, which the next pull sweeps, never a
+        // half-deleted release the registry calls complete.
+        let live = layout.current()?;
+        let old = registry.beyond(opts.keep, live.as_deref());
+        registry.releases.retain(|r| !old.contains(&r.id));
+        layout.save(&registry)?;
+        for id in old {
+            // A release that cannot be removed is already unregistered: the
+            // next pull's sweep tries again. Not a reason to fail a pull
+            // that went live.
+            match releases.remove(&id) {
+                Ok(()) => {
+                    layout.forget(&id);
+                    release.removed.push(id);
+                }
+                Err(e) => tracing::warn!(release = %id, error = %e, "could not remove an old release; the next pull tries again"),
+            }
+        }
+    }
+    report.durations.total_ms = t0.elapsed().as_millis() as u64;
+    report_with(report, release, lock_wait, &layout)
+}
+
+/// Runs the after-switch command with the release in its environment.
+async fn run_hook(cmd: &str, layout: &Layout, id: &str, previous: Option<&str>) -> HookReport {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("FLEETSYNC_RELEASE", id)
+        .env("FLEETSYNC_RELEASE_DIR", layout.dir(id))
+        .env("FLEETSYNC_PREVIOUS_RELEASE", previous.unwrap_or(""))
+        .env("FLEETSYNC_DEST", &layout.dest)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let tail: String = stderr.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+            HookReport { command: cmd.to_string(), exit_code: out.status.code(), ok: out.status.success(), stderr: tail.trim().to_string() }
+        }
+        Err(e) => HookReport { command: cmd.to_string(), exit_code: None, ok: false, stderr: format!("could not run sh: {e}") },
+    }
+}
+
+/// Puts the release part into the report, records it as the last pull
+/// (for `status`), and returns it.
+fn report_with(mut report: PullReport, release: ReleaseReport, lock_wait: std::time::Duration, layout: &Layout) -> Result<PullReport> {
+    report.dest = layout.dest.display().to_string();
+    report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
+    report.finished_at_ms = now_ms();
+    report.release = Some(release);
+    std::fs::create_dir_all(&layout.state).map_err(|e| Error::io(format!("creating {}", layout.state.display()), e))?;
+    write_atomic(&layout.last_pull_path(), &serde_json::to_vec(&report).expect("reports serialize"))?;
+    Ok(report)
+}
+
+fn read_last(layout: &Layout) -> Option<PullReport> {
+    serde_json::from_slice(&std::fs::read(layout.last_pull_path()).ok()?).ok()
+}
+
+/// `rollback`: makes `to` (default: the release before the live one) live
+/// again, under the node lock. The release rolled back from is kept but is
+/// never "previous" again.
+pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, if_busy: IfBusy) -> Result<PullReport> {
+    let layout = Layout::new(dest, state_dir);
+    let (_lock, lock_wait) = NodeLock::acquire(state_dir, if_busy).await?;
+    let mut registry = layout.load()?;
+    let current = layout.current()?;
+    let target = match to {
+        Some(id) => {
+            check_release_id(id)?;
+            registry.get(id).cloned().ok_or_else(|| {
+                let known: Vec<&str> = registry.releases.iter().map(|r| r.id.as_str()).collect();
+                Error::Config(format!("no complete release {id} in {} (known: {})", dest.display(), known.join(", ")))
+            })?
+        }
+        None => registry.previous(current.as_deref()).cloned().ok_or_else(|| {
+            Error::Config(format!("nothing to roll back to in {}: there is no release before the live one", dest.display()))
+        })?,
+    };
+    let mut report = PullReport::new(String::new(), dest.display().to_string(), false);
+    report.started_at_ms = now_ms();
+    let mut release = ReleaseReport { id: target.id.clone(), previous: current.clone(), ..Default::default() };
+    if current.as_deref() != Some(target.id.as_str()) {
+        if let Some(cur) = current.as_deref() {
+            if let Some(r) = registry.releases.iter_mut().find(|r| r.id == cur) {
+                r.rolled_back = true;
+            }
+        }
+        // Keep the going-live order: the target stays where it was, so a
+        // second rollback goes further back.
+        layout.save(&registry)?;
+        Releases::open(dest)?.switch_to(&target.id)?;
+        release.switched = true;
+    }
+    report.counts.unchanged = target.files;
+    report_with(report, release, lock_wait, &layout)
+}
+
+/// `status`: the live release, the one before it, every kept release and
+/// the last pull's report. Takes no lock: it only reads.
+pub fn status(dest: &Path, state_dir: &Path) -> Result<ReleaseStatus> {
+    let layout = Layout::new(dest, state_dir);
+    let registry = layout.load()?;
+    let current = layout.current()?;
+    Ok(ReleaseStatus {
+        dest: dest.display().to_string(),
+        previous: registry.previous(current.as_deref()).map(|r| r.id.clone()),
+        current,
+        releases: registry.releases,
+        last_pull: read_last(&layout),
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> ReleaseInfo {
+        ReleaseInfo { id: id.into(), content: id.into(), created_at_ms: 0, files: 1, rolled_back: false }
+    }
+
+    #[test]
+    fn previous_skips_rolled_back_releases_and_pruning_spares_live_and_previous() {
+        let mut r = Registry::default();
+        for id in ["a", "b", "c", "d"] {
+            r.went_live(info(id));
+        }
+        assert_eq!(r.previous(Some("d")).unwrap().id, "c");
+        r.releases[3].rolled_back = true; // d rolled back: c is live
+        assert_eq!(r.previous(Some("c")).unwrap().id, "b");
+        r.went_live(info("e"));
+        assert_eq!(r.previous(Some("e")).unwrap().id, "c", "d was rolled back, so c was live before e");
+        assert_eq!(r.beyond(1, Some("e")), ["a", "b", "d"]);
+        assert_eq!(r.beyond(10, Some("e")), Vec::<String>::new());
+        // Live is an old release (rolled back to): it and its previous stay.
+        assert_eq!(r.beyond(0, Some("b")), ["c", "d", "e"]);
+    }
+
+    #[test]
+    fn content_ids_ignore_order_and_see_etag_changes() {
+        use super::from_listing::content_id;
+        use crate::list::RemoteObject;
+        let o = |k: &str, e: &str| RemoteObject { key: format!("p/{k}"), etag: e.into(), size: 1 };
+        let a = content_id(&[o("x", "1"), o("y", "2")], "p/");
+        assert_eq!(a, content_id(&[o("y", "2"), o("x", "1")], "p/"));
+        assert_ne!(a, content_id(&[o("x", "1"), o("y", "3")], "p/"));
+        assert!(check_release_id(&a).is_ok());
+        for bad in ["", ".hidden", "a/b", "..", "x y", "é"] {
+            assert!(check_release_id(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,583 @@
+//! A release's manifest: every path in the release with its size, mode,
+//! SHA-256 and where its bytes are. Written once by `publish`, read by the
+//! agent, which verifies every file against it.
+//!
+//! The format is JSON Lines compressed with zstd as a whole: a header line,
+//! then one line per entry, sorted by path (so two manifests diff in one
+//! pass, and a path appears once):
+//!
+//! ```text
+//! {"fleetsync_manifest":1,"id":"r42","created_at_ms":..,"publisher":"ci@runner","files":2,"bytes":9,"tree":"<sha256>","packs":["<sha256>"]}
+//! {"p":"app/index.php","s":5,"m":"644","h":"<sha256>","k":0,"o":0,"l":5,"z":0}     a file in pack 0 at offset 0, 5 bytes stored raw
+//! {"p":"media/big.mp4","s":4,"m":"644","h":"<sha256>","b":1,"l":4,"z":0}           a file stored as blobs/<sha256>
+//! {"p":"public/storage","t":"../storage/public"}                                   a symlink
+//! {"p":"storage/cache","d":1}                                                      an empty directory
+//! ```
+//!
+//! It comes from the network, so parsing trusts nothing: every path goes
+//! through the same key rules as a listed key ([`map_key`]), a symlink's
+//! target must be relative and stay inside the release, paths must be
+//! strictly sorted and never both a file and a directory, a line longer
+//! than [`MAX_LINE`] or more than [`MAX_ENTRIES`] entries is refused before
+//! it is held in memory, and the header's counts and tree digest must match
+//! the entries.
+
+use std::io::{BufRead, BufReader, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use super::digest::{Digest, Hasher};
+use crate::error::{Error, Result};
+use crate::keypath::{map_key, Entry as KeyEntry, RelPath};
+
+/// The manifest format this agent reads and this publish writes.
+pub const FORMAT: u32 = 1;
+/// Longest line accepted: a path and a target of at most 4,096 bytes each,
+/// JSON escapes and the other fields.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most entries accepted (a hostile manifest cannot make the agent hold
+/// more than this many entries' worth of memory, about 150 bytes each).
+pub const MAX_ENTRIES: usize = 2_000_000;
+/// zstd level for manifests: they are hashes and paths, so little changes
+/// between levels except the time taken.
+const LEVEL: i32 = 3;
+
+/// The first line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    #[serde(rename = "fleetsync_manifest")]
+    pub format: u32,
+    pub id: String,
+    pub created_at_ms: u64,
+    /// user@host of the publisher.
+    pub publisher: String,
+    /// Regular files in the release.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The release's content, whoever published it (see [`tree_digest`]):
+    /// two publishes of identical trees have the same tree digest.
+    pub tree: Digest,
+    /// The packs the entries' `k` indexes name.
+    pub packs: Vec<Digest>,
+}
+
+/// One path of the release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    File(FileEntry),
+    Symlink {
+        path: RelPath,
+        target: String,
+    },
+    /// An empty directory (directories with content are implied).
+    Dir {
+        path: RelPath,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    pub path: RelPath,
+    pub size: u64,
+    /// 0o644 or 0o755: the execute bit is all the store keeps.
+    pub mode: u32,
+    pub hash: Digest,
+    pub at: Location,
+}
+
+/// Where a file's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// In `packs[pack]`, `len` bytes from `offset`, zstd-compressed on its
+    /// own when `compressed`.
+    Pack { pack: u32, offset: u64, len: u64, compressed: bool },
+    /// The object `blobs/<hash>`, as is.
+    Blob { len: u64 },
+}
+
+impl Entry {
+    pub fn path(&self) -> &RelPath {
+        match self {
+            Entry::File(f) => &f.path,
+            Entry::Symlink { path, .. } | Entry::Dir { path } => path,
+        }
+    }
+}
+
+/// A parsed manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub header: Header,
+    /// Sorted by path.
+    pub entries: Vec<Entry>,
+}
+
+/// One line as it is on the wire: every field optional, checked by
+/// [`Line::into_entry`].
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    p: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    m: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    h: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    k: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    o: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    l: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    z: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    b: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    t: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    d: Option<u8>,
+}
+
+impl Line {
+    fn of(entry: &Entry) -> Line {
+        match entry {
+            Entry::File(f) => {
+                let mut l =
+                    Line { p: f.path.to_string(), s: Some(f.size), m: Some(format!("{:o}", f.mode)), h: Some(f.hash), ..Line::default() };
+                match f.at {
+                    Location::Pack { pack, offset, len, compressed } => {
+                        (l.k, l.o, l.l, l.z) = (Some(pack), Some(offset), Some(len), Some(compressed as u8));
+                    }
+                    Location::Blob { len } => (l.b, l.l, l.z) = (Some(1), Some(len), Some(0)),
+                }
+                l
+            }
+            Entry::Symlink { path, target } => Line { p: path.to_string(), t: Some(target.clone()), ..Line::default() },
+            Entry::Dir { path } => Line { p: path.to_string(), d: Some(1), ..Line::default() },
+        }
+    }
+
+    fn into_entry(self, packs: usize) -> std::result::Result<Entry, String> {
+        let path = || match map_key(&self.p, "") {
+            Ok(Some(KeyEntry::File(p))) => Ok(p),
+            Ok(_) => Err("an empty path".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Some(target) = self.t {
+            if self.s.is_some() || self.h.is_some() || self.d.is_some() {
+                return Err("a symlink with file or directory fields".into());
+            }
+            let path = path()?;
+            check_symlink_target(&path, &target)?;
+            return Ok(Entry::Symlink { path, target });
+        }
+        if self.d == Some(1) {
+            if self.s.is_some() || self.h.is_some() {
+                return Err("a directory with file fields".into());
+            }
+            return Ok(Entry::Dir { path: path()? });
+        }
+        let (Some(size), Some(mode), Some(hash), Some(len)) = (self.s, self.m, self.h, self.l) else {
+            return Err("a file without its size, mode, hash or stored length".into());
+        };
+        let mode = u32::from_str_radix(&mode, 8).map_err(|_| format!("mode {mode:?} is not octal"))?;
+        let at = match (self.b, self.k, self.o, self.z) {
+            (Some(1), None, None, Some(0) | None) => {
+                if len != size {
+                    return Err("a blob whose stored length is not its size".into());
+                }
+                Location::Blob { len }
+            }
+            (None, Some(pack), Some(offset), Some(z @ (0 | 1))) => {
+                if pack as usize >= packs {
+                    return Err(format!("pack {pack} of {packs}"));
+                }
+                // A packed file is small, and compressed only when that made
+                // it smaller: so a hostile entry cannot make a node hold
+                // more than this much for one file.
+                if size >= super::pack::BLOB_THRESHOLD || len > size {
+                    return Err(format!(
+                        "a packed file of {size} bytes stored in {len}: packs hold files under {} bytes, never grown",
+                        super::pack::BLOB_THRESHOLD
+                    ));
+                }
+                if z == 0 && len != size {
+                    return Err("a file stored raw whose stored length is not its size".into());
+                }
+                offset.checked_add(len).ok_or("an offset past the end")?;
+                Location::Pack { pack, offset, len, compressed: z == 1 }
+            }
+            _ => return Err("a file that is neither in a pack nor a blob".into()),
+        };
+        // Modes are capped as for objects: executable or not, nothing else.
+        let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
+        Ok(Entry::File(FileEntry { path: path()?, size, mode, hash, at }))
+    }
+}
+
+/// Checks that a symlink at `path` pointing at `target` stays inside the
+/// release, whatever else the release holds: the target is relative, its
+/// `..` components come first (they climb through the link's own parent
+/// directories, which are real directories), and there are no more of them
+/// than the link is deep. Capistrano's `public/storage ->
+/// ../storage/app/public` passes; `/etc`, `../../x` from one level down, and
+/// `a/../../x` (whose `..` could climb out through a symlink `a`) do not.
+pub fn check_symlink_target(path: &RelPath, target: &str) -> std::result::Result<(), String> {
+    let bad = |why: &str| Err(format!("symlink {path} -> {target:?}: {why}; only relative links that stay inside the release are kept"));
+    if target.is_empty() || target.len() > 4096 || target.contains('\0') {
+        return bad("an empty, over-long or NUL-bearing target");
+    }
+    if target.starts_with('/') {
+        return bad("an absolute target");
+    }
+    let depth = path.components().count() - 1;
+    let mut climbing = true;
+    let mut ups = 0;
+    for c in target.split('/') {
+        match c {
+            ".." if climbing => ups += 1,
+            ".." => return bad("a `..` after a name (it could climb out through another link)"),
+            "" | "." => {}
+            _ => climbing = false,
+        }
+    }
+    if ups > depth {
+        return bad("more `..` than the link is deep");
+    }
+    if climbing {
+        return bad("a target that is a parent directory of the link");
+    }
+    Ok(())
+}
+
+/// The digest of a release's content: each entry's path, kind, mode, size
+/// and hash (or target), in path order. Not where the bytes are: two
+/// publishes of one tree have the same tree digest however they packed it.
+pub fn tree_digest(entries: &[Entry]) -> Digest {
+    let mut h = Hasher::new();
+    for e in entries {
+        match e {
+            Entry::File(f) => h.update(format!("F\0{}\0{:o}\0{}\0{}\n", f.path, f.mode, f.size, f.hash).as_bytes()),
+            Entry::Symlink { path, target } => h.update(format!("L\0{path}\0{target}\n").as_bytes()),
+            Entry::Dir { path } => h.update(format!("D\0{path}\n").as_bytes()),
+        }
+    }
+    h.finish()
+}
+
+impl Manifest {
+    /// A manifest for `entries` (sorted here), with the header's counts and
+    /// tree digest filled in.
+    pub fn new(id: String, publisher: String, packs: Vec<Digest>, mut entries: Vec<Entry>) -> Manifest {
+        entries.sort_by(|a, b| a.path().cmp(b.path()));
+        let files = entries.iter().filter_map(|e| if let Entry::File(f) = e { Some(f.size) } else { None });
+        let (count, bytes) = files.fold((0, 0), |(n, b), s| (n + 1, b + s));
+        let header = Header {
+            format: FORMAT,
+            id,
+            created_at_ms: super::now_ms(),
+            publisher,
+            files: count,
+            bytes,
+            tree: tree_digest(&entries),
+            packs,
+        };
+        Manifest { header, entries }
+    }
+
+    /// The compressed bytes to upload.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), LEVEL).expect("a zstd encoder for a Vec");
+        let header = serde_json::to_vec(&self.header).expect("a header serializes");
+        enc.write_all(&header).and_then(|()| enc.write_all(b"\n")).expect("writing to a Vec");
+        for e in &self.entries {
+            let line = serde_json::to_vec(&Line::of(e)).expect("an entry serializes");
+            enc.write_all(&line).and_then(|()| enc.write_all(b"\n")).expect("writing to a Vec");
+        }
+        enc.finish().expect("writing to a Vec")
+    }
+
+    /// Parses compressed manifest bytes (`what` names them in errors).
+    pub fn parse(compressed: &[u8], what: &str) -> Result<Manifest> {
+        let decoder = zstd::stream::Decoder::new(compressed).map_err(|e| bad(what, &format!("not zstd: {e}")))?;
+        Manifest::parse_stream(decoder, what)
+    }
+
+    /// The header of a manifest from the start of its compressed bytes.
+    pub fn parse_header(compressed_start: &[u8], what: &str) -> Result<Header> {
+        let decoder = zstd::stream::Decoder::new(compressed_start).map_err(|e| bad(what, &format!("not zstd: {e}")))?;
+        let mut lines = Lines { r: BufReader::with_capacity(64 * 1024, decoder), buf: Vec::new() };
+        // A cut frame is an error only if the first line was not whole.
+        let first = match lines.next() {
+            Ok(Some(line)) => line,
+            Ok(None) => return Err(bad(what, "it is empty")),
+            Err(e) => return Err(bad(what, e.as_str())),
+        };
+        parse_header(first).map_err(|e| bad(what, &e))
+    }
+
+    /// Parses a decompressed stream, line by line (the whole text is never
+    /// held in memory).
+    pub fn parse_stream(r: impl Read, what: &str) -> Result<Manifest> {
+        let mut lines = Lines { r: BufReader::with_capacity(256 * 1024, r), buf: Vec::new() };
+        let first = lines.next().map_err(|e| bad(what, &e))?.ok_or_else(|| bad(what, "it is empty"))?;
+        let header = parse_header(first).map_err(|e| bad(what, &e))?;
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut n = 1;
+        while let Some(line) = lines.next().map_err(|e| bad(what, &e))? {
+            n += 1;
+            if entries.len() >= MAX_ENTRIES {
+                return Err(bad(what, &format!("it has more than {MAX_ENTRIES} entries")));
+            }
+            let at_line = |e: String| bad(what, &format!("line {n}: {e}"));
+            let raw: Line = serde_json::from_slice(line).map_err(|e| at_line(e.to_string()))?;
+            let entry = raw.into_entry(header.packs.len()).map_err(at_line)?;
+            let path = entry.path();
+            if entries.last().is_some_and(|prev| prev.path() >= path) {
+                return Err(at_line(format!("{path} is out of order or repeated")));
+            }
+            entries.push(entry);
+        }
+        // Nothing may be below a file, a symlink or an empty directory. The
+        // entries are sorted, so what is below `a` (every path starting
+        // `a/`) starts where `a/` would be: one binary search per entry, no
+        // memory beyond the entries.
+        for e in &entries {
+            let below = format!("{}/", e.path());
+            let at = entries.partition_point(|x| x.path().as_str() < below.as_str());
+            if let Some(child) = entries.get(at).map(Entry::path).filter(|c| c.as_str().starts_with(&below)) {
+                return Err(bad(
+                    what,
+                    &match e {
+                        Entry::Dir { path } => format!("{path} is listed as an empty directory but has entries below it ({child})"),
+                        _ => format!("{child} is below {}, which is not a directory", e.path()),
+                    },
+                ));
+            }
+        }
+        let m = Manifest { header, entries };
+        m.check_header().map_err(|e| bad(what, &e))?;
+        Ok(m)
+    }
+
+    fn check_header(&self) -> std::result::Result<(), String> {
+        let (files, bytes) = self
+            .entries
+            .iter()
+            .filter_map(|e| if let Entry::File(f) = e { Some(f.size) } else { None })
+            .fold((0u64, 0u64), |(n, b), s| (n + 1, b.saturating_add(s)));
+        if (files, bytes) != (self.header.files, self.header.bytes) {
+            return Err(format!(
+                "its header says {} files and {} bytes, its entries {files} and {bytes}",
+                self.header.files, self.header.bytes
+            ));
+        }
+        if tree_digest(&self.entries) != self.header.tree {
+            return Err("its tree digest does not match its entries".into());
+        }
+        Ok(())
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &FileEntry> {
+        self.entries.iter().filter_map(|e| if let Entry::File(f) = e { Some(f) } else { None })
+    }
+}
+
+fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
+    // The format first, so a newer manifest is named as such rather than
+    // failing on a field this agent does not know.
+    #[derive(Deserialize)]
+    struct Format {
+        fleetsync_manifest: Option<u32>,
+    }
+    let format: Format = serde_json::from_slice(line).map_err(|e| format!("the header is not JSON: {e}"))?;
+    match format.fleetsync_manifest {
+        Some(FORMAT) => {}
+        Some(v) => return Err(format!("it is format {v}, this agent reads format {FORMAT}: upgrade fleetsync-agent")),
+        None => return Err("its first line is not a fleetsync manifest header".into()),
+    }
+    let header: Header = serde_json::from_slice(line).map_err(|e| format!("the header: {e}"))?;
+    crate::release::check_release_id(&header.id).map_err(|e| e.to_string())?;
+    Ok(header)
+}
+
+fn bad(what: &str, why: &str) -> Error {
+    Error::S3(format!("the manifest {what} is not valid: {why}"))
+}
+
+/// Lines of at most [`MAX_LINE`] bytes, refused before a longer one is
+/// buffered.
+struct Lines<R> {
+    r: BufReader<R>,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> Lines<R> {
+    fn next(&mut self) -> std::result::Result<Option<&[u8]>, String> {
+        self.buf.clear();
+        loop {
+            let chunk = self.r.fill_buf().map_err(|e| format!("reading it failed: {e}"))?;
+            if chunk.is_empty() {
+                return Ok((!self.buf.is_empty()).then_some(&self.buf[..]));
+            }
+            match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    if self.buf.len() + i > MAX_LINE {
+                        return Err(format!("a line is longer than {MAX_LINE} bytes"));
+                    }
+                    self.buf.extend_from_slice(&chunk[..i]);
+                    self.r.consume(i + 1);
+                    return Ok(Some(&self.buf[..]));
+                }
+                None => {
+                    let n = chunk.len();
+                    if self.buf.len() + n > MAX_LINE {
+                        return Err(format!("a line is longer than {MAX_LINE} bytes"));
+                    }
+                    self.buf.extend_from_slice(chunk);
+                    self.r.consume(n);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(s: &str) -> RelPath {
+        RelPath::from_stored(s).unwrap()
+    }
+
+    fn file(p: &str, data: &[u8], k: u32, o: u64) -> Entry {
+        Entry::File(FileEntry {
+            path: rel(p),
+            size: data.len() as u64,
+            mode: 0o644,
+            hash: Digest::of(data),
+            at: Location::Pack { pack: k, offset: o, len: data.len() as u64, compressed: false },
+        })
+    }
+
+    fn sample() -> Manifest {
+        Manifest::new(
+            "r1".into(),
+            "ci@host".into(),
+            vec![Digest::of(b"pack")],
+            vec![
+                file("b/two.php", b"two", 0, 3),
+                file("a.php", b"one", 0, 0),
+                Entry::Symlink { path: rel("b/link"), target: "../a.php".into() },
+                Entry::Dir { path: rel("empty") },
+                Entry::File(FileEntry {
+                    path: rel("big.bin"),
+                    size: 4,
+                    mode: 0o755,
+                    hash: Digest::of(b"big!"),
+                    at: Location::Blob { len: 4 },
+                }),
+            ],
+        )
+    }
+
+    #[test]
+    fn round_trips_sorted_with_counts_and_tree() {
+        let m = sample();
+        assert_eq!(m.entries.iter().map(|e| e.path().as_str()).collect::<Vec<_>>(), ["a.php", "b/link", "b/two.php", "big.bin", "empty"]);
+        assert_eq!((m.header.files, m.header.bytes), (3, 10));
+        let back = Manifest::parse(&m.to_bytes(), "test").unwrap();
+        assert_eq!(back, m);
+        // The tree digest is about content, not where it is stored.
+        let mut moved = m.entries.clone();
+        if let Entry::File(f) = &mut moved[0] {
+            f.at = Location::Pack { pack: 0, offset: 99, len: 3, compressed: false };
+        }
+        assert_eq!(tree_digest(&moved), m.header.tree);
+    }
+
+    fn text(lines: &[&str]) -> Vec<u8> {
+        lines.join("\n").into_bytes()
+    }
+
+    fn parse_text(lines: &[&str]) -> std::result::Result<Manifest, String> {
+        Manifest::parse_stream(&text(lines)[..], "test").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn hostile_manifests_are_refused_naming_why() {
+        let m = sample();
+        let header = serde_json::to_string(&m.header).unwrap();
+        let h = Digest::of(b"x");
+        let cases: Vec<(Vec<String>, &str)> = vec![
+            (vec![r#"{"fleetsync_manifest":2,"id":"r1"}"#.into()], "format 2"),
+            (vec![header.clone(), format!(r#"{{"p":"../etc/passwd","s":1,"m":"644","h":"{h}","k":0,"o":0,"l":1,"z":0}}"#)], "'..'"),
+            (vec![header.clone(), r#"{"p":"x","t":"/etc"}"#.into()], "absolute"),
+            (vec![header.clone(), r#"{"p":"a/x","t":"../../etc"}"#.into()], "more `..`"),
+            (vec![header.clone(), r#"{"p":"x","t":"up/../../etc"}"#.into()], "after a name"),
+            (vec![header.clone(), format!(r#"{{"p":"x","s":1,"m":"644","h":"{h}","k":7,"o":0,"l":1,"z":0}}"#)], "pack 7 of 1"),
+            (vec![header.clone(), format!(r#"{{"p":"x","s":1,"m":"644","h":"{h}","k":0,"o":0,"l":1,"z":0,"q":1}}"#)], "unknown field"),
+            (
+                vec![
+                    header.clone(),
+                    format!(r#"{{"p":"b","s":1,"m":"644","h":"{h}","k":0,"o":0,"l":1,"z":0}}"#),
+                    format!(r#"{{"p":"a","s":1,"m":"644","h":"{h}","k":0,"o":0,"l":1,"z":0}}"#),
+                ],
+                "out of order",
+            ),
+            (
+                vec![
+                    header.clone(),
+                    format!(r#"{{"p":"a","s":1,"m":"644","h":"{h}","k":0,"o":0,"l":1,"z":0}}"#),
+                    format!(r#"{{"p":"a/b","s":1,"m":"644","h":"{h}","k":0,"o":0,"l":1,"z":0}}"#),
+                ],
+                "not a directory",
+            ),
+            (vec![header.clone()], "header says 3 files"),
+            (vec![header.clone(), "x".repeat(MAX_LINE + 10)], "longer than"),
+        ];
+        for (lines, needle) in cases {
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+            let e = parse_text(&lines).unwrap_err();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
+    fn symlink_targets_must_stay_inside() {
+        let ok = [("public/storage", "../storage/app/public"), ("a/b/c", "../../x"), ("l", "x/y"), ("l", "./x")];
+        for (p, t) in ok {
+            assert!(check_symlink_target(&rel(p), t).is_ok(), "{p} -> {t}");
+        }
+        let bad = [("l", "../x"), ("a/l", "../../x"), ("l", "/etc/passwd"), ("a/l", "x/../../y"), ("a/l", ".."), ("l", "")];
+        for (p, t) in bad {
+            assert!(check_symlink_target(&rel(p), t).is_err(), "{p} -> {t}");
+        }
+    }
+
+    #[test]
+    fn a_million_entries_parse_line_by_line() {
+        // Generated straight into the zstd stream, as publish would.
+        let hash = Digest::of(b"same");
+        let entries: Vec<Entry> = (0..1_000_000)
+            .map(|i| {
+                Entry::File(FileEntry {
+                    path: rel(&format!("d{:03}/f{i:07}.php", i % 1000)),
+                    size: 4,
+                    mode: 0o644,
+                    hash,
+                    at: Location::Pack { pack: 0, offset: i * 4, len: 4, compressed: false },
+                })
+            })
+            .collect();
+        let m = Manifest::new("big".into(), "ci".into(), vec![hash], entries);
+        let bytes = m.to_bytes();
+        drop(m);
+        let back = Manifest::parse(&bytes, "big").unwrap();
+        assert_eq!(back.header.files, 1_000_000);
+        assert_eq!(back.entries.len(), 1_000_000);
+    }
+}

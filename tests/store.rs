@@ -1,0 +1,599 @@
+//! The release store end to end against the local S3 server: `fleetsync
+//! publish` writes immutable releases, `fleetsync-agent pull --releases`
+//! builds exactly one of them, whatever runs concurrently, is killed, or
+//! flips bytes on the wire.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{publish, read_tree, run_json, sample_tree, Bucket, FaultProxy, Node};
+use fleetsync::store::manifest::{Entry, Location, Manifest};
+use fleetsync::store::pointer::{self, Found, Latest};
+use fleetsync::store::{Digest, Store};
+
+/// Writes `tree` into a new build directory.
+fn build(tree: &BTreeMap<String, Vec<u8>>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (k, v) in tree {
+        let p = dir.path().join(k);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, v).unwrap();
+    }
+    dir
+}
+
+/// A tree of `files` files whose every byte depends on `version`.
+fn versioned(files: usize, version: u64) -> BTreeMap<String, Vec<u8>> {
+    sample_tree(files, 7)
+        .into_iter()
+        .map(|(k, v)| {
+            let mut body = format!("version {version:06}\n").into_bytes();
+            body.extend(v);
+            (k, body)
+        })
+        .collect()
+}
+
+fn store_of(b: &Bucket, prefix: &str) -> Store {
+    Store::of(&fleetsync::S3Url::parse(&b.url(prefix)).unwrap())
+}
+
+/// The latest release's id and manifest.
+async fn latest(b: &Bucket, prefix: &str) -> Option<(Latest, Manifest)> {
+    let store = store_of(b, prefix);
+    match pointer::read::<Latest>(&b.client, &store, &store.latest_key(), None).await.unwrap() {
+        Found::Value { value, .. } => {
+            let m = fleetsync::store::fetch_manifest(&b.client, &store, &value.release, Some(&value.manifest)).await.unwrap();
+            Some((value, m))
+        }
+        _ => None,
+    }
+}
+
+/// Every pack and blob a manifest names is in the store.
+async fn complete(b: &Bucket, prefix: &str, m: &Manifest) -> bool {
+    let store = store_of(b, prefix);
+    let mut keys: HashSet<String> = m.header.packs.iter().map(|p| store.pack_key(p)).collect();
+    keys.extend(m.files().filter(|f| matches!(f.at, Location::Blob { .. })).map(|f| store.blob_key(&f.hash)));
+    for key in keys {
+        if b.client.head_object().bucket(&b.name).key(&key).send().await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Checks the live release on `node` file by file against its manifest:
+/// every path, mode and SHA-256, and nothing else.
+async fn assert_live_is(b: &Bucket, prefix: &str, node: &Node, id: &str) {
+    let store = store_of(b, prefix);
+    let m = fleetsync::store::fetch_manifest(&b.client, &store, id, None).await.unwrap();
+    let live = node.dest.join("current");
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases").join(id));
+    let on_disk = read_tree(&live);
+    let mut files = 0;
+    for e in &m.entries {
+        if let Entry::File(f) = e {
+            files += 1;
+            let body = on_disk.get(f.path.as_str()).unwrap_or_else(|| panic!("{} missing from release {id}", f.path));
+            assert_eq!(Digest::of(body), f.hash, "{}: the live file is the manifest's", f.path);
+            let mode = std::fs::metadata(live.join(f.path.as_str())).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, f.mode, "{}", f.path);
+        }
+    }
+    assert_eq!(on_disk.len(), files, "nothing but the manifest's files");
+}
+
+fn pull(node: &Node, source: &str) -> (i32, serde_json::Value, String) {
+    run_json(node.agent(source).arg("--releases"))
+}
+
+#[tokio::test]
+async fn a_no_op_pull_is_one_request_and_a_small_change_a_few() {
+    let b = Bucket::new("storeops").await;
+    let mut tree = sample_tree(400, 3);
+    let dir = build(&tree);
+    let (code, r, stderr) = publish(dir.path(), &b.url("app"), &["--release-id", "r1"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["uploaded_files"].as_u64(), r["files"].as_u64()), (Some(401), Some(401)), "{r}");
+    let node = Node::new();
+    let (code, _, stderr) = pull(&node, &b.url("app"));
+    assert_eq!(code, 0, "{stderr}");
+    assert_live_is(&b, "app", &node, "r1").await;
+
+    // Nothing changed: one conditional GET of the pointer (a 304).
+    let before = b.requests();
+    let (code, r, _) = pull(&node, &b.url("app"));
+    let after = b.requests();
+    assert_eq!(code, 0);
+    assert_eq!((r["counts"]["downloaded"].as_u64(), r["release"]["switched"].as_bool()), (Some(0), Some(false)), "{r}");
+    assert_eq!(
+        (after.get + after.list + after.head + after.other) - (before.get + before.list + before.head + before.other),
+        1,
+        "{before:?} {after:?}"
+    );
+
+    // Five files change: publish puts a marker, one pack, the manifest and
+    // the pointer; the pull reads the pointer, the manifest, and one range.
+    let changed: Vec<String> = tree.keys().take(5).cloned().collect();
+    for k in &changed {
+        tree.get_mut(k).unwrap().extend_from_slice(b" changed");
+        std::fs::write(dir.path().join(k), &tree[k]).unwrap();
+    }
+    let before = b.requests();
+    let (code, r, stderr) = publish(dir.path(), &b.url("app"), &["--release-id", "r2"]);
+    let after = b.requests();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["uploaded_files"].as_u64(), r["reused_files"].as_u64()), (Some(5), Some(396)), "{r}");
+    assert!(after.put - before.put <= 5 + 3, "PUTs {} for 5 changed files", after.put - before.put);
+    let before = b.requests();
+    let (code, r, stderr) = pull(&node, &b.url("app"));
+    let after = b.requests();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["counts"]["downloaded"].as_u64(), r["release"]["linked"].as_u64()), (Some(5), Some(396)), "{r}");
+    let requests = (after.get + after.list + after.head) - (before.get + before.list + before.head);
+    assert!(requests <= 5 + 3, "{requests} requests for 5 changed files");
+    assert_eq!(after.list, before.list, "a store pull lists nothing");
+    assert_live_is(&b, "app", &node, "r2").await;
+
+    // The same content again: publish says so, writes nothing.
+    let before = b.requests();
+    let (code, r, _) = publish(dir.path(), &b.url("app"), &["--release-id", "r2"]);
+    let after = b.requests();
+    assert_eq!((code, r["unchanged"].as_bool()), (0, Some(true)), "{r}");
+    assert_eq!(after.put, before.put);
+    assert!((after.get + after.head) - (before.get + before.head) <= 2);
+}
+
+#[tokio::test]
+async fn a_mode_only_change_reaches_the_node_and_the_previous_release_keeps_its_mode() {
+    let b = Bucket::new("storechmod").await;
+    let tree = sample_tree(20, 4);
+    let dir = build(&tree);
+    assert_eq!(publish(dir.path(), &b.url("app"), &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    assert_eq!(pull(&node, &b.url("app")).0, 0);
+    let script = tree.keys().next().unwrap().clone();
+    std::fs::set_permissions(dir.path().join(&script), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, r, stderr) = publish(dir.path(), &b.url("app"), &["--release-id", "r2"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(r["uploaded_files"], 0, "the content was stored already: {r}");
+    let (code, r, stderr) = pull(&node, &b.url("app"));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["release"]["copied"].as_u64(), r["counts"]["downloaded"].as_u64()), (Some(1), Some(0)), "{r}");
+    let mode = |rel: &str| std::fs::metadata(node.dest.join(rel).join(&script)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("releases/r2"), 0o755, "the new mode is live");
+    assert_eq!(mode("releases/r1"), 0o644, "the previous release keeps its mode (its inode was not chmod-ed)");
+    assert_live_is(&b, "app", &node, "r2").await;
+}
+
+#[tokio::test]
+async fn a_release_already_on_the_node_is_checked_and_repaired_before_it_goes_live_again() {
+    let b = Bucket::new("storeagain").await;
+    let v1 = sample_tree(20, 5);
+    let mut v2 = v1.clone();
+    let changed = v2.keys().next().unwrap().clone();
+    v2.insert(changed.clone(), b"v2".to_vec());
+    assert_eq!(publish(build(&v1).path(), &b.url("app"), &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    assert_eq!(pull(&node, &b.url("app")).0, 0);
+    assert_eq!(publish(build(&v2).path(), &b.url("app"), &["--release-id", "r2"]).0, 0);
+    assert_eq!(pull(&node, &b.url("app")).0, 0);
+
+    // Something wrote into the kept release r1 (a file r2 does not share),
+    // and a shared file's inode is written through the live release r2.
+    std::fs::write(node.dest.join("releases/r1").join(&changed), b"tampered").unwrap();
+    let shared = v1.keys().nth(1).unwrap();
+    std::fs::write(node.dest.join("current").join(shared), b"written by the app").unwrap();
+    let (code, r, stderr) = run_json(node.agent(&b.url("app")).args(["--releases", "--release-id", "r1"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(r["counts"]["downloaded"], 2, "both files were fetched again before r1 went live: {r}");
+    assert_live_is(&b, "app", &node, "r1").await;
+
+    // A release of that name built from a listing is not the store's.
+    let plain = Bucket::new("storeagainplain").await;
+    plain.put_tree("app/", &v1).await;
+    let other = Node::new();
+    let (code, _, stderr) = run_json(other.agent(&plain.url("app")).args(["--releases", "--release-id", "r1"]));
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = run_json(other.agent(&b.url("app")).args(["--releases", "--release-id", "r1"]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("built from a listing") && stderr.contains("new --release-id"), "{stderr}");
+}
+
+#[tokio::test]
+async fn pulls_racing_publishes_that_rewrite_every_file_only_ever_go_live_on_one_whole_release() {
+    let b = Bucket::new("storerace").await;
+    assert_eq!(publish(build(&versioned(60, 0)).path(), &b.url("app"), &[]).0, 0);
+    let publisher = {
+        let url = b.url("app");
+        std::thread::spawn(move || {
+            for v in 1..=10 {
+                let dir = build(&versioned(60, v));
+                let (code, _, stderr) = publish(dir.path(), &url, &[]);
+                assert_eq!(code, 0, "{stderr}");
+            }
+        })
+    };
+    let node = Node::new();
+    let mut seen = HashSet::new();
+    for _ in 0..20 {
+        let (code, r, stderr) = pull(&node, &b.url("app"));
+        assert_eq!(code, 0, "{stderr}");
+        let id = r["release"]["id"].as_str().unwrap().to_string();
+        // Exactly one manifest: every file's hash, mode, and nothing else.
+        assert_live_is(&b, "app", &node, &id).await;
+        let versions: HashSet<Vec<u8>> = read_tree(&node.dest.join("current")).values().map(|v| v[..15].to_vec()).collect();
+        assert_eq!(versions.len(), 1, "one build, not a mix: {versions:?}");
+        seen.insert(id);
+    }
+    publisher.join().unwrap();
+    println!("20 pulls racing 10 publishes: {} releases went live, each exactly one manifest", seen.len());
+}
+
+#[tokio::test]
+async fn a_publish_killed_at_any_moment_leaves_a_complete_latest_release_and_is_not_uploaded_twice() {
+    let b = Bucket::new("storekill").await;
+    let fleetsync = common::bin("fleetsync-bastion", "fleetsync");
+    assert_eq!(publish(build(&versioned(1000, 0)).path(), &b.url("app"), &[]).0, 0);
+    // How long a whole publish of new content takes here: kills land within it.
+    let timed = build(&versioned(1000, 1000));
+    let t = std::time::Instant::now();
+    let out = Command::new(&fleetsync).arg("publish").arg(timed.path()).arg(b.url("app")).output().unwrap();
+    assert!(out.status.success());
+    let whole = t.elapsed().as_millis() as u64;
+    let mut rng = 0x5EED_u64;
+    let mut kills = 0;
+    for v in 1..=30u64 {
+        if kills == 20 {
+            break;
+        }
+        let dir = build(&versioned(1000, v));
+        let mut child = Command::new(&fleetsync)
+            .arg("publish")
+            .arg(dir.path())
+            .arg(b.url("app"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(rng % (whole * 9 / 10)));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        kills += (!status.success()) as u32;
+        // Whatever the moment: the pointer names a complete release, and a
+        // node booting now gets it whole.
+        let (l, m) = latest(&b, "app").await.expect("a pointer");
+        assert!(complete(&b, "app", &m).await, "latest {} names content that is not all stored", l.release);
+        let node = Node::new();
+        let (code, r, stderr) = pull(&node, &b.url("app"));
+        assert_eq!(code, 0, "{stderr}");
+        assert_live_is(&b, "app", &node, r["release"]["id"].as_str().unwrap()).await;
+
+        // Run again: what the killed run stored is not uploaded twice.
+        let store = store_of(&b, "app");
+        let before: HashSet<String> =
+            fleetsync::store::list_objects(&b.client, &store, &store.root).await.unwrap().into_iter().map(|o| o.key).collect();
+        let (code, r, stderr) = publish(dir.path(), &b.url("app"), &[]);
+        assert_eq!(code, 0, "{stderr}");
+        let after: HashSet<String> =
+            fleetsync::store::list_objects(&b.client, &store, &store.root).await.unwrap().into_iter().map(|o| o.key).collect();
+        let content = |k: &&String| k.contains("/packs/") || k.contains("/blobs/");
+        let new_content = after.difference(&before).filter(content).count() as u64;
+        let uploaded = r["packs_uploaded"].as_u64().unwrap() + r["blobs_uploaded"].as_u64().unwrap();
+        assert_eq!(uploaded, new_content, "only content not stored yet was uploaded: {r}");
+    }
+    println!("publish SIGKILLed {kills} times at random moments: the pointer always named a complete release, a node booting then got it whole, and the next publish uploaded nothing twice");
+    assert_eq!(kills, 20, "20 runs were killed mid-way");
+}
+
+#[tokio::test]
+async fn of_two_concurrent_publishes_exactly_one_pointer_write_wins() {
+    let b = Bucket::new("storetwo").await;
+    assert_eq!(publish(build(&versioned(30, 0)).path(), &b.url("app"), &[]).0, 0);
+    for round in 0..3 {
+        let (a, c) = (build(&versioned(30, 100 + round)), build(&versioned(30, 200 + round)));
+        let spawn = |dir: &Path, id: &str| {
+            Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+                .arg("publish")
+                .arg(dir)
+                .arg(b.url("app"))
+                .args(["--release-id", id, "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (ida, idc) = (format!("a{round}"), format!("c{round}"));
+        let (pa, pc) = (spawn(a.path(), &ida), spawn(c.path(), &idc));
+        let (oa, oc) = (pa.wait_with_output().unwrap(), pc.wait_with_output().unwrap());
+        let codes = (oa.status.code().unwrap(), oc.status.code().unwrap());
+        let (l, _) = latest(&b, "app").await.unwrap();
+        match codes {
+            (0, 0) => {
+                // They did not overlap: each won in turn.
+                assert!(l.release == ida || l.release == idc);
+            }
+            (0, 1) | (1, 0) => {
+                let (winner, loser) = if codes.0 == 0 { (&ida, &oc) } else { (&idc, &oa) };
+                assert_eq!(&l.release, winner, "the pointer names the winner");
+                let e = String::from_utf8_lossy(&loser.stderr);
+                assert!(e.contains("another publish wrote") && e.contains(winner.as_str()), "the loser names the winner: {e}");
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_pointer_write_that_landed_but_whose_answer_was_lost_is_known_as_ours() {
+    // The proxy forwards the write of latest.json and drops its answer; the
+    // SDK sends it again and S3 refuses it (the ETag changed: the first
+    // write's). That refusal is this publish's own write, not a rival's.
+    let b = Bucket::new("storelost").await;
+    assert_eq!(publish(build(&versioned(5, 0)).path(), &b.url("app"), &[]).0, 0);
+    let lost = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--put-fault", "lost:latest.json:0:1"]);
+    let dir = build(&versioned(5, 1));
+    let mut cmd = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
+    cmd.arg("publish").arg(dir.path()).arg(b.url("app")).args(["--release-id", "mine", "--json"]);
+    let (code, r, stderr) = common::run_report(cmd.env("AWS_ENDPOINT_URL_S3", &lost.url));
+    assert_eq!((code, r["latest"].as_str()), (0, Some("mine")), "{stderr}");
+    assert_eq!(lost.stats()["lost"], 1, "the answer was lost once");
+    assert_eq!(latest(&b, "app").await.unwrap().0.release, "mine");
+}
+
+#[tokio::test]
+async fn releases_under_sse_kms_whose_etags_are_not_md5s_publish_and_pull() {
+    let b = Bucket::new("storekms").await;
+    let tree = sample_tree(50, 5);
+    let dir = build(&tree);
+    let kms = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--kms"]);
+    let via = |cmd: &mut Command| {
+        cmd.env("AWS_ENDPOINT_URL_S3", &kms.url);
+    };
+    let mut p = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
+    p.arg("publish").arg(dir.path()).arg(b.url("app")).args(["--release-id", "k1", "--json"]);
+    via(&mut p);
+    let (code, _, stderr) = common::run_report(&mut p);
+    assert_eq!(code, 0, "{stderr}");
+    let node = Node::new();
+    let mut a = node.agent(&b.url("app"));
+    a.arg("--releases");
+    via(&mut a);
+    let (code, _, stderr) = run_json(&mut a);
+    assert_eq!(code, 0, "{stderr}");
+    assert_live_is(&b, "app", &node, "k1").await;
+    // What the client saw was no MD5 of the content.
+    let seen = common::client_via(&kms.url).await;
+    let store = store_of(&b, "app");
+    let out = seen.get_object().bucket(&b.name).key(store.manifest_key("k1")).send().await.unwrap();
+    let etag = out.e_tag().unwrap().trim_matches('"').to_string();
+    let body = out.body.collect().await.unwrap().into_bytes();
+    assert_ne!(etag, hex::encode(md5::Digest::finalize(<md5::Md5 as md5::Digest>::new_with_prefix(&body))), "opaque ETags");
+    // A second publish swaps the pointer with If-Match on an opaque ETag.
+    std::fs::write(dir.path().join("index.php"), b"<?php // k2").unwrap();
+    let mut p = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
+    p.arg("publish").arg(dir.path()).arg(b.url("app")).args(["--release-id", "k2", "--json"]);
+    via(&mut p);
+    let (code, r, stderr) = common::run_report(&mut p);
+    assert_eq!((code, r["uploaded_files"].as_u64()), (0, Some(1)), "{stderr}");
+    let mut a = node.agent(&b.url("app"));
+    a.arg("--releases");
+    via(&mut a);
+    let (code, r, stderr) = run_json(&mut a);
+    assert_eq!((code, r["counts"]["downloaded"].as_u64()), (0, Some(1)), "{stderr}\n{r}");
+    assert_live_is(&b, "app", &node, "k2").await;
+}
+
+#[tokio::test]
+async fn flipped_bytes_in_a_pack_range_are_caught_by_the_hash_and_fetched_again() {
+    let b = Bucket::new("storeflip").await;
+    let tree = sample_tree(100, 6);
+    assert_eq!(publish(build(&tree).path(), &b.url("app"), &["--release-id", "f1"]).0, 0);
+    // The first three ranged GETs of packs come back with one byte flipped;
+    // the release must go live only with every hash right.
+    let flip = FaultProxy::start(&common::endpoint(), &["--rate", "1", "--kinds", "flip", "--max-faults", "3", "--only", "/packs/"]);
+    let node = Node::new();
+    let (code, r, stderr) = run_json(node.agent(&b.url("app")).arg("--releases").env("AWS_ENDPOINT_URL_S3", &flip.url));
+    let stats = flip.stats();
+    assert_eq!(stats["flip"], 3, "{stats}");
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    assert!(r["counts"]["retries"].as_u64().unwrap() >= 1, "a range was fetched again: {r}");
+    assert_live_is(&b, "app", &node, "f1").await;
+
+    // Flipped every time: the build fails, nothing goes live.
+    let always = FaultProxy::start(&common::endpoint(), &["--rate", "1", "--kinds", "flip", "--only", "/packs/"]);
+    let fresh = Node::new();
+    let (code, r, _) =
+        run_json(fresh.agent(&b.url("app")).args(["--releases", "--release-id", "f1"]).env("AWS_ENDPOINT_URL_S3", &always.url));
+    assert_ne!(code, 0, "{r}");
+    assert!(!fresh.dest.join("current").exists(), "nothing went live");
+}
+
+#[tokio::test]
+async fn prune_racing_publishes_deletes_nothing_a_remaining_release_needs() {
+    let b = Bucket::new("storeprune").await;
+    let base = sample_tree(200, 8);
+    assert_eq!(publish(build(&base).path(), &b.url("app"), &["--release-id", "p0"]).0, 0);
+    let prune = |grace: &str| {
+        let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+            .args(["prune", &b.url("app"), "--keep", "1", "--grace", grace, "--json"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let mut swept = 0;
+    for round in 1..=4u64 {
+        // What earlier rounds stored ages past the grace period.
+        std::thread::sleep(Duration::from_millis(2500));
+        // Each release keeps most files and rewrites a few.
+        let mut tree = base.clone();
+        for (i, v) in tree.values_mut().enumerate() {
+            if i as u64 % 20 == round {
+                v.extend_from_slice(format!("round {round}").as_bytes());
+            }
+        }
+        let dir = build(&tree);
+        // The publish's pack is stored at once but its answer is held for
+        // 3 s: prune runs while the pack is there and no manifest names it.
+        let slow = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--put-fault", "slow:/packs/:0:1", "--slow", "3"]);
+        let publisher = {
+            let (url, proxy) = (b.url("app"), slow.url.clone());
+            std::thread::spawn(move || {
+                common::run_report(
+                    Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+                        .arg("publish")
+                        .arg(dir.path())
+                        .arg(&url)
+                        .args(["--release-id", &format!("p{round}"), "--json"])
+                        .env("AWS_ENDPOINT_URL_S3", &proxy),
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(slow.stats()["slow"], 1, "the publish is held on its pack");
+        swept += prune("2s")["deleted_packs"].as_u64().unwrap();
+        let (code, _, stderr) = publisher.join().unwrap();
+        assert_eq!(code, 0, "{stderr}");
+        // Every release the store still lists is complete, and the latest
+        // one goes live on a fresh node.
+        let store = store_of(&b, "app");
+        for o in fleetsync::store::list_objects(&b.client, &store, &store.manifests_prefix()).await.unwrap() {
+            let id = o.key.trim_start_matches(&store.manifests_prefix()).trim_end_matches(fleetsync::store::MANIFEST_SUFFIX).to_string();
+            let m = fleetsync::store::fetch_manifest(&b.client, &store, &id, None).await.unwrap();
+            assert!(complete(&b, "app", &m).await, "round {round}: release {id} lost content to prune");
+        }
+        let node = Node::new();
+        let (code, r, stderr) = pull(&node, &b.url("app"));
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(r["release"]["id"], format!("p{round}"));
+    }
+    // Nothing in flight now: prune keeps the latest (and the one before
+    // it, which a publish that started then could still name).
+    let r = prune("0");
+    let mut kept: Vec<&str> = r["kept"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    kept.sort();
+    assert_eq!(kept, ["p3", "p4"], "{r}");
+    swept += r["deleted_packs"].as_u64().unwrap();
+    assert!(swept > 0, "content only older releases named was swept: {r}");
+    println!(
+        "prune raced 4 publishes, each held between storing its pack and naming it: {swept} packs swept, every remaining release complete"
+    );
+}
+
+#[tokio::test]
+async fn a_publish_waits_for_a_prune_under_way_and_a_prune_removes_nothing_while_a_publish_is() {
+    // A large file leaves the tree and comes back: its blob is still
+    // stored, named by no kept release, and old. A prune under way (its
+    // marker written, its listing done) is about to delete it; a publish
+    // that trusted the HEAD finding it would name a blob that is then gone.
+    let b = Bucket::new("storefence").await;
+    let big: Vec<u8> = (0..5 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let mut tree = sample_tree(20, 3);
+    tree.insert("media/big.bin".into(), big);
+    assert_eq!(publish(build(&tree).path(), &b.url("app"), &["--release-id", "with-big"]).0, 0);
+    let without: BTreeMap<String, Vec<u8>> =
+        tree.iter().filter(|(k, _)| !k.starts_with("media/")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    assert_eq!(publish(build(&without).path(), &b.url("app"), &["--release-id", "without"]).0, 0);
+    let store = store_of(&b, "app");
+    let blob = fleetsync::store::list_objects(&b.client, &store, &store.blobs_prefix()).await.unwrap().remove(0).key;
+
+    let pruning = format!("{}pruning/test.json", store.root);
+    b.put(&pruning, b"{}").await;
+    let dir = build(&tree);
+    let mut publisher = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .arg("publish")
+        .arg(dir.path())
+        .arg(b.url("app"))
+        .args(["--release-id", "big-again", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(publisher.try_wait().unwrap().is_none(), "the publish waits for the prune");
+    b.delete(&blob).await; // the prune's delete
+    b.delete(&pruning).await; // and its end
+    let out = publisher.wait_with_output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("a prune of") && stderr.contains("is under way"), "{stderr}");
+    assert_eq!(r["blobs_uploaded"], 1, "the blob was uploaded again, not trusted: {r}");
+    let (l, m) = latest(&b, "app").await.unwrap();
+    assert_eq!(l.release, "big-again");
+    assert!(complete(&b, "app", &m).await, "the latest release is whole");
+
+    // The other way round: a publish's marker stops a prune from removing anything.
+    let prune_all = || {
+        common::run_report(Command::new(common::bin("fleetsync-bastion", "fleetsync")).args([
+            "prune",
+            &b.url("app"),
+            "--keep",
+            "0",
+            "--grace",
+            "0",
+            "--json",
+        ]))
+    };
+    let publishing = format!("{}publishing/test.json", store.root);
+    b.put(&publishing, b"{}").await;
+    let before = fleetsync::store::list_objects(&b.client, &store, &store.root).await.unwrap().len();
+    let (code, r, stderr) = prune_all();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(r["content_skipped"].as_str().is_some_and(|s| s.contains("a publish is under way")), "{r}");
+    let after = fleetsync::store::list_objects(&b.client, &store, &store.root).await.unwrap().len();
+    assert_eq!(before, after, "nothing was removed: {r}");
+    b.delete(&publishing).await;
+    let (code, r, stderr) = prune_all();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(r["deleted_releases"], serde_json::json!(["with-big"]), "{r}");
+}
+
+#[tokio::test]
+async fn a_tampered_or_hostile_manifest_never_goes_live() {
+    let b = Bucket::new("storehostile").await;
+    assert_eq!(publish(build(&sample_tree(10, 9)).path(), &b.url("app"), &["--release-id", "good"]).0, 0);
+    let node = Node::new();
+    assert_eq!(pull(&node, &b.url("app")).0, 0);
+    let store = store_of(&b, "app");
+    let h = Digest::of(b"x");
+    let lines = |entry: &str| {
+        let header = format!(
+            r#"{{"fleetsync_manifest":1,"id":"evil","created_at_ms":1,"publisher":"x","files":1,"bytes":1,"tree":"{h}","packs":["{h}"]}}"#
+        );
+        zstd::encode_all(format!("{header}\n{entry}\n").as_bytes(), 3).unwrap()
+    };
+    // A path out of DEST, then a symlink out of the release.
+    for (entry, why) in [
+        (format!(r#"{{"p":"../../etc/cron.d/x","s":1,"m":"644","h":"{h}","k":0,"o":0,"l":1,"z":0}}"#), "'..'"),
+        (r#"{"p":"public/x","t":"../../../etc"}"#.to_string(), "stay inside"),
+    ] {
+        b.put(&store.manifest_key("evil"), &lines(&entry)).await;
+        let (code, r, stderr) = run_json(node.agent(&b.url("app")).args(["--releases", "--release-id", "evil"]));
+        assert_ne!(code, 0, "{stderr}");
+        assert!(r["error"].as_str().unwrap().contains(why), "{r}");
+        assert_eq!(std::fs::read_link(node.dest.join("current")).unwrap(), Path::new("releases/good"), "the live release stays");
+    }
+    // A manifest changed after it was published: its pointer's digest says so.
+    let good = fleetsync::store::fetch_bytes(&b.client, &store, &store.manifest_key("good")).await.unwrap();
+    let (l, _) = latest(&b, "app").await.unwrap();
+    let mut m = Manifest::parse(&good, "good").unwrap();
+    m.header.publisher = "someone else".into();
+    b.put(&store.manifest_key("good"), &m.to_bytes()).await;
+    let fresh = Node::new();
+    let (code, r, _) = pull(&fresh, &b.url("app"));
+    assert_ne!(code, 0, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("does not match the digest"), "{r}");
+    assert!(!fresh.dest.join("current").exists());
+    assert_eq!(l.release, "good");
+}
