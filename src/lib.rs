@@ -48,3 +48,7 @@ pub use pull::{pull, PullOptions};
 pub use release::{pull_release, ReleaseOptions};
 pub use report::{PullReport, PullStatus};
 pub use source::{ClientOptions, S3Url};
+
+/// The version both binaries print and every agent report carries: the
+/// package version and the git commit it was built from (see `build.rs`).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEETSYNC_COMMIT"), ")");

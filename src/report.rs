@@ -25,6 +25,12 @@ const MAX_PULL_ERROR: usize = 2_000;
 /// Paths kept per list in a dry run's plan.
 pub const MAX_PLAN: usize = 50;
 
+/// The JSON report's format. It changes when a field changes meaning or a
+/// required one is added, so that a bastion older than its fleet's agents
+/// says "upgrade fleetsync" instead of misreading a report. Reports from
+/// agents built before the format was named have none and are format 1.
+pub const REPORT_FORMAT: u32 = 1;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PullStatus {
@@ -83,6 +89,12 @@ pub struct Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullReport {
+    /// [`REPORT_FORMAT`] of the agent that wrote it.
+    #[serde(default = "first_format")]
+    pub format: u32,
+    /// `fleetsync-agent --version` of the agent that wrote it.
+    #[serde(default)]
+    pub agent_version: String,
     pub status: PullStatus,
     /// The exit code the agent ends with for this report.
     pub exit_code: i32,
@@ -115,6 +127,10 @@ pub struct PullReport {
     errors_bytes: usize,
 }
 
+pub(crate) fn first_format() -> u32 {
+    1
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -122,6 +138,8 @@ fn is_zero(n: &u64) -> bool {
 impl PullReport {
     pub(crate) fn new(source: String, dest: String, dry_run: bool) -> PullReport {
         PullReport {
+            format: REPORT_FORMAT,
+            agent_version: crate::VERSION.to_string(),
             status: PullStatus::Ok,
             exit_code: exit::OK,
             source,

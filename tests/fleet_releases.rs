@@ -71,6 +71,8 @@ async fn publishing_is_not_deploying_and_rollback_moves_the_group_between_releas
     let (code, st, stderr) = fleetsync(&[&["status"][..], &base].concat(), &nodes);
     assert_eq!(code, 0, "{stderr}\n{st}");
     assert_eq!((st["deployed"].as_str(), st["published"].as_str()), (Some("r1"), Some("r2")), "{st}");
+    // The version handshake: every node names its agent.
+    assert!(st["nodes"].as_array().unwrap().iter().all(|n| n["agent_version"] == fleetsync::VERSION), "{st}");
     let (ip, _) = &nodes.list()[0];
     let timer = format!("fleetsync-agent pull {source} --dest /srv/www --releases --group {asg} --json");
     let out = nodes.ssh(ip, &timer, &[]);

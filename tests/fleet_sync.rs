@@ -386,3 +386,44 @@ async fn a_paused_holder_whose_lease_expired_is_taken_over_and_stops_when_it_res
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["nodes"][1]["status"], "not-attempted", "it started no node after resuming: {report}");
 }
+
+/// The version handshake: each node's agent version is in the report, a
+/// fleet on two versions is warned about, and a report format this
+/// bastion does not know is that node's error, not a parse failure. One
+/// node runs its own agent from /srv/bin (first on the node's PATH, as
+/// /usr/local/bin is on an instance): the real agent, its report rewritten
+/// as an older or a newer agent would print it.
+#[tokio::test]
+async fn agent_versions_are_reported_mixed_fleets_warned_and_unknown_report_formats_named() {
+    let b = Bucket::new("fleetver").await;
+    b.put_tree("app/", &sample_tree(5, 3)).await;
+    let (asg, nodes) = Nodes::group("ver", 3);
+    let (odd_ip, odd_root) = nodes.list()[0].clone();
+    let as_other_agent = |sed: &str| {
+        let bin = odd_root.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let script = format!("#!/bin/bash\nset -o pipefail\n'{}' \"$@\" | sed -e '{sed}'\n", common::agent_bin().display());
+        std::fs::write(bin.join("fleetsync-agent"), script).unwrap();
+        std::fs::set_permissions(bin.join("fleetsync-agent"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    let odd =
+        |report: &serde_json::Value| report["nodes"].as_array().unwrap().iter().find(|n| n["address"] == odd_ip.as_str()).unwrap().clone();
+
+    as_other_agent(r#"s/"agent_version":"[^"]*"/"agent_version":"0.0.9 (old)"/"#);
+    let (code, report, stderr) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
+    assert_eq!(code, 0, "{stderr}\n{report}");
+    assert_eq!(odd(&report)["agent_version"], "0.0.9 (old)");
+    let versions = report["agent_versions"].as_object().unwrap();
+    assert_eq!((versions.len(), versions.get(fleetsync::VERSION).and_then(|n| n.as_u64())), (2, Some(2)), "{report}");
+    let warning = format!("warning: the fleet runs 2 agent versions: 0.0.9 (old) on 1 node, {} on 2 nodes", fleetsync::VERSION);
+    assert!(stderr.contains(&warning), "{stderr}");
+
+    as_other_agent(r#"s/"format":1,/"format":2,/"#);
+    let (code, report, stderr) = sync(&asg, &b.url("app"), "/srv/www", &nodes, &[]);
+    assert_eq!(code, 1, "{stderr}\n{report}");
+    let node = odd(&report);
+    let error = node["error"].as_str().unwrap_or_default();
+    assert_eq!(node["status"], "failed", "{node}");
+    assert!(error.contains("writes report format 2") && error.contains("upgrade fleetsync"), "{error}");
+    assert_eq!(report["totals"]["ok"], 2, "{report}");
+}

@@ -265,3 +265,50 @@ async fn the_release_is_on_disk_before_current_switches_to_it() {
     let synced = calls.lines().position(|l| l.contains("syncfs(")).expect("the file system is synced");
     assert!(synced < switch, "synced before the switch:\n{calls}");
 }
+
+/// `--metrics-file`: node_exporter's textfile, rewritten after every pull
+/// (a failed one too) by rename, never written through a symlink; and the
+/// report's version handshake.
+#[tokio::test]
+async fn the_metrics_file_records_each_pull_and_is_replaced_never_written_through() {
+    let b = Bucket::new("relmetrics").await;
+    b.put_tree("app/", &sample_tree(12, 7)).await;
+    let node = Node::new();
+    let dir = node.tmp.path().join("textfile");
+    std::fs::create_dir(&dir).unwrap();
+    let prom = dir.join("fleetsync.prom");
+    let elsewhere = node.tmp.path().join("elsewhere");
+    std::fs::write(&elsewhere, "keep").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &prom).unwrap();
+    let metrics = ["--metrics-file", prom.to_str().unwrap()];
+    let sample = |name: &str| -> f64 {
+        let text = std::fs::read_to_string(&prom).unwrap();
+        let line = text.lines().find(|l| l.starts_with(&format!("fleetsync_{name}{{"))).unwrap_or_else(|| panic!("no {name} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+
+    let (code, r, stderr) = pull(&node, &b.url("app"), &metrics);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "keep", "written through the planted symlink");
+    assert!(std::fs::symlink_metadata(&prom).unwrap().is_file());
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "a temporary file was left behind");
+    assert_eq!(sample("last_pull_success"), 1.0);
+    assert_eq!(sample("last_pull_downloaded_files"), r["counts"]["downloaded"].as_f64().unwrap());
+    assert_eq!(sample("last_pull_downloaded_bytes"), r["bytes_downloaded"].as_f64().unwrap());
+    assert_eq!(sample("last_pull_end_timestamp_seconds"), r["finished_at_ms"].as_f64().unwrap() / 1000.0);
+    let live =
+        format!("fleetsync_live_release_info{{dest=\"{}\",release=\"{}\"}} 1", node.dest.display(), r["release"]["id"].as_str().unwrap());
+    assert!(std::fs::read_to_string(&prom).unwrap().contains(&live), "{live}");
+
+    // A pull that fails as a whole is recorded too; the live release stays.
+    let (code, _, _) = pull(&node, "s3://fleetsync-no-such-bucket/app", &metrics);
+    assert_eq!(code, 2);
+    assert_eq!((sample("last_pull_success"), sample("last_pull_exit_code")), (0.0, 2.0));
+    assert!(std::fs::read_to_string(&prom).unwrap().contains(&live));
+
+    // The handshake: the report names its format and the agent's version,
+    // the one `--version` prints.
+    let version = Command::new(agent_bin()).arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), format!("fleetsync-agent {}", r["agent_version"].as_str().unwrap()));
+    assert_eq!((r["format"].as_u64(), r["agent_version"].as_str()), (Some(1), Some(fleetsync::VERSION)));
+}

@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub concurrency: Option<usize>,
     pub region: Option<String>,
     pub path_style: Option<bool>,
+    /// Prometheus textfile for node_exporter (see `metrics`).
+    pub metrics_file: Option<PathBuf>,
 }
 
 #[cfg(test)]

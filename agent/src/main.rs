@@ -13,6 +13,7 @@ use fleetsync::{exit, ClientOptions, IfBusy, PullOptions, PullReport, S3Url};
 
 mod config;
 mod lifeline;
+mod metrics;
 mod progress;
 
 use config::{AgentConfig, Mode};
@@ -25,7 +26,7 @@ Exit codes:
   3  busy: another pull holds the node lock and --if-busy fail was given";
 
 #[derive(Parser)]
-#[command(name = "fleetsync-agent", version, about = "Pulls s3://BUCKET/PREFIX into a local directory, fast and safely.", after_help = EXIT_CODES)]
+#[command(name = "fleetsync-agent", version = fleetsync::VERSION, about = "Pulls s3://BUCKET/PREFIX into a local directory, fast and safely.", after_help = EXIT_CODES)]
 struct Cli {
     /// The node's config file (keys are the long flag names); default
     /// /etc/fleetsync/agent.toml when it exists. Flags override it.
@@ -52,6 +53,11 @@ enum Command {
     Rollback(RollbackArgs),
     /// Release mode: the live release, the one before it, the kept releases and the last pull.
     Status(StatusArgs),
+    /// Print the shell completion script, e.g. `fleetsync-agent completions bash`.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (fleetsync-agent.1, one per command) into DIR; the packages ship them.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 /// `pull`'s flags. Those that agent.toml may supply are optional here;
@@ -126,6 +132,11 @@ struct PullArgs {
     /// Seconds a response may stay silent before the request is retried [default: 30].
     #[arg(long, value_name = "SECONDS")]
     read_timeout: Option<u64>,
+    /// Write the pull's result as Prometheus metrics into FILE (for
+    /// node_exporter's textfile collector, e.g.
+    /// /var/lib/prometheus/node-exporter/fleetsync.prom); off by default.
+    #[arg(long, env = "FLEETSYNC_METRICS_FILE", value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
 }
 
 impl PullArgs {
@@ -141,6 +152,13 @@ impl PullArgs {
         self.rollback_on_failure |= cfg.rollback_on_failure.unwrap_or(false);
         self.region = self.region.take().or(cfg.region);
         self.path_style |= cfg.path_style.unwrap_or(false);
+        // The unit sets FLEETSYNC_METRICS_FILE; set empty (a drop-in), it
+        // turns the metrics off whatever agent.toml says.
+        self.metrics_file = match self.metrics_file.take() {
+            Some(path) if path.as_os_str().is_empty() => None,
+            Some(path) => Some(path),
+            None => cfg.metrics_file,
+        };
         if !self.in_place && cfg.mode == Some(Mode::Releases) {
             self.releases = true;
         }
@@ -237,6 +255,12 @@ fn try_main() -> anyhow::Result<i32> {
     if cli.exit_with_stdin {
         lifeline::exit_when_stdin_closes(exit::INTERRUPTED);
     }
+    // Before the config file: a broken agent.toml must not stop these.
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Man { dir } => return man(dir),
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let cfg: AgentConfig = config::FILE.load(cli.config.as_deref())?;
     match cli.command {
@@ -259,7 +283,22 @@ fn try_main() -> anyhow::Result<i32> {
             args.state_dir = Some(state_dir(args.state_dir.take(), &cfg));
             status(args)
         }
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("answered before the config file is read"),
     }
+}
+
+/// `completions SHELL`: the completion script, from the clap definitions.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<i32> {
+    clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "fleetsync-agent", &mut std::io::stdout());
+    Ok(exit::OK)
+}
+
+/// `man DIR`: fleetsync-agent.1 and a page per command.
+fn man(dir: &std::path::Path) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    Ok(exit::OK)
 }
 
 /// `pull`: one sync of DEST from the source. Prints the summary on stderr,
@@ -268,7 +307,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
     let dest_label = args.dest().display().to_string();
     let source = match S3Url::parse(args.source()) {
         Ok(s) => s,
-        Err(e) => return Ok(fail(args.json, args.source().to_string(), dest_label, e)),
+        Err(e) => return Ok(fail_pull(&args, args.source().to_string(), dest_label, e)),
     };
     let opts = PullOptions {
         source: source.clone(),
@@ -305,8 +344,9 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
     observer.finish();
     let report = match result {
         Ok(r) => r,
-        Err(e) => return Ok(fail(args.json, source.to_string(), dest_label, e)),
+        Err(e) => return Ok(fail_pull(&args, source.to_string(), dest_label, e)),
     };
+    record_metrics(&args, &report);
     eprintln!("{}", report.summary());
     for e in &report.errors {
         eprintln!("  failed: {}: {}", e.key, e.error);
@@ -362,6 +402,31 @@ fn status(args: StatusArgs) -> anyhow::Result<i32> {
     }
     print_stdout(out.trim_end());
     Ok(exit::OK)
+}
+
+/// A pull that failed as a whole, with its metrics.
+fn fail_pull(args: &PullArgs, source: String, dest: String, err: fleetsync::Error) -> i32 {
+    record_metrics(args, &PullReport::failed(source.clone(), dest.clone(), &err));
+    fail(args.json, source, dest, err)
+}
+
+/// Writes the metrics file, when asked for one, for a pull that ran (not a
+/// dry run, not a request that found another pull busy). A failure to
+/// write is a warning: the pull's own result stands.
+fn record_metrics(args: &PullArgs, report: &PullReport) {
+    let Some(path) = &args.metrics_file else { return };
+    if report.dry_run || report.status == fleetsync::PullStatus::Busy {
+        return;
+    }
+    let live = if args.releases {
+        let state_dir = args.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        fleetsync::release::status(args.dest(), &state_dir).ok().and_then(|s| s.current)
+    } else {
+        None
+    };
+    if let Err(e) = metrics::write(path, &metrics::render(report, live.as_deref())) {
+        eprintln!("fleetsync-agent: warning: metrics not written to {}: {e} (the pull itself is unaffected)", path.display());
+    }
 }
 
 /// Reports a pull that failed as a whole: one line on stderr, and the JSON

@@ -3,7 +3,13 @@
 //! The agent prints one JSON report on stdout, also when it fails as a
 //! whole; its absence means the node never ran the agent (unreachable,
 //! agent not installed), and the message says which.
+//!
+//! Version handshake: a report (or status) names its format and the
+//! agent's version. A format this bastion does not know is that node's
+//! error ("upgrade fleetsync"), never a misread report; the versions are
+//! kept so that the report can say when the fleet runs more than one.
 
+use fleetsync::report::REPORT_FORMAT;
 use fleetsync::PullReport;
 use serde::Serialize;
 
@@ -35,6 +41,50 @@ pub struct NodeResult {
     /// `fleetsync status`: the node's release status as its agent printed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub release_status: Option<serde_json::Value>,
+    /// `fleetsync-agent --version` on the node, when it answered ("unknown"
+    /// for agents older than the handshake).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+}
+
+/// What the last line of a node's output holds.
+enum Answer<T> {
+    /// A report (or status) in a format this bastion reads.
+    Known(T),
+    /// A report in a format it does not: the node's error says which, and
+    /// the agent's version (so the fleet's versions still count it).
+    Unknown { why: String, version: String },
+    /// Nothing that parses.
+    Missing,
+}
+
+/// Parses `line` as a `T` after checking its format: a newer agent's
+/// report is named as such instead of failing to parse (or, worse,
+/// parsing into something it does not mean).
+fn answer<T: serde::de::DeserializeOwned>(instance_id: &str, line: Option<&str>) -> Answer<T> {
+    let Some(value) = line.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v.is_object()) else {
+        return Answer::Missing;
+    };
+    let format = value.get("format").map_or(Some(1), |f| f.as_u64());
+    if format != Some(u64::from(REPORT_FORMAT)) {
+        let version = version_of(value.get("agent_version").and_then(|v| v.as_str()).unwrap_or(""));
+        let format = value.get("format").map_or("?".to_string(), |f| f.to_string());
+        let why = format!(
+            "the agent on {instance_id} ({version}) writes report format {format}, which this fleetsync ({}) does not read \
+             (it reads format {REPORT_FORMAT}): upgrade fleetsync on this host to the agents' version",
+            fleetsync::VERSION
+        );
+        return Answer::Unknown { why, version };
+    }
+    serde_json::from_value(value).map_or(Answer::Missing, Answer::Known)
+}
+
+fn version_of(v: &str) -> String {
+    if v.is_empty() {
+        "unknown".into()
+    } else {
+        v.to_string()
+    }
 }
 
 /// The result of one node from what its run gave: the agent's report when
@@ -44,9 +94,17 @@ pub fn collect(instance_id: &str, address: &str, outcome: Outcome, expects: Expe
     if expects == Expect::Status {
         return collect_status(instance_id, address, outcome.exit_code, last, &outcome);
     }
-    let agent: Option<PullReport> = last.and_then(|l| serde_json::from_str(l).ok());
+    let (agent, unknown, version) = match answer::<PullReport>(instance_id, last) {
+        Answer::Known(r) => {
+            let version = version_of(&r.agent_version);
+            (Some(r), None, Some(version))
+        }
+        Answer::Unknown { why, version } => (None, Some(why), Some(version)),
+        Answer::Missing => (None, None, None),
+    };
     let last_stderr = last_line(&outcome.stderr);
     let (status, error) = match (&agent, outcome.exit_code, &outcome.unreached) {
+        (None, _, _) if unknown.is_some() => (NodeStatus::Failed, unknown),
         (Some(r), Some(0), _) if r.exit_code == 0 => (NodeStatus::Ok, None),
         (Some(r), _, _) => (NodeStatus::Failed, Some(r.error.clone().unwrap_or_else(|| agent_failures(r)))),
         (None, _, Some(why)) => (NodeStatus::Failed, Some(why.clone())),
@@ -69,6 +127,7 @@ pub fn collect(instance_id: &str, address: &str, outcome: Outcome, expects: Expe
         status,
         error,
         duration_ms: outcome.elapsed.as_millis() as u64,
+        agent_version: version,
         agent,
         release_status: None,
     }
@@ -76,9 +135,16 @@ pub fn collect(instance_id: &str, address: &str, outcome: Outcome, expects: Expe
 
 /// A node's answer to `fleetsync-agent status --json`.
 fn collect_status(instance_id: &str, address: &str, code: Option<i32>, last: Option<&str>, outcome: &Outcome) -> NodeResult {
-    let status: Option<serde_json::Value> =
-        last.and_then(|l| serde_json::from_str(l).ok()).filter(|v: &serde_json::Value| v.get("dest").is_some());
+    let (status, unknown, version) = match answer::<serde_json::Value>(instance_id, last) {
+        Answer::Known(v) => {
+            let version = version_of(v.get("agent_version").and_then(|v| v.as_str()).unwrap_or(""));
+            (Some(v).filter(|v| v.get("dest").is_some()), None, Some(version))
+        }
+        Answer::Unknown { why, version } => (None, Some(why), Some(version)),
+        Answer::Missing => (None, None, None),
+    };
     let error = match (&status, code, &outcome.unreached) {
+        _ if unknown.is_some() => unknown,
         (Some(_), Some(0), _) => None,
         (_, _, Some(why)) => Some(why.clone()),
         (_, Some(127), _) => Some(format!("fleetsync-agent is not installed on {instance_id} ({})", last_line(&outcome.stderr))),
@@ -91,6 +157,7 @@ fn collect_status(instance_id: &str, address: &str, code: Option<i32>, last: Opt
         error,
         duration_ms: outcome.elapsed.as_millis() as u64,
         agent: None,
+        agent_version: version,
         release_status: status,
     }
 }
@@ -123,5 +190,27 @@ mod tests {
         let cut = format!("{{\"status\":\"partial\",\"errors\":[{}--output truncated--", "x".repeat(23_000));
         let e = collect("i-3", "10.0.0.3", outcome(&cut, "", 1), Expect::Pull).error.unwrap();
         assert!(e.contains("report was truncated"), "{e}");
+    }
+
+    #[test]
+    fn a_report_format_this_bastion_does_not_know_is_named_not_misread() {
+        let newer = r#"{"format":2,"agent_version":"9.0.0 (abc)","status":"ok","exit_code":0,"shape":"changed"}"#;
+        for expects in [Expect::Pull, Expect::Status] {
+            let r = collect("i-9", "10.0.0.9", outcome(newer, "", 0), expects);
+            assert_eq!(r.status, NodeStatus::Failed);
+            let e = r.error.unwrap();
+            assert!(e.contains("i-9 (9.0.0 (abc)) writes report format 2") && e.contains("upgrade fleetsync"), "{e}");
+            assert_eq!(r.agent_version.as_deref(), Some("9.0.0 (abc)"));
+        }
+        // An agent from before the handshake: no format, no version.
+        let old =
+            serde_json::to_value(fleetsync::PullReport::failed("s3://b/p".into(), "/d".into(), &fleetsync::Error::Config("x".into())))
+                .unwrap();
+        let mut old = old.as_object().unwrap().clone();
+        old.remove("format");
+        old.remove("agent_version");
+        let r = collect("i-8", "10.0.0.8", outcome(&serde_json::to_string(&old).unwrap(), "", 2), Expect::Pull);
+        assert!(r.agent.is_some() && r.error.as_deref() == Some("x"), "{:?}", r.error);
+        assert_eq!(r.agent_version.as_deref(), Some("unknown"));
     }
 }

@@ -6,6 +6,7 @@
 //! show|break` manage the fleet lock. Flags may come from `fleetsync.toml`
 //! (`config`).
 
+mod agent_dist;
 mod api;
 mod collect;
 mod config;
@@ -46,7 +47,7 @@ Exit codes:
        the fleet lock is released";
 
 #[derive(Parser)]
-#[command(name = "fleetsync", version, about = "Keeps every instance of an Auto Scaling Group on the same codebase from S3.", after_help = EXIT_CODES)]
+#[command(name = "fleetsync", version = fleetsync::VERSION, about = "Keeps every instance of an Auto Scaling Group on the same codebase from S3.", after_help = EXIT_CODES)]
 struct Cli {
     /// A config file with the flags' values (keys are the long flag names);
     /// default ./fleetsync.toml when it exists. Flags override it.
@@ -77,6 +78,14 @@ enum Command {
     /// Inspect or break the fleet lock that keeps two deploys of a group apart.
     #[command(subcommand)]
     Lock(LockCommand),
+    /// Put the agent where instances install it from (the CloudFormation user-data).
+    #[command(subcommand)]
+    AgentDist(AgentDistCommand),
+    /// Print the shell completion script, e.g. `fleetsync completions bash > /etc/bash_completion.d/fleetsync`.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (fleetsync.1, one per command) into DIR; the packages ship them.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 /// The flags every fleet command shares (sync, rollback, status). Those
@@ -285,6 +294,28 @@ enum LockCommand {
     Break(LockArgs),
 }
 
+#[derive(Subcommand)]
+enum AgentDistCommand {
+    /// Upload the agent binaries, its systemd units and SHA256SUMS from DIR
+    /// (the output of infra/dist/build) to s3://BUCKET/dist, each file
+    /// checked against DIR's sums first; the remote sums are merged, so
+    /// uploads from x86_64 and arm64 hosts add up.
+    Upload(AgentDistArgs),
+}
+
+#[derive(Args)]
+struct AgentDistArgs {
+    /// The output directory of infra/dist/build.
+    dir: PathBuf,
+    /// Where instances install from: the template's `DistUrl` output, s3://BUCKET/dist.
+    dest: String,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    aws: AwsArgs,
+}
+
 #[derive(Args)]
 struct LockArgs {
     /// The Auto Scaling Group.
@@ -485,6 +516,12 @@ fn main() -> ExitCode {
 
 fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
+    // Before the config file: a broken fleetsync.toml must not stop these.
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Man { dir } => return man(dir),
+        _ => {}
+    }
     let file: FileConfig = config::FILE.load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     match cli.command {
@@ -530,7 +567,45 @@ fn try_main() -> anyhow::Result<i32> {
             args.apply(file);
             runtime.block_on(lock_break(args))
         }
+        Command::AgentDist(AgentDistCommand::Upload(mut args)) => {
+            args.aws.apply(&file);
+            runtime.block_on(agent_dist_upload(args))
+        }
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("answered before the config file is read"),
     }
+}
+
+/// `agent-dist upload`: see `agent_dist`.
+async fn agent_dist_upload(args: AgentDistArgs) -> anyhow::Result<i32> {
+    let dest = S3Url::parse(&args.dest)?;
+    let s3 = fleetsync::source::s3_client(&args.aws.client_options()).await;
+    let up = agent_dist::upload(&s3, &args.dir, &dest).await?;
+    if args.json {
+        print_stdout(&serde_json::to_string(&up)?);
+    } else {
+        let lines: Vec<String> = up.files.iter().map(|(name, hex)| format!("{hex}  {name}")).collect();
+        print_stdout(&format!(
+            "{}
+uploaded to {}: instances launched from now on install this agent",
+            lines.join("\n"),
+            up.dest
+        ));
+    }
+    Ok(exit::OK)
+}
+
+/// `completions SHELL`: the completion script, from the clap definitions.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<i32> {
+    clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "fleetsync", &mut std::io::stdout());
+    Ok(exit::OK)
+}
+
+/// `man DIR`: fleetsync.1 and a page per command.
+fn man(dir: &std::path::Path) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    Ok(exit::OK)
 }
 
 /// `sync`: the deploy flow (see `deploy`), or with `--dry-run` what it would do.
@@ -611,6 +686,9 @@ async fn deploy_and_print(args: &FleetArgs, call: AgentCall, how: How) -> anyhow
             if let Some(e) = &report.rejoin_error {
                 log(&format!("error: {e}"));
             }
+            if let Some(w) = report::versions_warning(&report.agent_versions) {
+                log(&format!("warning: {w}"));
+            }
             if args.json {
                 print_stdout(&serde_json::to_string(&report)?);
             } else {
@@ -636,6 +714,9 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
         batch: f.batch,
     };
     let report = status::run(st, &sdk, &s3).await?;
+    if let Some(w) = report::versions_warning(&report.agent_versions) {
+        log(&format!("warning: {w}"));
+    }
     if f.json {
         print_stdout(&serde_json::to_string(&report)?);
     } else {

@@ -1,6 +1,8 @@
 //! REPORT: the fleet's result, as a table for people and one JSON object
 //! for CI.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::collect::{NodeResult, NodeStatus};
@@ -37,6 +39,9 @@ pub struct FleetReport {
     pub nodes: Vec<NodeResult>,
     /// Instances that were not targets, with the reason.
     pub skipped: Vec<Node>,
+    /// How many nodes answered with each agent version: more than one
+    /// means an upgrade is half done (see [`versions_warning`]).
+    pub agent_versions: BTreeMap<String, usize>,
     pub totals: Totals,
     pub duration_ms: u64,
 }
@@ -88,6 +93,7 @@ impl FleetReport {
             release: None,
             rolled_back: None,
             deploy: None,
+            agent_versions: agent_versions(&nodes),
             nodes,
             skipped,
             totals: t,
@@ -150,6 +156,29 @@ impl FleetReport {
     }
 }
 
+/// How many nodes answered with each agent version.
+fn agent_versions(nodes: &[NodeResult]) -> BTreeMap<String, usize> {
+    let mut versions = BTreeMap::new();
+    for v in nodes.iter().filter_map(|n| n.agent_version.clone()) {
+        *versions.entry(v).or_insert(0) += 1;
+    }
+    versions
+}
+
+/// A warning when the fleet runs more than one agent version: a node that
+/// missed an agent upgrade behaves as the old agent does.
+pub fn versions_warning(versions: &BTreeMap<String, usize>) -> Option<String> {
+    if versions.len() < 2 {
+        return None;
+    }
+    let each: Vec<String> = versions.iter().map(|(v, n)| format!("{v} on {n} node{}", if *n == 1 { "" } else { "s" })).collect();
+    Some(format!(
+        "the fleet runs {} agent versions: {} (install one version on every node: see the README's \"Upgrading the agent\")",
+        versions.len(),
+        each.join(", ")
+    ))
+}
+
 /// Release mode: the node's release after the run, `A (was B)` when it
 /// switched, with the after-switch rollback noted.
 pub(crate) fn release_of(n: &NodeResult) -> Option<String> {
@@ -201,6 +230,8 @@ pub struct StatusReport {
     pub exit_code: i32,
     pub nodes: Vec<NodeStatusRow>,
     pub skipped: Vec<Node>,
+    /// How many nodes answered with each agent version.
+    pub agent_versions: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -209,6 +240,8 @@ pub struct NodeStatusRow {
     pub address: String,
     pub current: Option<String>,
     pub previous: Option<String>,
+    /// `fleetsync-agent --version` on the node.
+    pub agent_version: Option<String>,
     /// The last pull's status and when it finished (ms since the epoch).
     pub last_pull: Option<String>,
     pub last_pull_at_ms: Option<u64>,
@@ -256,6 +289,7 @@ impl StatusReport {
                     address: r.address.clone(),
                     current,
                     previous: field(r, "previous"),
+                    agent_version: r.agent_version.clone(),
                     last_pull: last.and_then(|l| l.get("status")).and_then(|v| v.as_str()).map(str::to_string),
                     last_pull_at_ms: last.and_then(|l| l.get("finished_at_ms")).and_then(|v| v.as_u64()),
                     drift,
@@ -263,12 +297,13 @@ impl StatusReport {
             })
             .collect();
         let exit_code = if nodes.iter().any(|n| n.drift.is_some()) { fleetsync::exit::PARTIAL } else { fleetsync::exit::OK };
-        StatusReport { asg, majority, deployed, published, exit_code, nodes, skipped }
+        let agent_versions = agent_versions(&results);
+        StatusReport { asg, majority, deployed, published, exit_code, nodes, skipped, agent_versions }
     }
 
     pub fn table(&self) -> String {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-        let rows: Vec<[String; 6]> = self
+        let rows: Vec<[String; 7]> = self
             .nodes
             .iter()
             .map(|n| {
@@ -281,12 +316,13 @@ impl StatusReport {
                     n.address.clone(),
                     n.current.clone().unwrap_or_else(|| "-".into()),
                     n.previous.clone().unwrap_or_else(|| "-".into()),
+                    n.agent_version.clone().unwrap_or_else(|| "-".into()),
                     last,
                     n.drift.as_ref().map_or(String::new(), |d| format!("DRIFT: {d}")),
                 ]
             })
             .collect();
-        let mut out = table(&["INSTANCE", "ADDRESS", "CURRENT", "PREVIOUS", "LAST PULL", "DRIFT"], &rows);
+        let mut out = table(&["INSTANCE", "ADDRESS", "CURRENT", "PREVIOUS", "AGENT", "LAST PULL", "DRIFT"], &rows);
         for s in &self.skipped {
             out.push_str(&format!("\nskipped {}: {}", s.instance_id, s.skipped.as_deref().unwrap_or("")));
         }

@@ -1,16 +1,33 @@
 #!/bin/bash
 # fleetsync node bootstrap, run once by cloud-init as EC2 user-data.
 #
-# Installs fleetsync-agent and its systemd unit and timer (from the bucket's
-# dist/ prefix, where the operator uploads them), writes
-# /etc/fleetsync/agent.toml, runs the first pull, and only then completes
-# the Auto Scaling Group's launch lifecycle hook: an instance never enters
-# service (or the load balancer) without the code. If anything fails, the
-# hook is completed with ABANDON and the group replaces the instance.
+# 1. install: fleetsync-agent for this instance's architecture and its
+#    systemd units, from the bucket's dist/ prefix (`fleetsync agent-dist
+#    upload`), each checked against dist/SHA256SUMS before it is installed;
+# 2. configure: /etc/fleetsync/agent.toml;
+# 3. first pull: the agent's unit, while lifecycle heartbeats keep the
+#    launch hook open however long the pull takes (up to the unit's 30
+#    minutes, past the hook's 15-minute heartbeat timeout);
+# 4. only then complete the Auto Scaling Group's launch lifecycle hook, so
+#    an instance never enters service (or the load balancer) without the
+#    code. If anything fails, the hook is completed with ABANDON and the
+#    group replaces the instance.
+#
+# Needs bash and systemd, and either curl 7.88 or later or the AWS CLI:
+# with a recent curl (Amazon Linux 2023, Ubuntu 24.04, Debian 12), S3 and
+# Auto Scaling requests are signed by `curl --aws-sigv4` with the instance
+# role's credentials from IMDSv2, so AMIs without the AWS CLI (Ubuntu's)
+# work; older curls cannot sign S3 requests (they send the payload hash
+# unsigned) and the AWS CLI is used instead (Amazon Linux 2, RHEL).
+# Every request has a 5-second connect timeout, so a subnet with no route
+# to S3 or Auto Scaling (no NAT gateway, no VPC endpoint) fails within a
+# minute, naming the endpoint, instead of hanging.
 #
 # The CloudFormation template (fleetsync.yaml) embeds this file verbatim
 # after a line that exports the variables below; CI checks that the two
-# agree, and runs bash -n and shellcheck on this file.
+# agree, and runs bash -n and shellcheck on this file. The local world's
+# test runs the install step alone (FLEETSYNC_STEP=install) against its own
+# S3 server: see tests/boot.rs.
 set -euo pipefail
 
 : "${FLEETSYNC_BUCKET:?the source bucket}"
@@ -19,28 +36,170 @@ set -euo pipefail
 : "${FLEETSYNC_GROUP:?the Auto Scaling Group}"
 : "${FLEETSYNC_HOOK:?the launch lifecycle hook}"
 : "${AWS_REGION:?the region}"
-export AWS_REGION AWS_DEFAULT_REGION="$AWS_REGION"
+# What the test changes: the endpoints (path-style for a local server), the
+# root the files are installed under, the pause between tries.
+S3_URL=${FLEETSYNC_S3_URL:-https://$FLEETSYNC_BUCKET.s3.$AWS_REGION.amazonaws.com}
+AUTOSCALING_URL=${FLEETSYNC_AUTOSCALING_URL:-https://autoscaling.$AWS_REGION.amazonaws.com}
+ROOT=${FLEETSYNC_INSTALL_ROOT:-}
+PAUSE=${FLEETSYNC_RETRY_PAUSE:-10}
+DIST="s3://$FLEETSYNC_BUCKET/dist"
+INSTANCE_ID=${FLEETSYNC_INSTANCE_ID:-}
+heartbeats=''
 
+fail() {
+  echo "fleetsync bootstrap: $*" >&2
+  exit 1
+}
+
+# imds PATH: instance metadata through IMDSv2.
 imds() {
   local token
-  token=$(curl -fsS -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')
-  curl -fsS -H "X-aws-ec2-metadata-token: $token" "http://169.254.169.254/latest/meta-data/$1"
+  token=$(curl -fsS --connect-timeout 2 -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')
+  curl -fsS --connect-timeout 2 -H "X-aws-ec2-metadata-token: $token" "http://169.254.169.254/latest/meta-data/$1"
 }
-INSTANCE_ID=$(imds instance-id)
 
-complete_hook() {
-  aws autoscaling complete-lifecycle-action --auto-scaling-group-name "$FLEETSYNC_GROUP" \
-    --lifecycle-hook-name "$FLEETSYNC_HOOK" --instance-id "$INSTANCE_ID" --lifecycle-action-result "$1" || true
+# credentials: sets AK, SK and TOKEN from the environment (the test) or the
+# instance role, read again for every request (role credentials rotate).
+credentials() {
+  if [[ -n ${AWS_ACCESS_KEY_ID:-} ]]; then
+    AK=$AWS_ACCESS_KEY_ID SK=${AWS_SECRET_ACCESS_KEY:?} TOKEN=${AWS_SESSION_TOKEN:-}
+    return
+  fi
+  local role json
+  role=$(imds iam/security-credentials/) || fail "no instance role: the launch template needs the fleetsync instance profile"
+  json=$(imds "iam/security-credentials/$role")
+  field() { sed -n "s/.*\"$1\" *: *\"\\([^\"]*\\)\".*/\\1/p" <<<"$json" | head -1; }
+  AK=$(field AccessKeyId) SK=$(field SecretAccessKey) TOKEN=$(field Token)
 }
-trap 'echo "fleetsync bootstrap failed; abandoning the launch" >&2; complete_hook ABANDON' ERR
 
-dist="s3://$FLEETSYNC_BUCKET/dist"
-aws s3 cp --only-show-errors "$dist/fleetsync-agent" /usr/local/bin/fleetsync-agent.new
-chmod 0755 /usr/local/bin/fleetsync-agent.new
-mv -f /usr/local/bin/fleetsync-agent.new /usr/local/bin/fleetsync-agent
-for unit in fleetsync-agent.service fleetsync-agent.timer; do
-  aws s3 cp --only-show-errors "$dist/$unit" "/etc/systemd/system/$unit"
-done
+# signed SERVICE CURL-ARGS...: one AWS request, signed with SigV4.
+signed() {
+  local service=$1
+  shift
+  credentials
+  local auth=(--aws-sigv4 "aws:amz:$AWS_REGION:$service" --user "$AK:$SK")
+  [[ -z $TOKEN ]] || auth+=(-H "x-amz-security-token: $TOKEN")
+  curl -fsS --connect-timeout 5 --max-time 600 --retry 3 --retry-connrefused "${auth[@]}" "$@"
+}
+
+# s3_get NAME FILE: dist/NAME into FILE. S3 wants the payload hash header,
+# which curl does not add by itself.
+s3_get() {
+  if [[ $CLIENT == aws ]]; then
+    aws s3 cp --only-show-errors --cli-connect-timeout 5 "$DIST/$1" "$2" ||
+      fail "cannot read $DIST/$1 (no route to S3 from this subnet? no object? see above)"
+    return
+  fi
+  signed s3 -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' -o "$2" "$S3_URL/dist/$1" ||
+    fail "cannot read $DIST/$1 from $S3_URL (no route to S3 from this subnet? no object? see above)"
+}
+
+urlencode() {
+  local LC_ALL=C s=$1 out='' c i
+  for ((i = 0; i < ${#s}; i++)); do
+    c=${s:i:1}
+    case $c in
+      [A-Za-z0-9._~-]) out+=$c ;;
+      *) printf -v c '%%%02X' "'$c" && out+=$c ;;
+    esac
+  done
+  printf '%s' "$out"
+}
+
+# lifecycle ACTION [PARAM=VALUE...]: an Auto Scaling lifecycle call for
+# this instance's launch hook.
+lifecycle() {
+  if [[ $CLIENT == aws ]]; then
+    local cli=(--auto-scaling-group-name "$FLEETSYNC_GROUP" --lifecycle-hook-name "$FLEETSYNC_HOOK" --instance-id "$INSTANCE_ID")
+    case $1 in
+      CompleteLifecycleAction) cli+=(--lifecycle-action-result "${2#LifecycleActionResult=}") ;;
+    esac
+    local command
+    command=$(sed -E 's/([a-z])([A-Z])/\1-\2/g' <<<"$1" | tr '[:upper:]' '[:lower:]')
+    aws autoscaling "$command" --cli-connect-timeout 5 "${cli[@]}" >/dev/null
+    return
+  fi
+  local body
+  body="Action=$1&Version=2011-01-01&AutoScalingGroupName=$(urlencode "$FLEETSYNC_GROUP")"
+  body+="&LifecycleHookName=$(urlencode "$FLEETSYNC_HOOK")&InstanceId=$INSTANCE_ID"
+  shift
+  for param in "$@"; do body+="&$param"; done
+  signed autoscaling -X POST -H 'Content-Type: application/x-www-form-urlencoded; charset=utf-8' \
+    --data "$body" "$AUTOSCALING_URL/" >/dev/null
+}
+
+
+# install: the agent and its units, checked against dist/SHA256SUMS. A
+# mismatch is tried again twice (an upload may be under way: the sums are
+# written last), then fails the launch.
+install_agent() {
+  local arch work files attempt
+  case ${FLEETSYNC_ARCH:-$(uname -m)} in
+    x86_64 | amd64) arch=x86_64 ;;
+    aarch64 | arm64) arch=aarch64 ;;
+    *) fail "no fleetsync-agent for $(uname -m)" ;;
+  esac
+  work=$(mktemp -d)
+  files=("fleetsync-agent-$arch" fleetsync-agent.service fleetsync-agent.timer)
+  for attempt in 1 2 3; do
+    s3_get SHA256SUMS "$work/SHA256SUMS"
+    grep -q "  fleetsync-agent-$arch\$" "$work/SHA256SUMS" ||
+      fail "$DIST has no fleetsync-agent-$arch for this $arch instance: build it on a $arch host with infra/dist/build, then run fleetsync agent-dist upload"
+    for f in "${files[@]}"; do s3_get "$f" "$work/$f"; done
+    # All three files named, each exactly once, and each matching.
+    if (cd "$work" && grep -E "  (fleetsync-agent-$arch|fleetsync-agent\\.service|fleetsync-agent\\.timer)\$" SHA256SUMS > checked &&
+      [[ $(sort -u -k2 checked | wc -l) == 3 && $(wc -l < checked) == 3 ]] && sha256sum --check --strict --quiet checked); then
+      break
+    fi
+    ((attempt < 3)) || fail "$DIST/fleetsync-agent-$arch does not match $DIST/SHA256SUMS after 3 tries: upload it again with fleetsync agent-dist upload"
+    echo "fleetsync bootstrap: $DIST does not match its SHA256SUMS (an upload under way?); trying again in $PAUSE s" >&2
+    sleep "$PAUSE"
+  done
+  install -d -m 0755 "$ROOT/usr/local/bin" "$ROOT/etc/systemd/system"
+  install -m 0755 "$work/fleetsync-agent-$arch" "$ROOT/usr/local/bin/fleetsync-agent.new"
+  mv -f "$ROOT/usr/local/bin/fleetsync-agent.new" "$ROOT/usr/local/bin/fleetsync-agent"
+  install -m 0644 "$work/fleetsync-agent.service" "$work/fleetsync-agent.timer" "$ROOT/etc/systemd/system/"
+  rm -rf "$work"
+  echo "fleetsync bootstrap: installed $("$ROOT/usr/local/bin/fleetsync-agent" --version)" >&2
+}
+
+# finish: on a failure, abandon the launch at once (instead of the group
+# waiting out the hook's heartbeat timeout).
+finish() {
+  local status=$?
+  [[ -z $heartbeats ]] || kill "$heartbeats" 2>/dev/null || true
+  if ((status != 0)); then
+    echo "fleetsync bootstrap failed; abandoning the launch" >&2
+    if [[ -z $INSTANCE_ID ]]; then
+      echo "fleetsync bootstrap: no instance id (instance metadata unreachable?): the hook times out instead" >&2
+    elif ! lifecycle CompleteLifecycleAction LifecycleActionResult=ABANDON; then
+      echo "fleetsync bootstrap: completing the launch hook failed too (no route to $AUTOSCALING_URL?)" >&2
+    fi
+  fi
+}
+
+# How requests are signed: curl 7.88 or later signs the S3 payload hash
+# header it is given; an older one sends it unsigned and S3 refuses.
+# FLEETSYNC_CLIENT=curl|aws chooses (the test runs both).
+curl_signs() {
+  local version
+  version=$(curl --version 2>/dev/null | awk 'NR == 1 { print $2 }')
+  [[ -n $version && $(printf '%s\n' 7.88.0 "$version" | sort -V | head -1) == 7.88.0 ]]
+}
+
+# From here on, any failure abandons the launch.
+trap finish EXIT
+[[ -n $INSTANCE_ID ]] || INSTANCE_ID=$(imds instance-id) || fail "instance metadata (IMDSv2) is unreachable"
+export AWS_REGION AWS_DEFAULT_REGION="$AWS_REGION"
+CLIENT=${FLEETSYNC_CLIENT:-}
+if [[ -z $CLIENT ]]; then
+  if curl_signs; then CLIENT=curl; elif command -v aws >/dev/null; then CLIENT=aws; else
+    fail "$(curl --version | head -1) cannot sign S3 requests (curl 7.88 or later can) and there is no AWS CLI: use a newer AMI, install the AWS CLI, or install the fleetsync-agent package"
+  fi
+fi
+
+install_agent
+[[ ${FLEETSYNC_STEP:-all} == install ]] && exit 0
 
 install -d -m 0755 /etc/fleetsync "$FLEETSYNC_DEST"
 cat > /etc/fleetsync/agent.toml <<TOML
@@ -55,8 +214,13 @@ TOML
 systemctl daemon-reload
 systemctl enable fleetsync-agent.service fleetsync-agent.timer
 # The first pull: a oneshot unit, so this returns when the pull has ended
-# and fails if it failed.
+# and fails if it failed. Heartbeats every 5 minutes meanwhile (the hook
+# waits 15 minutes for one).
+(while sleep 300; do lifecycle RecordLifecycleActionHeartbeat || true; done) &
+heartbeats=$!
 systemctl start fleetsync-agent.service
+kill "$heartbeats" 2>/dev/null || true
+heartbeats=''
 systemctl start fleetsync-agent.timer
-complete_hook CONTINUE
+lifecycle CompleteLifecycleAction LifecycleActionResult=CONTINUE
 echo "fleetsync: $INSTANCE_ID is on $(readlink "$FLEETSYNC_DEST/current")"

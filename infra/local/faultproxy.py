@@ -171,7 +171,7 @@ class Proxy:
         self.kms = a.kms
         self.opaque = {}  # opaque ETag -> the server's
         self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, "not-found": 0, "fail-op": 0, "denied": 0,
-                       "409": 0, "lost": 0, "slow": 0, **{f: 0 for f in BODY_FAULTS}}
+                       "409": 0, "lost": 0, "slow": 0, "no-content-sha256": 0, **{f: 0 for f in BODY_FAULTS}}
 
     def record(self, fault):
         self.counts["faults"] += 1
@@ -204,6 +204,15 @@ class Proxy:
                         writer.write(api_error(headers, body, fault))
                         await writer.drain()
                         continue
+                if not self.api and unsigned_payload(headers):
+                    # S3 refuses a SigV4 request without the payload's hash
+                    # header (SeaweedFS serves it): curl --aws-sigv4 does not
+                    # add one by itself.
+                    self.record("no-content-sha256")
+                    msg = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidRequest</Code><Message>Missing required header for this request: x-amz-content-sha256</Message></Error>'
+                    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\nContent-Length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
+                    await writer.drain()
+                    continue
                 fault = None
                 exhausted = self.max_faults is not None and self.counts["faults"] >= self.max_faults
                 # With --kinds, only object GETs are faulted.
@@ -354,6 +363,18 @@ class Proxy:
             writer.write(self.head(status_line, headers, len(body)))
             await writer.drain()
             await asyncio.sleep(self.stall)
+
+
+def unsigned_payload(headers):
+    """A request signed with SigV4 in the Authorization header whose
+    x-amz-content-sha256 is missing or not among the signed headers, which
+    S3 answers 400 InvalidRequest (older curls send the header unsigned)."""
+    lower = [h.lower() for h in headers]
+    auth = next((h for h in lower if h.startswith("authorization: aws4-hmac-sha256")), None)
+    if auth is None:
+        return False
+    signed = auth.partition("signedheaders=")[2].split(",")[0].split(";")
+    return "x-amz-content-sha256" not in signed or not any(h.startswith("x-amz-content-sha256:") for h in lower)
 
 
 async def main():

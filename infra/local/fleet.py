@@ -140,7 +140,9 @@ def nodes_up(ec2, asg, name, root, sshd=True, simulated=None, extra_env=()):
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
     agent_dir = os.environ.get("FLEETSYNC_AGENT_DIR", "")
     env = {k: os.environ[k] for k in NODE_ENV if k in os.environ}
-    env["PATH"] = ":".join(p for p in [agent_dir, "/usr/local/bin", "/usr/bin", "/bin"] if p)
+    # /srv/bin first: the node's own install (/usr/local/bin on an instance),
+    # where a test puts a different agent on one node.
+    env["PATH"] = ":".join(p for p in ["/srv/bin", agent_dir, "/usr/local/bin", "/usr/bin", "/bin"] if p)
     env["HOME"] = "/root"
     # The agent's default state dir (/var/lib/fleetsync on a real instance)
     # is inside the node's own root, so nodes never share a lock or a record.

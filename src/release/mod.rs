@@ -151,6 +151,10 @@ pub(crate) struct Registry {
 /// `fleetsync-agent status`: what is live and what could be rolled back to.
 #[derive(Debug, Serialize)]
 pub struct ReleaseStatus {
+    /// [`crate::report::REPORT_FORMAT`]: the status shares the report's.
+    pub format: u32,
+    /// `fleetsync-agent --version` of the agent that answered.
+    pub agent_version: String,
     pub dest: String,
     pub current: Option<String>,
     pub previous: Option<String>,
@@ -472,6 +476,8 @@ pub fn status(dest: &Path, state_dir: &Path) -> Result<ReleaseStatus> {
     let registry = layout.load()?;
     let current = layout.current()?;
     Ok(ReleaseStatus {
+        format: crate::report::REPORT_FORMAT,
+        agent_version: crate::VERSION.to_string(),
         dest: dest.display().to_string(),
         previous: registry.previous(current.as_deref()).map(|r| r.id.clone()),
         current,

@@ -139,7 +139,7 @@ const MAX_MANIFEST_BYTES: usize = 512 << 20;
 
 /// A response body whole, refused once it passes `limit` bytes (a body
 /// from the network never decides how much memory a node spends).
-pub(crate) async fn collect_limited(mut body: aws_sdk_s3::primitives::ByteStream, limit: usize, what: &str) -> crate::Result<Vec<u8>> {
+pub async fn collect_limited(mut body: aws_sdk_s3::primitives::ByteStream, limit: usize, what: &str) -> crate::Result<Vec<u8>> {
     let mut out = Vec::new();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| crate::Error::S3(format!("reading {what}: {e}")))?;

@@ -313,6 +313,7 @@ impl Fleet<'_> {
             duration_ms: 0,
             agent: None,
             release_status: None,
+            agent_version: None,
         }
     }
 
