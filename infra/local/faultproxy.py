@@ -108,6 +108,8 @@ def template_list_prefixes(path, params):
     statements = doc["Resources"]["DeployPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     prefixes = []
     for st in statements:
+        if "Fn::If" in st:
+            continue  # a statement for an option (KMS): it grants no listing
         actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
         if st.get("Effect") != "Allow" or "s3:ListBucket" not in actions:
             continue

