@@ -55,6 +55,8 @@ pub struct PullOptions {
     pub dry_run: bool,
     pub if_busy: IfBusy,
     pub client: ClientOptions,
+    /// `--owner`: who owns the files and directories placed (see `owner`).
+    pub owner: Option<crate::owner::Owner>,
 }
 
 /// The last completed pull into a DEST, kept for coalescing.
@@ -90,7 +92,7 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     }
 
     let started_at_ns = now_ns();
-    let mut report = place(opts, open_dest(&opts.dest)?, client, None, observer, t0, false).await?;
+    let mut report = place(opts, open_dest(&opts.dest)?.with_owner(opts.owner), client, None, observer, t0, false).await?;
     report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
     let record = LastPull { started_at_ns, report: report.clone() };
     tokio::task::spawn_blocking(move || write_atomic(&last_path, &serde_json::to_vec(&record).expect("report serializes")))

@@ -20,6 +20,7 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::keypath::{RelPath, STAGING_DIR, TEMP_PREFIX};
+use crate::owner::Owner;
 
 /// Mode of directories we create. Directory markers carry no mode we trust.
 const DIR_MODE: u32 = 0o755;
@@ -42,6 +43,9 @@ pub(crate) struct DestDir {
     /// parents 10,000 times. A std Mutex: held for a map lookup or insert
     /// only, never across a system call or an `.await`.
     dirs: Mutex<HashMap<String, Arc<OwnedFd>>>,
+    /// `--owner`: every file and directory made here is chowned to it as
+    /// it is created, before it has its final name.
+    owner: Option<Owner>,
 }
 
 /// A temporary file's name and the directory it was created in.
@@ -77,25 +81,31 @@ impl DestDir {
         remove_tree_at(&root, STAGING_DIR)?;
         rfs::mkdirat(&root, STAGING_DIR, Mode::from_raw_mode(0o700))?;
         let staging = rfs::openat(&root, STAGING_DIR, dir_flags(), Mode::empty())?;
-        Ok(DestDir { root: Arc::new(root), staging: Some(Arc::new(staging)), path: path.to_path_buf(), dirs: Default::default() })
+        Ok(DestDir {
+            root: Arc::new(root),
+            staging: Some(Arc::new(staging)),
+            path: path.to_path_buf(),
+            dirs: Default::default(),
+            owner: None,
+        })
     }
 
     /// Opens (creating) the directory `name` in `parent` as a DEST of its
     /// own (a release being built), without following a symlink at `name`;
     /// `path` is how it is named in messages.
-    pub(crate) fn open_in(parent: &OwnedFd, name: &str, path: PathBuf) -> std::io::Result<DestDir> {
-        let root = open_dir_at(parent, name, true)?;
+    pub(crate) fn open_in(parent: &OwnedFd, name: &str, path: PathBuf, owner: Option<Owner>) -> std::io::Result<DestDir> {
+        let root = open_dir_at(parent, name, true, owner)?;
         remove_tree_at(&root, STAGING_DIR)?;
         rfs::mkdirat(&root, STAGING_DIR, Mode::from_raw_mode(0o700))?;
         let staging = rfs::openat(&root, STAGING_DIR, dir_flags(), Mode::empty())?;
-        Ok(DestDir { root: Arc::new(root), staging: Some(Arc::new(staging)), path, dirs: Default::default() })
+        Ok(DestDir { root: Arc::new(root), staging: Some(Arc::new(staging)), path, dirs: Default::default(), owner })
     }
 
     /// Opens the directory `name` in `parent` for reading only, without
     /// following a symlink at `name`; `None` when it does not exist.
     pub(crate) fn open_read_only_in(parent: &OwnedFd, name: &str, path: PathBuf) -> std::io::Result<Option<DestDir>> {
-        match open_dir_at(parent, name, false) {
-            Ok(root) => Ok(Some(DestDir { root: Arc::new(root), staging: None, path, dirs: Default::default() })),
+        match open_dir_at(parent, name, false, None) {
+            Ok(root) => Ok(Some(DestDir { root: Arc::new(root), staging: None, path, dirs: Default::default(), owner: None })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -105,7 +115,9 @@ impl DestDir {
     /// when DEST does not exist yet.
     pub(crate) fn open_read_only(path: &Path) -> std::io::Result<Option<DestDir>> {
         match open_root(path) {
-            Ok(root) => Ok(Some(DestDir { root: Arc::new(root), staging: None, path: path.to_path_buf(), dirs: Default::default() })),
+            Ok(root) => {
+                Ok(Some(DestDir { root: Arc::new(root), staging: None, path: path.to_path_buf(), dirs: Default::default(), owner: None }))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -113,6 +125,12 @@ impl DestDir {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What is made here from now on belongs to `owner` (`--owner`).
+    pub(crate) fn with_owner(mut self, owner: Option<Owner>) -> DestDir {
+        self.owner = owner;
+        self
     }
 
     /// Creates a new temporary file with a unique name.
@@ -128,6 +146,12 @@ impl DestDir {
             OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )?;
+        if let Some(o) = self.owner {
+            if let Err(e) = rfs::fchown(&fd, Some(uid(o)), Some(gid(o))) {
+                let _ = rfs::unlinkat(&*dir, name.as_str(), AtFlags::empty());
+                return Err(owner_error(e, o));
+            }
+        }
         Ok((File::from(fd), TempName { dir, name }))
     }
 
@@ -238,6 +262,11 @@ impl DestDir {
         if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
             return Err(std::io::Error::other(format!("{from_path} is not a regular file")));
         }
+        // A link shares the inode, and so its owner: one that --owner (now
+        // set, or changed) disowns is copied instead, by the caller.
+        if self.owner.is_some_and(|o| (st.st_uid, st.st_gid) != (o.uid, o.gid)) {
+            return Err(std::io::Error::other(format!("{from_path} has another owner than --owner")));
+        }
         let (parents, file_name) = path.split_parent();
         let dst = self.dir_fd(&parents, true)?;
         Ok(rfs::linkat(&*src, src_name, &*dst, file_name, AtFlags::empty())?)
@@ -260,6 +289,12 @@ impl DestDir {
         let dir = self.dir_fd(&parents, true)?;
         let tmp = format!("{TEMP_PREFIX}{seq:x}-{:08x}", rand::random::<u32>());
         rfs::symlinkat(target, &*dir, tmp.as_str())?;
+        if let Some(o) = self.owner {
+            if let Err(e) = rfs::chownat(&*dir, tmp.as_str(), Some(uid(o)), Some(gid(o)), AtFlags::SYMLINK_NOFOLLOW) {
+                let _ = rfs::unlinkat(&*dir, tmp.as_str(), AtFlags::empty());
+                return Err(owner_error(e, o));
+            }
+        }
         rfs::renameat(&*dir, tmp.as_str(), &*dir, file_name).map_err(|e| {
             let _ = rfs::unlinkat(&*dir, tmp.as_str(), AtFlags::empty());
             match e {
@@ -319,7 +354,7 @@ impl DestDir {
             }
         }
         for i in depth..parts.len() {
-            cur = Arc::new(open_dir_at(&cur, parts[i], create).map_err(|e| ctx(e, &parts[..=i].join("/")))?);
+            cur = Arc::new(open_dir_at(&cur, parts[i], create, self.owner).map_err(|e| ctx(e, &parts[..=i].join("/")))?);
             let mut cache = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= DIR_CACHE {
                 cache.clear();
@@ -368,16 +403,24 @@ impl Lstats<'_> {
 }
 
 /// Opens the directory `name` in `from` without following a symlink,
-/// creating it first when `create` and it is missing.
-pub(crate) fn open_dir_at(from: &OwnedFd, name: &str, create: bool) -> std::io::Result<OwnedFd> {
+/// creating it first when `create` and it is missing (owned by `owner`
+/// when given).
+pub(crate) fn open_dir_at(from: &OwnedFd, name: &str, create: bool, owner: Option<Owner>) -> std::io::Result<OwnedFd> {
     match rfs::openat(from, name, dir_flags(), Mode::empty()) {
         Ok(fd) => Ok(fd),
         Err(Errno::NOENT) if create => {
             match rfs::mkdirat(from, name, Mode::from_raw_mode(DIR_MODE)) {
-                Ok(()) | Err(Errno::EXIST) => {}
+                Ok(()) => {
+                    let fd = open_dir_at(from, name, false, None)?;
+                    if let Some(o) = owner {
+                        rfs::fchown(&fd, Some(uid(o)), Some(gid(o))).map_err(|e| owner_error(e, o))?;
+                    }
+                    return Ok(fd);
+                }
+                Err(Errno::EXIST) => {}
                 Err(e) => return Err(e.into()),
             }
-            open_dir_at(from, name, false)
+            open_dir_at(from, name, false, None)
         }
         // O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR (or
         // ELOOP); lstat says which it was, for the message.
@@ -392,6 +435,20 @@ pub(crate) fn open_dir_at(from: &OwnedFd, name: &str, create: bool) -> std::io::
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn uid(o: Owner) -> rfs::Uid {
+    rfs::Uid::from_raw(o.uid)
+}
+
+fn gid(o: Owner) -> rfs::Gid {
+    rfs::Gid::from_raw(o.gid)
+}
+
+/// A chown that failed: most often the agent not running as root.
+fn owner_error(e: Errno, o: Owner) -> std::io::Error {
+    let hint = if e == Errno::PERM { " (only root may give files away: run the agent as root for --owner)" } else { "" };
+    std::io::Error::other(format!("chown to {}:{}: {e}{hint}", o.uid, o.gid))
 }
 
 impl Drop for DestDir {

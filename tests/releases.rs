@@ -312,3 +312,55 @@ async fn the_metrics_file_records_each_pull_and_is_replaced_never_written_throug
     assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), format!("fleetsync-agent {}", r["agent_version"].as_str().unwrap()));
     assert_eq!((r["format"].as_u64(), r["agent_version"].as_str()), (Some(1), Some(fleetsync::VERSION)));
 }
+
+/// Every entry below `dir` (not following symlinks), with its owner.
+fn owners(dir: &std::path::Path) -> BTreeSet<(u32, u32)> {
+    let mut out = BTreeSet::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        out.insert((m.uid(), m.gid()));
+        if m.is_dir() {
+            out.extend(owners(&e.path()));
+        }
+    }
+    out
+}
+
+/// `--owner`: every file and directory a pull places belongs to it, in
+/// place and in a release. A release built after the owner changed copies
+/// what it would have linked (a link shares the inode, so the old owner,
+/// and a chown would reach the previous release), and the previous release
+/// keeps its owner. A user the node does not have is a configuration error.
+#[tokio::test]
+async fn the_owner_is_applied_at_placement_and_a_changed_one_never_reaches_the_previous_release() {
+    let b = Bucket::new("relowner").await;
+    let tree = sample_tree(20, 9);
+    b.put_tree("app/", &tree).await;
+    let node = Node::new();
+    let (code, r1, stderr) = pull(&node, &b.url("app"), &["--owner", "4242:4343"]);
+    assert_eq!(code, 0, "{stderr}");
+    let first = node.dest.join("releases").join(r1["release"]["id"].as_str().unwrap());
+    assert_eq!(owners(&first), BTreeSet::from([(4242, 4343)]));
+    let m = std::fs::metadata(&first).unwrap();
+    assert_eq!((m.uid(), m.gid()), (4242, 4343), "the release directory itself");
+
+    let changed = tree.keys().next().unwrap().clone();
+    b.put(&format!("app/{changed}"), b"changed").await;
+    let nobody = fleetsync::Owner::parse("nobody").unwrap();
+    let (code, r2, stderr) = pull(&node, &b.url("app"), &["--owner", "nobody"]);
+    assert_eq!(code, 0, "{stderr}");
+    let second = node.dest.join("releases").join(r2["release"]["id"].as_str().unwrap());
+    assert_eq!(owners(&second), BTreeSet::from([(nobody.uid, nobody.gid)]));
+    assert_eq!(owners(&first), BTreeSet::from([(4242, 4343)]), "the previous release's files changed owner");
+
+    let (code, r, _) = pull(&node, &b.url("app"), &["--owner", "no-such-user-fleetsync"]);
+    assert_eq!(code, 2, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("no user no-such-user-fleetsync"), "{r}");
+
+    // In place: DEST's contents (DEST itself is the operator's).
+    let in_place = Node::new();
+    let (code, _, stderr) = run_json(in_place.agent(&b.url("app")).args(["--owner", "4242:4343"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(owners(&in_place.dest), BTreeSet::from([(4242, 4343)]));
+}

@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub path_style: Option<bool>,
     /// Prometheus textfile for node_exporter (see `metrics`).
     pub metrics_file: Option<PathBuf>,
+    /// USER[:GROUP] owning what is placed in DEST.
+    pub owner: Option<String>,
 }
 
 #[cfg(test)]

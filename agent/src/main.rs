@@ -137,6 +137,11 @@ struct PullArgs {
     /// /var/lib/prometheus/node-exporter/fleetsync.prom); off by default.
     #[arg(long, env = "FLEETSYNC_METRICS_FILE", value_name = "FILE")]
     metrics_file: Option<PathBuf>,
+    /// Who owns the files and directories placed in DEST, USER[:GROUP]
+    /// (names or numbers; e.g. the web server's user); default: the agent's
+    /// (root). Applied as each is placed; needs the agent to run as root.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    owner: Option<String>,
 }
 
 impl PullArgs {
@@ -151,6 +156,7 @@ impl PullArgs {
         self.after_switch = self.after_switch.take().or(cfg.after_switch);
         self.rollback_on_failure |= cfg.rollback_on_failure.unwrap_or(false);
         self.region = self.region.take().or(cfg.region);
+        self.owner = self.owner.take().or(cfg.owner);
         self.path_style |= cfg.path_style.unwrap_or(false);
         // The unit sets FLEETSYNC_METRICS_FILE; set empty (a drop-in), it
         // turns the metrics off whatever agent.toml says.
@@ -309,6 +315,10 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         Ok(s) => s,
         Err(e) => return Ok(fail_pull(&args, args.source().to_string(), dest_label, e)),
     };
+    let owner = match args.owner.as_deref().map(fleetsync::Owner::parse).transpose() {
+        Ok(owner) => owner,
+        Err(e) => return Ok(fail_pull(&args, source.to_string(), dest_label, e)),
+    };
     let opts = PullOptions {
         source: source.clone(),
         dest: args.dest().to_path_buf(),
@@ -326,6 +336,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
             path_style: args.path_style,
             read_timeout: args.read_timeout.map(Duration::from_secs),
         },
+        owner,
     };
     let observer = progress::for_stderr();
     let result = if args.releases {

@@ -210,6 +210,8 @@ mode = "releases"
 # Follow the release fleetsync sync deployed to this group, not merely the latest published.
 group = "$FLEETSYNC_GROUP"
 TOML
+# FilesOwner: who owns the files placed in DEST (the web server's user).
+[[ -z ${FLEETSYNC_OWNER:-} ]] || printf 'owner = "%s"\n' "$FLEETSYNC_OWNER" >> /etc/fleetsync/agent.toml
 
 systemctl daemon-reload
 systemctl enable fleetsync-agent.service fleetsync-agent.timer

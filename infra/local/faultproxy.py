@@ -118,6 +118,9 @@ def template_list_prefixes(path, params):
             return [""]  # the whole bucket
         for v in values:
             text = v["Fn::Sub"] if isinstance(v, dict) else v
+            if isinstance(text, list):
+                # ["...${Group}...", {Group: <GroupName, or the stack's name>}]
+                text = text[0].replace("${Group}", "${GroupName}").replace("${Bucket}", "${ExistingBucket}")
             for k, val in params.items():
                 text = text.replace("${" + k + "}", val)
             prefixes.append(text.rstrip("*"))

@@ -87,16 +87,18 @@ pub(super) struct Releases {
     dest: PathBuf,
     root: OwnedFd,
     dir: OwnedFd,
+    /// `--owner` of what a release build makes (not of `releases/` itself).
+    owner: Option<crate::owner::Owner>,
 }
 
 impl Releases {
     /// Opens DEST and `DEST/releases`, creating them.
-    pub(super) fn open(dest: &Path) -> Result<Releases> {
+    pub(super) fn open(dest: &Path, owner: Option<crate::owner::Owner>) -> Result<Releases> {
         let err = |e| Error::io(format!("opening {}", dest.join(RELEASES).display()), e);
         std::fs::create_dir_all(dest).map_err(|e| Error::io(format!("creating DEST {}", dest.display()), e))?;
         let root = safe_fs::open_root(dest).map_err(err)?;
-        let dir = safe_fs::open_dir_at(&root, RELEASES, true).map_err(err)?;
-        Ok(Releases { dest: dest.to_path_buf(), root, dir })
+        let dir = safe_fs::open_dir_at(&root, RELEASES, true, None).map_err(err)?;
+        Ok(Releases { dest: dest.to_path_buf(), root, dir, owner })
     }
 
     pub(super) fn path(&self, id: &str) -> PathBuf {
@@ -105,7 +107,8 @@ impl Releases {
 
     /// A release directory to build into (created if missing).
     pub(super) fn build(&self, id: &str) -> Result<DestDir> {
-        DestDir::open_in(&self.dir, id, self.path(id)).map_err(|e| Error::io(format!("creating release {}", self.path(id).display()), e))
+        DestDir::open_in(&self.dir, id, self.path(id), self.owner)
+            .map_err(|e| Error::io(format!("creating release {}", self.path(id).display()), e))
     }
 
     /// A complete release, to share its files; `None` if it is gone.

@@ -288,7 +288,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     }
     let client = s3_client(&p.client).await;
     let (_lock, lock_wait) = NodeLock::acquire(&p.state_dir, p.if_busy).await?;
-    let releases = Releases::open(&p.dest)?;
+    let releases = Releases::open(&p.dest, p.owner)?;
     let mut registry = layout.load()?;
     let current = layout.current()?;
     releases.sweep_incomplete(&layout, &registry, current.as_deref())?;
@@ -462,7 +462,7 @@ pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, if_busy: 
         // Keep the going-live order: the target stays where it was, so a
         // second rollback goes further back.
         layout.save(&registry)?;
-        Releases::open(dest)?.switch_to(&target.id)?;
+        Releases::open(dest, None)?.switch_to(&target.id)?;
         release.switched = true;
     }
     report.counts.unchanged = target.files;

@@ -229,6 +229,7 @@ impl Node {
             dry_run: false,
             if_busy: fleetsync::IfBusy::Wait,
             client: fleetsync::ClientOptions::default(),
+            owner: None,
         }
     }
 
