@@ -262,10 +262,12 @@ impl DestDir {
         if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
             return Err(std::io::Error::other(format!("{from_path} is not a regular file")));
         }
-        // A link shares the inode, and so its owner: one that --owner (now
-        // set, or changed) disowns is copied instead, by the caller.
-        if self.owner.is_some_and(|o| (st.st_uid, st.st_gid) != (o.uid, o.gid)) {
-            return Err(std::io::Error::other(format!("{from_path} has another owner than --owner")));
+        // A link shares the inode, and so its owner: a file owned otherwise
+        // than what is placed here now (--owner set, changed or dropped) is
+        // copied or fetched instead, by the caller.
+        let o = effective_owner(self.owner);
+        if (st.st_uid, st.st_gid) != (o.uid, o.gid) {
+            return Err(std::io::Error::other(format!("{from_path} has another owner than the files placed now")));
         }
         let (parents, file_name) = path.split_parent();
         let dst = self.dir_fd(&parents, true)?;
@@ -290,9 +292,9 @@ impl DestDir {
         let tmp = format!("{TEMP_PREFIX}{seq:x}-{:08x}", rand::random::<u32>());
         rfs::symlinkat(target, &*dir, tmp.as_str())?;
         if let Some(o) = self.owner {
-            if let Err(e) = rfs::chownat(&*dir, tmp.as_str(), Some(uid(o)), Some(gid(o)), AtFlags::SYMLINK_NOFOLLOW) {
+            if let Err(e) = chown_symlink(&dir, &tmp, o) {
                 let _ = rfs::unlinkat(&*dir, tmp.as_str(), AtFlags::empty());
-                return Err(owner_error(e, o));
+                return Err(e);
             }
         }
         rfs::renameat(&*dir, tmp.as_str(), &*dir, file_name).map_err(|e| {
@@ -321,7 +323,13 @@ impl DestDir {
                 // DirEntry::file_type does not follow symlinks.
                 let ft = entry.file_type()?;
                 let name = entry.file_name();
-                if ft.is_dir() && name != STAGING_DIR {
+                if ft.is_dir() && name.to_string_lossy().starts_with(TEMP_PREFIX) {
+                    // A directory made for --owner and never renamed into
+                    // place (a kill, a failed chown). remove_dir_all does
+                    // not follow symlinks.
+                    std::fs::remove_dir_all(entry.path())?;
+                    *removed += 1;
+                } else if ft.is_dir() && name != STAGING_DIR {
                     sweep(&entry.path(), removed)?;
                 } else if ft.is_file() && name.to_string_lossy().starts_with(TEMP_PREFIX) {
                     std::fs::remove_file(entry.path())?;
@@ -409,16 +417,12 @@ pub(crate) fn open_dir_at(from: &OwnedFd, name: &str, create: bool, owner: Optio
     match rfs::openat(from, name, dir_flags(), Mode::empty()) {
         Ok(fd) => Ok(fd),
         Err(Errno::NOENT) if create => {
-            match rfs::mkdirat(from, name, Mode::from_raw_mode(DIR_MODE)) {
-                Ok(()) => {
-                    let fd = open_dir_at(from, name, false, None)?;
-                    if let Some(o) = owner {
-                        rfs::fchown(&fd, Some(uid(o)), Some(gid(o))).map_err(|e| owner_error(e, o))?;
-                    }
-                    return Ok(fd);
-                }
-                Err(Errno::EXIST) => {}
-                Err(e) => return Err(e.into()),
+            match owner {
+                None => match rfs::mkdirat(from, name, Mode::from_raw_mode(DIR_MODE)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Some(o) => make_owned_dir(from, name, o)?,
             }
             open_dir_at(from, name, false, None)
         }
@@ -435,6 +439,54 @@ pub(crate) fn open_dir_at(from: &OwnedFd, name: &str, create: bool, owner: Optio
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Makes the directory `name` in `from` owned by `o`: under a temporary
+/// name first, chowned through its own descriptor, then renamed into
+/// place, so that it never has its final name with the wrong owner (a
+/// failed chown or a kill in between leaves a temporary name, which the
+/// next pull's sweep removes). Another pull's directory that won the race
+/// is kept.
+fn make_owned_dir(from: &OwnedFd, name: &str, o: Owner) -> std::io::Result<()> {
+    let tmp = format!("{TEMP_PREFIX}d-{:08x}", rand::random::<u32>());
+    rfs::mkdirat(from, tmp.as_str(), Mode::from_raw_mode(DIR_MODE))?;
+    let owned = rfs::openat(from, tmp.as_str(), dir_flags(), Mode::empty())
+        .and_then(|fd| rfs::fchown(&fd, Some(uid(o)), Some(gid(o))))
+        .map_err(|e| owner_error(e, o))
+        .and_then(|()| match rfs::renameat_with(from, tmp.as_str(), from, name, rfs::RenameFlags::NOREPLACE) {
+            // A file system without RENAME_NOREPLACE: a plain rename, which
+            // replaces only an empty directory (one another pull just made).
+            Err(Errno::INVAL) => Ok(rfs::renameat(from, tmp.as_str(), from, name)?),
+            other => Ok(other?),
+        });
+    match owned {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = rfs::unlinkat(from, tmp.as_str(), AtFlags::REMOVEDIR);
+            match e.raw_os_error() {
+                Some(code) if code == Errno::EXIST.raw_os_error() => Ok(()),
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+/// Chowns the symlink `name` in `dir` that was just made, through a
+/// descriptor of the link itself (O_PATH): whatever another user of the
+/// directory put at that name meanwhile, only a symlink is ever chowned,
+/// never a file a name was swapped for.
+fn chown_symlink(dir: &OwnedFd, name: &str, o: Owner) -> std::io::Result<()> {
+    let fd = rfs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    let st = rfs::fstat(&fd)?;
+    if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::Symlink {
+        return Err(std::io::Error::other("the new symlink was replaced before it was chowned"));
+    }
+    rfs::chownat(&fd, "", Some(uid(o)), Some(gid(o)), AtFlags::EMPTY_PATH).map_err(|e| owner_error(e, o))
+}
+
+/// Who a file placed by this agent belongs to: `--owner`, else the agent.
+fn effective_owner(owner: Option<Owner>) -> Owner {
+    owner.unwrap_or_else(|| Owner { uid: rustix::process::geteuid().as_raw(), gid: rustix::process::getegid().as_raw() })
 }
 
 fn uid(o: Owner) -> rfs::Uid {

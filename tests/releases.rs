@@ -354,6 +354,27 @@ async fn the_owner_is_applied_at_placement_and_a_changed_one_never_reaches_the_p
     assert_eq!(owners(&second), BTreeSet::from([(nobody.uid, nobody.gid)]));
     assert_eq!(owners(&first), BTreeSet::from([(4242, 4343)]), "the previous release's files changed owner");
 
+    // Without --owner again: the files are the agent's again, copied rather
+    // than linked from the release owned otherwise.
+    b.put(&format!("app/{changed}"), b"changed again").await;
+    let (code, r3, stderr) = pull(&node, &b.url("app"), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let third = node.dest.join("releases").join(r3["release"]["id"].as_str().unwrap());
+    assert_eq!(owners(&third), BTreeSet::from([(0, 0)]));
+    assert_eq!(owners(&second), BTreeSet::from([(nobody.uid, nobody.gid)]));
+
+    // An agent that is not root cannot give files away: refused before
+    // anything is fetched.
+    let unprivileged = Node::new();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(agent_bin());
+    cmd.args(["pull", &b.url("app"), "--releases", "--json", "--owner", "4242:4343", "--dest"]).arg(&unprivileged.dest);
+    cmd.arg("--state-dir").arg(&unprivileged.state);
+    let (code, r, _) = run_json(&mut cmd);
+    assert_eq!(code, 2, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("only root may give files"), "{r}");
+    assert!(!unprivileged.dest.exists());
+
     let (code, r, _) = pull(&node, &b.url("app"), &["--owner", "no-such-user-fleetsync"]);
     assert_eq!(code, 2, "{r}");
     assert!(r["error"].as_str().unwrap().contains("no user no-such-user-fleetsync"), "{r}");
