@@ -200,6 +200,11 @@ impl PullArgs {
     fn dest(&self) -> &std::path::Path {
         self.dest.as_deref().expect("checked by apply")
     }
+
+    /// The flag's or agent.toml's state dir, else the default.
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+    }
 }
 
 /// A required value missing from both the flags and agent.toml.
@@ -322,7 +327,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
     let opts = PullOptions {
         source: source.clone(),
         dest: args.dest().to_path_buf(),
-        state_dir: args.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        state_dir: args.state_dir(),
         concurrency: args.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
         delete: !args.no_delete,
         allow_empty: args.allow_empty,
@@ -429,12 +434,7 @@ fn record_metrics(args: &PullArgs, report: &PullReport) {
     if report.dry_run || report.status == fleetsync::PullStatus::Busy {
         return;
     }
-    let live = if args.releases {
-        let state_dir = args.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        fleetsync::release::status(args.dest(), &state_dir).ok().and_then(|s| s.current)
-    } else {
-        None
-    };
+    let live = if args.releases { fleetsync::release::status(args.dest(), &args.state_dir()).ok().and_then(|s| s.current) } else { None };
     if let Err(e) = metrics::write(path, &metrics::render(report, live.as_deref())) {
         eprintln!("fleetsync-agent: warning: metrics not written to {}: {e} (the pull itself is unaffected)", path.display());
     }
