@@ -165,8 +165,17 @@ impl HeldLock {
     /// Whether the lock may no longer be ours: a renewal found it broken or
     /// taken over, or the lease is about to run out unrenewed. Once true,
     /// the holder must not start anything new.
+    /// Latched: a lock seen lost stays lost, even if a late renewal then
+    /// lands (the holder may already have stopped on the first answer).
     pub fn lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst) || now_ms() + self.period_ms >= self.valid_until.load(Ordering::SeqCst)
+        if self.lost.load(Ordering::SeqCst) {
+            return true;
+        }
+        let gone = now_ms() + self.period_ms >= self.valid_until.load(Ordering::SeqCst);
+        if gone {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+        gone
     }
 
     /// Stops renewing (waiting for a renewal in flight) and deletes the
@@ -357,48 +366,79 @@ struct Renewal {
 /// Times a release tries its conditional DELETE when writes race it.
 const RELEASE_TRIES: u32 = 5;
 
+/// What one renewal found.
+enum Renewed {
+    /// The lease is ours for another whole lease.
+    Yes,
+    /// A transient failure (after the SDK's own retries): try again soon.
+    Again,
+    /// The lock is no longer ours, or may not be by now.
+    Lost,
+}
+
+/// The first pause before renewing again after a transient failure; it
+/// doubles up to a quarter of the renewal period. A failed renewal must
+/// not wait a whole period: the lease's margin (one period, see
+/// [`HeldLock::lost`]) would be spent before the next try.
+const AGAIN_FIRST: Duration = Duration::from_millis(250);
+
 impl Renewal {
     /// Renews the lease every third of its length until told to stop, or
-    /// until the lock is lost.
+    /// until the lock is lost; after a transient failure, again within
+    /// seconds, for as long as the lease leaves room.
     async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let period = self.lease / 3;
+        let (mut pause, mut again) = (period, AGAIN_FIRST);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            if !self.renew(period).await {
-                self.lost.store(true, Ordering::SeqCst);
-                return;
+            match self.renew(period).await {
+                Renewed::Yes => (pause, again) = (period, AGAIN_FIRST),
+                Renewed::Again => {
+                    pause = again.min(Duration::from_millis(self.room(period)));
+                    again = (again * 2).min(period / 4);
+                }
+                Renewed::Lost => {
+                    self.lost.store(true, Ordering::SeqCst);
+                    return;
+                }
             }
         }
     }
 
-    /// One renewal; `false` once the lock is no longer ours (or may not be).
-    async fn renew(&mut self, period: Duration) -> bool {
+    /// How long (ms) renewals may still be tried before the holder counts
+    /// the lock as lost: the same margin as [`HeldLock::lost`].
+    fn room(&self, period: Duration) -> u64 {
+        self.valid_until.load(Ordering::SeqCst).saturating_sub(now_ms() + period.as_millis() as u64)
+    }
+
+    /// One renewal.
+    async fn renew(&mut self, period: Duration) -> Renewed {
         self.info.expires_at_ms = now_ms() + self.lease.as_millis() as u64;
         let body = serde_json::to_vec_pretty(&self.info).expect("lock info serializes");
         loop {
             let current = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let put = self
-                .client
-                .put_object()
-                .bucket(&self.object.bucket)
-                .key(&self.object.key)
-                .body(body.clone().into())
-                .if_match(current)
-                .send()
-                .await;
+            let put =
+                self.client.put_object().bucket(&self.object.bucket).key(&self.object.key).body(body.clone().into()).if_match(current);
+            // A stalled connection holds an attempt for the client's read
+            // timeout (30 s, more than a 60 s lease's margin): half a period
+            // and it is tried again. A write that lands after all is ours
+            // (the 412 path below recognises it).
+            let Ok(put) = tokio::time::timeout((period / 2).max(Duration::from_secs(1)), put.send()).await else {
+                tracing::warn!(lock = %self.object, "renewing the fleet lock got no answer in time; retrying");
+                return if self.room(period) > 0 { Renewed::Again } else { Renewed::Lost };
+            };
             let f = match put {
                 Ok(out) => {
                     *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = out.e_tag().unwrap_or_default().to_string();
                     self.valid_until.store(self.info.expires_at_ms, Ordering::SeqCst);
-                    return true;
+                    return Renewed::Yes;
                 }
                 Err(e) => ApiFailure::from_sdk(&e),
             };
-            // Room left before the lease could run out unrenewed.
-            let room = self.valid_until.load(Ordering::SeqCst).saturating_sub(now_ms() + period.as_millis() as u64 / 2);
+            let room = self.room(period);
             match f.status {
                 Some(409) if room > 0 => {
                     tracing::info!(lock = %self.object, "renewing the fleet lock raced another write (409); retrying");
@@ -410,32 +450,30 @@ impl Renewal {
                         tracing::info!(lock = %self.object, "a renewal's answer was lost, but the lock is still ours");
                         *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
                         self.valid_until.store(info.expires_at_ms, Ordering::SeqCst);
-                        return true;
+                        return Renewed::Yes;
                     }
                     Ok(_) => {
                         tracing::error!(lock = %self.object, "the fleet lock was broken or taken over; stopping");
-                        return false;
+                        return Renewed::Lost;
                     }
                     Err(e) if room > 0 => {
                         tracing::warn!(lock = %self.object, error = %e, "reading the fleet lock after a refused renewal failed; retrying");
                         tokio::time::sleep(Duration::from_millis(500.min(room))).await;
                     }
-                    Err(_) => return false,
+                    Err(_) => return Renewed::Lost,
                 },
                 Some(404) => {
                     tracing::error!(lock = %self.object, "the fleet lock was broken; stopping");
-                    return false;
+                    return Renewed::Lost;
+                }
+                _ if room > 0 => {
+                    tracing::warn!(lock = %self.object, error = %f.message, "renewing the fleet lock failed; retrying");
+                    return Renewed::Again;
                 }
                 _ => {
-                    // Transient: retry next period, unless the lease would run
-                    // out before then, in which case someone may take it over.
-                    tracing::warn!(lock = %self.object, error = %f.message, "renewing the fleet lock failed; will retry");
-                    let left = self.valid_until.load(Ordering::SeqCst);
-                    if now_ms() + period.as_millis() as u64 >= left {
-                        tracing::error!(lock = %self.object, "the fleet lock's lease is running out unrenewed; stopping");
-                        return false;
-                    }
-                    return true;
+                    // Someone may take it over from now on.
+                    tracing::error!(lock = %self.object, error = %f.message, "the fleet lock's lease is running out unrenewed; stopping");
+                    return Renewed::Lost;
                 }
             }
         }

@@ -136,6 +136,33 @@ async fn missing_or_expired_credentials_and_a_missing_bucket_are_one_clear_line_
 }
 
 #[tokio::test]
+async fn credentials_that_expire_once_the_commands_are_sent_fail_the_nodes_at_once() {
+    let b = Bucket::new("credsmid").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("credsmid", 2);
+    // Expired once the commands were sent: polling is refused. The nodes
+    // fail at once with the reason, not after the commands' timeouts
+    // (here 30 s to deliver + 60 s to run + a minute).
+    let expiring = FaultProxy::start(
+        &ssm(),
+        &["--api", "--rate", "0", "--fail-op", "ListCommandInvocations", "--fail-count", "1000", "--fail-code", "ExpiredTokenException"],
+    );
+    let started = std::time::Instant::now();
+    let (code, report, stderr) = run_report(
+        deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+            .args(["--timeout", "60", "--ssm-delivery-timeout", "30"])
+            .env("AWS_ENDPOINT_URL_SSM", &expiring.url),
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "failed at once, not after the timeouts: {:?}", started.elapsed());
+    for n in report["nodes"].as_array().unwrap() {
+        let e = n["error"].as_str().unwrap_or_default();
+        assert!(e.contains("ListCommandInvocations") && e.contains("have expired: refresh them"), "{n}");
+    }
+    assert!(fleetsync::fleet_lock::read(&b.client, &b.fleet_lock("app", &asg)).await.unwrap().is_none(), "the lock was released");
+}
+
+#[tokio::test]
 async fn a_bastion_killed_mid_deploy_is_taken_over_when_its_lease_runs_out_and_the_nodes_converge() {
     let b = Bucket::new("killed").await;
     let v1 = sample_tree(30, 71);

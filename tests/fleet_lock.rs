@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::process::Command;
 
@@ -180,6 +180,29 @@ async fn renewal_rides_out_a_conflicting_write_and_a_lost_answer_and_release_wai
     assert_eq!(slow.stats()["slow"], 1);
     held.release().await.unwrap();
     assert!(fleet_lock::read(&b.client, &obj).await.unwrap().is_none(), "released, not left for the lease to run out");
+}
+
+#[tokio::test]
+async fn a_renewal_that_fails_once_is_tried_again_at_once_and_the_lock_is_never_seen_lost() {
+    let b = Bucket::new("lockagain").await;
+    let obj = object(&b);
+    // Renewed every 4 s; counted lost once less than 4 s of the lease is
+    // left (at 8 s unless renewed). The first renewal fails for good: S3
+    // sheds load (503 SlowDown) for all 6 of the SDK's attempts; the next
+    // comes within a second, not a period later (at 8 s: lost).
+    let lease = Duration::from_secs(12);
+    let proxy = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--put-fault", "503:locks/web.json:1:6"]);
+    let client = common::client_via(&proxy.url).await;
+    let held = fleet_lock::acquire(&client, &obj, LockInfo::for_this_process("shed deploy", lease), lease, Duration::ZERO).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        assert!(!held.lost(), "one failed renewal lost the lock: {}", proxy.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(proxy.stats()["503"], 6);
+    let (info, _) = fleet_lock::read(&b.client, &obj).await.unwrap().unwrap();
+    assert!(info.expires_at_ms > now_ms() + 6000, "the lease is still being renewed");
+    held.release().await.unwrap();
 }
 
 fn now_ms() -> u64 {

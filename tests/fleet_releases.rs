@@ -206,3 +206,136 @@ async fn boots_and_timers_follow_the_deployed_release_and_a_failed_deploy_rolls_
     assert_eq!(r["totals"]["ok"], 3, "{r}");
     assert!(r["pointer_error"].as_str().is_some_and(|e| e.contains("sync --releases --release r1")), "{r}");
 }
+
+#[tokio::test]
+async fn a_failed_rerun_switches_back_the_nodes_an_earlier_run_left_on_its_release() {
+    let g = OnR1::new("rerun", 3).await;
+    let (b, v1, asg, nodes, base) = (&g.b, &g.v1, g.asg.as_str(), &g.nodes, g.base());
+    let roots: Vec<_> = nodes.list().into_iter().map(|(_, root)| root).collect();
+
+    // The first run of r2 fails on the third node's after-switch command
+    // (which accepts r1), without --rollback-on-failure: every node is left
+    // on r2.
+    std::fs::write(roots[2].join("fail"), b"").unwrap();
+    let hook = ["--after-switch", "[ \"$FLEETSYNC_RELEASE\" = r1 ] || test ! -e /srv/fail"];
+    let (code, r, stderr) = fleetsync(&[&["sync", "--releases"][..], &hook, &base].concat(), nodes);
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    for root in &roots {
+        assert_eq!(live(root), "releases/r2");
+    }
+
+    // The third node is replaced by a fresh one that fails the same way;
+    // the re-run asks to roll the fleet back on failure. The first two
+    // nodes only report r2 live (they switch nothing), yet they go back too.
+    std::fs::remove_dir_all(roots[2].join("www")).unwrap();
+    std::fs::remove_dir_all(roots[2].join("state")).unwrap();
+    let args = [&["sync", "--releases", "--release", "r2", "--rollback-on-failure"][..], &hook, &base].concat();
+    let (code, r, stderr) = fleetsync(&args, nodes);
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    assert_eq!((r["rolled_back"]["to"].as_str(), r["rolled_back"]["nodes"].as_u64()), (Some("r1"), Some(3)), "{r}");
+    for root in &roots {
+        assert_eq!(live(root), "releases/r1", "the fleet ends on one release");
+        assert_eq!(read_tree(&root.join("www/current")), read_tree(v1.path()));
+    }
+    let pointer = deployed(b, asg).await.unwrap();
+    assert_eq!((pointer["release"].as_str(), pointer["state"].as_str()), (Some("r1"), Some("done")), "{pointer}");
+}
+
+#[tokio::test]
+async fn an_interrupt_during_the_switch_back_stops_the_deploy_at_once() {
+    use std::io::BufRead as _;
+    let g = OnR1::new("backint", 2).await;
+    let (b, asg, nodes, source, base) = (&g.b, g.asg.as_str(), &g.nodes, g.source.as_str(), g.base());
+
+    // The second node fails on r2; switching the first back to r1 then
+    // takes 30 s (its after-switch command): the interrupt comes meanwhile.
+    std::fs::write(nodes.list()[1].1.join("fail"), b"").unwrap();
+    let hook = r#"if [ "$FLEETSYNC_RELEASE" = r1 ]; then sleep 30; else test ! -e /srv/fail; fi"#;
+    let args = [&["sync", "--releases", "--rollback-on-failure", "--after-switch", hook][..], &base].concat();
+    let mut child = fleetsync_command(&args, nodes).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("switching 1 nodes back to r1") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500)); // the switch back is under way
+    let interrupted = Instant::now();
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    seen.extend(lines.map_while(Result::ok));
+    assert_eq!(status.code(), Some(130), "{}", seen.join("\n"));
+    assert!(interrupted.elapsed() < Duration::from_secs(10), "stopped at once, not after the switch back: {:?}", interrupted.elapsed());
+    let pointer = deployed(b, asg).await.unwrap();
+    assert_eq!(pointer["state"].as_str(), Some("failed"), "{pointer}");
+    let lock = store_command(&["lock", "show", "--asg", asg, "--source", source]);
+    assert_eq!(lock["held"], false, "the fleet lock was released: {lock}");
+}
+
+#[tokio::test]
+async fn a_deploy_stopped_by_max_errors_still_switches_the_fleet_back() {
+    let g = OnR1::new("maxback", 3).await;
+    let (nodes, base) = (&g.nodes, g.base());
+    // The nodes in the order the bastion starts them: by instance ID.
+    let mut roots: Vec<(String, std::path::PathBuf)> = nodes.info["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap().to_string(), std::path::PathBuf::from(n["root"].as_str().unwrap())))
+        .collect();
+    roots.sort();
+
+    // One node at a time, no failure allowed: the first switches to r2, the
+    // second fails (its agent switches itself back), the third is never
+    // started. The switch back must not be held to the spent --max-errors.
+    std::fs::write(roots[1].1.join("fail"), b"").unwrap();
+    let hook = ["--after-switch", "[ \"$FLEETSYNC_RELEASE\" = r1 ] || test ! -e /srv/fail"];
+    let args = [&["sync", "--releases", "--rollback-on-failure", "--batch", "1", "--max-errors", "0"][..], &hook, &base].concat();
+    let (code, r, stderr) = fleetsync(&args, nodes);
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    assert_eq!(r["totals"]["not_attempted"], 1, "{r}");
+    // Only the first node is asked: the group was settled on r1, so the
+    // node never started still runs it.
+    assert!(stderr.contains("switching 1 nodes back to r1"), "{stderr}");
+    assert_eq!(
+        (r["rolled_back"]["to"].as_str(), r["rolled_back"]["nodes"].as_u64(), r["rolled_back"]["failed"].as_array().map(Vec::len)),
+        (Some("r1"), Some(1), Some(0)),
+        "{r}"
+    );
+    for (_, root) in &roots {
+        assert_eq!(live(root), "releases/r1", "the fleet ends on one release");
+    }
+}
+
+/// A group of SSH nodes deployed to release r1 (`v1`), with r2 published
+/// and not deployed: where the fleet-rollback tests start.
+struct OnR1 {
+    b: Bucket,
+    v1: tempfile::TempDir,
+    asg: String,
+    nodes: Nodes,
+    source: String,
+}
+
+impl OnR1 {
+    async fn new(name: &str, size: u32) -> OnR1 {
+        let b = Bucket::new(&format!("fleet{name}")).await;
+        let (v1, v2) = (common::build_dir(10, "v1"), common::build_dir(10, "v2"));
+        let (asg, nodes) = Nodes::group(name, size);
+        let source = b.url("app");
+        let g = OnR1 { b, v1, asg, nodes, source };
+        publish(g.v1.path(), &g.source, "r1");
+        let (code, r, stderr) = fleetsync(&[&["sync", "--releases"][..], &g.base()].concat(), &g.nodes);
+        assert_eq!(code, 0, "{stderr}\n{r}");
+        publish(v2.path(), &g.source, "r2");
+        g
+    }
+
+    /// The group, source and transport arguments of every command.
+    fn base(&self) -> [&str; 8] {
+        ["--asg", &self.asg, "--source", &self.source, "--dest", "/srv/www", "--via", "ssh"]
+    }
+}

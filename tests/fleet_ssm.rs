@@ -226,24 +226,34 @@ async fn an_interrupted_deploy_cancels_every_command_it_sent_and_no_agent_of_it_
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await; // the agent is running
-    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    interrupt_and_check_nothing_runs(child, &ids, &nodes, held).await;
+}
 
-    let calls = ssm_calls(&ids);
-    let sent: HashSet<&str> = calls.iter().filter(|c| c["op"] == "SendCommand").map(|c| c["command_id"].as_str().unwrap()).collect();
-    let cancelled: HashSet<String> =
-        all_ssm_calls().into_iter().filter(|c| c["op"] == "CancelCommand").map(|c| c["command_id"].as_str().unwrap().to_string()).collect();
-    assert!(!sent.is_empty());
-    for id in &sent {
-        assert!(cancelled.contains(*id), "CancelCommand {id} was sent");
+#[tokio::test]
+async fn an_interrupt_while_ssm_has_not_yet_answered_a_send_command_cancels_that_command_too() {
+    let b = Bucket::new("ssmsendcancel").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group_ssm("ssmsendcancel", 2, 4);
+    let ids = ids(&asg);
+    let held: Vec<_> = ids.iter().map(|id| Nodes::hold_agent_lock(&nodes.dir.path().join(id).join("srv"))).collect();
+    // SSM accepts the command at once but its answer (the command ID) takes
+    // 3 s to reach the bastion: the interrupt comes in between.
+    let slow = common::FaultProxy::start(
+        &std::env::var("AWS_ENDPOINT_URL_SSM").unwrap(),
+        &["--api", "--rate", "0", "--slow-op", "SendCommand", "--slow", "3"],
+    );
+    let child = common::deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+        .env("AWS_ENDPOINT_URL_SSM", &slow.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The proxy counts the call once SSM has answered it (the emulator
+    // logs the SendCommand before that), while it holds the answer back.
+    while slow.stats()["slow"] != 1 || sends(&ids, 0).is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // With the node locks free again, an agent still running would pull now.
-    drop(held);
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    for id in &ids {
-        assert!(!nodes.dir.path().join(id).join("srv/www/index.php").exists(), "no agent of the interrupted deploy ran on {id}");
-    }
+    interrupt_and_check_nothing_runs(child, &ids, &nodes, held).await;
 }
 
 #[tokio::test]
@@ -303,4 +313,27 @@ async fn a_report_with_long_failures_reaches_the_bastion_whole_over_ssm() {
     assert!(agent["errors_omitted"].as_u64().unwrap() > 0, "{node}");
     let e = node["error"].as_str().unwrap();
     assert!(e.starts_with("25 files failed, first app/") && e.contains(": placing "), "{e}");
+}
+
+/// Interrupts a deploy whose nodes' agents wait on their node locks
+/// (`held`), then checks that every command it sent was cancelled and
+/// that, with the locks free again, no agent of it pulls.
+async fn interrupt_and_check_nothing_runs(child: std::process::Child, ids: &[String], nodes: &Nodes, held: Vec<std::fs::File>) {
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let sent: Vec<String> = sends(ids, 0).iter().map(|c| c["command_id"].as_str().unwrap().to_string()).collect();
+    let cancelled: HashSet<String> =
+        all_ssm_calls().into_iter().filter(|c| c["op"] == "CancelCommand").map(|c| c["command_id"].as_str().unwrap().to_string()).collect();
+    assert!(!sent.is_empty());
+    for id in &sent {
+        assert!(cancelled.contains(id), "CancelCommand {id} was sent: {stderr}");
+    }
+    // With the node locks free again, an agent still running would pull now.
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    for id in ids {
+        assert!(!nodes.dir.path().join(id).join("srv/www/index.php").exists(), "no agent of the interrupted deploy ran on {id}");
+    }
 }

@@ -173,6 +173,76 @@ async fn a_mode_only_change_reaches_the_node_and_the_previous_release_keeps_its_
 }
 
 #[tokio::test]
+async fn a_dry_run_names_the_release_and_what_its_build_would_fetch_and_writes_nothing() {
+    let b = Bucket::new("storedry").await;
+    let v1 = sample_tree(20, 7);
+    let dir = build(&v1);
+    assert_eq!(publish(dir.path(), &b.url("app"), &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    assert_eq!(pull(&node, &b.url("app")).0, 0);
+    // r2: two files rewritten, one made executable, one removed.
+    let keys: Vec<&String> = v1.keys().collect();
+    for k in &keys[..2] {
+        std::fs::write(dir.path().join(k), b"v2").unwrap();
+    }
+    std::fs::set_permissions(dir.path().join(keys[2]), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::remove_file(dir.path().join(keys[3])).unwrap();
+    assert_eq!(publish(dir.path(), &b.url("app"), &["--release-id", "r2"]).0, 0);
+
+    let before = snapshot(node.tmp.path());
+    let (code, r, stderr) = run_json(node.agent(&b.url("app")).args(["--releases", "--dry-run"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        (r["dry_run"].as_bool(), r["release"]["id"].as_str(), r["release"]["previous"].as_str()),
+        (Some(true), Some("r2"), Some("r1")),
+        "{r}"
+    );
+    assert_eq!(
+        (r["counts"]["downloaded"].as_u64(), r["release"]["copied"].as_u64(), r["counts"]["deleted"].as_u64()),
+        (Some(2), Some(1), Some(1)),
+        "{r}"
+    );
+    let mut fetch: Vec<&str> = r["plan"]["fetch"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    fetch.sort();
+    assert_eq!(fetch, [keys[0].as_str(), keys[1].as_str()], "{r}");
+    assert_eq!(r["plan"]["delete"][0].as_str(), Some(keys[3].as_str()), "{r}");
+    assert_eq!(snapshot(node.tmp.path()), before, "a dry run writes nothing");
+
+    // The pull itself does what the dry run said.
+    let (code, r, stderr) = pull(&node, &b.url("app"));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["counts"]["downloaded"].as_u64(), r["release"]["copied"].as_u64()), (Some(2), Some(1)), "{r}");
+
+    // A release the node has (r1, kept): checked against its own records,
+    // as going live again would check it; nothing to fetch.
+    let (code, r, stderr) = run_json(node.agent(&b.url("app")).args(["--releases", "--dry-run", "--release-id", "r1"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        (r["release"]["id"].as_str(), r["counts"]["downloaded"].as_u64(), r["counts"]["unchanged"].as_u64()),
+        (Some("r1"), Some(0), Some(v1.len() as u64)),
+        "{r}"
+    );
+}
+
+/// Every path below `root` with its size and mtime.
+fn snapshot(root: &Path) -> BTreeMap<String, (u64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = e.path().symlink_metadata().unwrap();
+            out.insert(e.path().display().to_string(), (m.len(), m.mtime_nsec() + m.mtime() * 1_000_000_000));
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
 async fn a_release_already_on_the_node_is_checked_and_repaired_before_it_goes_live_again() {
     let b = Bucket::new("storeagain").await;
     let v1 = sample_tree(20, 5);
@@ -330,6 +400,40 @@ async fn of_two_concurrent_publishes_exactly_one_pointer_write_wins() {
             }
             other => panic!("round {round}: {other:?}"),
         }
+    }
+
+    // Forced: the first publish's answer to one PUT is held back 10 s by the
+    // proxy (the write itself lands) while the second publishes whole.
+    // Held at its fence marker, right after it read `latest`: it stops
+    // before writing a manifest (a prune may have run meanwhile). Held at
+    // its manifest: it loses the pointer's compare-and-swap.
+    for (held, id) in [("/publishing/", "held-at-marker"), ("/manifests/", "held-at-manifest")] {
+        let slow = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--put-fault", &format!("slow:{held}:0:1"), "--slow", "10"]);
+        let (dir, other) = (build(&versioned(30, 300)), build(&versioned(30, 400)));
+        let mut first = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+            .arg("publish")
+            .arg(dir.path())
+            .arg(b.url("app"))
+            .args(["--release-id", id, "--json"])
+            .env("AWS_ENDPOINT_URL_S3", &slow.url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        while slow.stats()["slow"] != 1 {
+            assert!(first.try_wait().unwrap().is_none(), "{held}: the first publish ended before its held write");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let second = format!("after-{id}");
+        let (code, _, stderr) = publish(other.path(), &b.url("app"), &["--release-id", &second]);
+        assert_eq!(code, 0, "{stderr}");
+        let out = first.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{e}");
+        assert!(e.contains("another publish wrote") && e.contains(&second), "the loser names the winner: {e}");
+        assert_eq!(latest(&b, "app").await.unwrap().0.release, second);
+        let manifest = b.client.head_object().bucket(&b.name).key(store_of(&b, "app").manifest_key(id)).send().await;
+        assert_eq!(manifest.is_ok(), held == "/manifests/", "a manifest is written only past the fence: {e}");
     }
 }
 

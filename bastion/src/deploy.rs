@@ -10,14 +10,17 @@
 //!   each node's agent report turned into a result; while the last nodes
 //!   run, the group is listed again, and instances that joined during the
 //!   deploy are synced too. When a deploy of a published source fails and
-//!   `--rollback-on-failure` is given, the nodes that had switched are
-//!   switched back, so the fleet ends on one release;
+//!   `--rollback-on-failure` is given, every node not known to run the
+//!   previous release is switched back to it, so the fleet ends on one
+//!   release;
 //! - report: the per-node results, for the caller to print, and a record in
 //!   the store's deploy history (`fleetsync history`).
 //!
-//! An interrupt (Ctrl-C, or SIGTERM from a cancelled CI job) stops starting
-//! nodes, cancels what SSM was sent, and releases the lock at once rather
-//! than leaving it to block the next deploy for a lease.
+//! An interrupt (Ctrl-C, or SIGTERM from a cancelled CI job), during the
+//! pass or the switch back, stops starting nodes, cancels what SSM was sent
+//! (once the SendCommands in flight have answered, and waiting a while for
+//! SSM to end what it cancels), and releases the lock rather than leaving
+//! it to block the next deploy for a lease.
 
 use std::time::{Duration, Instant};
 
@@ -61,8 +64,8 @@ pub struct Deploy {
     pub rejoin: bool,
     /// Which release, when the source is a release store.
     pub releases: Releases,
-    /// A failed deploy of a published source switches the nodes that had
-    /// switched back to the group's previous release.
+    /// A failed deploy of a published source switches the fleet back to
+    /// the group's previous release (see `not_on`).
     pub rollback_on_failure: bool,
 }
 
@@ -137,9 +140,7 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
         Ok(t) => t,
         Err(e) => {
             // Nothing was changed: the lock goes before the error does.
-            if let Err(release) = held.release().await {
-                log(&format!("warning: {release}"));
-            }
+            release(held).await;
             return Err(e);
         }
     };
@@ -162,21 +163,15 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
     let mut fleet = Fleet::new(d.transport, call, Some(&held), d.address, d.batch, d.max_errors, targets.len(), &progress);
     progress.note(&format!("{}: {} nodes of {} over {}", d.verb, targets.len(), d.asg, fleet.transport.name()));
 
+    // Listening from here to the end: a signal during the switch back of a
+    // failed deploy must cancel it too, not wait for the whole pass.
+    let mut signals = Signals::listen();
     let pass = trigger_and_collect(&fleet, sdk, &d.asg, &targets, d.canary, d.rejoin && !held.lost(), &progress);
     let Pass { results, joined, rejoin_error } = tokio::select! {
         done = pass => done,
-        signal = interrupted() => {
-            progress.finish();
-            log(&format!("{signal}: starting no more nodes, cancelling what was sent, releasing the fleet lock"));
-            fleet.transport.cancel(&progress).await;
-            if let Some(t) = &mut target {
-                // Some nodes may have switched: boots take the previous release.
-                warn(t.end(s3, DeployState::Failed, false).await);
-            }
-            record(s3, &what, target.as_ref(), started_ms, "interrupted", None, &[]).await;
-            if let Err(e) = held.release().await {
-                log(&format!("warning: {e}"));
-            }
+        signal = signals.next() => {
+            abandon(signal, &fleet, s3, target.as_mut(), &what, started_ms).await;
+            release(held).await;
             return Ok(Ended::Interrupted);
         }
     };
@@ -188,15 +183,27 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
         let ended = if !failed {
             t.end(s3, DeployState::Done, false).await
         } else if let Some(prev) = t.previous.clone().filter(|_| d.rollback_on_failure) {
-            // The fleet ends on one release: the nodes that switched go back
-            // (those that joined during the deploy included).
+            // The fleet ends on one release: every node not known to run it
+            // goes back (those that joined during the deploy included).
             let run: Vec<Node> = targets.iter().chain(&joined).cloned().collect();
-            let switched: Vec<Node> = targets_switched(&run, &results, &t.release);
-            progress.note(&format!("the deploy failed: switching {} nodes back to {}", switched.len(), prev.release));
+            let back: Vec<Node> = not_on(&run, &results, &prev.release, t.settled);
+            progress.note(&format!("the deploy failed: switching {} nodes back to {}", back.len(), prev.release));
             fleet.call = store_call(&d.source, &d.call, t, &prev.release);
-            let back = fleet.run(&switched).await;
+            // The switch back is not held to what failed the deploy: every
+            // node asked is asked, whatever --max-errors let through.
+            fleet.failures.store(0, std::sync::atomic::Ordering::SeqCst);
+            fleet.max_errors = None;
+            let back = tokio::select! {
+                back = fleet.run(&back) => back,
+                signal = signals.next() => {
+                    abandon(signal, &fleet, s3, Some(t), &what, started_ms).await;
+                    release(held).await;
+                    return Ok(Ended::Interrupted);
+                }
+            };
             let failed: Vec<String> = back.iter().filter(|r| r.status != NodeStatus::Ok).map(|r| r.instance_id.clone()).collect();
-            rolled_back = Some(FleetRollback { to: prev.release.clone(), nodes: switched.len() - failed.len(), failed });
+            let switched = back.iter().filter(|r| r.status == NodeStatus::Ok && switched(r)).count();
+            rolled_back = Some(FleetRollback { to: prev.release.clone(), nodes: switched, failed });
             t.end(s3, DeployState::Done, true).await
         } else {
             t.end(s3, DeployState::Failed, false).await
@@ -244,9 +251,7 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
     let to = rolled_back.as_ref().map(|r| r.to.clone());
     report.rolled_back = rolled_back;
     record(s3, &what, target.as_ref(), started_ms, outcome, to, &report.nodes).await;
-    if let Err(e) = held.release().await {
-        log(&format!("warning: {e}"));
-    }
+    release(held).await;
     Ok(Ended::Report(Box::new(report)))
 }
 
@@ -300,15 +305,42 @@ fn store_call(source: &S3Url, call: &AgentCall, t: &Target, release: &str) -> Ag
     }
 }
 
-/// The nodes whose agent switched to `release` in this deploy and left it
-/// live (an agent whose after-switch command failed may have switched back
-/// already).
-fn targets_switched(nodes: &[Node], results: &[NodeResult], release: &str) -> Vec<Node> {
-    let switched = |r: &NodeResult| {
-        r.agent.as_ref().and_then(|a| a.release.as_ref()).is_some_and(|rel| rel.switched && !rel.rolled_back && rel.id == release)
-    };
-    let ids: std::collections::HashSet<&str> = results.iter().filter(|r| switched(r)).map(|r| r.instance_id.as_str()).collect();
-    nodes.iter().filter(|n| ids.contains(n.instance_id.as_str())).cloned().collect()
+/// The nodes not known to run `release` now: all but those whose agent's
+/// report says so. Not only the nodes this deploy switched: a node that was
+/// already on the failed release (a re-run of a failed deploy, a timer
+/// that pulled it) reports it live without switching, and a node whose
+/// report was lost may have switched. A pull of `release` on a node
+/// already on it costs nothing, so asking too many is safe; too few is not.
+/// When the group was `settled` on `release` before this deploy, the nodes
+/// it never started (a canary failed, --max-errors) still run it and are
+/// not asked: a failed canary does not cost a pass over the whole fleet.
+fn not_on(nodes: &[Node], results: &[NodeResult], release: &str, settled: bool) -> Vec<Node> {
+    let on: std::collections::HashSet<&str> = results
+        .iter()
+        .filter(|r| live_after(r) == Some(release) || (settled && r.status == NodeStatus::NotAttempted))
+        .map(|r| r.instance_id.as_str())
+        .collect();
+    nodes.iter().filter(|n| !on.contains(n.instance_id.as_str())).cloned().collect()
+}
+
+/// The release a node's report says is live after its pull, when the
+/// report says it for certain.
+fn live_after(r: &NodeResult) -> Option<&str> {
+    let rel = r.agent.as_ref()?.release.as_ref()?;
+    if rel.rolled_back {
+        // The agent switched back to what was live before.
+        rel.previous.as_deref()
+    } else if rel.switched || r.status == NodeStatus::Ok {
+        Some(&rel.id)
+    } else {
+        // Failed before switching: what is live is not in the report.
+        None
+    }
+}
+
+/// The agent switched `current` in this pull (and did not switch back).
+fn switched(r: &NodeResult) -> bool {
+    r.agent.as_ref().and_then(|a| a.release.as_ref()).is_some_and(|rel| rel.switched && !rel.rolled_back)
 }
 
 /// What a history record says a deploy was.
@@ -471,15 +503,51 @@ async fn relist(
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM, naming it.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        // Without handlers the default action (exit) stays; never resolve.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => "interrupted",
-        _ = term.recv() => "terminated",
+/// An interrupted deploy stops: no more nodes, what was sent is cancelled,
+/// the group's pointer says the deploy failed (some nodes may have
+/// switched: boots take the release before it), and the history says so.
+/// The caller then releases the fleet lock.
+async fn abandon(signal: &str, fleet: &Fleet<'_>, s3: &S3Client, mut target: Option<&mut Target>, what: &What, started_ms: u64) {
+    fleet.progress.finish();
+    log(&format!("{signal}: starting no more nodes, cancelling what was sent, releasing the fleet lock"));
+    fleet.transport.cancel(fleet.progress).await;
+    if let Some(t) = target.as_deref_mut() {
+        warn(t.end(s3, DeployState::Failed, false).await);
+    }
+    record(s3, what, target.as_deref(), started_ms, "interrupted", None, &[]).await;
+}
+
+/// Releases the fleet lock at the end of a deploy (a warning if it cannot:
+/// the lease runs out on its own).
+async fn release(held: fleet_lock::HeldLock) {
+    if let Err(e) = held.release().await {
+        log(&format!("warning: {e}"));
+    }
+}
+
+/// SIGINT and SIGTERM, listened for from creation on: a signal that
+/// arrives while nothing awaits it is kept for the next [`Signals::next`]
+/// (tokio's handlers replace the default action for good, so a signal
+/// nobody listens for would be lost, and the deploy would not stop).
+struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    /// Starts listening (`None` inside when the handlers cannot be set:
+    /// the default action, exit, then stays).
+    fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals(signal(SignalKind::interrupt()).ok().zip(signal(SignalKind::terminate()).ok()))
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM, naming it.
+    async fn next(&mut self) -> &'static str {
+        let Some((int, term)) = &mut self.0 else {
+            // Without handlers the default action (exit) stays; never resolve.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => "interrupted",
+            _ = term.recv() => "terminated",
+        }
     }
 }

@@ -187,8 +187,8 @@ struct SyncArgs {
     #[arg(long, value_name = "CMD")]
     after_switch: Option<String>,
     /// Release mode: when the deploy fails (a canary, --max-errors, a node's
-    /// after-switch command), the nodes that already switched are switched
-    /// back, so the fleet ends on one release.
+    /// after-switch command), every node not known to run the previous
+    /// release is switched back to it, so the fleet ends on one release.
     #[arg(long)]
     rollback_on_failure: bool,
     /// Let an empty source wipe the nodes' trees (refused by default: it is
@@ -445,6 +445,7 @@ impl FleetArgs {
                 delivery_timeout: self.delivery_timeout(),
                 comment: format!("fleetsync {verb} --asg {}", self.asg()),
                 sent: Default::default(),
+                sending: Default::default(),
             }),
             Via::Ssh => trigger::Transport::Ssh(trigger::Ssh {
                 user: self.ssh_user.clone(),

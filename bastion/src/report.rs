@@ -29,8 +29,8 @@ pub struct FleetReport {
     /// A deploy of a published source: the release the group was moved to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub release: Option<String>,
-    /// The deploy failed and the nodes that had switched were switched back
-    /// (`--rollback-on-failure`): the fleet is on one release again.
+    /// The deploy failed and the fleet was switched back to the previous
+    /// release (`--rollback-on-failure`): it is on one release again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rolled_back: Option<FleetRollback>,
     /// The deploy's record in the store's history (`fleetsync history`).
@@ -49,9 +49,10 @@ pub struct FleetReport {
 /// A fleet rollback after a failed deploy.
 #[derive(Debug, Serialize)]
 pub struct FleetRollback {
-    /// The release the switched nodes went back to.
+    /// The release the fleet went back to.
     pub to: String,
-    /// Nodes switched back, and those whose switch back failed.
+    /// Nodes switched back (those asked that were on it already are not
+    /// counted), and those whose switch back failed.
     pub nodes: usize,
     pub failed: Vec<String>,
 }
@@ -136,7 +137,7 @@ impl FleetReport {
             out.push_str(&format!("\nwarning: {e}"));
         }
         if let Some(r) = &self.rolled_back {
-            out.push_str(&format!("\nthe deploy failed: {} nodes that had switched were switched back to {}", r.nodes, r.to));
+            out.push_str(&format!("\nthe deploy failed: the fleet was switched back to {} ({} nodes switched)", r.to, r.nodes));
             if !r.failed.is_empty() {
                 out.push_str(&format!(" ({} could not be: {})", r.failed.len(), r.failed.join(", ")));
             }

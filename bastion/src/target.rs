@@ -29,6 +29,10 @@ pub struct Target {
     /// The release the group's pointer named before this deploy (for the
     /// history and the progress: "from r1").
     pub from: Option<String>,
+    /// The pointer said the last deploy ended whole on `previous`: nodes
+    /// this deploy never started still run it (so a fleet rollback need not
+    /// ask them). False after a failed or interrupted deploy.
+    pub settled: bool,
     /// The deploy's id (its history record's name).
     pub deploy: String,
     /// The pointer's ETag as last read or written.
@@ -68,9 +72,12 @@ pub async fn for_sync(s3: &S3Client, source: &S3Url, group: &str, requested: Opt
     };
     let previous =
         current.as_ref().and_then(|d| if d.release == release && d.state == DeployState::Done { d.previous.clone() } else { last_good(d) });
+    let settled = current.as_ref().is_some_and(|d| {
+        d.state == DeployState::Done && previous.as_ref().is_some_and(|p| p.release == d.release && p.manifest == d.manifest)
+    });
     let deploy = fleetsync::store::history::new_id(group);
     let from = current.map(|d| d.release);
-    Ok(Some(Target { store, group: group.to_string(), release, manifest, previous, from, deploy, etag }))
+    Ok(Some(Target { store, group: group.to_string(), release, manifest, previous, from, settled, deploy, etag }))
 }
 
 /// `rollback`: `to`, else the group's previous release. `None` when the
@@ -95,7 +102,7 @@ pub async fn for_rollback(s3: &S3Client, source: &S3Url, group: &str, to: Option
     // rollback names its release.
     let deploy = fleetsync::store::history::new_id(group);
     let from = current.map(|d| d.release);
-    Ok(Some(Target { store, group: group.to_string(), release, manifest, previous: None, from, deploy, etag }))
+    Ok(Some(Target { store, group: group.to_string(), release, manifest, previous: None, from, settled: false, deploy, etag }))
 }
 
 /// The digest of release `id`'s manifest object (which must exist).

@@ -38,7 +38,15 @@ set -euo pipefail
 : "${AWS_REGION:?the region}"
 # What the test changes: the endpoints (path-style for a local server), the
 # root the files are installed under, the pause between tries.
-S3_URL=${FLEETSYNC_S3_URL:-https://$FLEETSYNC_BUCKET.s3.$AWS_REGION.amazonaws.com}
+# S3 virtual-hosted style, except for a bucket name with dots: S3's wildcard
+# certificate (*.s3.REGION.amazonaws.com) covers one label only, so TLS to
+# my.bucket.s3... fails; such a bucket is addressed path style instead (the
+# URL curl signs is the one requested, so the signature covers /BUCKET/...).
+if [[ $FLEETSYNC_BUCKET == *.* ]]; then
+  S3_URL=${FLEETSYNC_S3_URL:-https://s3.$AWS_REGION.amazonaws.com/$FLEETSYNC_BUCKET}
+else
+  S3_URL=${FLEETSYNC_S3_URL:-https://$FLEETSYNC_BUCKET.s3.$AWS_REGION.amazonaws.com}
+fi
 AUTOSCALING_URL=${FLEETSYNC_AUTOSCALING_URL:-https://autoscaling.$AWS_REGION.amazonaws.com}
 ROOT=${FLEETSYNC_INSTALL_ROOT:-}
 PAUSE=${FLEETSYNC_RETRY_PAUSE:-10}
@@ -117,7 +125,9 @@ lifecycle() {
     local command
     command=$(sed -E 's/([a-z])([A-Z])/\1-\2/g' <<<"$1" | tr '[:upper:]' '[:lower:]')
     aws autoscaling "$command" --cli-connect-timeout 5 "${cli[@]}" >/dev/null
-    return
+    # $? explicitly: a bare return in the EXIT trap (finish) would return
+    # the status of the command that failed before it, not aws's.
+    return $?
   fi
   local body
   body="Action=$1&Version=2011-01-01&AutoScalingGroupName=$(urlencode "$FLEETSYNC_GROUP")"
@@ -133,7 +143,7 @@ lifecycle() {
 # mismatch is tried again twice (an upload may be under way: the sums are
 # written last), then fails the launch.
 install_agent() {
-  local arch work files attempt
+  local arch work files attempt version
   case ${FLEETSYNC_ARCH:-$(uname -m)} in
     x86_64 | amd64) arch=x86_64 ;;
     aarch64 | arm64) arch=aarch64 ;;
@@ -160,7 +170,13 @@ install_agent() {
   mv -f "$ROOT/usr/local/bin/fleetsync-agent.new" "$ROOT/usr/local/bin/fleetsync-agent"
   install -m 0644 "$work/fleetsync-agent.service" "$work/fleetsync-agent.timer" "$ROOT/etc/systemd/system/"
   rm -rf "$work"
-  echo "fleetsync bootstrap: installed $("$ROOT/usr/local/bin/fleetsync-agent" --version)" >&2
+  # Not inside the echo's arguments: set -e ignores a command substitution
+  # that fails there, and a binary that cannot run here (another
+  # architecture, a glibc older than 2.17) must abandon the launch now,
+  # saying why, not surface later as a failed first pull.
+  version=$("$ROOT/usr/local/bin/fleetsync-agent" --version) ||
+    fail "$ROOT/usr/local/bin/fleetsync-agent does not run on this $(uname -m) instance (a binary for another architecture? a glibc older than 2.17?): see the error above"
+  echo "fleetsync bootstrap: installed $version" >&2
 }
 
 # finish: on a failure, abandon the launch at once (instead of the group
@@ -209,6 +225,10 @@ dest = "$FLEETSYNC_DEST"
 mode = "releases"
 # Follow the release fleetsync sync deployed to this group, not merely the latest published.
 group = "$FLEETSYNC_GROUP"
+# The path the unit's FLEETSYNC_METRICS_FILE names: the pulls fleetsync sync
+# starts through SSM run outside the unit, so without this line a deploy
+# would never reach the metrics.
+metrics-file = "/var/lib/prometheus/node-exporter/fleetsync.prom"
 TOML
 # FilesOwner: who owns the files placed in DEST (the web server's user).
 [[ -z ${FLEETSYNC_OWNER:-} ]] || printf 'owner = "%s"\n' "$FLEETSYNC_OWNER" >> /etc/fleetsync/agent.toml

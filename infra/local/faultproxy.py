@@ -30,7 +30,10 @@ CODE instead (e.g. `ExpiredToken`: credentials that have expired).
 instances with InvalidInstanceID.NotFound for the last one named, as EC2
 does for an instance it has just launched (it is eventually consistent).
 `--fail-op OP --fail-count N --fail-code CODE [--fail-skip K]` answers N
-calls of operation OP, after the first K, with error CODE.
+calls of operation OP, after the first K, with error CODE. `--slow-op OP`
+holds back the answer to every call of OP `--slow` seconds, after the
+server has handled it (an SSM SendCommand accepted, its answer not yet
+read).
 
 AWS behaviours the local S3 server is kinder about:
 - `--list-prefixes P1,P2`: the caller holds s3:ListBucket only for keys
@@ -48,9 +51,10 @@ AWS behaviours the local S3 server is kinder about:
   signs those headers), so conditional requests keep working as on S3.
 - `--put-fault KIND:TEXT:SKIP:COUNT`: PUTs of keys containing TEXT, after
   the first SKIP of them, COUNT times: `409` (ConditionalRequestConflict,
-  S3's answer to a conditional write racing another), `lost` (the PUT
-  reaches the server, then the connection drops before its answer) or
-  `slow` (the answer is held back `--slow` seconds).
+  S3's answer to a conditional write racing another), `503` (SlowDown,
+  S3's answer when it sheds load; the PUT never reaches the server),
+  `lost` (the PUT reaches the server, then the connection drops before its
+  answer) or `slow` (the answer is held back `--slow` seconds).
 
 Requests are forwarded unchanged (the Host header too, so SigV4 signatures
 stay valid), one upstream connection per request, asking for HTTP/1.0 so
@@ -172,7 +176,7 @@ class Proxy:
         for spec in a.put_fault or []:
             kind, text, skip, count = spec.split(":")
             self.put_faults.append({"kind": kind, "text": text, "skip": int(skip), "count": int(count), "seen": 0})
-        self.slow = a.slow
+        self.slow, self.slow_op = a.slow, a.slow_op
         self.kms = a.kms
         self.opaque = {}  # opaque ETag -> the server's
         self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, "not-found": 0, "fail-op": 0, "denied": 0,
@@ -234,9 +238,14 @@ class Proxy:
                     await writer.drain()
                     continue
                 put_fault = self.put_fault(method, path) if not self.api else None
-                if put_fault == "409":
-                    msg = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ConditionalRequestConflict</Code><Message>A conflicting conditional operation is currently in progress against this resource.</Message></Error>'
-                    writer.write(b"HTTP/1.1 409 Conflict\r\nContent-Type: application/xml\r\nContent-Length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
+                if put_fault in ("409", "503"):
+                    status, code, text = {
+                        "409": ("409 Conflict", "ConditionalRequestConflict",
+                                "A conflicting conditional operation is currently in progress against this resource."),
+                        "503": ("503 Slow Down", "SlowDown", "Please reduce your request rate."),
+                    }[put_fault]
+                    msg = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{text}</Message></Error>'.encode()
+                    writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {len(msg)}\r\n\r\n".encode() + msg)
                     await writer.drain()
                     continue
                 if self.kms:
@@ -248,7 +257,10 @@ class Proxy:
                     resp_headers, resp_body = self.mask(resp_headers, resp_body, method)
                 if put_fault == "lost":
                     return  # the server did it; the client never hears
-                if put_fault == "slow":
+                slow_op = self.api and self.slow_op and self.api_call(headers, body)[0] == self.slow_op
+                if slow_op:
+                    self.record("slow")
+                if put_fault == "slow" or slow_op:
                     await asyncio.sleep(self.slow)
                 if self.list_prefixes is not None and method in ("GET", "HEAD") and status_line.split(" ")[1] == "404":
                     key = urllib.parse.unquote(path.split("/", 2)[2]) if path.count("/") >= 2 else ""
@@ -305,11 +317,17 @@ class Proxy:
                 return f'{name}: "{real}"'
         return h
 
-    def api_fault(self, headers, body):
-        """(code, message) for an API call the options fault, else None."""
+    @staticmethod
+    def api_call(headers, body):
+        """(operation, query parameters) of an API call: JSON APIs name it in
+        X-Amz-Target, query APIs in Action=."""
         target = next((h.split(":", 1)[1].strip() for h in headers if h.lower().startswith("x-amz-target:")), "")
         params = urllib.parse.parse_qs(body.decode("latin-1")) if b"Action=" in body else {}
-        op = target.rsplit(".", 1)[-1] if target else (params.get("Action") or [""])[0]
+        return (target.rsplit(".", 1)[-1] if target else (params.get("Action") or [""])[0]), params
+
+    def api_fault(self, headers, body):
+        """(code, message) for an API call the options fault, else None."""
+        op, params = self.api_call(headers, body)
         if self.fail_op and op == self.fail_op:
             self.op_calls += 1
             if self.fail_skip < self.op_calls <= self.fail_skip + self.fail_count:
@@ -322,7 +340,7 @@ class Proxy:
         return None
 
     def put_fault(self, method, path):
-        """The fault (409, lost, slow) a PUT of this key gets, if any."""
+        """The fault (409, 503, lost, slow) a PUT of this key gets, if any."""
         if method != "PUT":
             return None
         for f in self.put_faults:
@@ -403,8 +421,9 @@ async def main():
     ap.add_argument("--list-prefixes", help="S3: key prefixes the caller may list; a missing object elsewhere is 403, not 404")
     ap.add_argument("--list-prefixes-from", metavar="TEMPLATE", help="S3: --list-prefixes from the template's DeployPolicy")
     ap.add_argument("--template-param", action="append", metavar="K=V", help="a template parameter's value, for --list-prefixes-from")
-    ap.add_argument("--put-fault", action="append", help="S3: KIND:TEXT:SKIP:COUNT, KIND one of 409, lost, slow")
-    ap.add_argument("--slow", type=float, default=1.0, help="seconds a `slow` PUT's answer is held back")
+    ap.add_argument("--put-fault", action="append", help="S3: KIND:TEXT:SKIP:COUNT, KIND one of 409, 503, lost, slow")
+    ap.add_argument("--slow", type=float, default=1.0, help="seconds a `slow` PUT's (or --slow-op's) answer is held back")
+    ap.add_argument("--slow-op", help="with --api: the operation whose answers are held back --slow seconds")
     ap.add_argument("--kms", action="store_true", help="S3: opaque ETags (not the content's MD5), as SSE-KMS gives")
     a = ap.parse_args()
     proxy = Proxy(a)

@@ -45,6 +45,9 @@ aws/amazon-ssm-agent; the botocore model):
   for FLEETSYNC_SSM_OUTPUT_LAG s (default 0.5) after an invocation ended it
   still answers InProgress with empty output and ResponseCode -1, while
   ListCommandInvocations already shows the final status.
+- CancelCommand is asynchronous, as on AWS ("there is no guarantee that the
+  command will be terminated"): a running invocation shows `Cancelling`
+  and its script is killed FLEETSYNC_SSM_CANCEL_DELAY s (default 1) later.
 - DescribeInstanceInformation: registered instances, paged (MaxResults
   5..50), with their PingStatus.
 - `--rate-limit N` (or FLEETSYNC_SSM_RATE_LIMIT): more than N requests a
@@ -346,6 +349,7 @@ class World:
         self.documents = {"AWS-RunShellScript": Document("AWS-RunShellScript", RUN_SHELL_SCRIPT)}
         self.invocation_delay = float(os.environ.get("FLEETSYNC_SSM_INVOCATION_DELAY", "0.5"))
         self.output_lag = float(os.environ.get("FLEETSYNC_SSM_OUTPUT_LAG", "0.5"))
+        self.cancel_delay = float(os.environ.get("FLEETSYNC_SSM_CANCEL_DELAY", "1"))
         self.rate_limit = RateLimit(rate_limit) if rate_limit else None
         self.throttled = 0
         self.requests = {}  # operation -> requests seen
@@ -546,7 +550,10 @@ class World:
                 v.cancel_requested = True
         self.record({"op": "CancelCommand", "command_id": cmd.id, "time": time.time()})
         for v in running:
-            v.stop("Cancelled", "Cancelled")
+            with self.lock:
+                if v.status == "InProgress":
+                    v.status = v.details = "Cancelling"
+            threading.Timer(self.cancel_delay, v.stop, ("Cancelled", "Cancelled")).start()
         return {}
 
     def DescribeInstanceInformation(self, req):

@@ -154,6 +154,20 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
     let marker = fence::Marker::put(&client, &store, fence::Side::Publishing).await?;
     let written = async {
         fence::wait_for_prunes(&client, &store).await?;
+        // A publish that landed since `latest` was read may have been
+        // followed by a whole prune, which may have removed content this
+        // plan takes from the release it read. This publish would lose the
+        // pointer's compare-and-swap anyway: it stops before it writes a
+        // manifest that could name what is gone (one 304 otherwise).
+        if let Some(etag) = &latest_etag {
+            if !matches!(pointer::read::<Latest>(&client, &store, &store.latest_key(), Some(etag)).await?, Found::Unchanged) {
+                return Err(Error::S3(format!(
+                    "another publish wrote {} while this one was planning ({}): publish again (what is stored is not uploaded twice)",
+                    store.url(&store.latest_key()),
+                    winner(&client, &store).await?
+                )));
+            }
+        }
         write(&client, &store, &mut plan, (latest, latest_etag), &id, tree, report, t0).await
     }
     .await;
@@ -222,13 +236,10 @@ async fn point_latest(
     };
     let expect = etag.map_or(Expect::Absent, Expect::Etag);
     if pointer::swap(client, store, &store.latest_key(), &latest, &expect).await?.is_none() {
-        let winner = match pointer::read::<Latest>(client, store, &store.latest_key(), None).await? {
-            Found::Value { value, .. } => format!("release {} by {}", value.release, value.publisher),
-            _ => "a publish that was then removed".to_string(),
-        };
         return Err(Error::S3(format!(
-            "another publish wrote {} first ({winner}); release {} is in the store but not latest: deploy it with `fleetsync sync --releases --release {}`, or publish again",
+            "another publish wrote {} first ({}); release {} is in the store but not latest: deploy it with `fleetsync sync --releases --release {}`, or publish again",
             store.url(&store.latest_key()),
+            winner(client, store).await?,
             h.id,
             h.id
         )));
@@ -236,6 +247,14 @@ async fn point_latest(
     report.latest = h.id.clone();
     report.duration_ms = t0.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Who holds `latest` now, for the error of a publish that lost it.
+async fn winner(client: &aws_sdk_s3::Client, store: &Store) -> Result<String> {
+    Ok(match pointer::read::<Latest>(client, store, &store.latest_key(), None).await? {
+        Found::Value { value, .. } => format!("release {} by {}", value.release, value.publisher),
+        _ => "a publish that was then removed".to_string(),
+    })
 }
 
 /// What will go into the new release: its entries, with each file's bytes

@@ -29,7 +29,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::fetch::{parse_store_etag, store_etag, Failure, Fetcher};
-use super::{Ctx, ReleaseInfo, Step};
+use super::layout::Layout;
+use super::{Ctx, Registry, ReleaseInfo, ReleaseOptions, ReleaseReport, Step};
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
 use crate::report::PullReport;
@@ -56,33 +57,45 @@ struct Seen {
     body: serde_json::Value,
 }
 
+/// What resolving reads: the pull's view of the node, and whether it may
+/// remember what it read (the pointer's ETag, the group); a dry run
+/// writes nothing.
+pub(super) struct Lookup<'a> {
+    pub opts: &'a ReleaseOptions,
+    pub layout: &'a Layout,
+    pub client: &'a aws_sdk_s3::Client,
+    pub current: Option<&'a str>,
+    pub registry: &'a Registry,
+    pub remember: bool,
+}
+
 /// Which release the store says this node should run; `None` when the
 /// source has no store.
-pub(super) async fn resolve(ctx: &Ctx<'_>) -> Result<Option<Target>> {
-    let store = Store::of(&ctx.opts.pull.source);
-    if let Some(id) = &ctx.opts.release_id {
-        return resolve_id(ctx, &store, id).await;
+pub(super) async fn resolve(l: &Lookup<'_>) -> Result<Option<Target>> {
+    let store = Store::of(&l.opts.pull.source);
+    if let Some(id) = &l.opts.release_id {
+        return resolve_id(l, &store, id).await;
     }
-    let seen_path = ctx.layout.state.join("pointer.json");
+    let seen_path = l.layout.state.join("pointer.json");
     let seen: Option<Seen> = std::fs::read(&seen_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let group = group(ctx)?;
+    let group = group(l)?;
     let mut undeployed = None;
     if let Some(g) = &group {
         let key = store.deployed_key(g);
-        match read_pointer::<Deployed>(ctx, &store, &key, seen.as_ref(), &seen_path).await? {
-            Some(d) => return Ok(Some(decide(ctx, g, d))),
+        match read_pointer::<Deployed>(l, &store, &key, seen.as_ref(), &seen_path).await? {
+            Some(d) => return Ok(Some(decide(l.current, g, d))),
             None => undeployed = Some(g),
         }
     }
     let key = store.latest_key();
-    let Some(latest) = read_pointer::<Latest>(ctx, &store, &key, seen.as_ref(), &seen_path).await? else {
+    let Some(latest) = read_pointer::<Latest>(l, &store, &key, seen.as_ref(), &seen_path).await? else {
         return Ok(None);
     };
-    match (undeployed, &ctx.current) {
+    match (undeployed, l.current) {
         // A group never deployed from the store: an instance with no
         // release boots the latest, one that runs a release keeps it until
         // a deploy (publishing is not deploying).
-        (Some(g), Some(live)) if *live != latest.release => Ok(Some(Target::Hold {
+        (Some(g), Some(live)) if live != latest.release => Ok(Some(Target::Hold {
             reason: format!(
                 "group {g} has no deployed release yet; this node keeps {live} until `fleetsync sync --releases` deploys one (latest published: {})",
                 latest.release
@@ -94,12 +107,12 @@ pub(super) async fn resolve(ctx: &Ctx<'_>) -> Result<Option<Target>> {
 
 /// The node's group: given, else the one the last pull that named one
 /// recorded (a deploy names it; the agent's timer then follows it).
-fn group(ctx: &Ctx<'_>) -> Result<Option<String>> {
-    let path = ctx.layout.state.join("group");
-    match &ctx.opts.group {
+fn group(l: &Lookup<'_>) -> Result<Option<String>> {
+    let path = l.layout.state.join("group");
+    match &l.opts.group {
         Some(g) => {
-            if std::fs::read_to_string(&path).ok().as_deref() != Some(g.as_str()) {
-                std::fs::create_dir_all(&ctx.layout.state).map_err(|e| Error::io(format!("creating {}", ctx.layout.state.display()), e))?;
+            if l.remember && std::fs::read_to_string(&path).ok().as_deref() != Some(g.as_str()) {
+                std::fs::create_dir_all(&l.layout.state).map_err(|e| Error::io(format!("creating {}", l.layout.state.display()), e))?;
                 crate::pull::write_atomic(&path, g.as_bytes())?;
             }
             Ok(Some(g.clone()))
@@ -111,14 +124,14 @@ fn group(ctx: &Ctx<'_>) -> Result<Option<String>> {
 /// Reads a pointer, conditionally on the ETag seen last for that key; the
 /// value (fresh, or remembered when unchanged), `None` when absent.
 async fn read_pointer<T: serde::de::DeserializeOwned>(
-    ctx: &Ctx<'_>,
+    l: &Lookup<'_>,
     store: &Store,
     key: &str,
     seen: Option<&Seen>,
     seen_path: &std::path::Path,
 ) -> Result<Option<T>> {
     let seen = seen.filter(|s| s.key == key);
-    match pointer::read::<serde_json::Value>(&ctx.client, store, key, seen.map(|s| s.etag.as_str())).await? {
+    match pointer::read::<serde_json::Value>(l.client, store, key, seen.map(|s| s.etag.as_str())).await? {
         Found::Absent => Ok(None),
         Found::Unchanged => {
             let body = seen.expect("a 304 answers an ETag we sent").body.clone();
@@ -128,19 +141,21 @@ async fn read_pointer<T: serde::de::DeserializeOwned>(
             let parsed = serde_json::from_value(value.clone()).map_err(|e| {
                 Error::S3(format!("{0} is not a valid fleetsync pointer ({e}): delete it (`aws s3 rm {0}`), then publish or deploy again to write a new one", store.url(key)))
             })?;
-            let seen = Seen { key: key.to_string(), etag, body: value };
-            std::fs::create_dir_all(&ctx.layout.state).map_err(|e| Error::io(format!("creating {}", ctx.layout.state.display()), e))?;
-            crate::pull::write_atomic(seen_path, &serde_json::to_vec(&seen).expect("serializes"))?;
+            if l.remember {
+                let seen = Seen { key: key.to_string(), etag, body: value };
+                std::fs::create_dir_all(&l.layout.state).map_err(|e| Error::io(format!("creating {}", l.layout.state.display()), e))?;
+                crate::pull::write_atomic(seen_path, &serde_json::to_vec(&seen).expect("serializes"))?;
+            }
             Ok(Some(parsed))
         }
     }
 }
 
-/// What a group's deployed pointer means for this node.
-fn decide(ctx: &Ctx<'_>, group: &str, d: Deployed) -> Target {
-    match (d.state, &ctx.current) {
+/// What a group's deployed pointer means for a node running `current`.
+fn decide(current: Option<&str>, group: &str, d: Deployed) -> Target {
+    match (d.state, current) {
         (DeployState::Done, _) => Target::Release { id: d.release, digest: Some(d.manifest), manifest: None },
-        (state, Some(live)) if *live != d.release => Target::Hold {
+        (state, Some(live)) if live != d.release => Target::Hold {
             reason: format!(
                 "a deploy of group {group} to release {} is {}; this node keeps {live} until it is switched (or a sync or rollback ends it)",
                 d.release,
@@ -157,24 +172,91 @@ fn decide(ctx: &Ctx<'_>, group: &str, d: Deployed) -> Target {
 
 /// `--release-id ID`: that release of the store, or, when the source has
 /// no store, the name of the listing's release.
-async fn resolve_id(ctx: &Ctx<'_>, store: &Store, id: &str) -> Result<Option<Target>> {
+async fn resolve_id(l: &Lookup<'_>, store: &Store, id: &str) -> Result<Option<Target>> {
     // Live, from the store, intact: nothing to ask.
-    let stored_live = ctx.current.as_deref() == Some(id) && ctx.registry.get(id).is_some_and(|r| r.content.starts_with(STORE_CONTENT));
+    let stored_live = l.current == Some(id) && l.registry.get(id).is_some_and(|r| r.content.starts_with(STORE_CONTENT));
     if stored_live {
         return Ok(Some(Target::Release { id: id.to_string(), digest: None, manifest: None }));
     }
-    match fetch_manifest(&ctx.client, store, id, None).await {
+    match fetch_manifest(l.client, store, id, None).await {
         Ok(m) => Ok(Some(Target::Release { id: id.to_string(), digest: None, manifest: Some(m) })),
-        Err(Error::NotInStore(_)) => match pointer::read::<serde_json::Value>(&ctx.client, store, &store.latest_key(), None).await? {
+        Err(Error::NotInStore(_)) => match pointer::read::<serde_json::Value>(l.client, store, &store.latest_key(), None).await? {
             Found::Absent => Ok(None),
             _ => Err(Error::Config(format!(
                 "release {id} is not in the release store at {} (`fleetsync releases {}` lists what is)",
                 store.url(&store.root),
-                ctx.opts.pull.source
+                l.opts.pull.source
             ))),
         },
         Err(e) => Err(e),
     }
+}
+
+/// `--dry-run` against a release store: the release the pull would make
+/// live and what building it would fetch, against the files the state
+/// store records (by content digest and mode; no file is stat-ed, so
+/// drift is not shown): a release already on the node is checked path by
+/// path against its own records, as its repair would; a new one is built
+/// from the live release's content, linked or copied, and what leaves the
+/// live tree at the switch is listed as deleted. Writes nothing: no node
+/// lock, no state, no remembered pointer. `None` when the source has no
+/// store.
+pub(super) async fn dry_run(l: &Lookup<'_>) -> Result<Option<PullReport>> {
+    let p = &l.opts.pull;
+    let Some(target) = resolve(l).await? else {
+        return Ok(None);
+    };
+    let mut report = PullReport::new(p.source.to_string(), p.dest.display().to_string(), true);
+    let mut release = ReleaseReport { previous: l.current.map(str::to_string), store: true, ..Default::default() };
+    let (id, digest, manifest) = match target {
+        Target::Hold { reason } => {
+            release.id = l.current.unwrap_or_default().to_string();
+            release.held = Some(reason);
+            report.release = Some(release);
+            return Ok(Some(report));
+        }
+        Target::Release { id, digest, manifest } => (id, digest, manifest),
+    };
+    let manifest = match manifest {
+        Some(m) => m,
+        None => fetch_manifest(l.client, &Store::of(&p.source), &id, digest.as_ref()).await?,
+    };
+    let on_node = l.current == Some(id.as_str()) || l.registry.get(&id).is_some();
+    let base = match if on_node { Some(id.as_str()) } else { l.current } {
+        Some(base) => StateStore::load_read_only(&p.state_dir, &l.layout.dir(base))?,
+        None => HashMap::new(),
+    };
+    let have: std::collections::HashSet<(Digest, u32)> = base.values().filter_map(|p| parse_store_etag(&p.etag)).collect();
+    let contents: std::collections::HashSet<Digest> = have.iter().map(|(hash, _)| *hash).collect();
+    let mut plan = crate::report::Plan::default();
+    for f in manifest.entries.iter().filter_map(|e| if let Entry::File(f) = e { Some(f) } else { None }) {
+        if on_node && base.get(&f.path).is_some_and(|p| p.etag == store_etag(&f.hash, f.mode)) {
+            report.counts.unchanged += 1;
+        } else if !on_node && have.contains(&(f.hash, f.mode)) {
+            release.linked += 1;
+        } else if !on_node && contents.contains(&f.hash) {
+            release.copied += 1;
+        } else {
+            report.counts.downloaded += 1;
+            plan.fetch_bytes += f.size;
+            if plan.fetch.len() < crate::report::MAX_PLAN {
+                plan.fetch.push(f.path.to_string());
+            }
+        }
+    }
+    let wanted: std::collections::HashSet<&RelPath> = manifest.entries.iter().map(Entry::path).collect();
+    let mut gone: Vec<&RelPath> = base.keys().filter(|p| !wanted.contains(p)).collect();
+    gone.sort();
+    report.counts.deleted = gone.len() as u64;
+    plan.delete = gone.iter().take(crate::report::MAX_PLAN).map(|p| p.to_string()).collect();
+    report.counts.listed = manifest.header.files;
+    report.counts.unchanged += release.linked + release.copied;
+    report.bytes_downloaded = plan.fetch_bytes;
+    report.plan = Some(plan);
+    release.switched = l.current != Some(id.as_str());
+    release.id = id;
+    report.release = Some(release);
+    Ok(Some(report))
 }
 
 /// What the registry records as a store release's content: this prefix and

@@ -283,6 +283,19 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     if p.dry_run {
         // What the pull would change, relative to the live release.
         let current = layout.current()?;
+        let client = s3_client(&p.client).await;
+        let registry = layout.load()?;
+        let lookup = from_store::Lookup {
+            opts,
+            layout: &layout,
+            client: &client,
+            current: current.as_deref(),
+            registry: &registry,
+            remember: false,
+        };
+        if let Some(report) = from_store::dry_run(&lookup).await? {
+            return Ok(report);
+        }
         let dest = current.map_or_else(|| layout.dest.join(RELEASES).join(".none"), |id| layout.dir(&id));
         return pull::pull(&PullOptions { dest, ..p.clone() }, observer).await;
     }
@@ -294,7 +307,9 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     releases.sweep_incomplete(&layout, &registry, current.as_deref())?;
 
     let ctx = Ctx { opts, layout: &layout, releases: &releases, registry: &registry, current: current.clone(), client, observer, t0 };
-    let (step, store) = match from_store::resolve(&ctx).await? {
+    let lookup =
+        from_store::Lookup { opts, layout: &layout, client: &ctx.client, current: current.as_deref(), registry: &registry, remember: true };
+    let (step, store) = match from_store::resolve(&lookup).await? {
         Some(target) => (from_store::run(&ctx, target).await?, true),
         None => (from_listing::run(&ctx).await?, false),
     };

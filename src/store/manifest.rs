@@ -18,9 +18,10 @@
 //! through the same key rules as a listed key ([`map_key`]), a symlink's
 //! target must be relative and stay inside the release, paths must be
 //! strictly sorted and never both a file and a directory, a line longer
-//! than [`MAX_LINE`] or more than [`MAX_ENTRIES`] entries is refused before
-//! it is held in memory, and the header's counts and tree digest must match
-//! the entries.
+//! than [`MAX_LINE`], more than [`MAX_ENTRIES`] entries or more than
+//! [`MAX_NAME_BYTES`] of paths and targets are refused before they are held
+//! in memory, and the header's counts and tree digest must match the
+//! entries.
 
 use std::io::{BufRead, BufReader, Read, Write};
 
@@ -38,6 +39,12 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// Most entries accepted (a hostile manifest cannot make the agent hold
 /// more than this many entries' worth of memory, about 150 bytes each).
 pub const MAX_ENTRIES: usize = 2_000_000;
+/// Most bytes of paths and symlink targets accepted, all entries together:
+/// the part of an entry's memory its line decides. Long, near-identical
+/// paths compress to a few bytes a line, so the count of entries alone
+/// would let a 60 MB manifest expand to gigabytes. A million files with
+/// 128-byte paths hold 128 MiB.
+pub const MAX_NAME_BYTES: usize = 256 << 20;
 /// zstd level for manifests: they are hashes and paths, so little changes
 /// between levels except the time taken.
 const LEVEL: i32 = 3;
@@ -322,11 +329,17 @@ impl Manifest {
     /// Parses a decompressed stream, line by line (the whole text is never
     /// held in memory).
     pub fn parse_stream(r: impl Read, what: &str) -> Result<Manifest> {
+        Self::parse_bounded(r, what, MAX_NAME_BYTES)
+    }
+
+    /// [`Manifest::parse_stream`] with a bound on the bytes of paths and
+    /// targets (tests lower it).
+    fn parse_bounded(r: impl Read, what: &str, max_names: usize) -> Result<Manifest> {
         let mut lines = Lines { r: BufReader::with_capacity(256 * 1024, r), buf: Vec::new() };
         let first = lines.next().map_err(|e| bad(what, &e))?.ok_or_else(|| bad(what, "it is empty"))?;
         let header = parse_header(first).map_err(|e| bad(what, &e))?;
         let mut entries: Vec<Entry> = Vec::new();
-        let mut n = 1;
+        let (mut n, mut names) = (1, 0usize);
         while let Some(line) = lines.next().map_err(|e| bad(what, &e))? {
             n += 1;
             if entries.len() >= MAX_ENTRIES {
@@ -336,6 +349,10 @@ impl Manifest {
             let raw: Line = serde_json::from_slice(line).map_err(|e| at_line(e.to_string()))?;
             let entry = raw.into_entry(header.packs.len()).map_err(at_line)?;
             let path = entry.path();
+            names += path.as_str().len() + if let Entry::Symlink { target, .. } = &entry { target.len() } else { 0 };
+            if names > max_names {
+                return Err(bad(what, &format!("its paths and targets hold more than {max_names} bytes")));
+            }
             if entries.last().is_some_and(|prev| prev.path() >= path) {
                 return Err(at_line(format!("{path} is out of order or repeated")));
             }
@@ -579,5 +596,10 @@ mod tests {
         let back = Manifest::parse(&bytes, "big").unwrap();
         assert_eq!(back.header.files, 1_000_000);
         assert_eq!(back.entries.len(), 1_000_000);
+        drop(back);
+        // The same manifest, refused before its paths (24 MB of them) are
+        // held, when they are more than the bound allows.
+        let e = Manifest::parse_bounded(zstd::stream::Decoder::new(&*bytes).unwrap(), "big", 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("paths and targets hold more than 1048576 bytes"), "{e}");
     }
 }

@@ -33,6 +33,7 @@
 //!   slows down further when SSM throttles it (the SDK retries each call).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::{CommandInvocation, CommandInvocationStatus, InstanceInformationStringFilter, PingStatus};
@@ -97,7 +98,28 @@ pub struct Ssm {
     pub comment: String,
     /// Commands sent so far, to cancel them if the deploy is interrupted. A
     /// std Mutex: held only to push or copy, never across an await.
-    pub sent: std::sync::Mutex<Vec<String>>,
+    pub sent: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Held for reading by every SendCommand in flight (a task of its own,
+    /// so that an interrupt, which drops the deploy's futures, never drops
+    /// a request SSM may have accepted before its command ID is known);
+    /// [`Ssm::cancel_all`] takes it for writing to wait for them.
+    pub sending: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// How long an interrupted deploy waits for the SendCommands in flight to
+/// answer before it cancels what was sent (usually well under a second; a
+/// stalled connection can hold one for the SDK's read timeout per attempt).
+const SEND_PATIENCE: Duration = Duration::from_secs(60);
+/// How long an interrupted deploy waits for SSM to end the invocations it
+/// cancelled before it releases the fleet lock anyway, naming them.
+const CANCEL_PATIENCE: Duration = Duration::from_secs(30);
+
+/// SSM answered a polling or output call in a way waiting does not cure:
+/// credentials expired or refused, or the permission missing. (Credentials
+/// that could not be loaded for a moment, an instance role being renewed,
+/// are not: SSM never answered.)
+fn hopeless(f: &ApiFailure) -> bool {
+    (f.is_credentials() && f.code.is_some()) || f.code.as_deref() == Some("AccessDeniedException")
 }
 
 /// One command sent and not finished.
@@ -361,7 +383,7 @@ impl Ssm {
             None => "100%".to_string(),
             Some(m) => m.saturating_sub(fleet.failures.load(std::sync::atomic::Ordering::SeqCst)).to_string(),
         };
-        let sent = self
+        let request = self
             .client
             .send_command()
             .document_name(&self.document)
@@ -370,13 +392,21 @@ impl Ssm {
             .timeout_seconds(self.delivery_timeout.as_secs() as i32)
             .max_concurrency(chunk.len().to_string())
             .max_errors(max_errors)
-            .comment(self.comment.chars().take(100).collect::<String>())
-            .send()
-            .await;
+            .comment(self.comment.chars().take(100).collect::<String>());
+        let (in_flight, sent) = (self.sending.clone().read_owned().await, self.sent.clone());
+        let task = tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let out = request.send().await?;
+            let id = out.command().and_then(|c| c.command_id()).unwrap_or_default().to_string();
+            sent.lock().unwrap_or_else(|p| p.into_inner()).push(id.clone());
+            Ok(id)
+        });
+        let sent = match task.await {
+            Ok(sent) => sent,
+            Err(e) => return Err(format!("SSM SendCommand: {e}")),
+        };
         match sent {
-            Ok(out) => {
-                let id = out.command().and_then(|c| c.command_id()).unwrap_or_default().to_string();
-                self.sent.lock().unwrap_or_else(|p| p.into_inner()).push(id.clone());
+            Ok(id) => {
                 fleet.progress.note(&format!("sent SSM command {id} to {} nodes", chunk.len()));
                 Ok(id)
             }
@@ -416,7 +446,24 @@ impl Ssm {
             }
             return Ok(done);
         }
-        let invocations = self.invocations(&cmd.id).await?;
+        let invocations = match self.invocations(&cmd.id).await {
+            Ok(invocations) => invocations,
+            // Expired or refused credentials do not come back by waiting
+            // for the command's timeouts (half an hour by default): its
+            // nodes fail now, with the reason.
+            Err(e) if hopeless(&e) => {
+                let why = format!(
+                    "{:#}; SSM command {} may still run on the node (see the SSM console)",
+                    api_error("SSM ListCommandInvocations", &e, NEEDS),
+                    cmd.id
+                );
+                for (_, node) in cmd.waiting.drain() {
+                    done.push((node, Done::Result(Box::new(fleet.failed(node, why.clone())))));
+                }
+                return Ok(done);
+            }
+            Err(e) => return Err(e),
+        };
         for inv in invocations {
             let (Some(id), Some(status)) = (inv.instance_id(), inv.status()) else { continue };
             let Some(node) = cmd.waiting.get(id).copied() else { continue };
@@ -447,9 +494,47 @@ impl Ssm {
     }
 
     /// Cancels every command sent (the deploy was interrupted).
+    /// Waits for the SendCommands in flight first: SSM may have accepted
+    /// them, and their commands would run on with nobody to cancel them.
     pub async fn cancel_all(&self, progress: &Progress) {
+        if self.sending.try_write().is_err() {
+            progress.note("waiting for the SendCommands in flight to answer, to cancel their commands too");
+        }
+        if tokio::time::timeout(SEND_PATIENCE, self.sending.write()).await.is_err() {
+            progress.note(&format!(
+                "warning: a SendCommand still unanswered after {} s may run on: look for commands \"{}\" in the SSM console",
+                SEND_PATIENCE.as_secs(),
+                self.comment
+            ));
+        }
         let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
         futures::future::join_all(sent.iter().map(|id| self.cancel(id, progress))).await;
+        // Cancelling is asynchronous in SSM (`Cancelling`, with no promise
+        // that the process stops): wait, a while, for every invocation to
+        // end, so that the lock is not released under a node still
+        // running, and name those that did not.
+        let started = Instant::now();
+        loop {
+            let running: Vec<String> = futures::future::join_all(sent.iter().map(|id| self.invocations(id)))
+                .await
+                .into_iter()
+                .flat_map(|r| r.unwrap_or_default())
+                .filter(|inv| !is_final(inv.status()))
+                .filter_map(|inv| inv.instance_id().map(str::to_string))
+                .collect();
+            if running.is_empty() {
+                return;
+            }
+            if started.elapsed() > CANCEL_PATIENCE {
+                progress.note(&format!(
+                    "warning: SSM was still cancelling the command on {} after {} s: the agent there may still switch a release",
+                    running.join(", "),
+                    CANCEL_PATIENCE.as_secs()
+                ));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     async fn cancel(&self, command_id: &str, progress: &Progress) {
@@ -501,8 +586,14 @@ impl Ssm {
                 Ok(out) => format!("SSM still showed it {:?}", out.status().map(|s| s.as_str())),
                 Err(e) if e.as_service_error().is_some_and(|s| s.is_invocation_does_not_exist()) => "SSM did not show it yet".into(),
                 Err(e) => {
-                    let why = format!("{:#}", api_error("SSM GetCommandInvocation", &ApiFailure::from_sdk(&e), NEEDS));
-                    return Outcome { unreached: Some(why), elapsed: since.elapsed(), ..Outcome::default() };
+                    let failure = ApiFailure::from_sdk(&e);
+                    let why = format!("{:#}", api_error("SSM GetCommandInvocation", &failure, NEEDS));
+                    if hopeless(&failure) {
+                        return Outcome { unreached: Some(why), elapsed: since.elapsed(), ..Outcome::default() };
+                    }
+                    // Still throttled or failing after the SDK's retries: the
+                    // node finished, so its output is worth asking for again.
+                    why
                 }
             };
             if started.elapsed() > OUTPUT_PATIENCE {
