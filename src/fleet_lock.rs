@@ -178,11 +178,16 @@ impl HeldLock {
         gone
     }
 
-    /// Stops renewing (waiting for a renewal in flight) and deletes the
-    /// lock, if it is still ours.
+    /// Stops renewing (waiting for a renewal in flight, at most half a
+    /// period: one stuck on a stalled connection is dropped, and a write of
+    /// it that lands after all is recognised below by its owner) and
+    /// deletes the lock, if it is still ours.
     pub async fn release(mut self) -> Result<()> {
         self.stop.send_replace(true);
-        let _ = (&mut self.renewal).await;
+        let patience = Duration::from_millis(self.period_ms / 2).max(Duration::from_secs(1));
+        if tokio::time::timeout(patience, &mut self.renewal).await.is_err() {
+            self.renewal.abort();
+        }
         for _ in 0..RELEASE_TRIES {
             let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let f = match self.client.delete_object().bucket(&self.object.bucket).key(&self.object.key).if_match(etag).send().await {
@@ -426,7 +431,8 @@ impl Renewal {
             // timeout (30 s, more than a 60 s lease's margin): half a period
             // and it is tried again. A write that lands after all is ours
             // (the 412 path below recognises it).
-            let Ok(put) = tokio::time::timeout((period / 2).max(Duration::from_secs(1)), put.send()).await else {
+            let attempt = (period / 2).max(Duration::from_secs(1));
+            let Ok(put) = tokio::time::timeout(attempt, put.send()).await else {
                 tracing::warn!(lock = %self.object, "renewing the fleet lock got no answer in time; retrying");
                 return if self.room(period) > 0 { Renewed::Again } else { Renewed::Lost };
             };
@@ -444,7 +450,10 @@ impl Renewal {
                     tracing::info!(lock = %self.object, "renewing the fleet lock raced another write (409); retrying");
                     tokio::time::sleep(Duration::from_millis((100 + rand::random::<u64>() % 400).min(room))).await;
                 }
-                Some(412) => match read(&self.client, &self.object).await {
+                Some(412) => match tokio::time::timeout(attempt, read(&self.client, &self.object))
+                    .await
+                    .unwrap_or_else(|_| Err(Error::S3(format!("reading the fleet lock {}: no answer in time", self.object))))
+                {
                     // Our own write landed and its answer was lost: still ours.
                     Ok(Some((info, etag))) if info.owner == self.info.owner => {
                         tracing::info!(lock = %self.object, "a renewal's answer was lost, but the lock is still ours");

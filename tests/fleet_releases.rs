@@ -339,3 +339,27 @@ impl OnR1 {
         ["--asg", &self.asg, "--source", &self.source, "--dest", "/srv/www", "--via", "ssh"]
     }
 }
+
+#[tokio::test]
+async fn a_failed_redeploy_of_the_release_the_group_runs_switches_nothing_back() {
+    let g = OnR1::new("redeploy", 2).await;
+    let (nodes, base) = (&g.nodes, g.base());
+    let (code, r, stderr) = fleetsync(&[&["sync", "--releases"][..], &base].concat(), nodes);
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    // The group runs r2 (its deploy ended whole). A node replaced by a
+    // fresh one fails r2's after-switch command when r2 is deployed again:
+    // r1, the release before, is not what the fleet ran, and nothing goes
+    // back to it.
+    let root = &nodes.list()[0].1;
+    std::fs::remove_dir_all(root.join("www")).unwrap();
+    std::fs::remove_dir_all(root.join("state")).unwrap();
+    std::fs::write(root.join("fail"), b"").unwrap();
+    let args =
+        [&["sync", "--releases", "--release", "r2", "--rollback-on-failure", "--after-switch", "test ! -e /srv/fail"][..], &base].concat();
+    let (code, r, stderr) = fleetsync(&args, nodes);
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    assert!(r["rolled_back"].is_null() && stderr.contains("nothing is switched back"), "{stderr}\n{r}");
+    for (_, root) in nodes.list() {
+        assert_eq!(live(&root), "releases/r2");
+    }
+}

@@ -237,10 +237,12 @@ async fn an_interrupt_while_ssm_has_not_yet_answered_a_send_command_cancels_that
     let ids = ids(&asg);
     let held: Vec<_> = ids.iter().map(|id| Nodes::hold_agent_lock(&nodes.dir.path().join(id).join("srv"))).collect();
     // SSM accepts the command at once but its answer (the command ID) takes
-    // 3 s to reach the bastion: the interrupt comes in between.
+    // 0.3 s to reach the bastion: the interrupt comes in between, and the
+    // cancel then finds the command not listed yet (SSM lists invocations
+    // only after a moment), which is not the same as ended.
     let slow = common::FaultProxy::start(
         &std::env::var("AWS_ENDPOINT_URL_SSM").unwrap(),
-        &["--api", "--rate", "0", "--slow-op", "SendCommand", "--slow", "3"],
+        &["--api", "--rate", "0", "--slow-op", "SendCommand", "--slow", "0.3"],
     );
     let child = common::deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
         .env("AWS_ENDPOINT_URL_SSM", &slow.url)

@@ -177,16 +177,22 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
     };
     let mut rolled_back = None;
     let mut pointer_error = None;
-    let lock_lost = held.lost();
-    if let Some(t) = target.as_mut().filter(|_| !lock_lost) {
+    if let Some(t) = target.as_mut().filter(|_| !held.lost()) {
         let failed = results.iter().any(|r| r.status != NodeStatus::Ok);
         let ended = if !failed {
             t.end(s3, DeployState::Done, false).await
+        } else if d.rollback_on_failure && t.settled_on.as_deref() == Some(t.release.as_str()) {
+            // A deploy of the release the group was settled on: there is
+            // nothing to switch back to (the release before it is not what
+            // the fleet ran).
+            progress.note(&format!("the deploy failed; the group was on {} already: nothing is switched back", t.release));
+            t.end(s3, DeployState::Failed, false).await
         } else if let Some(prev) = t.previous.clone().filter(|_| d.rollback_on_failure) {
             // The fleet ends on one release: every node not known to run it
             // goes back (those that joined during the deploy included).
             let run: Vec<Node> = targets.iter().chain(&joined).cloned().collect();
-            let back: Vec<Node> = not_on(&run, &results, &prev.release, t.settled);
+            let settled = t.settled_on.as_deref() == Some(prev.release.as_str());
+            let back: Vec<Node> = not_on(&run, &results, &prev.release, settled);
             progress.note(&format!("the deploy failed: switching {} nodes back to {}", back.len(), prev.release));
             fleet.call = store_call(&d.source, &d.call, t, &prev.release);
             // The switch back is not held to what failed the deploy: every
@@ -204,7 +210,13 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
             let failed: Vec<String> = back.iter().filter(|r| r.status != NodeStatus::Ok).map(|r| r.instance_id.clone()).collect();
             let switched = back.iter().filter(|r| r.status == NodeStatus::Ok && switched(r)).count();
             rolled_back = Some(FleetRollback { to: prev.release.clone(), nodes: switched, failed });
-            t.end(s3, DeployState::Done, true).await
+            if held.lost() {
+                // Lost during the switch back: the group may be another
+                // deploy's now, and its pointer is not this one's to write.
+                Ok(())
+            } else {
+                t.end(s3, DeployState::Done, true).await
+            }
         } else {
             t.end(s3, DeployState::Failed, false).await
         };
@@ -218,6 +230,8 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
         });
     }
     progress.finish();
+    // Latched: lost during the pass or the switch back.
+    let lock_lost = held.lost();
     if lock_lost {
         log("the fleet lock was lost during the deploy (broken, taken over, or its lease ran out unrenewed); nodes not yet started were skipped");
     }

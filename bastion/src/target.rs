@@ -29,10 +29,10 @@ pub struct Target {
     /// The release the group's pointer named before this deploy (for the
     /// history and the progress: "from r1").
     pub from: Option<String>,
-    /// The pointer said the last deploy ended whole on `previous`: nodes
-    /// this deploy never started still run it (so a fleet rollback need not
-    /// ask them). False after a failed or interrupted deploy.
-    pub settled: bool,
+    /// The release the group's pointer said its last deploy ended whole on
+    /// (`done`), if it did: nodes this deploy never started still run it.
+    /// `None` after a failed or interrupted deploy.
+    pub settled_on: Option<String>,
     /// The deploy's id (its history record's name).
     pub deploy: String,
     /// The pointer's ETag as last read or written.
@@ -72,12 +72,10 @@ pub async fn for_sync(s3: &S3Client, source: &S3Url, group: &str, requested: Opt
     };
     let previous =
         current.as_ref().and_then(|d| if d.release == release && d.state == DeployState::Done { d.previous.clone() } else { last_good(d) });
-    let settled = current.as_ref().is_some_and(|d| {
-        d.state == DeployState::Done && previous.as_ref().is_some_and(|p| p.release == d.release && p.manifest == d.manifest)
-    });
+    let settled_on = current.as_ref().filter(|d| d.state == DeployState::Done).map(|d| d.release.clone());
     let deploy = fleetsync::store::history::new_id(group);
     let from = current.map(|d| d.release);
-    Ok(Some(Target { store, group: group.to_string(), release, manifest, previous, from, settled, deploy, etag }))
+    Ok(Some(Target { store, group: group.to_string(), release, manifest, previous, from, settled_on, deploy, etag }))
 }
 
 /// `rollback`: `to`, else the group's previous release. `None` when the
@@ -102,7 +100,7 @@ pub async fn for_rollback(s3: &S3Client, source: &S3Url, group: &str, to: Option
     // rollback names its release.
     let deploy = fleetsync::store::history::new_id(group);
     let from = current.map(|d| d.release);
-    Ok(Some(Target { store, group: group.to_string(), release, manifest, previous: None, from, settled: false, deploy, etag }))
+    Ok(Some(Target { store, group: group.to_string(), release, manifest, previous: None, from, settled_on: None, deploy, etag }))
 }
 
 /// The digest of release `id`'s manifest object (which must exist).

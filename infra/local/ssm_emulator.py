@@ -231,6 +231,8 @@ class Invocation:
         """SIGKILLs the running script's process group (`execute` then
         records how it ended) or, when nothing runs there (not delivered, a
         dead or simulated agent), ends the invocation now."""
+        if self.status in TERMINAL:
+            return
         if self.proc is not None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -595,7 +597,12 @@ class World:
         with self.lock:
             if inv.status in TERMINAL:  # cancelled or expired meanwhile
                 return
-            inv.status, inv.details, inv.start = "InProgress", "InProgress", time.time()
+            cancelled = inv.cancel_requested
+            if not cancelled:
+                inv.status, inv.details, inv.start = "InProgress", "InProgress", time.time()
+        if cancelled:  # CancelCommand came while it was being delivered
+            inv.finish("Cancelled", "Cancelled", -1)
+            return
         if state == "dead":
             return  # InProgress until the command expires
         info = json.load(open(os.path.join(node, "node.json")))

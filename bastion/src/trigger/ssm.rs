@@ -96,9 +96,10 @@ pub struct Ssm {
     pub delivery_timeout: Duration,
     /// Shown in the SSM console and in ListCommands, to tell deploys apart.
     pub comment: String,
-    /// Commands sent so far, to cancel them if the deploy is interrupted. A
-    /// std Mutex: held only to push or copy, never across an await.
-    pub sent: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Commands sent so far, with how many instances each, to cancel them
+    /// if the deploy is interrupted. A std Mutex: held only to push or
+    /// copy, never across an await.
+    pub sent: Arc<std::sync::Mutex<Vec<(String, usize)>>>,
     /// Held for reading by every SendCommand in flight (a task of its own,
     /// so that an interrupt, which drops the deploy's futures, never drops
     /// a request SSM may have accepted before its command ID is known);
@@ -393,12 +394,12 @@ impl Ssm {
             .max_concurrency(chunk.len().to_string())
             .max_errors(max_errors)
             .comment(self.comment.chars().take(100).collect::<String>());
-        let (in_flight, sent) = (self.sending.clone().read_owned().await, self.sent.clone());
+        let (in_flight, sent, n) = (self.sending.clone().read_owned().await, self.sent.clone(), chunk.len());
         let task = tokio::spawn(async move {
             let _in_flight = in_flight;
             let out = request.send().await?;
             let id = out.command().and_then(|c| c.command_id()).unwrap_or_default().to_string();
-            sent.lock().unwrap_or_else(|p| p.into_inner()).push(id.clone());
+            sent.lock().unwrap_or_else(|p| p.into_inner()).push((id.clone(), n));
             Ok(id)
         });
         let sent = match task.await {
@@ -446,7 +447,7 @@ impl Ssm {
             }
             return Ok(done);
         }
-        let invocations = match self.invocations(&cmd.id).await {
+        let invocations = match self.invocations(&cmd.id, true).await {
             Ok(invocations) => invocations,
             // Expired or refused credentials do not come back by waiting
             // for the command's timeouts (half an hour by default): its
@@ -508,27 +509,44 @@ impl Ssm {
             ));
         }
         let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        futures::future::join_all(sent.iter().map(|id| self.cancel(id, progress))).await;
+        futures::future::join_all(sent.iter().map(|(id, _)| self.cancel(id, progress))).await;
         // Cancelling is asynchronous in SSM (`Cancelling`, with no promise
         // that the process stops): wait, a while, for every invocation to
         // end, so that the lock is not released under a node still
-        // running, and name those that did not.
+        // running, and name those that did not. A command counts as ended
+        // once its list shows all its instances final (a failed call, or a
+        // list SSM has not filled yet, is not an answer), and is not asked
+        // again.
         let started = Instant::now();
+        let mut pending: Vec<(String, usize, Vec<String>)> = sent.into_iter().map(|(id, n)| (id, n, Vec::new())).collect();
         loop {
-            let running: Vec<String> = futures::future::join_all(sent.iter().map(|id| self.invocations(id)))
-                .await
-                .into_iter()
-                .flat_map(|r| r.unwrap_or_default())
-                .filter(|inv| !is_final(inv.status()))
-                .filter_map(|inv| inv.instance_id().map(str::to_string))
-                .collect();
-            if running.is_empty() {
+            pending = futures::stream::iter(pending)
+                .map(|(id, n, running)| async move {
+                    match self.invocations(&id, false).await {
+                        Ok(invs) if invs.iter().filter(|inv| is_final(inv.status())).count() >= n => None,
+                        Ok(invs) => {
+                            let running =
+                                invs.iter().filter(|inv| !is_final(inv.status())).filter_map(|inv| inv.instance_id()).map(str::to_string);
+                            Some((id, n, running.collect()))
+                        }
+                        Err(_) => Some((id, n, running)),
+                    }
+                })
+                .buffer_unordered(CALLS_AT_ONCE)
+                .filter_map(|still| async move { still })
+                .collect()
+                .await;
+            if pending.is_empty() {
                 return;
             }
             if started.elapsed() > CANCEL_PATIENCE {
+                let named: Vec<String> = pending
+                    .iter()
+                    .map(|(id, _, running)| if running.is_empty() { id.clone() } else { format!("{id} ({})", running.join(", ")) })
+                    .collect();
                 progress.note(&format!(
-                    "warning: SSM was still cancelling the command on {} after {} s: the agent there may still switch a release",
-                    running.join(", "),
+                    "warning: SSM had not ended the cancelled commands {} after {} s: an agent there may still switch a release",
+                    named.join(", "),
                     CANCEL_PATIENCE.as_secs()
                 ));
                 return;
@@ -543,11 +561,12 @@ impl Ssm {
         }
     }
 
-    /// Every invocation of the command, with the plugin output (absent ones
-    /// are not visible yet).
-    async fn invocations(&self, command_id: &str) -> Result<Vec<CommandInvocation>, ApiFailure> {
+    /// Every invocation of the command, with the plugin output when
+    /// `details` (absent ones are not visible yet).
+    async fn invocations(&self, command_id: &str, details: bool) -> Result<Vec<CommandInvocation>, ApiFailure> {
         let mut out = Vec::new();
-        let mut pages = self.client.list_command_invocations().command_id(command_id).details(true).max_results(50).into_paginator().send();
+        let mut pages =
+            self.client.list_command_invocations().command_id(command_id).details(details).max_results(50).into_paginator().send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| ApiFailure::from_sdk(&e))?;
             out.extend(page.command_invocations().iter().cloned());
