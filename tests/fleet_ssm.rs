@@ -259,6 +259,32 @@ async fn an_interrupt_while_ssm_has_not_yet_answered_a_send_command_cancels_that
 }
 
 #[tokio::test]
+async fn a_command_ssm_refuses_for_an_instance_it_no_longer_manages_is_sent_again_to_the_others() {
+    let b = Bucket::new("ssmleft").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group_ssm("ssmleft", 3, 7);
+    let ids = ids(&asg);
+    // Between the bastion's ping check and its send, an instance left SSM
+    // (a scale-in): SSM refuses the whole command, InvalidInstanceId. Here
+    // the refusal is injected once and every instance is still online, so
+    // every node is sent again and syncs.
+    let refusing = common::FaultProxy::start(
+        &std::env::var("AWS_ENDPOINT_URL_SSM").unwrap(),
+        &["--api", "--rate", "0", "--fail-op", "SendCommand", "--fail-count", "1", "--fail-code", "InvalidInstanceId"],
+    );
+    let (code, report, stderr) = common::run_report(
+        common::deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm").env("AWS_ENDPOINT_URL_SSM", &refusing.url),
+    );
+    assert_eq!(code, 0, "{stderr}\n{report}");
+    assert_eq!(refusing.stats()["fail-op"], 1);
+    assert!(stderr.contains("sending again to the 3 of 3 nodes still online"), "{stderr}");
+    for id in &ids {
+        assert_eq!(node_in(&report, id)["status"], "ok", "{report}");
+        assert!(nodes.dir.path().join(id).join("srv/www/index.php").exists());
+    }
+}
+
+#[tokio::test]
 async fn offline_and_dead_ssm_agents_are_named_and_do_not_hold_back_the_other_nodes() {
     let b = Bucket::new("ssmdead").await;
     b.put("app/index.php", b"<?php").await;

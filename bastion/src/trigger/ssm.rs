@@ -32,7 +32,7 @@
 //!   commands in flight it stays under [`POLLS_PER_SECOND`] calls, and it
 //!   slows down further when SSM throttles it (the SDK retries each call).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,15 @@ const CANCEL_PATIENCE: Duration = Duration::from_secs(30);
 /// are not: SSM never answered.)
 fn hopeless(f: &ApiFailure) -> bool {
     (f.is_credentials() && f.code.is_some()) || f.code.as_deref() == Some("AccessDeniedException")
+}
+
+/// Why a SendCommand was not sent.
+struct NotSent {
+    /// For the nodes' results.
+    why: String,
+    /// SSM refused instance IDs it no longer manages (InvalidInstanceId):
+    /// the chunk's other nodes may be sent again.
+    left: bool,
 }
 
 /// One command sent and not finished.
@@ -287,6 +296,8 @@ impl Ssm {
         let mut results = Vec::new();
         let mut reads = FuturesUnordered::new();
         let mut pause = MIN_POLL;
+        // Nodes sent again after SSM refused a command for another node.
+        let mut resent: HashSet<String> = HashSet::new();
         loop {
             if let Some(why) = fleet.stop_reason() {
                 results.extend(queue.drain(..).map(|n| fleet.not_attempted(n, why)));
@@ -314,13 +325,36 @@ impl Ssm {
                         let waiting = chunk.iter().map(|n| (n.instance_id.clone(), *n)).collect();
                         in_flight.push(InFlight { id, waiting, running: HashMap::new(), sent_at: Instant::now(), cancelled: false });
                     }
-                    Err(why) => results.extend(chunk.iter().map(|n| fleet.failed(n, why.clone()))),
+                    // An instance left SSM between the check and the send (a
+                    // scale-in, an agent stopped): SSM refuses the whole
+                    // command for it. The others are checked again and go
+                    // back to the front of the queue, once.
+                    Err(NotSent { left: true, .. }) if chunk.iter().all(|n| !resent.contains(&n.instance_id)) => {
+                        let owned: Vec<Node> = chunk.iter().map(|n| (*n).clone()).collect();
+                        let mut gone = HashMap::new();
+                        let still: HashSet<String> =
+                            self.reachable(fleet, &owned, &mut gone).await.into_iter().map(|n| n.instance_id.clone()).collect();
+                        fleet.progress.note(&format!(
+                            "SSM refused a command naming an instance no longer managed: sending again to the {} of {} nodes still online",
+                            still.len(),
+                            chunk.len()
+                        ));
+                        for n in chunk.iter().rev() {
+                            if still.contains(&n.instance_id) {
+                                resent.insert(n.instance_id.clone());
+                                queue.push_front(n);
+                            } else if let Some(r) = gone.remove(&n.instance_id) {
+                                results.push(r);
+                            }
+                        }
+                    }
+                    Err(NotSent { why, .. }) => results.extend(chunk.iter().map(|n| fleet.failed(n, why.clone()))),
                 }
             }
             if queue.is_empty() {
                 fleet.mark_all_started();
             }
-            if in_flight.is_empty() && reads.is_empty() {
+            if in_flight.is_empty() && reads.is_empty() && queue.is_empty() {
                 break;
             }
             // Wait for the next poll, taking output reads as they end.
@@ -379,7 +413,7 @@ impl Ssm {
     }
 
     /// Sends the agent to `chunk`, all at once; returns the command ID.
-    async fn send(&self, fleet: &Fleet<'_>, chunk: &[&Node], parameters: &HashMap<String, Vec<String>>) -> Result<String, String> {
+    async fn send(&self, fleet: &Fleet<'_>, chunk: &[&Node], parameters: &HashMap<String, Vec<String>>) -> Result<String, NotSent> {
         let max_errors = match fleet.error_budget() {
             None => "100%".to_string(),
             Some(m) => m.saturating_sub(fleet.failures.load(std::sync::atomic::Ordering::SeqCst)).to_string(),
@@ -404,7 +438,7 @@ impl Ssm {
         });
         let sent = match task.await {
             Ok(sent) => sent,
-            Err(e) => return Err(format!("SSM SendCommand: {e}")),
+            Err(e) => return Err(NotSent { why: format!("SSM SendCommand: {e}"), left: false }),
         };
         match sent {
             Ok(id) => {
@@ -413,14 +447,16 @@ impl Ssm {
             }
             Err(e) => {
                 let failure = ApiFailure::from_sdk(&e);
-                Err(match failure.code.as_deref() {
+                let left = failure.code.as_deref() == Some("InvalidInstanceId");
+                let why = match failure.code.as_deref() {
                     Some("InvalidDocument") => format!(
                         "SSM has no document {} in this account and region: deploy infra/aws/fleetsync.yaml (it creates fleetsync-agent-GROUP), name yours with --ssm-document, or use --ssm-document {RUN_SHELL_SCRIPT}",
                         self.document
                     ),
                     Some("InvalidParameters") => format!("SSM refused the document's parameters: {}", failure.message),
                     _ => format!("{:#}", api_error("SSM SendCommand", &failure, NEEDS)),
-                })
+                };
+                Err(NotSent { why, left })
             }
         }
     }
