@@ -362,4 +362,9 @@ async fn a_failed_redeploy_of_the_release_the_group_runs_switches_nothing_back()
     for (_, root) in nodes.list() {
         assert_eq!(live(&root), "releases/r2");
     }
+    // The group still runs r2: an instance booting now takes it, not r1.
+    let pointer = deployed(&g.b, &g.asg).await.unwrap();
+    assert_eq!((pointer["release"].as_str(), pointer["state"].as_str()), (Some("r2"), Some("done")), "{pointer}");
+    let (code, pulled, stderr) = common::run_json(Node::new().agent(&g.source).args(["--releases", "--group", &g.asg]));
+    assert_eq!((code, pulled["release"]["id"].as_str()), (0, Some("r2")), "{stderr}\n{pulled}");
 }

@@ -181,12 +181,17 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
         let failed = results.iter().any(|r| r.status != NodeStatus::Ok);
         let ended = if !failed {
             t.end(s3, DeployState::Done, false).await
-        } else if d.rollback_on_failure && t.settled_on.as_deref() == Some(t.release.as_str()) {
-            // A deploy of the release the group was settled on: there is
-            // nothing to switch back to (the release before it is not what
-            // the fleet ran).
-            progress.note(&format!("the deploy failed; the group was on {} already: nothing is switched back", t.release));
-            t.end(s3, DeployState::Failed, false).await
+        } else if t.settled_on.as_deref() == Some(t.release.as_str()) {
+            // A deploy of the release the group was settled on: the group
+            // still runs it (the nodes that failed are named in the
+            // report), so the pointer stays `done` on it: a `failed` one
+            // would send booting instances to the release before, which is
+            // not what the fleet runs. Nor is there anything to switch
+            // back to.
+            if d.rollback_on_failure {
+                progress.note(&format!("the deploy failed; the group was on {} already: nothing is switched back", t.release));
+            }
+            t.end(s3, DeployState::Done, false).await
         } else if let Some(prev) = t.previous.clone().filter(|_| d.rollback_on_failure) {
             // The fleet ends on one release: every node not known to run it
             // goes back (those that joined during the deploy included).
