@@ -171,7 +171,7 @@ impl HeldLock {
         if self.lost.load(Ordering::SeqCst) {
             return true;
         }
-        let gone = now_ms() + self.period_ms >= self.valid_until.load(Ordering::SeqCst);
+        let gone = room(&self.valid_until, Duration::from_millis(self.period_ms)) == 0;
         if gone {
             self.lost.store(true, Ordering::SeqCst);
         }
@@ -184,8 +184,7 @@ impl HeldLock {
     /// deletes the lock, if it is still ours.
     pub async fn release(mut self) -> Result<()> {
         self.stop.send_replace(true);
-        let patience = Duration::from_millis(self.period_ms / 2).max(Duration::from_secs(1));
-        if tokio::time::timeout(patience, &mut self.renewal).await.is_err() {
+        if tokio::time::timeout(attempt_limit(Duration::from_millis(self.period_ms)), &mut self.renewal).await.is_err() {
             self.renewal.abort();
         }
         for _ in 0..RELEASE_TRIES {
@@ -413,10 +412,9 @@ impl Renewal {
         }
     }
 
-    /// How long (ms) renewals may still be tried before the holder counts
-    /// the lock as lost: the same margin as [`HeldLock::lost`].
+    /// How long (ms) renewals may still be tried: see [`room`].
     fn room(&self, period: Duration) -> u64 {
-        self.valid_until.load(Ordering::SeqCst).saturating_sub(now_ms() + period.as_millis() as u64)
+        room(&self.valid_until, period)
     }
 
     /// One renewal.
@@ -427,11 +425,9 @@ impl Renewal {
             let current = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let put =
                 self.client.put_object().bucket(&self.object.bucket).key(&self.object.key).body(body.clone().into()).if_match(current);
-            // A stalled connection holds an attempt for the client's read
-            // timeout (30 s, more than a 60 s lease's margin): half a period
-            // and it is tried again. A write that lands after all is ours
-            // (the 412 path below recognises it).
-            let attempt = (period / 2).max(Duration::from_secs(1));
+            // Bounded (see `attempt_limit`); a write that lands after all
+            // is ours (the 412 path below recognises it).
+            let attempt = attempt_limit(period);
             let Ok(put) = tokio::time::timeout(attempt, put.send()).await else {
                 tracing::warn!(lock = %self.object, "renewing the fleet lock got no answer in time; retrying");
                 return if self.room(period) > 0 { Renewed::Again } else { Renewed::Lost };
@@ -487,6 +483,21 @@ impl Renewal {
             }
         }
     }
+}
+
+/// How long (ms) is left before a holder whose lease runs `valid_until`
+/// counts its lock as lost: one renewal `period` before the lease ends
+/// (0 once it does). The holder ([`HeldLock::lost`]) and its renewals
+/// ([`Renewal::run`]) judge by this one margin.
+fn room(valid_until: &AtomicU64, period: Duration) -> u64 {
+    valid_until.load(Ordering::SeqCst).saturating_sub(now_ms() + period.as_millis() as u64)
+}
+
+/// How long one renewal write (or read), or a release's wait for it, may
+/// take: half a period (at least a second), so that a stalled connection
+/// (the client's 30 s read timeout) never spends the whole margin.
+fn attempt_limit(period: Duration) -> Duration {
+    (period / 2).max(Duration::from_secs(1))
 }
 
 fn now_ms() -> u64 {
