@@ -16,6 +16,11 @@
 //! that finds a prune's marker waits for it (see `store::fence`). Deleting
 //! stops once half the prune's lease has passed: run it again.
 //!
+//! Deploy records beyond the newest `--keep-history` go too.
+//!
+//! A pruned id is retired (`store::tombstone`): a later publish may not
+//! give it other content.
+//!
 //! Packs only partly used by the kept releases are kept whole (rewriting
 //! them, as restic's prune does, is not done).
 
@@ -29,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::source::{s3_client, ApiFailure, ClientOptions, S3Url};
 use crate::store::manifest::Location;
 use crate::store::pointer::{self, Deployed, Found, Latest};
-use crate::store::{fence, fetch_manifest, list_objects as list, Digest, Listed, Store, MANIFEST_SUFFIX};
+use crate::store::{fence, fetch_manifest, list_objects as list, tombstone, Digest, Listed, Store, MANIFEST_SUFFIX};
 
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
@@ -38,6 +43,9 @@ pub struct PruneOptions {
     pub keep: usize,
     /// Nothing younger than this is deleted.
     pub grace: Duration,
+    /// Deploy records (`deploys/`, what `fleetsync history` shows) kept:
+    /// the newest this many; older ones go.
+    pub keep_history: usize,
     pub dry_run: bool,
     pub client: ClientOptions,
 }
@@ -50,6 +58,8 @@ pub struct PruneReport {
     pub deleted_releases: Vec<String>,
     pub deleted_packs: u64,
     pub deleted_blobs: u64,
+    /// Deploy records removed (beyond `--keep-history`).
+    pub deleted_history: u64,
     pub freed_bytes: u64,
     /// Why content was left alone this time, if it was.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,21 +72,37 @@ pub async fn prune(opts: &PruneOptions) -> Result<PruneReport> {
     let store = Store::of(&opts.source);
     let mut report = PruneReport { source: opts.source.to_string(), dry_run: opts.dry_run, ..Default::default() };
     if opts.dry_run {
-        return plan(&client, &store, opts, &mut report).await.map(|_| report);
+        return plan(&client, &store, opts, crate::store::now_ms(), &mut report).await.map(|_| report);
     }
-    let marker = fence::Marker::put(&client, &store, fence::Side::Pruning).await?;
+    // The budget counts from before the marker is written: a publish that
+    // waits out the lease from when it saw the marker never races a delete.
     let started = Instant::now();
+    let marker = fence::Marker::put(&client, &store, fence::Side::Pruning).await?;
     let result = async {
         // A publish under way may name anything: nothing is deleted.
-        let (fresh, stale) = fence::markers(&client, &store, fence::Side::Publishing).await?;
+        let (fresh, stale) = fence::markers(&client, &store, fence::Side::Publishing, marker.now_ms()).await?;
         if let Some(m) = fresh.first() {
             report.content_skipped =
                 Some(format!("a publish is under way ({}): nothing was removed; prune again once it is done", store.url(&m.key)));
             return Ok(());
         }
-        let doomed = plan(&client, &store, opts, &mut report).await?;
-        let keys = stale.into_iter().map(|m| m.key).chain(doomed.manifests).chain(doomed.content);
-        delete(&client, &store, keys.collect(), started, fence::Side::Pruning.lease() / 2).await
+        let doomed = plan(&client, &store, opts, marker.now_ms(), &mut report).await?;
+        let budget = fence::Side::Pruning.lease() / 2;
+        // Each pruned id is retired first (a publish then refuses it for
+        // other content), then the manifests go, in requests of their own
+        // and every key's error checked, and only then the content they
+        // named: a manifest left behind by a failed delete must never name
+        // packs that are gone (a re-run publish or `sync --release` would
+        // trust it).
+        for (_, id, tree) in &doomed.manifests {
+            tombstone::bury(&client, &store, id, *tree).await?;
+        }
+        delete(&client, &store, doomed.manifests.into_iter().map(|(key, _, _)| key).collect(), started, budget).await?;
+        // Markers killed processes left behind (of both sides; this
+        // prune's own is fresh).
+        let (_, stale_prunes) = fence::markers(&client, &store, fence::Side::Pruning, marker.now_ms()).await?;
+        let leftovers = stale.into_iter().chain(stale_prunes).map(|m| m.key);
+        delete(&client, &store, doomed.content.into_iter().chain(leftovers).collect(), started, budget).await
     }
     .await;
     marker.remove(&client, &store).await;
@@ -87,14 +113,15 @@ pub async fn prune(opts: &PruneOptions) -> Result<PruneReport> {
 /// content no manifest names, which the next prune removes; never a
 /// manifest whose content is gone).
 struct Doomed {
-    manifests: Vec<String>,
+    /// Each release's manifest key, id and tree digest (for its tombstone).
+    manifests: Vec<(String, String, Digest)>,
     content: Vec<String>,
 }
 
 /// Reads the pointers and the store and decides what goes (filling in the
-/// report); deletes nothing.
-async fn plan(client: &aws_sdk_s3::Client, store: &Store, opts: &PruneOptions, report: &mut PruneReport) -> Result<Doomed> {
-    let now = crate::store::now_ms();
+/// report); deletes nothing. `now` is S3's clock (the prune's marker's),
+/// against which objects' ages are measured.
+async fn plan(client: &aws_sdk_s3::Client, store: &Store, opts: &PruneOptions, now: u64, report: &mut PruneReport) -> Result<Doomed> {
     let young = |o: &Listed| now.saturating_sub(o.modified_ms) < opts.grace.as_millis() as u64;
     let client = client.clone();
     let store = store.clone();
@@ -136,6 +163,11 @@ async fn plan(client: &aws_sdk_s3::Client, store: &Store, opts: &PruneOptions, r
     }
 
     report.deleted_releases = doomed.iter().map(|(_, id)| id.clone()).collect();
+    let mut retired = Vec::new();
+    for (key, id) in doomed {
+        let tree = fetch_manifest(&client, &store, &id, None).await?.header.tree;
+        retired.push((key, id, tree));
+    }
 
     // Sweep content nothing kept names.
     let mut sweep = Vec::new();
@@ -155,7 +187,14 @@ async fn plan(client: &aws_sdk_s3::Client, store: &Store, opts: &PruneOptions, r
             sweep.push(o.key);
         }
     }
-    Ok(Doomed { manifests: doomed.into_iter().map(|(key, _)| key).collect(), content: sweep })
+    // Deploy records beyond the newest `keep_history` (their names sort
+    // by time).
+    let mut records: Vec<String> = list(&client, &store, &store.deploys_prefix()).await?.into_iter().map(|o| o.key).collect();
+    records.sort();
+    records.truncate(records.len().saturating_sub(opts.keep_history));
+    report.deleted_history = records.len() as u64;
+    sweep.extend(records);
+    Ok(Doomed { manifests: retired, content: sweep })
 }
 
 /// Deletes `keys`, a thousand per request, as long as `budget` has not
@@ -163,19 +202,19 @@ async fn plan(client: &aws_sdk_s3::Client, store: &Store, opts: &PruneOptions, r
 async fn delete(client: &aws_sdk_s3::Client, store: &Store, keys: Vec<String>, started: Instant, budget: Duration) -> Result<()> {
     for chunk in keys.chunks(1000) {
         if started.elapsed() > budget {
-            return Err(Error::S3(format!(
-                "the prune of {} ran longer than {} s and stopped before its lease ran out; run it again to remove the rest",
-                store.url(&store.root),
-                budget.as_secs()
-            )));
+            return Err(over_budget(store, budget));
         }
         let objects = chunk.iter().map(|k| ObjectIdentifier::builder().key(k).build().expect("a key is set")).collect();
-        let out = client
+        let call = client
             .delete_objects()
             .bucket(&store.bucket)
             .delete(Delete::builder().set_objects(Some(objects)).quiet(true).build().expect("objects are set"))
-            .send()
+            .send();
+        // Bounded by what is left of the budget: the SDK's retries of one
+        // call could otherwise carry a delete past the lease.
+        let out = tokio::time::timeout(budget.saturating_sub(started.elapsed()), call)
             .await
+            .map_err(|_| over_budget(store, budget))?
             .map_err(|e| ApiFailure::from_sdk(&e).to_error(&format!("deleting from {}", store.url(&store.root))))?;
         if let Some(e) = out.errors().first() {
             return Err(Error::S3(format!(
@@ -186,4 +225,12 @@ async fn delete(client: &aws_sdk_s3::Client, store: &Store, keys: Vec<String>, s
         }
     }
     Ok(())
+}
+
+fn over_budget(store: &Store, budget: Duration) -> Error {
+    Error::S3(format!(
+        "the prune of {} ran longer than {} s and stopped before its lease ran out; run it again to remove the rest",
+        store.url(&store.root),
+        budget.as_secs()
+    ))
 }

@@ -95,7 +95,7 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     let mut report = place(opts, open_dest(&opts.dest)?.with_owner(opts.owner), client, None, observer, t0, false).await?;
     report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
     let record = LastPull { started_at_ns, report: report.clone() };
-    tokio::task::spawn_blocking(move || write_atomic(&last_path, &serde_json::to_vec(&record).expect("report serializes")))
+    tokio::task::spawn_blocking(move || crate::safe_fs::write_state_file(&last_path, &serde_json::to_vec(&record).expect("report serializes")))
         .await
         .expect("state write does not panic")?;
     Ok(report)
@@ -453,13 +453,4 @@ fn now_ns() -> u128 {
 
 fn read_last(path: &Path) -> Option<LastPull> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
-}
-
-/// Replaces `path` with `data` so that a reader (or a crash) sees the old
-/// file or the new one, never a torn one.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let err = |e| Error::io(format!("writing {}", path.display()), e);
-    std::fs::write(&tmp, data).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
 }

@@ -214,12 +214,7 @@ fn write_snapshot(dir: &Path, placed: &HashMap<RelPath, Placed>) -> Result<()> {
         out.write_all(&line).map_err(err)?;
     }
     let file = out.into_inner().map_err(|e| err(e.into_error()))?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, &dst).map_err(|e| Error::io(format!("replacing {}", dst.display()), e))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::safe_fs::commit_state_file(file, &tmp, &dst)
 }
 
 #[cfg(test)]

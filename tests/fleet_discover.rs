@@ -81,3 +81,28 @@ fn an_unreachable_api_is_a_configuration_error() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("DescribeAutoScalingGroups") && err.contains("AWS_ENDPOINT_URL"), "{err}");
 }
+
+/// moto checks no signature; AWS refuses a request whose SigV4 signature
+/// is not the one it computes. The EC2 call is made without aws-sdk-ec2
+/// (bastion/src/ec2.rs), so its signing is checked here against botocore's
+/// signer, the AutoScaling SDK's beside it.
+#[test]
+fn the_group_and_its_instances_are_described_with_requests_signed_as_aws_checks_them() {
+    let asg = unique("signed");
+    fleet(&["create", &asg, "--size", "3"]);
+    let aws = common::FaultProxy::start(&common::moto(), &["--api", "--rate", "0", "--verify-sigv4"]);
+    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .args(["list", "--asg", &asg, "--json"])
+        .env("AWS_ENDPOINT_URL_AUTO_SCALING", &aws.url)
+        .env("AWS_ENDPOINT_URL_EC2", &aws.url)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr} {}", aws.stats());
+    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().all(|n| n["state"] == "running" && n["private_ip"].as_str().is_some_and(|ip| ip.starts_with("127.0.1."))), "{nodes:?}");
+    let stats = aws.stats();
+    assert_eq!(stats["bad-signature"], 0, "{stats}");
+    assert!(stats["signed"].as_u64().unwrap() >= 2, "both APIs went through the proxy: {stats}");
+}

@@ -12,15 +12,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{assert_tree, deploy_command, ids, run_report, sample_tree, Bucket, FaultProxy, Nodes};
-
-fn moto() -> String {
-    std::env::var("FLEETSYNC_MOTO").expect("run the tests with infra/local/test")
-}
-
-fn ssm() -> String {
-    std::env::var("AWS_ENDPOINT_URL_SSM").expect("run the tests with infra/local/test")
-}
+use common::{assert_tree, deploy_command, ids, moto, run_report, sample_tree, ssm, Bucket, FaultProxy, Nodes};
 
 #[tokio::test]
 async fn throttled_api_calls_are_retried_and_the_deploy_converges() {

@@ -365,3 +365,61 @@ async fn interrupt_and_check_nothing_runs(child: std::process::Child, ids: &[Str
         assert!(!nodes.dir.path().join(id).join("srv/www/index.php").exists(), "no agent of the interrupted deploy ran on {id}");
     }
 }
+
+/// The agent processes that hold `lock` open (a pull waiting for it).
+fn agents_waiting_on(lock: &std::path::Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(want) = std::fs::metadata(lock) else { return Vec::new() };
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains("fleetsync-agent") {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        let holds = fds.flatten().any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == (want.dev(), want.ino())));
+        if holds {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// An agent killed on its node long before --timeout (the OOM killer's
+/// SIGKILL: exit 137, which SSM's agent also reports for a command it
+/// stopped) is reported as killed, not as timed out.
+#[tokio::test]
+async fn an_agent_killed_on_its_node_is_reported_killed_not_timed_out() {
+    let b = Bucket::new("ssmkilled").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("ssmkilled", 1);
+    let id = ids(&asg).remove(0);
+    let root = nodes.dir.path().join(&id).join("srv");
+    let held = Nodes::hold_agent_lock(&root);
+    let deploy = common::deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+        .args(["--timeout", "120"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let pids = loop {
+        let pids = agents_waiting_on(&root.join("state/node.lock"));
+        if !pids.is_empty() {
+            break pids;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent never started on {id}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    for pid in pids {
+        rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL).unwrap();
+    }
+    let out = deploy.wait_with_output().unwrap();
+    drop(held);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = node_in(&report, &id)["error"].as_str().unwrap().to_string();
+    assert!(e.contains("killed (exit 137)") && !e.contains("did not finish"), "{e}");
+}

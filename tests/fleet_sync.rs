@@ -135,7 +135,15 @@ async fn an_instance_that_joins_during_the_deploy_is_synced_before_the_command_e
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500)); // the first discovery is done
+    // The first discovery is done once the other node has its tree (a
+    // fixed sleep raced a slow start: the new instance was then in the
+    // first listing, or in none).
+    let other = nodes.list()[1].1.join("www").join(tree.keys().next().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !other.exists() {
+        assert!(std::time::Instant::now() < deadline, "the deploy never synced {}", other.display());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     fleet(&["scale", &asg, "3"]);
     let joined: Vec<String> = ids(&asg).into_iter().filter(|i| !before.contains(i)).collect();
     assert_eq!(joined.len(), 1);

@@ -255,7 +255,7 @@ async fn the_release_is_on_disk_before_current_switches_to_it() {
     let node = Node::new();
     let trace = node.tmp.path().join("strace.out");
     let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-e", "trace=syncfs,fsync,renameat,renameat2,rename", "-o"]).arg(&trace).arg(agent_bin());
+    cmd.args(["-f", "-qq", "-y", "-e", "trace=syncfs,fsync,renameat,renameat2,rename", "-o"]).arg(&trace).arg(agent_bin());
     cmd.args(["pull", &b.url("app"), "--releases", "--json", "--dest"]).arg(&node.dest).arg("--state-dir").arg(&node.state);
     let (code, _, stderr) = run_json(&mut cmd);
     assert_eq!(code, 0, "{stderr}");
@@ -264,6 +264,24 @@ async fn the_release_is_on_disk_before_current_switches_to_it() {
         calls.lines().position(|l| l.contains("rename") && l.contains("\"current\"")).expect("the switch is a rename onto current");
     let synced = calls.lines().position(|l| l.contains("syncfs(")).expect("the file system is synced");
     assert!(synced < switch, "synced before the switch:\n{calls}");
+
+    // The registry (like every state file) survives a power loss too: its
+    // data is on disk before the rename that replaces it, and the rename
+    // is on disk (its directory synced) before the pull goes on.
+    let lines: Vec<&str> = calls.lines().collect();
+    let replaced = lines
+        .iter()
+        .position(|l| l.contains("rename") && l.contains("releases.json\""))
+        .unwrap_or_else(|| panic!("the registry is replaced by a rename:\n{calls}"));
+    assert!(
+        lines[..replaced].iter().any(|l| l.contains("fsync(") && l.contains("releases.tmp>")),
+        "the registry's data is synced before its rename:\n{calls}"
+    );
+    let state_dir = lines[replaced].split('"').nth(1).and_then(|tmp| std::path::Path::new(tmp).parent()).unwrap().display().to_string();
+    assert!(
+        lines[replaced..].iter().any(|l| l.contains("fsync(") && l.contains(&format!("<{state_dir}>"))),
+        "the state directory is synced after the rename ({state_dir}):\n{calls}"
+    );
 }
 
 /// `--metrics-file`: node_exporter's textfile, rewritten after every pull

@@ -701,3 +701,247 @@ async fn a_tampered_or_hostile_manifest_never_goes_live() {
     assert!(!fresh.dest.join("current").exists());
     assert_eq!(l.release, "good");
 }
+
+/// The state dir's files after a power loss that came before their writes
+/// were durable: empty, or cut short. The next pull never fails for it,
+/// never follows `latest` because the node's group was lost, and ends on
+/// the release the node should run, registered again.
+#[tokio::test]
+async fn state_files_emptied_or_cut_short_by_a_power_loss_never_stop_the_next_pull_nor_deploy_a_publish() {
+    let b = Bucket::new("storetorn").await;
+    let source = b.url("app");
+    let (v1, v2) = (versioned(12, 1), versioned(12, 2));
+    assert_eq!(publish(build(&v1).path(), &source, &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    // A group never deployed: the node boots the latest (r1) and
+    // remembers its group; a later publish (r2) is not a deploy.
+    let (code, _, stderr) = run_json(node.agent(&source).args(["--releases", "--group", "torn-web"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(publish(build(&v2).path(), &source, &["--release-id", "r2"]).0, 0);
+    let state = std::fs::read_dir(&node.state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("releases.json").exists())
+        .expect("the DEST's state dir");
+    for name in ["group", "pointer.json", "releases.json"] {
+        assert!(state.join(name).exists(), "{name} is written by a pull");
+    }
+
+    for (name, torn) in [("group", &b""[..]), ("group", b"\0\0\0\0"), ("pointer.json", b""), ("pointer.json", b"{\"key\":\"app/")] {
+        std::fs::write(state.join(name), torn).unwrap();
+        let (code, _, stderr) = pull(&node, &source);
+        if name == "group" {
+            // Which group the node is in is unknown: it says so and keeps
+            // what it runs, rather than take the latest publish.
+            assert_eq!(code, 2, "{stderr}");
+            assert!(stderr.contains("group file") && stderr.contains("--group"), "{stderr}");
+            std::fs::write(state.join(name), "torn-web").unwrap();
+        } else {
+            assert_eq!(code, 0, "{name} {torn:?}: {stderr}");
+        }
+        assert_live_is(&b, "app", &node, "r1").await;
+    }
+
+    for torn in [&b""[..], b"{\"releases\":[{\"id\":\"r1\",\"con"] {
+        std::fs::write(state.join("releases.json"), torn).unwrap();
+        let (code, r, stderr) = pull(&node, &source);
+        assert_eq!(code, 0, "an unreadable registry is rebuilt, never fatal: {stderr}");
+        assert_eq!(r["release"]["switched"], false, "{r}");
+        assert!(state.join("releases.json.damaged").exists(), "the damaged registry is kept for a person to read");
+        assert_live_is(&b, "app", &node, "r1").await;
+        let status = Command::new(common::agent_bin())
+            .args(["status", "--json", "--dest"])
+            .arg(&node.dest)
+            .arg("--state-dir")
+            .arg(&node.state)
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        assert_eq!(status["current"], "r1", "{status}");
+        assert_eq!(status["releases"][0]["id"], "r1", "the live release is registered again: {status}");
+    }
+
+    // A deploy then moves the node on as usual, and can roll back to r1.
+    let (code, _, stderr) = run_json(node.agent(&source).args(["--releases", "--release-id", "r2"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_live_is(&b, "app", &node, "r2").await;
+    let (code, _, stderr) = run_json(Command::new(common::agent_bin()).args(["rollback", "--json", "--dest"]).arg(&node.dest).arg("--state-dir").arg(&node.state));
+    assert_eq!(code, 0, "{stderr}");
+    assert_live_is(&b, "app", &node, "r1").await;
+}
+
+/// Two publishes sharing a large blob complete its multipart upload at
+/// once; S3 may answer one of them 409 ConditionalRequestConflict. The
+/// publish completes again (or finds the blob there) instead of failing.
+#[tokio::test]
+async fn a_multipart_blob_whose_completion_is_answered_409_is_completed_again() {
+    let b = Bucket::new("storeconflict").await;
+    let mut tree = sample_tree(3, 21);
+    let mut big = vec![0u8; 17 * 1024 * 1024];
+    let mut x = 0x2545f4914f6cdd1du64;
+    for chunk in big.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    tree.insert("media/big.bin".into(), big);
+    let conflict = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--put-fault", "409:POST /blobs/:0:2"]);
+    let (code, _, stderr) = common::run_report(
+        Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+            .arg("publish")
+            .arg(build(&tree).path())
+            .arg(b.url("app"))
+            .args(["--release-id", "r1", "--json"])
+            .env("AWS_ENDPOINT_URL_S3", &conflict.url),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(conflict.stats()["409"], 2, "{}", conflict.stats());
+    let node = Node::new();
+    let (code, _, stderr) = pull(&node, &b.url("app"));
+    assert_eq!(code, 0, "{stderr}");
+    assert_live_is(&b, "app", &node, "r1").await;
+}
+
+/// Prune retires the ids it removes: a later publish may bring the same
+/// content back under one (a re-run) but never other content, which nodes
+/// still holding the old release would keep while the pointers name it.
+#[tokio::test]
+async fn a_pruned_release_id_is_never_given_other_content() {
+    let b = Bucket::new("storetomb").await;
+    let source = b.url("app");
+    for v in 1..=4u64 {
+        assert_eq!(publish(build(&versioned(6, v)).path(), &source, &["--release-id", &format!("r{v}")]).0, 0);
+    }
+    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .args(["prune", &source, "--keep", "1", "--grace", "0s", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["deleted_releases"].as_array().unwrap().iter().any(|r| r == "r1"), "{report}");
+
+    let (code, _, stderr) = publish(build(&versioned(6, 9)).path(), &source, &["--release-id", "r1"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("r1 was pruned") && stderr.contains("new --release-id"), "{stderr}");
+    assert!(b.client.head_object().bucket(&b.name).key("app/.fleetsync/manifests/r1.jsonl.zst").send().await.is_err(), "nothing written");
+
+    // The same content under its old id is a re-run: published again.
+    let (code, _, stderr) = publish(build(&versioned(6, 1)).path(), &source, &["--release-id", "r1"]);
+    assert_eq!(code, 0, "{stderr}");
+    let node = Node::new();
+    let (code, _, stderr) = run_json(node.agent(&source).args(["--releases", "--release-id", "r1"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_live_is(&b, "app", &node, "r1").await;
+}
+
+/// A node that holds its release (its group's deploy is under way, failed,
+/// or has not happened) still has drift in that release repaired: a hold
+/// keeps the release, not what was written over it.
+#[tokio::test]
+async fn a_held_node_still_has_drift_in_the_release_it_keeps_repaired() {
+    let b = Bucket::new("storeheld").await;
+    let source = b.url("app");
+    let v1 = versioned(8, 1);
+    assert_eq!(publish(build(&v1).path(), &source, &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    let (code, _, stderr) = run_json(node.agent(&source).args(["--releases", "--group", "held-web"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(publish(build(&versioned(8, 2)).path(), &source, &["--release-id", "r2"]).0, 0);
+    let victim = v1.keys().next().unwrap();
+    std::fs::write(node.dest.join("current").join(victim), b"written over").unwrap();
+
+    let (code, r, stderr) = run_json(node.agent(&source).args(["--releases", "--group", "held-web"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(r["release"]["held"].is_string(), "the group has no deploy: the node holds r1: {r}");
+    assert_eq!(r["counts"]["downloaded"], 1, "the drifted file was fetched again: {r}");
+    assert_live_is(&b, "app", &node, "r1").await;
+}
+
+/// The publish/prune fence ages markers on S3's clock: a publisher whose
+/// own clock is 11 minutes fast (more than a prune's 10-minute lease)
+/// still sees a prune marker written a moment ago as a prune under way,
+/// and waits for it instead of trusting content the prune may delete.
+#[tokio::test]
+async fn a_publisher_with_a_fast_clock_still_waits_for_a_prune_under_way() {
+    let b = Bucket::new("storeclock").await;
+    let source = b.url("app");
+    assert_eq!(publish(build(&versioned(5, 1)).path(), &source, &["--release-id", "r1"]).0, 0);
+    let marker = "app/.fleetsync/pruning/0123456789abcdef0123456789abcdef.json";
+    b.put(marker, br#"{"by":"a prune under way"}"#).await;
+
+    let dir = build(&versioned(5, 2));
+    let mut publisher = Command::new("faketime")
+        .args(["-f", "+11m"])
+        .arg(common::bin("fleetsync-bastion", "fleetsync"))
+        .arg("publish")
+        .arg(dir.path())
+        .arg(&source)
+        .args(["--release-id", "r2", "--json"])
+        // tokio's timers keep the real monotonic clock.
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let waited = publisher.try_wait().unwrap().is_none();
+    b.client.delete_object().bucket(&b.name).key(marker).send().await.unwrap();
+    let out = publisher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(waited, "the publish did not wait for the prune: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("is under way; waiting"), "{stderr}");
+}
+
+/// A hostile manifest may give a blob any size: the node neither lists
+/// every range of it nor asks for each one; the first that fails stops it.
+#[tokio::test]
+async fn a_blob_of_hostile_size_costs_the_node_a_few_requests_not_one_per_range() {
+    let b = Bucket::new("storehuge").await;
+    assert_eq!(publish(build(&sample_tree(4, 2)).path(), &b.url("app"), &["--release-id", "good"]).0, 0);
+    let store = store_of(&b, "app");
+    let h = Digest::of(b"never stored");
+    let size = 4u64 << 40; // 4 TiB: 524,288 ranges of 8 MiB, sparse on ext4
+    // Well formed, its tree digest right: only the size is hostile.
+    let entry = fleetsync::store::manifest::FileEntry {
+        path: fleetsync::RelPath::from_stored("big.bin").unwrap(),
+        size,
+        mode: 0o644,
+        hash: h,
+        at: Location::Blob { len: size },
+    };
+    let m = Manifest::new("huge".into(), "x".into(), Vec::new(), vec![Entry::File(entry)]);
+    b.put(&store.manifest_key("huge"), &m.to_bytes()).await;
+    let counted = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--count"]);
+    let node = Node::new();
+    let (code, r, stderr) = run_json(node.agent(&b.url("app")).args(["--releases", "--release-id", "huge"]).env("AWS_ENDPOINT_URL_S3", &counted.url));
+    assert_ne!(code, 0, "{stderr}");
+    assert!(r["error"].as_str().unwrap_or_default().contains("not switched"), "{r}");
+    let requests = counted.stats()["requests"].as_u64().unwrap();
+    assert!(requests < 200, "{requests} requests for one blob: {r}");
+    assert!(!node.dest.join("current").exists());
+}
+
+/// The deploy history is pruned with the store: the newest records stay.
+#[tokio::test]
+async fn prune_keeps_the_newest_deploy_records_and_removes_the_rest() {
+    let b = Bucket::new("storehistory").await;
+    let source = b.url("app");
+    assert_eq!(publish(build(&versioned(3, 1)).path(), &source, &["--release-id", "r1"]).0, 0);
+    let key = |t: u64| format!("app/.fleetsync/deploys/{t:013}-web-0000000{t}.json");
+    for t in 1..=5u64 {
+        b.put(&key(t), b"{}").await;
+    }
+    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .args(["prune", &source, "--keep", "1", "--keep-history", "2", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["deleted_history"], 3, "{report}");
+    let store = store_of(&b, "app");
+    let left: Vec<String> =
+        fleetsync::store::list_objects(&b.client, &store, &store.deploys_prefix()).await.unwrap().into_iter().map(|o| o.key).collect();
+    assert_eq!(left, [key(4), key(5)]);
+}

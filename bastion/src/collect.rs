@@ -87,6 +87,19 @@ fn version_of(v: &str) -> String {
     }
 }
 
+/// The exit status of a command killed with SIGKILL (128 + 9), as the
+/// shell and SSM's agent report it.
+pub const KILLED: i32 = 137;
+
+/// Why a node whose agent was killed failed.
+pub fn killed(after: std::time::Duration, last_stderr: &str) -> String {
+    format!(
+        "the agent was killed (exit 137) after {:.1} s, before any timeout: out of memory (the kernel's OOM killer) or stopped on the node{}",
+        after.as_secs_f64(),
+        if last_stderr.is_empty() { String::new() } else { format!(" ({last_stderr})") }
+    )
+}
+
 /// The result of one node from what its run gave: the agent's report when
 /// it printed one, else the most specific reason it did not.
 pub fn collect(instance_id: &str, address: &str, outcome: Outcome, expects: Expect) -> NodeResult {
@@ -116,6 +129,9 @@ pub fn collect(instance_id: &str, address: &str, outcome: Outcome, expects: Expe
             )),
         ),
         (None, Some(127), _) => (NodeStatus::Failed, Some(format!("fleetsync-agent is not installed on {instance_id} ({last_stderr})"))),
+        // 128 + SIGKILL, before any timeout of ours (which reads as one):
+        // the kernel's OOM killer, or a person or a unit on the node.
+        (None, Some(KILLED), None) => (NodeStatus::Failed, Some(killed(outcome.elapsed, last_stderr))),
         (None, code, None) => (
             NodeStatus::Failed,
             Some(format!("the agent printed no report (exit code {}): {last_stderr}", code.map_or("none".into(), |c| c.to_string()))),

@@ -7,8 +7,8 @@
 //! - target (a published source, [`crate::target`]): the release the group
 //!   moves to, and its deployed pointer set to `deploying`;
 //! - trigger and collect: canaries first, then the rest in `--batch`es,
-//!   each node's agent report turned into a result; while the last nodes
-//!   run, the group is listed again, and instances that joined during the
+//!   each node's agent report turned into a result; once the pass is over,
+//!   the group is listed again, and instances that joined during the
 //!   deploy are synced too. When a deploy of a published source fails and
 //!   `--rollback-on-failure` is given, every node not known to run the
 //!   previous release is switched back to it, so the fleet ends on one
@@ -293,7 +293,7 @@ async fn resolve_target(d: &Deploy, s3: &S3Client) -> anyhow::Result<Option<Targ
     }
     let marker = fence::Marker::put(s3, &store, fence::Side::Publishing).await?;
     let target = async {
-        fence::wait_for_prunes(s3, &store).await?;
+        fence::wait_for_prunes(s3, &store, &marker).await?;
         let mut target = match &d.releases {
             Releases::Sync(requested) => target::for_sync(s3, &d.source, &d.asg, requested.as_deref()).await?,
             Releases::Rollback(to) => target::for_rollback(s3, &d.source, &d.asg, to.as_deref()).await?,
@@ -428,8 +428,21 @@ struct Pass {
     rejoin_error: Option<anyhow::Error>,
 }
 
+/// How many times the group is listed again after the pass. A listing
+/// that finds instances runs them and lists again (more may have joined
+/// while they ran); one that finds none ends the deploy. Bounded so that a
+/// group scaling out for minutes cannot hold the deploy (and its lock)
+/// open: what joins later boots with the group's release on its own.
+const JOIN_ROUNDS: usize = 3;
+
 /// Canaries first, then the rest; then the instances that joined during
-/// the deploy (listed again while the last nodes run).
+/// the deploy.
+///
+/// The group is listed again only once the pass is over, never with a
+/// listing started earlier: every instance InService when the last node
+/// ended is then in the deploy. (A listing overlapped with the pass's
+/// tail saved one AutoScaling call at the end, about 0.1 s, and missed
+/// an instance that joined after it began.)
 async fn trigger_and_collect(
     fleet: &Fleet<'_>,
     sdk: &aws_types::SdkConfig,
@@ -442,84 +455,38 @@ async fn trigger_and_collect(
     let canaries = canary.min(targets.len());
     let (first, rest) = targets.split_at(canaries);
     let mut results = fleet.run(first).await;
+    let mut joined = Vec::new();
     if canaries > 0 && results.iter().any(|r| r.status != NodeStatus::Ok) {
         progress.note("a canary failed; no other node is started");
         results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
-        return Pass { results, joined: Vec::new(), rejoin_error: None };
+        return Pass { results, joined, rejoin_error: None };
     }
+    results.extend(fleet.run(rest).await);
     if !rejoin {
-        results.extend(fleet.run(rest).await);
-        return Pass { results, joined: Vec::new(), rejoin_error: None };
+        return Pass { results, joined, rejoin_error: None };
     }
-    let (done, mut finished) = tokio::sync::watch::channel(false);
-    let pass = async {
-        let results = fleet.run(rest).await;
-        done.send_replace(true);
-        results
-    };
-    let known: std::collections::HashSet<String> = targets.iter().map(|n| n.instance_id.clone()).collect();
-    let (rest_results, now) = tokio::join!(pass, relist(fleet, sdk, asg, &known, &mut finished));
-    results.extend(rest_results);
-    let now = match now {
-        Ok(now) => now,
-        Err(e) => {
-            let e = e.context("listing the group again for instances that joined during the deploy");
-            return Pass { results, joined: Vec::new(), rejoin_error: Some(e) };
+    let mut known: std::collections::HashSet<String> = targets.iter().map(|n| n.instance_id.clone()).collect();
+    for _ in 0..JOIN_ROUNDS {
+        if fleet.lock_lost() {
+            break;
         }
-    };
-    if fleet.lock_lost() {
-        return Pass { results, joined: Vec::new(), rejoin_error: None };
-    }
-    let joined: Vec<Node> = now.into_iter().filter(Node::is_target).collect();
-    if !joined.is_empty() {
-        progress.note(&format!("{} instances joined the group during the deploy; syncing them too", joined.len()));
-        progress.add(joined.len());
-        results.extend(fleet.run(&joined).await);
+        let new: Vec<Node> = match discover::joined(sdk, asg, &known).await {
+            Ok(now) => now.into_iter().filter(Node::is_target).collect(),
+            Err(e) => {
+                let e = e.context("listing the group again for instances that joined during the deploy");
+                return Pass { results, joined, rejoin_error: Some(e) };
+            }
+        };
+        if new.is_empty() {
+            break;
+        }
+        progress.note(&format!("{} instances joined the group during the deploy; syncing them too", new.len()));
+        progress.add(new.len());
+        results.extend(fleet.run(&new).await);
+        known.extend(new.iter().map(|n| n.instance_id.clone()));
+        joined.extend(new);
     }
     Pass { results, joined, rejoin_error: None }
-}
-
-/// Lists the group again (the instances not in `known`) while the pass's
-/// last nodes run, so that the
-/// listing adds nothing to the deploy's end: from the moment every node
-/// has been started, again and again (after 1 s, then 2, 4, ... at most
-/// 30 s apart, so a straggler does not cost an AutoScaling call a second)
-/// until the pass is over. The last listing finished is the answer; only
-/// when none has finished yet is the one under way waited for. An instance
-/// that joins after it is missed here and converges on its own (its boot
-/// pull, the agent's timer).
-async fn relist(
-    fleet: &Fleet<'_>,
-    sdk: &aws_types::SdkConfig,
-    asg: &str,
-    known: &std::collections::HashSet<String>,
-    finished: &mut tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<Vec<Node>> {
-    fleet.all_started().await;
-    let mut pause = Duration::from_secs(1);
-    let mut done: Option<anyhow::Result<Vec<Node>>> = None;
-    loop {
-        let listing = discover::joined(sdk, asg, known);
-        tokio::pin!(listing);
-        let listing = match done.take() {
-            // A listing finished already: a new one is only worth its wait
-            // while the pass goes on.
-            Some(previous) => tokio::select! {
-                l = &mut listing => l,
-                _ = finished.wait_for(|f| *f) => return previous,
-            },
-            None => listing.await,
-        };
-        if *finished.borrow() {
-            return listing;
-        }
-        done = Some(listing);
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = finished.wait_for(|f| *f) => return done.expect("just set"),
-        }
-        pause = (pause * 2).min(Duration::from_secs(30));
-    }
 }
 
 /// An interrupted deploy stops: no more nodes, what was sent is cancelled,

@@ -66,7 +66,7 @@ pub async fn joined(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collecti
 
 async fn list(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collections::HashSet<String>) -> anyhow::Result<Vec<Node>> {
     let autoscaling = aws_sdk_autoscaling::Client::new(sdk);
-    let ec2 = aws_sdk_ec2::Client::new(sdk);
+    let ec2 = crate::ec2::Client::new(sdk);
     let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
 
     let mut members = Vec::new();
@@ -91,7 +91,7 @@ async fn list(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collections::H
     members.retain(|m| m.instance_id().is_some_and(|id| !known.contains(id)));
 
     let ids: Vec<String> = members.iter().filter_map(|m| m.instance_id().map(str::to_string)).collect();
-    let mut ec2_view: HashMap<String, aws_sdk_ec2::types::Instance> = HashMap::new();
+    let mut ec2_view: HashMap<String, crate::ec2::Instance> = HashMap::new();
     let described: Vec<_> = futures::stream::iter(ids.chunks(IDS_PER_CALL))
         .map(|chunk| describe_instances(&ec2, chunk))
         .buffer_unordered(CALLS_AT_ONCE)
@@ -108,8 +108,7 @@ async fn list(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collections::H
             let lifecycle = m.lifecycle_state().map(|l| l.as_str().to_string()).unwrap_or_else(|| "unknown".into());
             let health = m.health_status().unwrap_or("unknown").to_string();
             let ec2 = ec2_view.get(&id);
-            let state =
-                ec2.and_then(|i| i.state()).and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_else(|| "unknown".into());
+            let state = ec2.and_then(|i| i.state.clone()).unwrap_or_else(|| "unknown".into());
             let skipped = if lifecycle != "InService" {
                 Some(format!("lifecycle state is {lifecycle}"))
             } else if health != "Healthy" {
@@ -124,9 +123,9 @@ async fn list(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collections::H
                 lifecycle,
                 health,
                 state,
-                private_ip: ec2.and_then(|i| i.private_ip_address()).map(str::to_string),
-                public_ip: ec2.and_then(|i| i.public_ip_address()).map(str::to_string),
-                private_dns: ec2.and_then(|i| i.private_dns_name()).filter(|d| !d.is_empty()).map(str::to_string),
+                private_ip: ec2.and_then(|i| i.private_ip.clone()),
+                public_ip: ec2.and_then(|i| i.public_ip.clone()),
+                private_dns: ec2.and_then(|i| i.private_dns.clone()).filter(|d| !d.is_empty()),
                 skipped,
             }
         })
@@ -142,7 +141,7 @@ async fn list(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collections::H
 /// for again after a pause; the others are described at once. An ID still
 /// unknown after the last try is left out (the node is then skipped with
 /// EC2 state "unknown", and a later deploy or its own boot catches it up).
-async fn describe_instances(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> anyhow::Result<HashMap<String, aws_sdk_ec2::types::Instance>> {
+async fn describe_instances(ec2: &crate::ec2::Client, ids: &[String]) -> anyhow::Result<HashMap<String, crate::ec2::Instance>> {
     let mut found = HashMap::new();
     let mut ask: Vec<String> = ids.to_vec();
     let mut later: Vec<String> = Vec::new();
@@ -192,27 +191,15 @@ enum DescribeError {
     Other(anyhow::Error),
 }
 
-async fn describe_page(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> Result<HashMap<String, aws_sdk_ec2::types::Instance>, DescribeError> {
-    let mut found = HashMap::new();
-    let mut pages = ec2.describe_instances().set_instance_ids(Some(ids.to_vec())).into_paginator().send();
-    while let Some(page) = pages.next().await {
-        let page = match page {
-            Ok(page) => page,
-            Err(e) => {
-                let f = ApiFailure::from_sdk(&e);
-                if f.code.as_deref() == Some("InvalidInstanceID.NotFound") {
-                    return Err(DescribeError::NotFound(instance_ids_in(&f.message)));
-                }
-                return Err(DescribeError::Other(api_error("DescribeInstances", &f, NEEDS)));
-            }
-        };
-        for i in page.reservations().iter().flat_map(|r| r.instances()) {
-            if let Some(id) = i.instance_id() {
-                found.insert(id.to_string(), i.clone());
-            }
+async fn describe_page(ec2: &crate::ec2::Client, ids: &[String]) -> Result<HashMap<String, crate::ec2::Instance>, DescribeError> {
+    ec2.describe_instances(ids).await.map_err(|e| {
+        let f = ApiFailure::from_sdk(&e);
+        if f.code.as_deref() == Some("InvalidInstanceID.NotFound") {
+            DescribeError::NotFound(instance_ids_in(&f.message))
+        } else {
+            DescribeError::Other(api_error("DescribeInstances", &f, NEEDS))
         }
-    }
-    Ok(found)
+    })
 }
 
 /// The instance IDs an EC2 error message names ("The instance IDs 'i-1,

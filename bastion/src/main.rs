@@ -12,6 +12,7 @@ mod collect;
 mod config;
 mod deploy;
 mod discover;
+mod ec2;
 mod progress;
 mod report;
 mod status;
@@ -268,6 +269,9 @@ struct PruneArgs {
     /// Nothing younger than this is removed, so an in-flight publish's uploads survive [default: 1h].
     #[arg(long, value_name = "DURATION")]
     grace: Option<Seconds>,
+    /// Deploy records kept (what `fleetsync history` shows): the newest N.
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    keep_history: usize,
     /// Print what would be removed; remove nothing.
     #[arg(long)]
     dry_run: bool,
@@ -836,6 +840,7 @@ async fn prune(args: PruneArgs) -> anyhow::Result<i32> {
         source,
         keep: args.keep,
         grace: args.grace.map_or(Duration::from_secs(3600), |g| g.0),
+        keep_history: args.keep_history,
         dry_run: args.dry_run,
         client: args.store.aws.client_options(),
     };
@@ -845,12 +850,13 @@ async fn prune(args: PruneArgs) -> anyhow::Result<i32> {
     } else {
         let verb = if r.dry_run { "would remove" } else { "removed" };
         let mut out = format!(
-            "{verb} {} releases ({}), {} packs and {} blobs ({}); kept {} releases",
+            "{verb} {} releases ({}), {} packs and {} blobs ({}), {} deploy records; kept {} releases",
             r.deleted_releases.len(),
             if r.deleted_releases.is_empty() { "none".to_string() } else { r.deleted_releases.join(", ") },
             r.deleted_packs,
             r.deleted_blobs,
             fleetsync::report::human_bytes(r.freed_bytes),
+            r.deleted_history,
             r.kept.len()
         );
         if let Some(why) = &r.content_skipped {

@@ -76,7 +76,9 @@ credentials() {
   local role json
   role=$(imds iam/security-credentials/) || fail "no instance role: the launch template needs the fleetsync instance profile"
   json=$(imds "iam/security-credentials/$role")
-  field() { sed -n "s/.*\"$1\" *: *\"\\([^\"]*\\)\".*/\\1/p" <<<"$json" | head -1; }
+  # field NAME: its first value; sed stops there itself (piped into
+  # `head -1`, sed may die of SIGPIPE, which pipefail makes a failure).
+  field() { sed -n "/.*\"$1\" *: *\"\\([^\"]*\\)\".*/{s//\\1/p;q;}" <<<"$json"; }
   AK=$(field AccessKeyId) SK=$(field SecretAccessKey) TOKEN=$(field Token)
 }
 
@@ -197,10 +199,12 @@ finish() {
 # How requests are signed: curl 7.88 or later signs the S3 payload hash
 # header it is given; an older one sends it unsigned and S3 refuses.
 # FLEETSYNC_CLIENT=curl|aws chooses (the test runs both).
+# A first line with `sed -n 1p` (here and below), not `head -1`: head exits
+# after one line, and its writer dying of SIGPIPE fails the pipefail pipeline.
 curl_signs() {
   local version
   version=$(curl --version 2>/dev/null | awk 'NR == 1 { print $2 }')
-  [[ -n $version && $(printf '%s\n' 7.88.0 "$version" | sort -V | head -1) == 7.88.0 ]]
+  [[ -n $version && $(printf '%s\n' 7.88.0 "$version" | sort -V | sed -n 1p) == 7.88.0 ]]
 }
 
 # From here on, any failure abandons the launch.
@@ -210,7 +214,7 @@ export AWS_REGION AWS_DEFAULT_REGION="$AWS_REGION"
 CLIENT=${FLEETSYNC_CLIENT:-}
 if [[ -z $CLIENT ]]; then
   if curl_signs; then CLIENT=curl; elif command -v aws >/dev/null; then CLIENT=aws; else
-    fail "$(curl --version | head -1) cannot sign S3 requests (curl 7.88 or later can) and there is no AWS CLI: use a newer AMI, install the AWS CLI, or install the fleetsync-agent package"
+    fail "$(curl --version | sed -n 1p) cannot sign S3 requests (curl 7.88 or later can) and there is no AWS CLI: use a newer AMI, install the AWS CLI, or install the fleetsync-agent package"
   fi
 fi
 

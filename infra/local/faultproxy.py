@@ -86,7 +86,7 @@ def api_error(headers, body, code, msg=None):
     ec2 = query and b"Version=2016-11-15" in body
     if code == "throttle":
         code = "ThrottlingException" if json_protocol else "RequestLimitExceeded" if ec2 else "Throttling" if query else "SlowDown"
-    status = 503 if code in ("RequestLimitExceeded", "SlowDown") else 400
+    status = 503 if code in ("RequestLimitExceeded", "SlowDown") else 403 if code == "SignatureDoesNotMatch" else 400
     msg = msg or ("Rate exceeded" if "Throttl" in code or "Limit" in code else "injected by faultproxy.py")
     if json_protocol:
         payload = json.dumps({"__type": code, "message": msg}).encode()
@@ -157,6 +157,40 @@ def resign(method, target, headers):
     return [f"{k}: {v}" for k, v in req.headers.items()]
 
 
+def sigv4_matches(method, target, headers, body):
+    """Whether a request's SigV4 signature is the one botocore computes for
+    it from the world's credentials, over the headers the request says it
+    signed: what AWS checks before anything else (403
+    SignatureDoesNotMatch). moto and SeaweedFS do not check it."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    fields = {}
+    for h in headers:
+        name, _, value = h.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    auth = fields.get("authorization", "")
+    if not auth.startswith("AWS4-HMAC-SHA256 "):
+        return False
+    parts = dict(p.strip().split("=", 1) for p in auth[len("AWS4-HMAC-SHA256 "):].split(","))
+    _key, _date, region, service, _ = parts["Credential"].split("/")
+    # The scope must name this API and the world's region, as AWS's does.
+    amz_target = fields.get("x-amz-target", "")
+    api = ("ssm" if amz_target.startswith("AmazonSSM.") else "ec2" if b"Version=2016-11-15" in body
+           else "autoscaling" if b"Version=2011-01-01" in body else service)
+    if service != api or region != os.environ.get("AWS_REGION", region):
+        return False
+    signed = parts["SignedHeaders"].split(";")
+    if "host" not in signed or any(h not in fields for h in signed):
+        return False
+    req = AWSRequest(method=method, url=f"http://{fields['host']}{target}", data=body, headers={h: fields[h] for h in signed})
+    req.context["timestamp"] = fields.get("x-amz-date", "")
+    creds = Credentials(os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"], os.environ.get("AWS_SESSION_TOKEN"))
+    signer = SigV4Auth(creds, service, region)
+    return signer.signature(signer.string_to_sign(req, signer.canonical_request(req)), req) == parts["Signature"]
+
+
 class Proxy:
     def __init__(self, a):
         self.upstream = urllib.parse.urlparse(a.upstream)
@@ -178,13 +212,18 @@ class Proxy:
             self.put_faults.append({"kind": kind, "text": text, "skip": int(skip), "count": int(count), "seen": 0})
         self.slow, self.slow_op = a.slow, a.slow_op
         self.kms = a.kms
+        self.verify_sigv4 = a.verify_sigv4
+        self.count = a.count
         self.opaque = {}  # opaque ETag -> the server's
         self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, "not-found": 0, "fail-op": 0, "denied": 0,
-                       "409": 0, "lost": 0, "slow": 0, "no-content-sha256": 0, **{f: 0 for f in BODY_FAULTS}}
+                       "409": 0, "lost": 0, "slow": 0, "no-content-sha256": 0, "bad-signature": 0, "signed": 0, **{f: 0 for f in BODY_FAULTS}}
 
     def record(self, fault):
         self.counts["faults"] += 1
         self.counts[fault] += 1
+        self.save()
+
+    def save(self):
         with open(self.stats_path + ".tmp", "w") as f:
             json.dump(self.counts, f)
         os.replace(self.stats_path + ".tmp", self.stats_path)
@@ -199,8 +238,19 @@ class Proxy:
                 length = next((int(l.split(":", 1)[1]) for l in headers if l.lower().startswith("content-length:")), 0)
                 body = await reader.readexactly(length) if length else b""
                 self.counts["requests"] += 1
+                if self.count:
+                    self.save()
                 path, _, query = target.partition("?")
                 is_object_get = method == "GET" and path.count("/") >= 2 and "list-type" not in query and "uploads" not in query
+                if self.api and self.verify_sigv4:
+                    if not sigv4_matches(method, target, headers, body):
+                        self.record("bad-signature")
+                        writer.write(api_error(headers, body, "SignatureDoesNotMatch",
+                                               "The request signature we calculated does not match the signature you provided."))
+                        await writer.drain()
+                        continue
+                    self.counts["signed"] += 1
+                    self.save()
                 if self.api:
                     fault = self.api_fault(headers, body)
                     if fault is not None:
@@ -237,7 +287,7 @@ class Proxy:
                     writer.write(f"HTTP/1.1 {code} {name}\r\nContent-Type: application/xml\r\nContent-Length: {len(msg)}\r\n\r\n".encode() + msg)
                     await writer.drain()
                     continue
-                put_fault = self.put_fault(method, path) if not self.api else None
+                put_fault = self.put_fault(method, path, query) if not self.api else None
                 if put_fault in ("409", "503"):
                     status, code, text = {
                         "409": ("409 Conflict", "ConditionalRequestConflict",
@@ -339,12 +389,16 @@ class Proxy:
             return "InvalidInstanceID.NotFound", f"The instance ID '{named[-1]}' does not exist"
         return None
 
-    def put_fault(self, method, path):
-        """The fault (409, 503, lost, slow) a PUT of this key gets, if any."""
-        if method != "PUT":
+    def put_fault(self, method, path, query):
+        """The fault (409, 503, lost, slow) a PUT of this key gets, if any;
+        a TEXT that starts with `POST ` faults the CompleteMultipartUploads
+        of such keys instead."""
+        completes = method == "POST" and "uploadId=" in query
+        if method != "PUT" and not completes:
             return None
         for f in self.put_faults:
-            if f["text"] in urllib.parse.unquote(path):
+            wanted, text = (True, f["text"][5:]) if f["text"].startswith("POST ") else (False, f["text"])
+            if completes == wanted and text in urllib.parse.unquote(path):
                 f["seen"] += 1
                 if f["skip"] < f["seen"] <= f["skip"] + f["count"]:
                     self.record(f["kind"])
@@ -421,9 +475,11 @@ async def main():
     ap.add_argument("--list-prefixes", help="S3: key prefixes the caller may list; a missing object elsewhere is 403, not 404")
     ap.add_argument("--list-prefixes-from", metavar="TEMPLATE", help="S3: --list-prefixes from the template's DeployPolicy")
     ap.add_argument("--template-param", action="append", metavar="K=V", help="a template parameter's value, for --list-prefixes-from")
-    ap.add_argument("--put-fault", action="append", help="S3: KIND:TEXT:SKIP:COUNT, KIND one of 409, 503, lost, slow")
+    ap.add_argument("--put-fault", action="append", help="S3: KIND:TEXT:SKIP:COUNT, KIND one of 409, 503, lost, slow; TEXT 'POST ...' for POSTs")
     ap.add_argument("--slow", type=float, default=1.0, help="seconds a `slow` PUT's (or --slow-op's) answer is held back")
     ap.add_argument("--slow-op", help="with --api: the operation whose answers are held back --slow seconds")
+    ap.add_argument("--count", action="store_true", help="keep --stats' request count current (written after every request)")
+    ap.add_argument("--verify-sigv4", action="store_true", help="with --api: answer 403 SignatureDoesNotMatch to a request whose SigV4 signature is wrong")
     ap.add_argument("--kms", action="store_true", help="S3: opaque ETags (not the content's MD5), as SSE-KMS gives")
     a = ap.parse_args()
     proxy = Proxy(a)

@@ -53,6 +53,8 @@ ensure_tools() {
   command -v curl >/dev/null || missing+=(curl)
   # A test watches the agent's system calls (the sync before a switch).
   command -v strace >/dev/null || missing+=(strace)
+  # A test runs a publish on a host whose clock is fast (libfaketime).
+  command -v faketime >/dev/null || missing+=(faketime)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

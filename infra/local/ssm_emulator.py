@@ -634,18 +634,24 @@ class World:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=info["env"], start_new_session=True,
             )
             remaining = max(0.0, min(cmd.timeout, cmd.expires_at - time.time()))
+            timed_out = False
             try:
                 code = proc.wait(timeout=remaining)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-                code = proc.wait()
+                code, timed_out = proc.wait(), True
         stdout = open(out_path, "rb").read()
         stderr = open(err_path, "rb").read()
         if inv.cancel_requested:
             code, status = -1, ("Cancelled", "Cancelled")
-        elif code < 0 or code == 137:  # SIGKILLed: by the execution timeout, or at the command's expiry
+        elif timed_out:  # SIGKILLed by the execution timeout, or at the command's expiry
             expired = time.time() >= cmd.expires_at - 0.05
             code, status = -1, ("TimedOut", "DeliveryTimedOut" if expired else "ExecutionTimedOut")
+        elif code < 0 or code == 137:
+            # Killed by something else (the OOM killer, a person): the SSM
+            # agent reports the shell's 137 as any other failure.
+            code, status = 137, ("Failed", "Failed")
+            stderr += f"failed to run commands: exit status {code}".encode()
         elif code != 0:
             status = ("Failed", "Failed")
             stderr += f"failed to run commands: exit status {code}".encode()

@@ -143,6 +143,7 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
         report.duration_ms = t0.elapsed().as_millis() as u64;
         return Ok(report);
     }
+    crate::store::tombstone::check(&client, &store, &id, tree).await?;
     if opts.dry_run {
         report.uploaded_bytes = plan.new_bytes();
         report.duration_ms = t0.elapsed().as_millis() as u64;
@@ -153,7 +154,7 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
     // off the store, and only once no prune is under way (see `fence`).
     let marker = fence::Marker::put(&client, &store, fence::Side::Publishing).await?;
     let written = async {
-        fence::wait_for_prunes(&client, &store).await?;
+        fence::wait_for_prunes(&client, &store, &marker).await?;
         // A publish that landed since `latest` was read may have been
         // followed by a whole prune, which may have removed content this
         // plan takes from the release it read. This publish would lose the
@@ -168,7 +169,7 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
                 )));
             }
         }
-        write(&client, &store, &mut plan, (latest, latest_etag), &id, tree, report, t0).await
+        write(&client, &store, &marker, &mut plan, (latest, latest_etag), &id, tree, report, t0).await
     }
     .await;
     marker.remove(&client, &store).await;
@@ -180,6 +181,7 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
 async fn write(
     client: &aws_sdk_s3::Client,
     store: &Store,
+    marker: &fence::Marker,
     plan: &mut Plan,
     latest: (Option<Latest>, Option<String>),
     id: &str,
@@ -192,7 +194,10 @@ async fn write(
     report.packs_uploaded = uploaded.packs;
     report.blobs_uploaded = uploaded.blobs;
 
-    // The manifest, once under its id.
+    // The manifest, once under its id, and only while this publish's
+    // marker still stands (a prune that took it for a killed publish's may
+    // have removed content the manifest would name).
+    marker.check(client, store).await?;
     let manifest = Manifest::new(id.to_string(), crate::fleet_lock::user_at_host(), plan.packs.clone(), plan.entries.clone());
     let bytes = manifest.to_bytes();
     let digest = Digest::of(&bytes);

@@ -215,21 +215,36 @@ async fn upload_blob(client: &aws_sdk_s3::Client, store: &Store, key: &str, f: &
         if hasher.finish() != hash {
             return Err(changed(f));
         }
-        let done = client
-            .complete_multipart_upload()
-            .bucket(&store.bucket)
-            .key(key)
-            .upload_id(&upload_id)
-            .if_none_match("*")
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-            .send()
-            .await;
-        match done {
-            Ok(_) => Ok(true),
-            Err(e) => match ApiFailure::from_sdk(&e) {
-                f if f.status == Some(412) => Ok(false),
-                f => Err(fail("completing", f)),
-            },
+        let parts = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        let mut attempt = 0;
+        loop {
+            let done = client
+                .complete_multipart_upload()
+                .bucket(&store.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .if_none_match("*")
+                .multipart_upload(parts.clone())
+                .send()
+                .await;
+            match done {
+                Ok(_) => return Ok(true),
+                Err(e) => match ApiFailure::from_sdk(&e) {
+                    f if f.status == Some(412) => return Ok(false),
+                    // Two publishes sharing this blob completed it at once.
+                    // The key is content-addressed: if the other one's is
+                    // there, this one is done; else complete again (the
+                    // upload stays open until completed or aborted).
+                    f if f.status == Some(409) && attempt + 1 < pointer::CONFLICT_TRIES => {
+                        if exists(client, store, key).await? {
+                            return Ok(false);
+                        }
+                        pointer::conflict_pause(attempt).await;
+                        attempt += 1;
+                    }
+                    f => return Err(fail("completing", f)),
+                },
+            }
         }
     }
     .await;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::keypath::RelPath;
 use crate::progress::Observer;
@@ -278,12 +278,18 @@ impl Fetcher {
                 }
             };
             let file = Arc::new(file);
-            let ranges: Vec<(u64, u64)> = (0..f.size).step_by(BLOB_RANGE as usize).map(|s| (s, (s + BLOB_RANGE).min(f.size))).collect();
-            out.requests += ranges.len() as u64;
+            // The ranges are made as they are fetched, and the first that
+            // fails stops the rest: a size in a hostile manifest can be
+            // anything, and neither a list of its ranges nor a GET for each
+            // may follow from it.
+            let size = f.size;
+            let ranges = (0..size).step_by(BLOB_RANGE as usize).map(move |s| (s, (s + BLOB_RANGE).min(size)));
+            let issued = AtomicU64::new(0);
             let fetched: Result<u64, Failure> = async {
-                let sizes = futures::stream::iter(ranges)
+                let received = futures::stream::iter(ranges)
                     .map(|(start, end)| {
                         let (this, file, key) = (self.clone(), file.clone(), key.clone());
+                        issued.fetch_add(1, Ordering::Relaxed);
                         async move {
                             let body = this.get_range(&key, start, end).await?;
                             let n = body.len() as u64;
@@ -295,9 +301,8 @@ impl Fetcher {
                         }
                     })
                     .buffer_unordered(BLOB_RANGES)
-                    .collect::<Vec<_>>()
-                    .await;
-                let received = sizes.into_iter().sum::<Result<u64, Failure>>()?;
+                    .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
+                    .await?;
                 let (file, f) = (file.clone(), f.clone());
                 tokio::task::spawn_blocking(move || -> Result<(), Failure> {
                     let mut reader = ReadAt { file: &file, at: 0 };
@@ -312,6 +317,7 @@ impl Fetcher {
                 Ok(received)
             }
             .await;
+            out.requests += issued.into_inner();
             match fetched {
                 Ok(received) => {
                     out.bytes += received;

@@ -54,7 +54,16 @@ pub(super) async fn run(ctx: &Ctx<'_>) -> Result<Step> {
         let live = PullOptions { dest: ctx.layout.dir(&id), ..p.clone() };
         let report =
             pull::place(&live, ctx.releases.build(&id)?, ctx.client.clone(), Some(listing), ctx.observer.clone(), ctx.t0, true).await?;
-        return Ok(Step::Live { report, id });
+        // A registry rebuilt after a crash does not know it: the pull just
+        // checked every file against the listing.
+        let register = ctx.registry.get(&id).is_none().then(|| ReleaseInfo {
+            id: id.clone(),
+            content,
+            created_at_ms: crate::store::now_ms(),
+            files: report.counts.downloaded + report.counts.unchanged,
+            rolled_back: false,
+        });
+        return Ok(Step::Live { report, id, register });
     }
     if let Some(info) = ctx.registry.get(&id).cloned() {
         // An older complete release: live again, nothing to download.

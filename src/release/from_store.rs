@@ -113,11 +113,21 @@ fn group(l: &Lookup<'_>) -> Result<Option<String>> {
         Some(g) => {
             if l.remember && std::fs::read_to_string(&path).ok().as_deref() != Some(g.as_str()) {
                 std::fs::create_dir_all(&l.layout.state).map_err(|e| Error::io(format!("creating {}", l.layout.state.display()), e))?;
-                crate::pull::write_atomic(&path, g.as_bytes())?;
+                crate::safe_fs::write_state_file(&path, g.as_bytes())?;
             }
             Ok(Some(g.clone()))
         }
-        None => Ok(std::fs::read_to_string(&path).ok().filter(|g| crate::store::check_group(g).is_ok())),
+        // A damaged file must not read as "no group": the node would then
+        // follow `latest`, and a publish would deploy it.
+        None => match std::fs::read_to_string(&path) {
+            Ok(g) if crate::store::check_group(&g).is_ok() => Ok(Some(g)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Ok(g) => Err(Error::Config(format!(
+                "the node's group file {} is damaged (it holds {g:?}): give --group GROUP (a `fleetsync sync` does), or delete the file to follow the store's latest release",
+                path.display()
+            ))),
+            Err(e) => Err(Error::io(format!("reading the node's group file {}", path.display()), e)),
+        },
     }
 }
 
@@ -144,7 +154,7 @@ async fn read_pointer<T: serde::de::DeserializeOwned>(
             if l.remember {
                 let seen = Seen { key: key.to_string(), etag, body: value };
                 std::fs::create_dir_all(&l.layout.state).map_err(|e| Error::io(format!("creating {}", l.layout.state.display()), e))?;
-                crate::pull::write_atomic(seen_path, &serde_json::to_vec(&seen).expect("serializes"))?;
+                crate::safe_fs::write_state_file(seen_path, &serde_json::to_vec(&seen).expect("serializes"))?;
             }
             Ok(Some(parsed))
         }
@@ -267,15 +277,23 @@ const STORE_CONTENT: &str = "tree:";
 pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
     let p = &ctx.opts.pull;
     let store = Store::of(&p.source);
-    let (id, digest, manifest) = match target {
+    let (id, digest, manifest, hold) = match target {
         Target::Hold { reason } => {
             let current = ctx.current.clone().expect("a node holds only what it has");
-            let (_, files) = intact(ctx, &current)?;
-            let mut report = new_report(ctx);
-            (report.counts.listed, report.counts.unchanged) = (files, files);
-            return Ok(Step::Held { report, id: current, reason });
+            if ctx.registry.get(&current).is_some() {
+                let (ok, files) = intact(ctx, &current)?;
+                if ok {
+                    let mut report = new_report(ctx);
+                    (report.counts.listed, report.counts.unchanged) = (files, files);
+                    return Ok(Step::Held { report, id: current, reason, register: None });
+                }
+            }
+            // Held on a live release that drifted, or that the registry
+            // lost: checked and repaired below like any other live
+            // release (a hold keeps the release, not its drift), then held.
+            (current, None, None, Some(reason))
         }
-        Target::Release { id, digest, manifest } => (id, digest, manifest),
+        Target::Release { id, digest, manifest } => (id, digest, manifest, None),
     };
     // A release this node has already: the store's (a release built from
     // a listing may carry the same name), and intact: its hard-linked files
@@ -294,7 +312,12 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         if let Some(m) = &manifest {
             ctx.check_content(&id, &format!("{STORE_CONTENT}{}", m.header.tree))?;
         }
-        let (ok, files) = intact(ctx, &id)?;
+        // Live but unknown to the registry (rebuilt after a crash): what
+        // it holds is known only from its manifest, so it is checked and
+        // repaired against it, then registered again.
+        let unregistered = live && known.is_none();
+        let (ok, files) = if unregistered { (false, 0) } else { intact(ctx, &id)? };
+        let mut register = None;
         let report = if ok {
             let mut report = new_report(ctx);
             (report.counts.listed, report.counts.unchanged) = (files, files);
@@ -304,16 +327,25 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
                 Some(m) => m,
                 None => fetch_manifest(&ctx.client, &store, &id, digest.as_ref()).await?,
             };
-            ctx.check_content(&id, &format!("{STORE_CONTENT}{}", manifest.header.tree))?;
+            if manifest.header.id != id {
+                return Err(Error::S3(format!("the manifest of release {id} says it is release {}; the store is damaged", manifest.header.id)));
+            }
+            let content = format!("{STORE_CONTENT}{}", manifest.header.tree);
+            ctx.check_content(&id, &content)?;
+            let files = manifest.header.files;
             let built = build(ctx, &store, &id, &Arc::new(manifest), true).await?;
             if !live && built.report.exit_code != crate::exit::OK {
                 return Ok(Step::Incomplete { report: built.report, id, linked: 0 });
             }
+            if unregistered {
+                register = Some(ReleaseInfo { id: id.clone(), content, created_at_ms: crate::store::now_ms(), files, rolled_back: false });
+            }
             built.report
         };
-        return Ok(match known.filter(|_| !live) {
-            Some(info) => Step::Existing { report, info },
-            None => Step::Live { report, id },
+        return Ok(match (hold, known.filter(|_| !live)) {
+            (Some(reason), _) => Step::Held { report, id, reason, register },
+            (None, Some(info)) => Step::Existing { report, info },
+            (None, None) => Step::Live { report, id, register },
         });
     }
     let manifest = match manifest {

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use super::{Registry, CURRENT, RELEASES};
 use crate::error::{Error, Result};
-use crate::pull::write_atomic;
 use crate::safe_fs::{self, DestDir};
 use crate::state::StateStore;
 
@@ -38,22 +37,42 @@ impl Layout {
         self.state.join("last-release-pull.json")
     }
 
-    pub(super) fn load(&self) -> Result<Registry> {
-        match std::fs::read(self.registry_path()) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Config(format!(
-                    "the release registry {} is damaged ({e}); move it aside to start over",
-                    self.registry_path().display()
-                ))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
-            Err(e) => Err(Error::io(format!("reading {}", self.registry_path().display()), e)),
+    /// The registry (empty when there is none yet).
+    ///
+    /// One that cannot be parsed (written before its writes were durable,
+    /// a disk error, a hand edit) is never fatal, or every later pull
+    /// would fail until a person came: with `repair`, it is moved aside
+    /// (`releases.json.damaged`, for a person to read) and the pull starts
+    /// from an empty registry; without (status, dry runs: they write
+    /// nothing) it reads as empty. The live release is then checked
+    /// against its manifest and registered again by the pull; other kept
+    /// releases are no longer known complete, and the pull sweeps them.
+    pub(super) fn load(&self, repair: bool) -> Result<Registry> {
+        let path = self.registry_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Registry::default()),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(registry) => Ok(registry),
+            Err(e) if repair => {
+                let aside = path.with_extension("json.damaged");
+                std::fs::rename(&path, &aside).map_err(|e| Error::io(format!("moving {} aside", path.display()), e))?;
+                tracing::warn!(registry = %path.display(), moved_to = %aside.display(), error = %e,
+                    "the release registry was damaged; starting from the live release alone");
+                Ok(Registry::default())
+            }
+            Err(e) => {
+                tracing::warn!(registry = %path.display(), error = %e, "the release registry is damaged; the next pull rebuilds it");
+                Ok(Registry::default())
+            }
         }
     }
 
     pub(super) fn save(&self, registry: &Registry) -> Result<()> {
         std::fs::create_dir_all(&self.state).map_err(|e| Error::io(format!("creating {}", self.state.display()), e))?;
-        write_atomic(&self.registry_path(), &serde_json::to_vec_pretty(registry).expect("the registry serializes"))
+        safe_fs::write_state_file(&self.registry_path(), &serde_json::to_vec_pretty(registry).expect("the registry serializes"))
     }
 
     /// The live release, from the `current` symlink (read only: a link
@@ -156,9 +175,28 @@ impl Releases {
         rustix::fs::fsync(&self.root).map_err(err)
     }
 
+    /// Removes the temporary `current` links a switch killed between its
+    /// symlink and its rename left in DEST (`.current.tmp-PID`).
+    fn sweep_switch_leftovers(&self) -> Result<()> {
+        use rustix::fs::{unlinkat, AtFlags, Dir};
+        let err = |e: rustix::io::Errno| Error::io(format!("reading {}", self.dest.display()), e.into());
+        let prefix = format!(".{CURRENT}.tmp-");
+        for entry in Dir::read_from(&self.root).map_err(err)? {
+            let entry = entry.map_err(err)?;
+            let name = entry.file_name().to_string_lossy();
+            if name.starts_with(&prefix) && entry.file_type() == rustix::fs::FileType::Symlink {
+                // A symlink is unlinked, never followed.
+                unlinkat(&self.root, entry.file_name(), AtFlags::empty())
+                    .map_err(|e| Error::io(format!("removing {}", self.dest.join(&*name).display()), e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes release directories that never completed (a killed or failed
     /// build): in `releases/` but not in the registry, and not live.
     pub(super) fn sweep_incomplete(&self, layout: &Layout, registry: &Registry, current: Option<&str>) -> Result<()> {
+        self.sweep_switch_leftovers()?;
         for name in self.names()? {
             if Some(name.as_str()) != current && registry.get(&name).is_none() {
                 tracing::info!(release = %name, "removing a release that never completed (or was pruned)");

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::node_lock::{IfBusy, NodeLock};
 use crate::progress::Observer;
-use crate::pull::{self, write_atomic, PullOptions};
+use crate::pull::{self, PullOptions};
 use crate::report::PullReport;
 use crate::source::s3_client;
 
@@ -214,10 +214,12 @@ pub fn check_release_id(id: &str) -> Result<()> {
 /// What the source asked for, once a release path has looked at it.
 enum Step {
     /// The live release is it (drift repaired, if any): nothing switches.
-    Live { report: PullReport, id: String },
+    /// `register`: the registry did not know it (it was rebuilt after a
+    /// crash); it is registered again, as verified by this pull.
+    Live { report: PullReport, id: String, register: Option<ReleaseInfo> },
     /// A deploy of the node's group is under way or failed: the node keeps
-    /// its live release.
-    Held { report: PullReport, id: String, reason: String },
+    /// its live release (`register`: as for `Live`).
+    Held { report: PullReport, id: String, reason: String, register: Option<ReleaseInfo> },
     /// A complete release already on disk: it goes live again.
     Existing { report: PullReport, info: ReleaseInfo },
     /// A new release, complete: registered, then live.
@@ -284,7 +286,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         // What the pull would change, relative to the live release.
         let current = layout.current()?;
         let client = s3_client(&p.client).await;
-        let registry = layout.load()?;
+        let registry = layout.load(false)?;
         let lookup = from_store::Lookup {
             opts,
             layout: &layout,
@@ -302,7 +304,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     let client = s3_client(&p.client).await;
     let (_lock, lock_wait) = NodeLock::acquire(&p.state_dir, p.if_busy).await?;
     let releases = Releases::open(&p.dest, p.owner)?;
-    let mut registry = layout.load()?;
+    let mut registry = layout.load(true)?;
     let current = layout.current()?;
     releases.sweep_incomplete(&layout, &registry, current.as_deref())?;
 
@@ -316,11 +318,13 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
 
     let mut release = ReleaseReport { previous: current.clone(), store, ..Default::default() };
     let (mut report, id) = match step {
-        Step::Live { report, id } => {
+        Step::Live { report, id, register } => {
+            register_live(&mut registry, &layout, register, &report)?;
             release.previous = registry.previous(current.as_deref()).map(|r| r.id.clone());
             (report, id)
         }
-        Step::Held { report, id, reason } => {
+        Step::Held { report, id, reason, register } => {
+            register_live(&mut registry, &layout, register, &report)?;
             release.previous = registry.previous(current.as_deref()).map(|r| r.id.clone());
             release.held = Some(reason);
             (report, id)
@@ -437,12 +441,24 @@ fn report_with(mut report: PullReport, release: ReleaseReport, lock_wait: std::t
     report.finished_at_ms = now_ms();
     report.release = Some(release);
     std::fs::create_dir_all(&layout.state).map_err(|e| Error::io(format!("creating {}", layout.state.display()), e))?;
-    write_atomic(&layout.last_pull_path(), &serde_json::to_vec(&report).expect("reports serialize"))?;
+    crate::safe_fs::write_state_file(&layout.last_pull_path(), &serde_json::to_vec(&report).expect("reports serialize"))?;
     Ok(report)
 }
 
 fn read_last(layout: &Layout) -> Option<PullReport> {
     serde_json::from_slice(&std::fs::read(layout.last_pull_path()).ok()?).ok()
+}
+
+/// Registers the live release again when the registry had lost it and
+/// this pull checked it whole against its source.
+fn register_live(registry: &mut Registry, layout: &Layout, register: Option<ReleaseInfo>, report: &PullReport) -> Result<()> {
+    match register.filter(|_| report.exit_code == crate::exit::OK) {
+        Some(info) => {
+            registry.went_live(info);
+            layout.save(registry)
+        }
+        None => Ok(()),
+    }
 }
 
 /// `rollback`: makes `to` (default: the release before the live one) live
@@ -451,7 +467,7 @@ fn read_last(layout: &Layout) -> Option<PullReport> {
 pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, if_busy: IfBusy) -> Result<PullReport> {
     let layout = Layout::new(dest, state_dir);
     let (_lock, lock_wait) = NodeLock::acquire(state_dir, if_busy).await?;
-    let mut registry = layout.load()?;
+    let mut registry = layout.load(true)?;
     let current = layout.current()?;
     let target = match to {
         Some(id) => {
@@ -488,7 +504,7 @@ pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, if_busy: 
 /// the last pull's report. Takes no lock: it only reads.
 pub fn status(dest: &Path, state_dir: &Path) -> Result<ReleaseStatus> {
     let layout = Layout::new(dest, state_dir);
-    let registry = layout.load()?;
+    let registry = layout.load(false)?;
     let current = layout.current()?;
     Ok(ReleaseStatus {
         format: crate::report::REPORT_FORMAT,

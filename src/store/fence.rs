@@ -12,15 +12,18 @@
 //! store holds.
 //!
 //! A killed process leaves its marker behind; markers older than their
-//! lease are ignored (and prune removes them). A prune stops deleting once
-//! half its lease has passed (by its own monotonic clock), so a publish
-//! that waits out a prune's lease never races its deletes, whatever the
-//! clocks of the two machines say to within that half.
+//! lease are ignored (and prune removes them). Ages are measured on S3's
+//! clock (see [`Marker`]), never one machine's against another's. A
+//! publish renews its marker while it works and checks it is still there
+//! before it names anything in a manifest. A prune stops deleting once half
+//! its lease has passed since it began writing its marker (by its own
+//! monotonic clock, every call bounded by what is left), so a publish that
+//! waits out a prune's lease never races its deletes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{list_objects, now_ms, pointer, Listed, Store};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::source::ApiFailure;
 
 /// Which side a marker stands for.
@@ -48,41 +51,114 @@ impl Side {
     }
 }
 
-/// This process's marker.
+/// This process's marker, and S3's clock as it saw it.
+///
+/// Marker ages are measured on S3's clock, never the local one against S3's
+/// `LastModified`: a host whose clock is 5 minutes fast would otherwise take
+/// a prune under way for a dead one. The marker's own `LastModified` is S3's
+/// time when it was written; [`Marker::now_ms`] adds the monotonic time
+/// since (at most a second off: S3 keeps whole seconds).
 pub struct Marker {
     key: String,
+    side: Side,
+    written_ms: u64,
+    at: Instant,
+    /// Rewrites a publish's marker every quarter lease, so that a publish
+    /// longer than a lease is not taken for a killed one. Aborted on drop.
+    renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Marker {
     /// Writes the marker (who and when, for an operator who finds it).
     pub async fn put(client: &aws_sdk_s3::Client, store: &Store, side: Side) -> Result<Marker> {
         let key = format!("{}{:032x}.json", side.prefix(store), rand::random::<u128>());
-        let body = serde_json::json!({ "started_at_ms": now_ms(), "by": crate::fleet_lock::user_at_host() });
-        pointer::put_once(client, store, &key, body.to_string().into_bytes(), "application/json").await?;
-        Ok(Marker { key })
+        let body = serde_json::json!({ "started_at_ms": now_ms(), "by": crate::fleet_lock::user_at_host() }).to_string().into_bytes();
+        let at = Instant::now();
+        pointer::put_once(client, store, &key, body.clone(), "application/json").await?;
+        let written_ms = written_ms(client, store, &key).await?.ok_or_else(|| {
+            Error::S3(format!("{} was written but cannot be read back: check the store's permissions", store.url(&key)))
+        })?;
+        let renewal = (side == Side::Publishing).then(|| {
+            let (client, store, key) = (client.clone(), store.clone(), key.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(side.lease() / 4).await;
+                    let put = client.put_object().bucket(&store.bucket).key(&key).content_type("application/json").body(body.clone().into());
+                    if let Err(e) = put.send().await {
+                        tracing::warn!(marker = %key, error = %ApiFailure::from_sdk(&e).message, "could not renew this publish's marker");
+                    }
+                }
+            })
+        });
+        Ok(Marker { key, side, written_ms, at, renewal })
+    }
+
+    /// S3's clock now, as this marker's writing measured it.
+    pub fn now_ms(&self) -> u64 {
+        self.written_ms + self.at.elapsed().as_millis() as u64
+    }
+
+    /// Fails when the marker is gone: another side's prune took it for a
+    /// killed process's (it stood longer than its lease unrenewed), and may
+    /// have removed what this process relies on. Checked before a publish
+    /// names anything in a manifest.
+    pub async fn check(&self, client: &aws_sdk_s3::Client, store: &Store) -> Result<()> {
+        match written_ms(client, store, &self.key).await? {
+            Some(_) => Ok(()),
+            None => Err(Error::S3(format!(
+                "this {}'s marker {} is gone (a prune took it for a killed one's): nothing was named; run it again",
+                match self.side {
+                    Side::Publishing => "publish",
+                    Side::Pruning => "prune",
+                },
+                store.url(&self.key)
+            ))),
+        }
     }
 
     /// Removes the marker. One that cannot be removed ages out.
-    pub async fn remove(self, client: &aws_sdk_s3::Client, store: &Store) {
+    pub async fn remove(mut self, client: &aws_sdk_s3::Client, store: &Store) {
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
         if let Err(e) = client.delete_object().bucket(&store.bucket).key(&self.key).send().await {
             tracing::warn!(marker = %self.key, error = %ApiFailure::from_sdk(&e).message, "could not remove a marker; it ages out");
         }
     }
 }
 
-/// The other side's markers: (within their lease, older).
-pub async fn markers(client: &aws_sdk_s3::Client, store: &Store, side: Side) -> Result<(Vec<Listed>, Vec<Listed>)> {
-    let now = now_ms();
+impl Drop for Marker {
+    fn drop(&mut self) {
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
+    }
+}
+
+/// A marker's `LastModified` (S3's clock), `None` when it is absent.
+async fn written_ms(client: &aws_sdk_s3::Client, store: &Store, key: &str) -> Result<Option<u64>> {
+    match client.head_object().bucket(&store.bucket).key(key).send().await {
+        Ok(head) => Ok(Some(head.last_modified().and_then(|t| t.to_millis().ok()).unwrap_or(0).max(0) as u64)),
+        Err(e) => match ApiFailure::from_sdk(&e) {
+            f if f.status == Some(404) => Ok(None),
+            f => Err(f.to_error(&format!("reading {}", store.url(key)))),
+        },
+    }
+}
+
+/// The `side` markers: (within their lease, older), aged against `now_ms`
+/// on S3's clock (see [`Marker`]).
+pub async fn markers(client: &aws_sdk_s3::Client, store: &Store, side: Side, now_ms: u64) -> Result<(Vec<Listed>, Vec<Listed>)> {
     let lease = side.lease().as_millis() as u64;
-    Ok(list_objects(client, store, &side.prefix(store)).await?.into_iter().partition(|m| now.saturating_sub(m.modified_ms) < lease))
+    Ok(list_objects(client, store, &side.prefix(store)).await?.into_iter().partition(|m| now_ms.saturating_sub(m.modified_ms) < lease))
 }
 
 /// Waits until no prune is under way (a publish, after writing its own
-/// marker): at most a prune's lease.
-pub async fn wait_for_prunes(client: &aws_sdk_s3::Client, store: &Store) -> Result<()> {
+/// `marker`): at most a prune's lease.
+pub async fn wait_for_prunes(client: &aws_sdk_s3::Client, store: &Store, marker: &Marker) -> Result<()> {
     let mut told = false;
     loop {
-        let (fresh, _) = markers(client, store, Side::Pruning).await?;
+        let (fresh, _) = markers(client, store, Side::Pruning, marker.now_ms()).await?;
         let Some(m) = fresh.first() else { return Ok(()) };
         if !told {
             tracing::warn!(marker = %store.url(&m.key), "a prune of this store is under way; waiting for it before trusting what the store holds");

@@ -13,6 +13,7 @@
 //!   deploys/TIME-ID.json       one per deploy or rollback: who, what, each node's result
 //!   publishing/TOKEN.json      a publish under way: prune deletes nothing meanwhile   (see `fence`)
 //!   pruning/TOKEN.json         a prune under way: a publish waits for it
+//!   pruned/ID.json             a release prune removed: its id stays retired  (see `tombstone`)
 //! ```
 //!
 //! Nothing but the two pointers is ever rewritten: content is stored under
@@ -30,6 +31,7 @@ pub mod history;
 pub mod manifest;
 pub mod pack;
 pub mod pointer;
+pub mod tombstone;
 
 use crate::source::S3Url;
 
@@ -67,6 +69,10 @@ impl Store {
 
     pub fn manifest_key(&self, id: &str) -> String {
         format!("{}{id}{MANIFEST_SUFFIX}", self.manifests_prefix())
+    }
+
+    pub fn tombstone_key(&self, id: &str) -> String {
+        format!("{}pruned/{id}.json", self.root)
     }
 
     pub fn packs_prefix(&self) -> String {

@@ -221,9 +221,11 @@ pub async fn put_once(client: &aws_sdk_s3::Client, store: &Store, key: &str, bod
 }
 
 /// Attempts of a conditional write answered 409 ConditionalRequestConflict.
-const CONFLICT_TRIES: u32 = 5;
+pub(crate) const CONFLICT_TRIES: u32 = 5;
 
-async fn conflict_pause(attempt: u32) {
+/// The pause before attempt `attempt + 1` of a conditional write answered
+/// 409: 100 ms doubling, with jitter so two writers do not meet again.
+pub(crate) async fn conflict_pause(attempt: u32) {
     let ms = (100u64 << attempt.min(4)) + rand::random::<u64>() % 100;
     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
 }

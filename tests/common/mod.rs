@@ -290,6 +290,16 @@ pub fn bin(package: &str, name: &str) -> PathBuf {
     profile_dir.join(name)
 }
 
+/// The local world's moto (AutoScaling, EC2), for a proxy in front of it.
+pub fn moto() -> String {
+    std::env::var("FLEETSYNC_MOTO").expect("run the tests with infra/local/test")
+}
+
+/// The local world's SSM emulator, for a proxy in front of it.
+pub fn ssm() -> String {
+    std::env::var("AWS_ENDPOINT_URL_SSM").expect("run the tests with infra/local/test")
+}
+
 /// Runs `infra/local/fleet.py` (moto's AutoScaling and EC2, and the
 /// simulated instances' sshd) and parses the JSON it prints.
 pub fn fleet(args: &[&str]) -> serde_json::Value {

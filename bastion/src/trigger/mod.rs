@@ -199,9 +199,6 @@ pub struct Fleet<'a> {
     /// Nodes failed so far, across passes; atomic because SSH nodes finish
     /// on many tasks at once.
     pub failures: AtomicUsize,
-    /// Becomes true once every node of a pass has been started (or will
-    /// never be): what listing the group again waits for.
-    started_all: tokio::sync::watch::Sender<bool>,
 }
 
 impl<'a> Fleet<'a> {
@@ -226,7 +223,6 @@ impl<'a> Fleet<'a> {
             fleet_size,
             progress,
             failures: AtomicUsize::new(0),
-            started_all: tokio::sync::watch::channel(false).0,
         }
     }
 }
@@ -234,25 +230,10 @@ impl<'a> Fleet<'a> {
 impl Fleet<'_> {
     /// Runs the agent on `nodes`; one result per node, in their order.
     pub async fn run(&self, nodes: &[Node]) -> Vec<NodeResult> {
-        self.started_all.send_replace(false);
-        let results = match &self.transport {
+        match &self.transport {
             Transport::Ssh(ssh) => ssh::run(ssh, self, nodes).await,
             Transport::Ssm(ssm) => ssm.run(self, nodes).await,
-        };
-        self.mark_all_started();
-        results
-    }
-
-    /// Called by a transport once it has started the last node of a pass
-    /// (or stopped starting any).
-    pub fn mark_all_started(&self) {
-        self.started_all.send_replace(true);
-    }
-
-    /// Resolves once every node of the current pass has been started.
-    pub async fn all_started(&self) {
-        let mut rx = self.started_all.subscribe();
-        let _ = rx.wait_for(|started| *started).await;
+        }
     }
 
     /// How many nodes may run at once (at least one).

@@ -27,15 +27,7 @@ pub struct Ssh {
 /// Runs the agent on `nodes`, `--batch` at a time, in order.
 pub(super) async fn run(ssh: &Ssh, fleet: &Fleet<'_>, nodes: &[Node]) -> Vec<NodeResult> {
     use futures::StreamExt as _;
-    let started = std::sync::atomic::AtomicUsize::new(0);
-    let start = |node| {
-        // The last node of the pass is on its way: the group may be listed again.
-        if started.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nodes.len() {
-            fleet.mark_all_started();
-        }
-        run_one(ssh, fleet, node)
-    };
-    futures::stream::iter(nodes).map(start).buffered(fleet.batch_size(nodes.len())).collect().await
+    futures::stream::iter(nodes).map(|node| run_one(ssh, fleet, node)).buffered(fleet.batch_size(nodes.len())).collect().await
 }
 
 async fn run_one(ssh: &Ssh, fleet: &Fleet<'_>, node: &Node) -> NodeResult {

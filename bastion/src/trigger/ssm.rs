@@ -351,9 +351,6 @@ impl Ssm {
                     Err(NotSent { why, .. }) => results.extend(chunk.iter().map(|n| fleet.failed(n, why.clone()))),
                 }
             }
-            if queue.is_empty() {
-                fleet.mark_all_started();
-            }
             if in_flight.is_empty() && reads.is_empty() && queue.is_empty() {
                 break;
             }
@@ -679,6 +676,12 @@ impl Ssm {
                 self.delivery_timeout.as_secs(),
                 self.timeout.as_secs()
             )),
+            // SSM's agent reports a command it stopped as 137, as the OOM
+            // killer's victim is: a "timeout" well before --timeout is not
+            // ours.
+            (Some(CommandInvocationStatus::TimedOut), _) if since.elapsed() < self.timeout.mul_f64(0.9) => {
+                Some(crate::collect::killed(since.elapsed(), reason))
+            }
             (Some(CommandInvocationStatus::TimedOut), _) => {
                 Some(format!("the agent did not finish within {} s (--timeout): {reason}", self.timeout.as_secs()))
             }
