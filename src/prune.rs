@@ -16,7 +16,7 @@
 //! that finds a prune's marker waits for it (see `store::fence`). Deleting
 //! stops once half the prune's lease has passed: run it again.
 //!
-//! Deploy records beyond the newest `--keep-history` go too.
+//! Deploy records beyond the newest `--keep-history` of each group go too.
 //!
 //! A pruned id is retired (`store::tombstone`): a later publish may not
 //! give it other content.
@@ -26,6 +26,8 @@
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use serde::Serialize;
@@ -43,8 +45,8 @@ pub struct PruneOptions {
     pub keep: usize,
     /// Nothing younger than this is deleted.
     pub grace: Duration,
-    /// Deploy records (`deploys/`, what `fleetsync history` shows) kept:
-    /// the newest this many; older ones go.
+    /// Deploy records (`deploys/`, what `fleetsync history` shows) kept
+    /// for each group: the newest this many; older ones go.
     pub keep_history: usize,
     pub dry_run: bool,
     pub client: ClientOptions,
@@ -94,15 +96,21 @@ pub async fn prune(opts: &PruneOptions) -> Result<PruneReport> {
         // named: a manifest left behind by a failed delete must never name
         // packs that are gone (a re-run publish or `sync --release` would
         // trust it).
-        for (_, id, tree) in &doomed.manifests {
-            tombstone::bury(&client, &store, id, *tree).await?;
-        }
-        delete(&client, &store, doomed.manifests.into_iter().map(|(key, _, _)| key).collect(), started, budget).await?;
-        // Markers killed processes left behind (of both sides; this
-        // prune's own is fresh).
+        let buried: Vec<Result<()>> = futures::stream::iter(&doomed.manifests)
+            .map(|(_, id, tree)| tombstone::bury(&client, &store, id, *tree))
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        buried.into_iter().collect::<Result<()>>()?;
+        // Stale publish markers go with the manifests, before any content:
+        // a publish that was only slow then finds its marker gone when it
+        // checks, and names nothing.
         let (_, stale_prunes) = fence::markers(&client, &store, fence::Side::Pruning, marker.now_ms()).await?;
-        let leftovers = stale.into_iter().chain(stale_prunes).map(|m| m.key);
-        delete(&client, &store, doomed.content.into_iter().chain(leftovers).collect(), started, budget).await
+        let first = doomed.manifests.into_iter().map(|(key, _, _)| key).chain(stale.into_iter().map(|m| m.key));
+        delete(&client, &store, first.collect(), started, budget).await?;
+        // Then content, and the markers of prunes that were killed (this
+        // prune's own is fresh).
+        delete(&client, &store, doomed.content.into_iter().chain(stale_prunes.into_iter().map(|m| m.key)).collect(), started, budget).await
     }
     .await;
     marker.remove(&client, &store).await;
@@ -113,8 +121,9 @@ pub async fn prune(opts: &PruneOptions) -> Result<PruneReport> {
 /// content no manifest names, which the next prune removes; never a
 /// manifest whose content is gone).
 struct Doomed {
-    /// Each release's manifest key, id and tree digest (for its tombstone).
-    manifests: Vec<(String, String, Digest)>,
+    /// Each release's manifest key, id and tree digest (for its
+    /// tombstone; `None` when its manifest could not be read).
+    manifests: Vec<(String, String, Option<Digest>)>,
     content: Vec<String>,
 }
 
@@ -163,11 +172,24 @@ async fn plan(client: &aws_sdk_s3::Client, store: &Store, opts: &PruneOptions, n
     }
 
     report.deleted_releases = doomed.iter().map(|(_, id)| id.clone()).collect();
-    let mut retired = Vec::new();
-    for (key, id) in doomed {
-        let tree = fetch_manifest(&client, &store, &id, None).await?.header.tree;
-        retired.push((key, id, tree));
-    }
+    // Each doomed release's content, for its tombstone (not for a dry run:
+    // it writes none). A manifest that cannot be read retires its id for
+    // any content; it is deleted all the same.
+    let retired: Vec<(String, String, Option<Digest>)> = if opts.dry_run {
+        doomed.into_iter().map(|(key, id)| (key, id, None)).collect()
+    } else {
+        futures::stream::iter(doomed)
+            .map(|(key, id)| {
+                let (client, store) = (&client, &store);
+                async move {
+                    let tree = fetch_manifest(client, store, &id, None).await.ok().map(|m| m.header.tree);
+                    (key, id, tree)
+                }
+            })
+            .buffered(8)
+            .collect()
+            .await
+    };
 
     // Sweep content nothing kept names.
     let mut sweep = Vec::new();
@@ -187,13 +209,19 @@ async fn plan(client: &aws_sdk_s3::Client, store: &Store, opts: &PruneOptions, n
             sweep.push(o.key);
         }
     }
-    // Deploy records beyond the newest `keep_history` (their names sort
-    // by time).
-    let mut records: Vec<String> = list(&client, &store, &store.deploys_prefix()).await?.into_iter().map(|o| o.key).collect();
-    records.sort();
-    records.truncate(records.len().saturating_sub(opts.keep_history));
-    report.deleted_history = records.len() as u64;
-    sweep.extend(records);
+    // Deploy records beyond the newest `keep_history` of each group (their
+    // names sort by time), so that a busy group never takes a quiet one's.
+    let mut by_group: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+    for o in list(&client, &store, &store.deploys_prefix()).await? {
+        let group = crate::store::history::group_of(&store, &o.key).unwrap_or_default().to_string();
+        by_group.entry(group).or_default().push(o.key);
+    }
+    for mut records in by_group.into_values() {
+        records.sort();
+        records.truncate(records.len().saturating_sub(opts.keep_history));
+        report.deleted_history += records.len() as u64;
+        sweep.extend(records);
+    }
     Ok(Doomed { manifests: retired, content: sweep })
 }
 

@@ -540,7 +540,16 @@ pub(crate) fn commit_state_file(file: File, tmp: &Path, path: &Path) -> crate::e
     drop(file);
     std::fs::rename(tmp, path).map_err(err)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| crate::error::Error::io(format!("syncing directory {}", dir.display()), e))
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        // A file system that cannot sync a directory (some network and
+        // FUSE ones) has no better way to make the rename durable: the
+        // file is in place all the same.
+        Err(e) if matches!(Errno::from_io_error(&e), Some(Errno::INVAL | Errno::NOTSUP)) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "this file system cannot sync a directory");
+            Ok(())
+        }
+        r => r.map_err(|e| crate::error::Error::io(format!("syncing directory {}", dir.display()), e)),
+    }
 }
 
 pub(crate) fn open_root(path: &Path) -> std::io::Result<OwnedFd> {

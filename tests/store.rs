@@ -856,6 +856,23 @@ async fn a_held_node_still_has_drift_in_the_release_it_keeps_repaired() {
     assert!(r["release"]["held"].is_string(), "the group has no deploy: the node holds r1: {r}");
     assert_eq!(r["counts"]["downloaded"], 1, "the drifted file was fetched again: {r}");
     assert_live_is(&b, "app", &node, "r1").await;
+
+    // Once no pointer names r1, a prune removes it from the store: the node
+    // still holds it (and says its files cannot be checked), never fails.
+    for v in 3..=4u64 {
+        assert_eq!(publish(build(&versioned(8, v)).path(), &source, &["--release-id", &format!("r{v}")]).0, 0);
+    }
+    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .args(["prune", &source, "--keep", "1", "--grace", "0s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(node.dest.join("current").join(victim), b"written over again").unwrap();
+    let (code, r, stderr) = run_json(node.agent(&source).args(["--releases", "--group", "held-web"]));
+    assert_eq!(code, 0, "{stderr}");
+    let held = r["release"]["held"].as_str().unwrap_or_default();
+    assert!(held.contains("cannot be checked"), "{r}");
+    assert_eq!(std::fs::read_link(node.dest.join("current")).unwrap(), Path::new("releases/r1"));
 }
 
 /// The publish/prune fence ages markers on S3's clock: a publisher whose

@@ -91,10 +91,12 @@ fn version_of(v: &str) -> String {
 /// shell and SSM's agent report it.
 pub const KILLED: i32 = 137;
 
-/// Why a node whose agent was killed failed.
-pub fn killed(after: std::time::Duration, last_stderr: &str) -> String {
+/// Why a node whose agent was killed (exit status `code`, when known)
+/// failed.
+pub fn killed(after: std::time::Duration, code: Option<i32>, last_stderr: &str) -> String {
     format!(
-        "the agent was killed (exit 137) after {:.1} s, before any timeout: out of memory (the kernel's OOM killer) or stopped on the node{}",
+        "the agent was killed ({}) after {:.1} s, before any timeout: out of memory (the kernel's OOM killer) or stopped on the node{}",
+        code.map_or("no exit status".to_string(), |c| format!("exit {c}")),
         after.as_secs_f64(),
         if last_stderr.is_empty() { String::new() } else { format!(" ({last_stderr})") }
     )
@@ -131,7 +133,7 @@ pub fn collect(instance_id: &str, address: &str, outcome: Outcome, expects: Expe
         (None, Some(127), _) => (NodeStatus::Failed, Some(format!("fleetsync-agent is not installed on {instance_id} ({last_stderr})"))),
         // 128 + SIGKILL, before any timeout of ours (which reads as one):
         // the kernel's OOM killer, or a person or a unit on the node.
-        (None, Some(KILLED), None) => (NodeStatus::Failed, Some(killed(outcome.elapsed, last_stderr))),
+        (None, Some(KILLED), None) => (NodeStatus::Failed, Some(killed(outcome.elapsed, Some(KILLED), last_stderr))),
         (None, code, None) => (
             NodeStatus::Failed,
             Some(format!("the agent printed no report (exit code {}): {last_stderr}", code.map_or("none".into(), |c| c.to_string()))),

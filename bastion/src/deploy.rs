@@ -300,6 +300,9 @@ async fn resolve_target(d: &Deploy, s3: &S3Client) -> anyhow::Result<Option<Targ
             Releases::None => None,
         };
         if let Some(t) = &mut target {
+            // Naming a release no pointer names yet: only while the fence
+            // still stands (see the library's `store::fence`).
+            marker.check(s3, &store).await?;
             t.begin(s3).await?;
         }
         anyhow::Ok(target)
@@ -428,11 +431,12 @@ struct Pass {
     rejoin_error: Option<anyhow::Error>,
 }
 
-/// How many times the group is listed again after the pass. A listing
-/// that finds instances runs them and lists again (more may have joined
-/// while they ran); one that finds none ends the deploy. Bounded so that a
-/// group scaling out for minutes cannot hold the deploy (and its lock)
-/// open: what joins later boots with the group's release on its own.
+/// How many times, at most, the group is listed again after the pass. A
+/// listing that finds instances runs them and, within this bound, lists
+/// again (more may have joined while they ran); one that finds none ends
+/// the deploy. Bounded so that a group scaling out for minutes cannot hold
+/// the deploy (and its lock) open: what joins later boots with the group's
+/// release on its own.
 const JOIN_ROUNDS: usize = 3;
 
 /// Canaries first, then the rest; then the instances that joined during
@@ -467,7 +471,9 @@ async fn trigger_and_collect(
     }
     let mut known: std::collections::HashSet<String> = targets.iter().map(|n| n.instance_id.clone()).collect();
     for _ in 0..JOIN_ROUNDS {
-        if fleet.lock_lost() {
+        // Not once the lock is lost or --max-errors is spent: the nodes
+        // would only be reported as not attempted.
+        if fleet.stop_reason().is_some() {
             break;
         }
         let new: Vec<Node> = match discover::joined(sdk, asg, &known).await {
@@ -477,7 +483,7 @@ async fn trigger_and_collect(
                 return Pass { results, joined, rejoin_error: Some(e) };
             }
         };
-        if new.is_empty() {
+        if new.is_empty() || fleet.stop_reason().is_some() {
             break;
         }
         progress.note(&format!("{} instances joined the group during the deploy; syncing them too", new.len()));

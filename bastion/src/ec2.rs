@@ -3,15 +3,17 @@
 //! DNS name).
 //!
 //! It goes over EC2's Query API through the AWS SDK's own runtime
-//! (aws-smithy-runtime's `Operation`): the same HTTP client, credentials
-//! chain and cache, SigV4 signer, timeouts and standard retry mode (6
-//! attempts, throttling codes such as `RequestLimitExceeded` included) as
-//! every SDK client the bastion builds from its `SdkConfig`. Only the
-//! request's form and the answer's XML are written here.
+//! (aws-smithy-runtime's `Operation`), with what the generated clients
+//! use from the bastion's `SdkConfig`: its HTTP client, credentials chain
+//! and identity cache, the SigV4 auth scheme, timeouts, the standard retry
+//! mode (6 attempts; throttling codes such as `RequestLimitExceeded`,
+//! 5xx and transient errors) and clock-skew correction. Only the request's
+//! form, the endpoint's name and the answer's XML are written here. Not
+//! carried over: the SDK's user-agent and invocation-id headers.
 //!
-//! Why not aws-sdk-ec2: that crate alone took 270 s of CPU of a 480 s cold
-//! dev build on two cores, the longest step of the build by far, for this
-//! one operation (BENCHMARKS.md, "Build cost").
+//! Why not aws-sdk-ec2: that crate alone compiled for 270 s, alone at the
+//! end of a 9 min 52 s cold dev build on two cores, for this one operation
+//! (BENCHMARKS.md, "Build cost").
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,6 +21,7 @@ use std::fmt;
 use aws_runtime::auth::sigv4::{SigV4AuthScheme, SCHEME_ID as SIGV4};
 use aws_runtime::auth::{SigV4OperationSigningConfig, SigningOptions};
 use aws_runtime::retries::classifiers::AwsErrorCodeClassifier;
+use aws_runtime::service_clock_skew::{ServiceClockSkewClassifier, ServiceClockSkewInterceptor};
 use aws_smithy_runtime::client::identity::IdentityCache;
 use aws_smithy_runtime::client::orchestrator::operation::Operation;
 use aws_smithy_runtime::client::retries::classifiers::{HttpStatusCodeClassifier, TransientErrorClassifier};
@@ -96,6 +99,8 @@ impl Client {
             .retry_classifier(AwsErrorCodeClassifier::<Ec2Error>::new())
             .retry_classifier(HttpStatusCodeClassifier::default())
             .retry_classifier(TransientErrorClassifier::<Ec2Error>::new())
+            .retry_classifier(ServiceClockSkewClassifier::<Ec2Error>::new())
+            .interceptor(ServiceClockSkewInterceptor::new())
             .with_connection_poisoning();
         if let Some(client) = sdk.http_client() {
             op = op.http_client(client);
@@ -130,7 +135,9 @@ impl Client {
             }
             let page = self.op.invoke(form).await?;
             found.extend(page.instances);
-            match page.next_token.filter(|t| !t.is_empty()) {
+            // A token that comes back unchanged ends it too (as the SDK's
+            // paginators do): never a loop on a server's mistake.
+            match page.next_token.filter(|t| !t.is_empty() && Some(t) != token.as_ref()) {
                 Some(t) => token = Some(t),
                 None => return Ok(found),
             }
@@ -154,9 +161,23 @@ fn endpoint(sdk: &aws_types::SdkConfig, region: &str) -> String {
         sdk.service_config().and_then(|c| c.load_config(key))
     };
     configured.or_else(|| sdk.endpoint_url().map(str::to_string)).unwrap_or_else(|| {
-        let suffix = if region.starts_with("cn-") { "amazonaws.com.cn" } else { "amazonaws.com" };
-        format!("https://ec2.{region}.{suffix}")
+        let (fips, dual) = (sdk.use_fips() == Some(true), sdk.use_dual_stack() == Some(true));
+        regional_endpoint(region, fips, dual)
     })
+}
+
+/// EC2's public endpoint in `region`, by partition (as the SDK's endpoint
+/// rules name them).
+fn regional_endpoint(region: &str, fips: bool, dual_stack: bool) -> String {
+    let service = if fips { "ec2-fips" } else { "ec2" };
+    let suffix = match region {
+        r if r.starts_with("cn-") => if dual_stack { "api.amazonwebservices.com.cn" } else { "amazonaws.com.cn" },
+        r if r.starts_with("us-isob-") => "sc2s.sgov.gov",
+        r if r.starts_with("us-iso-") => "c2s.ic.gov",
+        _ if dual_stack => "api.aws",
+        _ => "amazonaws.com",
+    };
+    format!("https://{service}.{region}.{suffix}")
 }
 
 /// SigV4 for service `ec2` in the client's region, with the config's
@@ -256,17 +277,19 @@ fn parse_page(text: &str) -> Result<Page, aws_smithy_xml::decode::XmlDecodeError
 
 fn parse_instance(item: &mut ScopedDecoder<'_, '_>) -> Result<Option<(String, Instance)>, aws_smithy_xml::decode::XmlDecodeError> {
     let (mut id, mut instance) = (None, Instance::default());
+    // An empty element (`<privateDnsName/>`) is no value.
+    let text = |field: &mut ScopedDecoder<'_, '_>| try_data(field).map(|v| Some(v.to_string()).filter(|v| !v.is_empty()));
     while let Some(mut field) = item.next_tag() {
         let name = field.start_el().local().to_string();
         match name.as_str() {
-            "instanceId" => id = Some(try_data(&mut field)?.to_string()),
-            "privateIpAddress" => instance.private_ip = Some(try_data(&mut field)?.to_string()),
-            "ipAddress" => instance.public_ip = Some(try_data(&mut field)?.to_string()),
-            "privateDnsName" => instance.private_dns = Some(try_data(&mut field)?.to_string()),
+            "instanceId" => id = text(&mut field)?,
+            "privateIpAddress" => instance.private_ip = text(&mut field)?,
+            "ipAddress" => instance.public_ip = text(&mut field)?,
+            "privateDnsName" => instance.private_dns = text(&mut field)?,
             "instanceState" => {
                 while let Some(mut s) = field.next_tag() {
                     if s.start_el().matches("name") {
-                        instance.state = Some(try_data(&mut s)?.to_string());
+                        instance.state = text(&mut s)?;
                     }
                 }
             }
@@ -330,6 +353,16 @@ mod tests {
             "the instance's own address, not a network interface's"
         );
         assert_eq!((map["i-0def"].state.as_deref(), map["i-0def"].private_ip.as_deref()), (Some("pending"), None));
+        assert_eq!(map["i-0def"].private_dns, None, "an empty element is no value");
+    }
+
+    #[test]
+    fn endpoints_follow_the_partition_and_the_fips_and_dual_stack_settings() {
+        assert_eq!(regional_endpoint("eu-west-1", false, false), "https://ec2.eu-west-1.amazonaws.com");
+        assert_eq!(regional_endpoint("us-gov-west-1", true, false), "https://ec2-fips.us-gov-west-1.amazonaws.com");
+        assert_eq!(regional_endpoint("cn-north-1", false, false), "https://ec2.cn-north-1.amazonaws.com.cn");
+        assert_eq!(regional_endpoint("us-east-1", false, true), "https://ec2.us-east-1.api.aws");
+        assert_eq!(regional_endpoint("us-iso-east-1", false, false), "https://ec2.us-iso-east-1.c2s.ic.gov");
     }
 
     #[test]

@@ -269,7 +269,7 @@ struct PruneArgs {
     /// Nothing younger than this is removed, so an in-flight publish's uploads survive [default: 1h].
     #[arg(long, value_name = "DURATION")]
     grace: Option<Seconds>,
-    /// Deploy records kept (what `fleetsync history` shows): the newest N.
+    /// Deploy records kept for each group (what `fleetsync history` shows): the newest N.
     #[arg(long, value_name = "N", default_value_t = 500)]
     keep_history: usize,
     /// Print what would be removed; remove nothing.

@@ -15,7 +15,9 @@ aws/amazon-ssm-agent; the botocore model):
 - Documents: AWS-RunShellScript (`commands`, `executionTimeout`, whose
   unanchored pattern lets an out-of-range value through and runs it with
   3600 s, as the SSM agent does) and Command documents made with
-  CreateDocument (schemaVersion 2.2, one aws:runShellScript step): typed
+  CreateDocument (schemaVersion 2.2, one aws:runShellScript step), with
+  versions as SSM keeps them (UpdateDocument adds one, the default version
+  stays, and SendCommand runs its DocumentVersion, else the default): typed
   parameters checked against allowedValues / allowedPattern (a mismatch is
   InvalidParameters and nothing runs), defaults applied, `{{ name }}`
   pasted into the script as plain text, `timeoutSeconds` from a parameter.
@@ -348,7 +350,11 @@ class World:
         self.root = root
         self.lock = threading.Lock()  # guards every Command and Invocation
         self.commands = {}
-        self.documents = {"AWS-RunShellScript": Document("AWS-RunShellScript", RUN_SHELL_SCRIPT)}
+        # name -> [version 1, 2, ...] and name -> its default version (as
+        # SSM: UpdateDocument adds a version; the default moves only when
+        # told, so SendCommand without DocumentVersion runs the old one).
+        self.documents = {"AWS-RunShellScript": [Document("AWS-RunShellScript", RUN_SHELL_SCRIPT)]}
+        self.default_version = {"AWS-RunShellScript": 1}
         self.invocation_delay = float(os.environ.get("FLEETSYNC_SSM_INVOCATION_DELAY", "0.5"))
         self.output_lag = float(os.environ.get("FLEETSYNC_SSM_OUTPUT_LAG", "0.5"))
         self.cancel_delay = float(os.environ.get("FLEETSYNC_SSM_CANCEL_DELAY", "1"))
@@ -406,13 +412,39 @@ class World:
         with self.lock:
             if name in self.documents:
                 raise ApiError("DocumentAlreadyExists", f"document {name} already exists")
-            self.documents[name] = doc
-        return {"DocumentDescription": {"Name": name, "DocumentType": "Command", "Status": "Active", "SchemaVersion": "2.2"}}
+            self.documents[name], self.default_version[name] = [doc], 1
+        return {"DocumentDescription": self.describe_document(name)}
+
+    def UpdateDocument(self, req):
+        """A new version of the document (only the latest may be updated);
+        its default version stays where it was."""
+        name = req.get("Name", "")
+        content = yaml.safe_load(req.get("Content", "")) if req.get("DocumentFormat") == "YAML" else json.loads(req.get("Content", "{}"))
+        with self.lock:
+            versions = self.documents.get(name)
+            if versions is None or name.startswith("AWS-"):
+                raise ApiError("InvalidDocument", f"Document with name {name!r} does not exist")
+            if req.get("DocumentVersion", "$LATEST") not in ("$LATEST", str(len(versions))):
+                raise ApiError("InvalidDocumentOperation", "only the latest version of a document can be updated")
+            versions.append(Document(name, content))
+            return {"DocumentDescription": self.describe_document(name)}
+
+    def describe_document(self, name):
+        versions = self.documents[name]
+        return {"Name": name, "DocumentType": "Command", "Status": "Active", "SchemaVersion": "2.2",
+                "DocumentVersion": str(len(versions)), "LatestVersion": str(len(versions)),
+                "DefaultVersion": str(self.default_version[name])}
 
     def SendCommand(self, req):
-        doc = self.documents.get(req.get("DocumentName"))
-        if doc is None:
-            raise ApiError("InvalidDocument", f"Document with name {req.get('DocumentName')!r} does not exist")
+        name, wanted = req.get("DocumentName"), req.get("DocumentVersion") or "$DEFAULT"
+        with self.lock:
+            versions = self.documents.get(name)
+            if versions is None:
+                raise ApiError("InvalidDocument", f"Document with name {name!r} does not exist")
+            number = len(versions) if wanted == "$LATEST" else self.default_version[name] if wanted == "$DEFAULT" else wanted
+            if not str(number).isdigit() or not 1 <= int(number) <= len(versions):
+                raise ApiError("InvalidDocumentVersion", f"document {name} has no version {wanted}")
+            doc = versions[int(number) - 1]
         ids = req.get("InstanceIds") or []
         if len(ids) > MAX_INSTANCE_IDS:
             raise ApiError(

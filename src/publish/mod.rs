@@ -198,6 +198,9 @@ async fn write(
     // marker still stands (a prune that took it for a killed publish's may
     // have removed content the manifest would name).
     marker.check(client, store).await?;
+    // Again inside the fence: a prune that ran between the first check
+    // and this publish's marker may have retired the id since.
+    crate::store::tombstone::check(client, store, id, tree).await?;
     let manifest = Manifest::new(id.to_string(), crate::fleet_lock::user_at_host(), plan.packs.clone(), plan.entries.clone());
     let bytes = manifest.to_bytes();
     let digest = Digest::of(&bytes);

@@ -119,7 +119,8 @@ fn group(l: &Lookup<'_>) -> Result<Option<String>> {
         }
         // A damaged file must not read as "no group": the node would then
         // follow `latest`, and a publish would deploy it.
-        None => match std::fs::read_to_string(&path) {
+        None => match std::fs::read_to_string(&path).map(|g| g.trim_end_matches(['\n', '\r']).to_string()) {
+            // (A line end is a hand edit's, never part of a group's name.)
             Ok(g) if crate::store::check_group(&g).is_ok() => Ok(Some(g)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Ok(g) => Err(Error::Config(format!(
@@ -280,18 +281,31 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
     let (id, digest, manifest, hold) = match target {
         Target::Hold { reason } => {
             let current = ctx.current.clone().expect("a node holds only what it has");
-            if ctx.registry.get(&current).is_some() {
-                let (ok, files) = intact(ctx, &current)?;
-                if ok {
-                    let mut report = new_report(ctx);
-                    (report.counts.listed, report.counts.unchanged) = (files, files);
-                    return Ok(Step::Held { report, id: current, reason, register: None });
-                }
+            let (ok, files) = match ctx.registry.get(&current) {
+                Some(_) => intact(ctx, &current)?,
+                None => (false, 0),
+            };
+            let held = |reason: String| -> Result<Step> {
+                let mut report = new_report(ctx);
+                (report.counts.listed, report.counts.unchanged) = (files, files);
+                Ok(Step::Held { report, id: current.clone(), reason, register: None })
+            };
+            if ok {
+                return held(reason);
             }
             // Held on a live release that drifted, or that the registry
             // lost: checked and repaired below like any other live
             // release (a hold keeps the release, not its drift), then held.
-            (current, None, None, Some(reason))
+            // One the store no longer has (pruned: no pointer names a
+            // release a node holds before its group's first deploy) is
+            // held as it is.
+            match fetch_manifest(&ctx.client, &store, &current, None).await {
+                Ok(m) => (current.clone(), None, Some(m), Some(reason)),
+                Err(e) => {
+                    tracing::warn!(release = %current, error = %e, "the held release cannot be checked against its manifest");
+                    return held(format!("{reason} (its files cannot be checked: {e})"));
+                }
+            }
         }
         Target::Release { id, digest, manifest } => (id, digest, manifest, None),
     };

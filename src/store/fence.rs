@@ -66,6 +66,9 @@ pub struct Marker {
     /// Rewrites a publish's marker every quarter lease, so that a publish
     /// longer than a lease is not taken for a killed one. Aborted on drop.
     renewal: Option<tokio::task::JoinHandle<()>>,
+    /// Set by the renewal when the marker it renews is gone or was
+    /// replaced: a prune took it for a killed process's.
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Marker {
@@ -75,22 +78,47 @@ impl Marker {
         let body = serde_json::json!({ "started_at_ms": now_ms(), "by": crate::fleet_lock::user_at_host() }).to_string().into_bytes();
         let at = Instant::now();
         pointer::put_once(client, store, &key, body.clone(), "application/json").await?;
-        let written_ms = written_ms(client, store, &key).await?.ok_or_else(|| {
-            Error::S3(format!("{} was written but cannot be read back: check the store's permissions", store.url(&key)))
-        })?;
+        let (written_ms, etag) = match head(client, store, &key).await {
+            Ok(Some(found)) => found,
+            // Never leave a marker behind that this process cannot vouch
+            // for: it would hold the other side off for a whole lease.
+            failed => {
+                let _ = client.delete_object().bucket(&store.bucket).key(&key).send().await;
+                return Err(failed.err().unwrap_or_else(|| {
+                    Error::S3(format!("{} vanished right after it was written; run again", store.url(&key)))
+                }));
+            }
+        };
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let renewal = (side == Side::Publishing).then(|| {
-            let (client, store, key) = (client.clone(), store.clone(), key.clone());
+            let (client, store, key, lost) = (client.clone(), store.clone(), key.clone(), lost.clone());
             tokio::spawn(async move {
+                let mut etag = etag;
                 loop {
                     tokio::time::sleep(side.lease() / 4).await;
-                    let put = client.put_object().bucket(&store.bucket).key(&key).content_type("application/json").body(body.clone().into());
-                    if let Err(e) = put.send().await {
-                        tracing::warn!(marker = %key, error = %ApiFailure::from_sdk(&e).message, "could not renew this publish's marker");
+                    // Only the marker this process wrote: one a prune
+                    // deleted (or that `remove` deleted) is never recreated.
+                    let put = client
+                        .put_object()
+                        .bucket(&store.bucket)
+                        .key(&key)
+                        .content_type("application/json")
+                        .if_match(&etag)
+                        .body(body.clone().into());
+                    match put.send().await {
+                        Ok(out) => etag = out.e_tag().unwrap_or_default().to_string(),
+                        Err(e) => match ApiFailure::from_sdk(&e) {
+                            f if matches!(f.status, Some(404 | 412)) => {
+                                lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                                return;
+                            }
+                            f => tracing::warn!(marker = %key, error = %f.message, "could not renew this publish's marker; trying again later"),
+                        },
                     }
                 }
             })
         });
-        Ok(Marker { key, side, written_ms, at, renewal })
+        Ok(Marker { key, side, written_ms, at, renewal, lost })
     }
 
     /// S3's clock now, as this marker's writing measured it.
@@ -98,21 +126,27 @@ impl Marker {
         self.written_ms + self.at.elapsed().as_millis() as u64
     }
 
-    /// Fails when the marker is gone: another side's prune took it for a
-    /// killed process's (it stood longer than its lease unrenewed), and may
-    /// have removed what this process relies on. Checked before a publish
-    /// names anything in a manifest.
+    /// Fails unless the marker still stands, fresh: a prune may take a
+    /// marker past its lease for a killed process's, and remove what this
+    /// process relies on. Checked before a publish names anything in a
+    /// manifest, and before a deploy names an old release.
     pub async fn check(&self, client: &aws_sdk_s3::Client, store: &Store) -> Result<()> {
-        match written_ms(client, store, &self.key).await? {
+        let what = match self.side {
+            Side::Publishing => "publish",
+            Side::Pruning => "prune",
+        };
+        let gone = |why: &str| {
+            Err(Error::S3(format!("this {what}'s marker {} {why}: nothing was named; run it again", store.url(&self.key))))
+        };
+        if self.lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return gone("was removed or replaced (a prune took it for a killed one's)");
+        }
+        match head(client, store, &self.key).await? {
+            None => gone("is gone (a prune took it for a killed one's)"),
+            Some((modified, _)) if self.now_ms().saturating_sub(modified) >= self.side.lease().as_millis() as u64 => {
+                gone("is older than its lease (it could not be renewed)")
+            }
             Some(_) => Ok(()),
-            None => Err(Error::S3(format!(
-                "this {}'s marker {} is gone (a prune took it for a killed one's): nothing was named; run it again",
-                match self.side {
-                    Side::Publishing => "publish",
-                    Side::Pruning => "prune",
-                },
-                store.url(&self.key)
-            ))),
         }
     }
 
@@ -135,10 +169,13 @@ impl Drop for Marker {
     }
 }
 
-/// A marker's `LastModified` (S3's clock), `None` when it is absent.
-async fn written_ms(client: &aws_sdk_s3::Client, store: &Store, key: &str) -> Result<Option<u64>> {
+/// A marker's `LastModified` (S3's clock) and ETag; `None` when absent.
+async fn head(client: &aws_sdk_s3::Client, store: &Store, key: &str) -> Result<Option<(u64, String)>> {
     match client.head_object().bucket(&store.bucket).key(key).send().await {
-        Ok(head) => Ok(Some(head.last_modified().and_then(|t| t.to_millis().ok()).unwrap_or(0).max(0) as u64)),
+        Ok(head) => {
+            let modified = head.last_modified().and_then(|t| t.to_millis().ok()).unwrap_or(0).max(0) as u64;
+            Ok(Some((modified, head.e_tag().unwrap_or_default().to_string())))
+        }
         Err(e) => match ApiFailure::from_sdk(&e) {
             f if f.status == Some(404) => Ok(None),
             f => Err(f.to_error(&format!("reading {}", store.url(key)))),

@@ -61,15 +61,19 @@ pub async fn record(client: &aws_sdk_s3::Client, store: &Store, r: &DeployRecord
     super::pointer::put_once(client, store, &key, body, "application/json").await.map(drop)
 }
 
+/// The group of a deploy record's key, as it appears in keys:
+/// `deploys/TIME-GROUP-RANDOM.json`, the group is what is between.
+pub(crate) fn group_of<'k>(store: &Store, key: &'k str) -> Option<&'k str> {
+    let name = key.strip_prefix(&store.deploys_prefix())?;
+    name.strip_suffix(".json")?.split_once('-')?.1.rsplit_once('-').map(|(group, _)| group)
+}
+
 /// The last `n` deploys (of `group`, when given), oldest first.
 pub async fn last(client: &aws_sdk_s3::Client, store: &Store, group: Option<&str>, n: usize) -> Result<Vec<DeployRecord>> {
     let prefix = store.deploys_prefix();
     let mut keys = Vec::new();
     for o in super::list_objects(client, store, &prefix).await? {
-        let name = o.key.strip_prefix(&prefix).unwrap_or(&o.key);
-        // TIME-GROUP-RANDOM.json: the group is what is between.
-        let named = name.strip_suffix(".json").and_then(|n| n.split_once('-')).and_then(|(_, rest)| rest.rsplit_once('-'));
-        if group.is_none_or(|g| named.is_some_and(|(of, _)| of == super::group_in_key(g))) {
+        if group.is_none_or(|g| group_of(store, &o.key) == Some(super::group_in_key(g).as_str())) {
             keys.push(o.key);
         }
     }

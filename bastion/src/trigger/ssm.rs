@@ -680,7 +680,7 @@ impl Ssm {
             // killer's victim is: a "timeout" well before --timeout is not
             // ours.
             (Some(CommandInvocationStatus::TimedOut), _) if since.elapsed() < self.timeout.mul_f64(0.9) => {
-                Some(crate::collect::killed(since.elapsed(), reason))
+                Some(crate::collect::killed(since.elapsed(), (code >= 0).then_some(code), reason))
             }
             (Some(CommandInvocationStatus::TimedOut), _) => {
                 Some(format!("the agent did not finish within {} s (--timeout): {reason}", self.timeout.as_secs()))
