@@ -423,3 +423,19 @@ async fn an_agent_killed_on_its_node_is_reported_killed_not_timed_out() {
     let e = node_in(&report, &id)["error"].as_str().unwrap().to_string();
     assert!(e.contains("killed (exit 137)") && !e.contains("did not finish"), "{e}");
 }
+
+/// A stack update adds a version of the group's SSM document and leaves
+/// its default version where it was: the deploy runs the latest version
+/// (SendCommand's DocumentVersion `$LATEST`), not the default.
+#[tokio::test]
+async fn a_deploy_runs_the_latest_version_of_an_updated_document() {
+    let b = Bucket::new("ssmdocversion").await;
+    b.put("app/index.php", b"<?php").await;
+    let (asg, nodes) = Nodes::group("ssmdocv", 1);
+    let id = ids(&asg).remove(0);
+    let described = common::fleet(&["document-update", &asg]);
+    assert_eq!((described["LatestVersion"].as_str(), described["DefaultVersion"].as_str()), (Some("2"), Some("1")), "{described}");
+    let (code, report, stderr) = sync(&asg, &b.url("app"), &nodes, &[]);
+    assert_eq!(code, 0, "{stderr}\n{report}");
+    assert!(nodes.dir.path().join(&id).join("srv/.ssm-document-version-2").exists(), "version 2 of the document ran");
+}

@@ -131,6 +131,19 @@ def create_document(name):
     ssm.create_document(Name=f"fleetsync-agent-{name}", DocumentType="Command", DocumentFormat="JSON", Content=json.dumps(content))
 
 
+def update_document(name):
+    """A new version of the group's document, as a stack update makes it
+    (UpdateMethod: NewVersion): the same, but it first marks the node
+    (`/srv/.ssm-document-version-2`), so a test sees which version ran."""
+    ssm = boto3.client("ssm", endpoint_url=os.environ["AWS_ENDPOINT_URL_SSM"], region_name=os.environ.get("AWS_REGION", "us-east-1"),
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    content = yaml.safe_load(open(DOCUMENT))
+    step = content["mainSteps"][0]["inputs"]
+    step["runCommand"] = [": > /srv/.ssm-document-version-2"] + list(step["runCommand"])
+    out = ssm.update_document(Name=f"fleetsync-agent-{name}", DocumentFormat="JSON", Content=json.dumps(content), DocumentVersion="$LATEST")
+    return out["DocumentDescription"]
+
+
 def nodes_up(ec2, asg, name, root, sshd=True, simulated=None, extra_env=()):
     port = int(os.environ["FLEETSYNC_SSH_PORT"])
     os.makedirs(root, exist_ok=True)
@@ -268,6 +281,7 @@ def main():
     sa.add_argument("instance")
     sa.add_argument("state", choices=["online", "connection-lost", "dead"])
     sub.add_parser("nodes-down").add_argument("--dir", required=True)
+    sub.add_parser("document-update").add_argument("name")
     a = ap.parse_args()
 
     if a.cmd == "ssm-deregister":
@@ -282,6 +296,9 @@ def main():
         return
     if a.cmd == "nodes-down":
         print(json.dumps(nodes_down(a.dir)))
+        return
+    if a.cmd == "document-update":
+        print(json.dumps(update_document(a.name)))
         return
     ec2, asg = clients()
     if a.cmd == "nodes-up":

@@ -70,11 +70,15 @@ ensure_tools() {
   export PATH=$FLEETSYNC_VENV/bin:$PATH
 }
 
-# free_port: a TCP port on 127.0.0.1 that nothing listens on, and whose
-# port+10000 is free too (SeaweedFS opens a gRPC port there).
-free_port() {
-  python3 - <<'PY'
-import random, socket
+# free_ports [N]: N TCP ports on 127.0.0.1 (default 1), one a line, that
+# nothing listens on and whose port+10000 is free too (SeaweedFS opens a
+# gRPC port there). Chosen together, so that no port is another's +10000:
+# SeaweedFS refuses to start when one of its ports is another's gRPC port
+# ("is reserved for gRPC calculation"), which ports chosen one at a time
+# made happen at random.
+free_ports() {
+  python3 - "${1:-1}" <<'PY'
+import random, socket, sys
 def free(p):
     s = socket.socket()
     try:
@@ -83,12 +87,19 @@ def free(p):
         return False
     finally:
         s.close()
-while True:
-    p = random.randint(20000, 50000)
-    if free(p) and free(p + 10000):
-        print(p); break
+taken = set()
+for _ in range(int(sys.argv[1])):
+    while True:
+        p = random.randint(20000, 50000)
+        if {p, p + 10000, p - 10000} & taken or not (free(p) and free(p + 10000)):
+            continue
+        taken |= {p, p + 10000}
+        print(p)
+        break
 PY
 }
+
+free_port() { free_ports 1; }
 
 # s3_up DIR: starts SeaweedFS in DIR (data, logs, pid) and exports the
 # endpoint variables. Returns once a CreateBucket has succeeded.
@@ -96,7 +107,7 @@ s3_up() {
   local dir=$1
   mkdir -p "$dir/data"
   local s3 master volume filer metrics
-  s3=$(free_port); master=$(free_port); volume=$(free_port); filer=$(free_port); metrics=$(free_port)
+  { read -r s3; read -r master; read -r volume; read -r filer; read -r metrics; } < <(free_ports 5)
   # "deployer" is a deploy role restricted as infra/aws/fleetsync.yaml's
   # DeployPolicy restricts it, for buckets named t-leastpriv*: read, write
   # and list the source prefix app/, read and write the fleet locks,

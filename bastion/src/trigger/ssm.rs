@@ -419,6 +419,12 @@ impl Ssm {
             .client
             .send_command()
             .document_name(&self.document)
+            // The latest version of fleetsync's own document, not its
+            // default: a stack update (UpdateMethod: NewVersion) adds a
+            // version and leaves the default where it was, so without this
+            // an updated document would never run. AWS's own documents
+            // are run at their default.
+            .set_document_version((self.document != RUN_SHELL_SCRIPT).then(|| "$LATEST".to_string()))
             .set_instance_ids(Some(chunk.iter().map(|n| n.instance_id.clone()).collect()))
             .set_parameters(Some(parameters.clone()))
             .timeout_seconds(self.delivery_timeout.as_secs() as i32)
