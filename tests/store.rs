@@ -962,3 +962,29 @@ async fn prune_keeps_the_newest_deploy_records_and_removes_the_rest() {
         fleetsync::store::list_objects(&b.client, &store, &store.deploys_prefix()).await.unwrap().into_iter().map(|o| o.key).collect();
     assert_eq!(left, [key(4), key(5)]);
 }
+
+/// A caller whose s3:ListBucket is limited to a prefix may get 403, not
+/// 404, for a key that does not exist (AWS documents 404 only with
+/// ListBucket on the bucket). The first publish (no `latest.json`, no
+/// tombstone) and a first boot (no `deployed/GROUP.json`) then still work:
+/// a 403 is followed by a one-key listing, and an empty one means absent.
+#[tokio::test]
+async fn a_missing_pointer_answered_403_reads_as_absent_when_a_listing_finds_nothing() {
+    let b = Bucket::new("store403").await;
+    let strict = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--list-prefixes", ""]);
+    let (code, _, stderr) = common::run_report(
+        Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+            .arg("publish")
+            .arg(build(&versioned(6, 1)).path())
+            .arg(b.url("app"))
+            .args(["--release-id", "r1", "--json"])
+            .env("AWS_ENDPOINT_URL_S3", &strict.url),
+    );
+    assert_eq!(code, 0, "the first publish reads latest.json and the tombstone, both missing: {stderr}");
+    let node = Node::new();
+    let (code, _, stderr) =
+        run_json(node.agent(&b.url("app")).args(["--releases", "--group", "strict-web"]).env("AWS_ENDPOINT_URL_S3", &strict.url));
+    assert_eq!(code, 0, "a first boot reads its group's missing pointer: {stderr}");
+    assert!(strict.stats()["denied"].as_u64().unwrap() >= 3, "{}", strict.stats());
+    assert_live_is(&b, "app", &node, "r1").await;
+}

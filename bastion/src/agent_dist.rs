@@ -109,7 +109,11 @@ async fn remote_sums(client: &aws_sdk_s3::Client, dest: &S3Url) -> anyhow::Resul
         Ok(out) => out,
         Err(e) => {
             let f = ApiFailure::from_sdk(&e);
-            if f.status == Some(404) {
+            // None yet: 404, or 403 to a caller whose s3:ListBucket is
+            // limited to a prefix (see `store::absent_by_listing`).
+            if f.status == Some(404)
+                || (f.status == Some(403) && !f.is_credentials() && fleetsync::store::absent_by_listing(client, &dest.bucket, &key).await)
+            {
                 return Ok((BTreeMap::new(), None));
             }
             bail!("reading s3://{}/{key} failed: {} ({})", dest.bucket, f.message, f.hint());

@@ -129,14 +129,31 @@ pub async fn fetch_manifest(
 /// The whole object at `key`; a missing one is a configuration error
 /// (an id that was never published).
 pub async fn fetch_bytes(client: &aws_sdk_s3::Client, store: &Store, key: &str) -> crate::Result<Vec<u8>> {
-    let out = client.get_object().bucket(&store.bucket).key(key).send().await.map_err(|e| {
-        let f = crate::source::ApiFailure::from_sdk(&e);
-        match f.status {
-            Some(404) => crate::Error::NotInStore(format!("{} does not exist: no release of that id was published", store.url(key))),
-            _ => f.to_error(&format!("reading {}", store.url(key))),
+    let out = match client.get_object().bucket(&store.bucket).key(key).send().await {
+        Ok(out) => out,
+        Err(e) => {
+            let f = crate::source::ApiFailure::from_sdk(&e);
+            let absent = || crate::Error::NotInStore(format!("{} does not exist: no release of that id was published", store.url(key)));
+            return Err(match f.status {
+                Some(404) => absent(),
+                Some(403) if !f.is_credentials() && absent_by_listing(client, &store.bucket, key).await => absent(),
+                _ => f.to_error(&format!("reading {}", store.url(key))),
+            });
         }
-    })?;
+    };
     collect_limited(out.body, MAX_MANIFEST_BYTES, &store.url(key)).await
+}
+
+/// Whether a key that a GET answered 403 is simply absent.
+///
+/// S3 answers a missing key 404 only to a caller that may list the bucket;
+/// the template grants `s3:ListBucket` with an `s3:prefix` condition, and no
+/// AWS document says whether such a grant counts. The same grant allows
+/// `ListObjectsV2 prefix=KEY max-keys=1`: an empty answer means absent. A
+/// listing that is refused too (or finds the key) leaves the 403 a denial.
+pub async fn absent_by_listing(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> bool {
+    let listed = client.list_objects_v2().bucket(bucket).prefix(key).max_keys(1).send().await;
+    listed.is_ok_and(|l| l.contents().iter().all(|o| o.key() != Some(key)))
 }
 
 /// Largest manifest object read: [`manifest::MAX_ENTRIES`] entries

@@ -120,6 +120,7 @@ pub async fn read<T: DeserializeOwned>(
             return match f.status {
                 Some(304) => Ok(Found::Unchanged),
                 Some(404) => Ok(Found::Absent),
+                Some(403) if !f.is_credentials() && super::absent_by_listing(client, &store.bucket, key).await => Ok(Found::Absent),
                 Some(403) if !f.is_credentials() => Err(crate::source::read_denied("the release pointer", &store.bucket, key, &f)),
                 _ => Err(f.to_error(&format!("reading {what}"))),
             };
