@@ -89,6 +89,19 @@ async fn assert_live_is(b: &Bucket, prefix: &str, node: &Node, id: &str) {
     assert_eq!(on_disk.len(), files, "nothing but the manifest's files");
 }
 
+/// Publishes `tree` as release `id` with S3 reached through `proxy`.
+fn publish_through(proxy: &FaultProxy, tree: &BTreeMap<String, Vec<u8>>, target: &str, id: &str) -> (i32, serde_json::Value, String) {
+    let dir = build(tree);
+    common::run_report(
+        Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+            .arg("publish")
+            .arg(dir.path())
+            .arg(target)
+            .args(["--release-id", id, "--json"])
+            .env("AWS_ENDPOINT_URL_S3", &proxy.url),
+    )
+}
+
 fn pull(node: &Node, source: &str) -> (i32, serde_json::Value, String) {
     run_json(node.agent(source).arg("--releases"))
 }
@@ -787,14 +800,7 @@ async fn a_multipart_blob_whose_completion_is_answered_409_is_completed_again() 
     }
     tree.insert("media/big.bin".into(), big);
     let conflict = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--put-fault", "409:POST /blobs/:0:2"]);
-    let (code, _, stderr) = common::run_report(
-        Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-            .arg("publish")
-            .arg(build(&tree).path())
-            .arg(b.url("app"))
-            .args(["--release-id", "r1", "--json"])
-            .env("AWS_ENDPOINT_URL_S3", &conflict.url),
-    );
+    let (code, _, stderr) = publish_through(&conflict, &tree, &b.url("app"), "r1");
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(conflict.stats()["409"], 2, "{}", conflict.stats());
     let node = Node::new();
@@ -972,14 +978,7 @@ async fn prune_keeps_the_newest_deploy_records_and_removes_the_rest() {
 async fn a_missing_pointer_answered_403_reads_as_absent_when_a_listing_finds_nothing() {
     let b = Bucket::new("store403").await;
     let strict = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--list-prefixes", ""]);
-    let (code, _, stderr) = common::run_report(
-        Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-            .arg("publish")
-            .arg(build(&versioned(6, 1)).path())
-            .arg(b.url("app"))
-            .args(["--release-id", "r1", "--json"])
-            .env("AWS_ENDPOINT_URL_S3", &strict.url),
-    );
+    let (code, _, stderr) = publish_through(&strict, &versioned(6, 1), &b.url("app"), "r1");
     assert_eq!(code, 0, "the first publish reads latest.json and the tombstone, both missing: {stderr}");
     let node = Node::new();
     let (code, _, stderr) =

@@ -329,8 +329,9 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         // Live but unknown to the registry (rebuilt after a crash): what
         // it holds is known only from its manifest, so it is checked and
         // repaired against it, then registered again.
+        // (A hold reaches here only once its stats were found wrong.)
         let unregistered = live && known.is_none();
-        let (ok, files) = if unregistered { (false, 0) } else { intact(ctx, &id)? };
+        let (ok, files) = if unregistered || hold.is_some() { (false, 0) } else { intact(ctx, &id)? };
         let mut register = None;
         let report = if ok {
             let mut report = new_report(ctx);
@@ -341,11 +342,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
                 Some(m) => m,
                 None => fetch_manifest(&ctx.client, &store, &id, digest.as_ref()).await?,
             };
-            if manifest.header.id != id {
-                return Err(Error::S3(format!("the manifest of release {id} says it is release {}; the store is damaged", manifest.header.id)));
-            }
-            let content = format!("{STORE_CONTENT}{}", manifest.header.tree);
-            ctx.check_content(&id, &content)?;
+            let content = content_of(ctx, &id, &manifest)?;
             let files = manifest.header.files;
             let built = build(ctx, &store, &id, &Arc::new(manifest), true).await?;
             if !live && built.report.exit_code != crate::exit::OK {
@@ -366,11 +363,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         Some(m) => m,
         None => fetch_manifest(&ctx.client, &store, &id, digest.as_ref()).await?,
     };
-    if manifest.header.id != id {
-        return Err(Error::S3(format!("the manifest of release {id} says it is release {}; the store is damaged", manifest.header.id)));
-    }
-    let content = format!("{STORE_CONTENT}{}", manifest.header.tree);
-    ctx.check_content(&id, &content)?;
+    let content = content_of(ctx, &id, &manifest)?;
     ctx.check_not_empty(manifest.header.files)?;
     let files = manifest.header.files;
     let built = build(ctx, &store, &id, &Arc::new(manifest), false).await?;
@@ -379,6 +372,18 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
     }
     let info = ReleaseInfo { id, content, created_at_ms: crate::store::now_ms(), files, rolled_back: false };
     Ok(Step::Built { report: built.report, info, linked: built.linked, copied: built.copied })
+}
+
+/// The content a manifest gives release `id` (as the registry records it),
+/// once the manifest is known to be that release's and the id is known not
+/// to name other content on this node.
+fn content_of(ctx: &Ctx<'_>, id: &str, manifest: &Manifest) -> Result<String> {
+    if manifest.header.id != id {
+        return Err(Error::S3(format!("the manifest of release {id} says it is release {}; the store is damaged", manifest.header.id)));
+    }
+    let content = format!("{STORE_CONTENT}{}", manifest.header.tree);
+    ctx.check_content(id, &content)?;
+    Ok(content)
 }
 
 /// A report of this pull, started when the pull did.
