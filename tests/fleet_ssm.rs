@@ -439,3 +439,52 @@ async fn a_deploy_runs_the_latest_version_of_an_updated_document() {
     assert_eq!(code, 0, "{stderr}\n{report}");
     assert!(nodes.dir.path().join(&id).join("srv/.ssm-document-version-2").exists(), "version 2 of the document ran");
 }
+
+/// A scale-in during a deploy: a terminated instance's invocation can stay
+/// InProgress until its command expires (delivery + execution timeouts,
+/// half an hour by default), which held the deploy and its fleet lock that
+/// long. The deploy lists its group while it waits and fails such a node
+/// at once, naming why.
+#[tokio::test]
+async fn an_instance_terminated_during_the_deploy_is_failed_at_once_not_waited_for() {
+    let b = Bucket::new("ssmscalein").await;
+    let tree = sample_tree(5, 43);
+    b.put_tree("app/", &tree).await;
+    let (asg, nodes) = Nodes::group_ssm("ssmscalein", 2, 8);
+    let ids = ids(&asg);
+    let roots: Vec<std::path::PathBuf> = ids.iter().map(|id| nodes.dir.path().join(id).join("srv")).collect();
+    // The second node's pull waits for its node lock: its invocation is
+    // InProgress, its script running, when the instance goes.
+    let lock = Nodes::hold_agent_lock(&roots[1]);
+    let child = common::deploy_command(&asg, &b.url("app"), "/srv/www", &nodes, "ssm")
+        .args(["--timeout", "10m"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Sent to both (one command) once the first node has its tree.
+    let first = roots[0].join("www").join(tree.keys().next().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !first.exists() {
+        assert!(std::time::Instant::now() < deadline, "the deploy never synced {}", first.display());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Terminated: gone from the group, and its SSM agent with it (the
+    // emulator then never ends the invocation, as AWS shows it).
+    common::fleet(&["ssm-agent", &ids[1], "dead"]);
+    common::fleet(&["terminate", &ids[1]]);
+    let out = child.wait_with_output().unwrap();
+    drop(lock);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(node_in(&report, &ids[0])["status"], "ok", "{report}");
+    let gone = node_in(&report, &ids[1]);
+    assert_eq!(gone["status"], "failed", "{report}");
+    let e = gone["error"].as_str().unwrap();
+    assert!(e.contains("Auto Scaling Group") && e.contains("during the deploy") && e.contains(ids[1].as_str()), "{e}");
+    // SSM still shows it running: the deploy did not wait for an end.
+    let ended: Vec<serde_json::Value> =
+        ssm_calls(&ids[1..]).into_iter().filter(|c| c["op"] == "invocation" && c["instance_id"] == ids[1].as_str()).collect();
+    assert!(ended.is_empty(), "{ended:?}");
+}

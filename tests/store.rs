@@ -987,3 +987,44 @@ async fn a_missing_pointer_answered_403_reads_as_absent_when_a_listing_finds_not
     assert!(strict.stats()["denied"].as_u64().unwrap() >= 3, "{}", strict.stats());
     assert_live_is(&b, "app", &node, "r1").await;
 }
+
+/// An id published twice (reused after a prune made before prunes left
+/// tombstones): a node that holds the first publish never reports the
+/// second as live. The pointer's manifest digest differs from the one the
+/// node recorded, so its copy is checked against the store's and refused,
+/// on the timer's path (the pointer) and on the bastion's (`--release-id`
+/// with `--manifest-digest`).
+#[tokio::test]
+async fn a_node_holding_an_id_published_again_with_other_content_refuses_it() {
+    let b = Bucket::new("storereuse").await;
+    let source = b.url("app");
+    assert_eq!(publish(build(&versioned(6, 1)).path(), &source, &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    let (code, _, stderr) = pull(&node, &source);
+    assert_eq!(code, 0, "{stderr}");
+    assert_live_is(&b, "app", &node, "r1").await;
+
+    // What a prune made before tombstones left: r1's manifest gone (r2 is
+    // the latest), the id free.
+    assert_eq!(publish(build(&versioned(6, 3)).path(), &source, &["--release-id", "r2"]).0, 0);
+    let store = store_of(&b, "app");
+    b.client.delete_object().bucket(&b.name).key(store.manifest_key("r1")).send().await.unwrap();
+    let (code, _, stderr) = publish(build(&versioned(6, 2)).path(), &source, &["--release-id", "r1"]);
+    assert_eq!(code, 0, "{stderr}");
+    let (latest, _) = latest(&b, "app").await.unwrap();
+
+    let (code, _, stderr) = pull(&node, &source);
+    assert_ne!(code, 0, "the node's r1 is not the store's r1: {stderr}");
+    assert!(stderr.contains("published twice") && stderr.contains("new id"), "{stderr}");
+    let (code, _, stderr) = run_json(node.agent(&source).args([
+        "--releases",
+        "--release-id",
+        "r1",
+        "--manifest-digest",
+        &latest.manifest.to_string(),
+    ]));
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("published twice"), "{stderr}");
+    // The node's own copy stays live and whole.
+    assert_eq!(read_tree(&node.dest.join("current")), versioned(6, 1).into_iter().collect());
+}

@@ -101,6 +101,13 @@ struct PullArgs {
     /// else (a plain prefix) a hash of the content.
     #[arg(long)]
     release_id: Option<String>,
+    /// Release mode, with --release-id: the SHA-256 of that release's
+    /// manifest, as `fleetsync sync` read it (it passes it). A copy of the
+    /// release on this node recorded with another digest is checked
+    /// against the store's before it goes live; without it, a live copy
+    /// is trusted by its id.
+    #[arg(long, value_name = "SHA256", requires = "release_id")]
+    manifest_digest: Option<fleetsync::store::Digest>,
     /// Release mode: the Auto Scaling Group this node belongs to; the node
     /// follows the release `fleetsync sync` deployed to it (not merely the
     /// latest published). Remembered for later pulls.
@@ -348,6 +355,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         let release = fleetsync::ReleaseOptions {
             pull: opts,
             release_id: args.release_id.clone(),
+            manifest: args.manifest_digest,
             group: args.group.clone(),
             keep: args.keep.unwrap_or(fleetsync::release::DEFAULT_KEEP),
             after_switch: args.after_switch.clone(),

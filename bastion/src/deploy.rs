@@ -150,7 +150,7 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
     }
     let mut call = d.call.clone();
     if let Some(t) = &target {
-        call = store_call(&d.source, &d.call, t, &t.release);
+        call = store_call(&d.source, &d.call, t, &pointer::Target { release: t.release.clone(), manifest: t.manifest });
         progress.note(&format!(
             "{} group {} to release {}{}",
             d.verb,
@@ -161,6 +161,10 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
     }
     let what = What { verb: d.verb, asg: d.asg.clone(), source: d.source.clone(), command: d.command.clone() };
     let mut fleet = Fleet::new(d.transport, call, Some(&held), d.address, d.batch, d.max_errors, targets.len(), &progress);
+    // A node that leaves the group while the deploy waits for it (a
+    // scale-in) is failed at once, not waited for until SSM expires it.
+    let watch = discover::watch(sdk, &d.asg);
+    fleet.leaving = watch.leaving.clone();
     progress.note(&format!("{}: {} nodes of {} over {}", d.verb, targets.len(), d.asg, fleet.transport.name()));
 
     // Listening from here to the end: a signal during the switch back of a
@@ -199,7 +203,7 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
             let settled = t.settled_on.as_deref() == Some(prev.release.as_str());
             let back: Vec<Node> = not_on(&run, &results, &prev.release, settled);
             progress.note(&format!("the deploy failed: switching {} nodes back to {}", back.len(), prev.release));
-            fleet.call = store_call(&d.source, &d.call, t, &prev.release);
+            fleet.call = store_call(&d.source, &d.call, t, &prev);
             // The switch back is not held to what failed the deploy: every
             // node asked is asked, whatever --max-errors let through.
             fleet.failures.store(0, std::sync::atomic::Ordering::SeqCst);
@@ -315,12 +319,13 @@ async fn resolve_target(d: &Deploy, s3: &S3Client) -> anyhow::Result<Option<Targ
 /// The agent call that makes `release` live on a node of a published
 /// source's group: a pull of that release (also for a rollback: a node
 /// that never had it fetches it).
-fn store_call(source: &S3Url, call: &AgentCall, t: &Target, release: &str) -> AgentCall {
+fn store_call(source: &S3Url, call: &AgentCall, t: &Target, release: &pointer::Target) -> AgentCall {
     AgentCall {
         action: Action::Pull,
         source: Some(source.to_string()),
         releases: true,
-        release: Some(release.to_string()),
+        release: Some(release.release.clone()),
+        manifest: Some(release.manifest),
         group: Some(t.group.clone()),
         rollback_on_failure: call.rollback_on_failure && call.after_switch.is_some(),
         ..call.clone()

@@ -52,6 +52,71 @@ const CALLS_AT_ONCE: usize = 4;
 const NOT_FOUND_TRIES: u32 = 5;
 const NOT_FOUND_PAUSE: std::time::Duration = std::time::Duration::from_millis(400);
 
+/// How often a deploy lists its group's members while it runs, to find
+/// instances that left (a scale-in): one DescribeAutoScalingGroups call.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The instances that left the group, or are leaving it, while a deploy
+/// runs, by id, with why. A terminated instance's SSM invocation can stay
+/// InProgress until its command expires (delivery + execution timeouts,
+/// half an hour by default), holding the deploy and its lock that long:
+/// the transport fails such a node at once instead. Shared with the
+/// background listing of the [`Watch`] that fills it.
+#[derive(Clone, Default)]
+pub struct Leaving(std::sync::Arc<std::sync::Mutex<Option<HashMap<String, String>>>>);
+
+impl Leaving {
+    /// Why `instance_id` is no longer a node of the deploy, if it is not:
+    /// gone from the group's last listing, or in a lifecycle state that
+    /// ends outside it. `None` before the first listing.
+    pub fn why(&self, instance_id: &str) -> Option<String> {
+        let members = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let lifecycle = match members.as_ref()?.get(instance_id) {
+            None => return Some("left the Auto Scaling Group".to_string()),
+            Some(l) => l,
+        };
+        let leaving = ["Terminating", "Terminated", "Detaching", "Detached"];
+        leaving.iter().any(|l| lifecycle.starts_with(l)).then(|| format!("is leaving the Auto Scaling Group (lifecycle {lifecycle})"))
+    }
+}
+
+/// Lists the group every [`WATCH_EVERY`] while it lives, filling
+/// [`Watch::leaving`]; dropping it stops the listing. A listing that fails
+/// keeps the last one (the deploy then waits for SSM, as without a watch).
+pub struct Watch {
+    pub leaving: Leaving,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts watching `asg`'s members.
+pub fn watch(sdk: &aws_types::SdkConfig, asg: &str) -> Watch {
+    let leaving = Leaving::default();
+    let (autoscaling, asg, shared) = (aws_sdk_autoscaling::Client::new(sdk), asg.to_string(), leaving.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            let listed = autoscaling.describe_auto_scaling_groups().auto_scaling_group_names(&asg).send().await;
+            let Ok(out) = listed else { continue };
+            let Some(group) = out.auto_scaling_groups().iter().find(|g| g.auto_scaling_group_name() == Some(asg.as_str())) else {
+                continue;
+            };
+            let members = group
+                .instances()
+                .iter()
+                .filter_map(|m| Some((m.instance_id()?.to_string(), m.lifecycle_state().map_or("", |l| l.as_str()).to_string())))
+                .collect();
+            *shared.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(members);
+        }
+    });
+    Watch { leaving, task }
+}
+
 /// Lists the group's instances, targets first.
 pub async fn discover(sdk: &aws_types::SdkConfig, asg: &str) -> anyhow::Result<Vec<Node>> {
     list(sdk, asg, &std::collections::HashSet::new()).await

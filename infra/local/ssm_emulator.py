@@ -65,8 +65,10 @@ private mount namespace with the node's own srv/ bind-mounted over /srv and
 the environment from its node.json, the same root its sshd serves. A file
 `ssm-agent` in the node directory changes how its SSM agent behaves:
 `connection-lost` (PingStatus ConnectionLost; nothing is ever delivered),
-`dead` (the agent died but the instance still shows Online: an invocation
-goes InProgress and then nothing happens until the command expires). A node
+`dead` (the agent died but the instance still shows Online, or the
+instance vanished in a scale-in: an invocation goes InProgress, or stays
+there if its script was running, and then nothing happens until the
+command expires, as AWS shows a terminated instance's). A node
 whose node.json says `"simulated": true` runs nothing: it answers after
 `simulated_ms` with a canned agent report marked `"simulated": true` (the
 bastion's scale benchmark, thousands of instances).
@@ -674,6 +676,11 @@ class World:
                 code, timed_out = proc.wait(), True
         stdout = open(out_path, "rb").read()
         stderr = open(err_path, "rb").read()
+        if self.agent_state(node) == "dead":
+            # The instance vanished (a scale-in terminated it) or its agent
+            # died while the script ran: nobody reports the end, and SSM
+            # shows InProgress until the command expires.
+            return
         if inv.cancel_requested:
             code, status = -1, ("Cancelled", "Cancelled")
         elif timed_out:  # SIGKILLed by the execution timeout, or at the command's expiry

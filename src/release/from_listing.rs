@@ -62,6 +62,7 @@ pub(super) async fn run(ctx: &Ctx<'_>) -> Result<Step> {
             created_at_ms: crate::store::now_ms(),
             files: report.counts.downloaded + report.counts.unchanged,
             rolled_back: false,
+            manifest: None,
         });
         return Ok(Step::Live { report, id, register });
     }
@@ -77,7 +78,7 @@ pub(super) async fn run(ctx: &Ctx<'_>) -> Result<Step> {
         return Ok(Step::Incomplete { report, id, linked });
     }
     let files = report.counts.downloaded + report.counts.unchanged;
-    let info = ReleaseInfo { id, content, created_at_ms: crate::store::now_ms(), files, rolled_back: false };
+    let info = ReleaseInfo { id, content, created_at_ms: crate::store::now_ms(), files, rolled_back: false, manifest: None };
     Ok(Step::Built { report, info, linked, copied: 0 })
 }
 

@@ -38,11 +38,12 @@ use crate::safe_fs::{DestDir, Lstats};
 use crate::state::{Placed, StateStore};
 use crate::store::manifest::{Entry, FileEntry, Manifest};
 use crate::store::pointer::{self, DeployState, Deployed, Found, Latest};
-use crate::store::{fetch_manifest, Digest, Store};
+use crate::store::{fetch_manifest, fetch_manifest_digest, Digest, Store};
 
 /// Which release to make live.
 pub(super) enum Target {
-    /// This release (its manifest checked against `digest` when known).
+    /// This release: its manifest's digest when known (from a pointer, the
+    /// bastion, or the manifest at hand, which `digest` then is of).
     Release { id: String, digest: Option<Digest>, manifest: Option<Manifest> },
     /// Keep the live release: why.
     Hold { reason: String },
@@ -184,13 +185,15 @@ fn decide(current: Option<&str>, group: &str, d: Deployed) -> Target {
 /// `--release-id ID`: that release of the store, or, when the source has
 /// no store, the name of the listing's release.
 async fn resolve_id(l: &Lookup<'_>, store: &Store, id: &str) -> Result<Option<Target>> {
-    // Live, from the store, intact: nothing to ask.
-    let stored_live = l.current == Some(id) && l.registry.get(id).is_some_and(|r| r.content.starts_with(STORE_CONTENT));
+    // Live, from the store, and the same publish of it that the deploy
+    // names (when it names one): nothing to ask.
+    let stored_live = l.current == Some(id)
+        && l.registry.get(id).is_some_and(|r| r.content.starts_with(STORE_CONTENT) && l.opts.manifest.is_none_or(|d| r.manifest == Some(d)));
     if stored_live {
-        return Ok(Some(Target::Release { id: id.to_string(), digest: None, manifest: None }));
+        return Ok(Some(Target::Release { id: id.to_string(), digest: l.opts.manifest, manifest: None }));
     }
-    match fetch_manifest(l.client, store, id, None).await {
-        Ok(m) => Ok(Some(Target::Release { id: id.to_string(), digest: None, manifest: Some(m) })),
+    match fetch_manifest_digest(l.client, store, id, l.opts.manifest.as_ref()).await {
+        Ok((m, digest)) => Ok(Some(Target::Release { id: id.to_string(), digest: Some(digest), manifest: Some(m) })),
         Err(Error::NotInStore(_)) => match pointer::read::<serde_json::Value>(l.client, store, &store.latest_key(), None).await? {
             Found::Absent => Ok(None),
             _ => Err(Error::Config(format!(
@@ -299,8 +302,8 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
             // One the store no longer has (pruned: no pointer names a
             // release a node holds before its group's first deploy) is
             // held as it is.
-            match fetch_manifest(&ctx.client, &store, &current, None).await {
-                Ok(m) => (current.clone(), None, Some(m), Some(reason)),
+            match fetch_manifest_digest(&ctx.client, &store, &current, None).await {
+                Ok((m, digest)) => (current.clone(), Some(digest), Some(m), Some(reason)),
                 Err(e) => {
                     tracing::warn!(release = %current, error = %e, "the held release cannot be checked against its manifest");
                     return held(format!("{reason} (its files cannot be checked: {e})"));
@@ -323,25 +326,33 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
                 k.content
             )));
         }
-        if let Some(m) = &manifest {
-            ctx.check_content(&id, &format!("{STORE_CONTENT}{}", m.header.tree))?;
+        // The store's release `id` is this node's copy only if it is the
+        // same publish: an id published again after a prune (before prunes
+        // left tombstones) names other content. A digest other than the
+        // one recorded (or none recorded yet) is checked once, by the
+        // manifest's tree, then recorded.
+        let recorded = known.as_ref().and_then(|k| k.manifest);
+        let mut manifest = manifest;
+        if manifest.is_none() && digest.is_some() && digest != recorded {
+            manifest = Some(fetch_manifest(&ctx.client, &store, &id, digest.as_ref()).await?);
         }
+        if let Some(m) = &manifest {
+            content_of(ctx, &id, m)?;
+        }
+        let relabel = known.as_ref().filter(|_| digest.is_some() && digest != recorded).map(|k| ReleaseInfo { manifest: digest, ..k.clone() });
         // Live but unknown to the registry (rebuilt after a crash): what
         // it holds is known only from its manifest, so it is checked and
         // repaired against it, then registered again.
         // (A hold reaches here only once its stats were found wrong.)
         let unregistered = live && known.is_none();
         let (ok, files) = if unregistered || hold.is_some() { (false, 0) } else { intact(ctx, &id)? };
-        let mut register = None;
+        let mut register = relabel.clone();
         let report = if ok {
             let mut report = new_report(ctx);
             (report.counts.listed, report.counts.unchanged) = (files, files);
             report
         } else {
-            let manifest = match manifest {
-                Some(m) => m,
-                None => fetch_manifest(&ctx.client, &store, &id, digest.as_ref()).await?,
-            };
+            let (manifest, digest) = with_manifest(ctx, &store, &id, manifest, digest).await?;
             let content = content_of(ctx, &id, &manifest)?;
             let files = manifest.header.files;
             let built = build(ctx, &store, &id, &Arc::new(manifest), true).await?;
@@ -349,20 +360,24 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
                 return Ok(Step::Incomplete { report: built.report, id, linked: 0 });
             }
             if unregistered {
-                register = Some(ReleaseInfo { id: id.clone(), content, created_at_ms: crate::store::now_ms(), files, rolled_back: false });
+                register = Some(ReleaseInfo {
+                    id: id.clone(),
+                    content,
+                    created_at_ms: crate::store::now_ms(),
+                    files,
+                    rolled_back: false,
+                    manifest: digest,
+                });
             }
             built.report
         };
-        return Ok(match (hold, known.filter(|_| !live)) {
+        return Ok(match (hold, relabel.or(known).filter(|_| !live)) {
             (Some(reason), _) => Step::Held { report, id, reason, register },
             (None, Some(info)) => Step::Existing { report, info },
             (None, None) => Step::Live { report, id, register },
         });
     }
-    let manifest = match manifest {
-        Some(m) => m,
-        None => fetch_manifest(&ctx.client, &store, &id, digest.as_ref()).await?,
-    };
+    let (manifest, digest) = with_manifest(ctx, &store, &id, manifest, digest).await?;
     let content = content_of(ctx, &id, &manifest)?;
     ctx.check_not_empty(manifest.header.files)?;
     let files = manifest.header.files;
@@ -370,8 +385,26 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
     if built.report.exit_code != crate::exit::OK {
         return Ok(Step::Incomplete { report: built.report, id, linked: built.linked });
     }
-    let info = ReleaseInfo { id, content, created_at_ms: crate::store::now_ms(), files, rolled_back: false };
+    let info = ReleaseInfo { id, content, created_at_ms: crate::store::now_ms(), files, rolled_back: false, manifest: digest };
     Ok(Step::Built { report: built.report, info, linked: built.linked, copied: built.copied })
+}
+
+/// Release `id`'s manifest and its digest: the one at hand, else fetched
+/// (checked against `digest` when known).
+async fn with_manifest(
+    ctx: &Ctx<'_>,
+    store: &Store,
+    id: &str,
+    manifest: Option<Manifest>,
+    digest: Option<Digest>,
+) -> Result<(Manifest, Option<Digest>)> {
+    Ok(match manifest {
+        Some(m) => (m, digest),
+        None => {
+            let (m, d) = fetch_manifest_digest(&ctx.client, store, id, digest.as_ref()).await?;
+            (m, Some(d))
+        }
+    })
 }
 
 /// The content a manifest gives release `id` (as the registry records it),
@@ -382,8 +415,16 @@ fn content_of(ctx: &Ctx<'_>, id: &str, manifest: &Manifest) -> Result<String> {
         return Err(Error::S3(format!("the manifest of release {id} says it is release {}; the store is damaged", manifest.header.id)));
     }
     let content = format!("{STORE_CONTENT}{}", manifest.header.tree);
-    ctx.check_content(id, &content)?;
-    Ok(content)
+    match ctx.registry.get(id) {
+        // Published twice under one id (reused after a prune, before prunes
+        // left tombstones): the node's copy is not the store's release.
+        Some(known) if known.content != content => Err(Error::Config(format!(
+            "release {id} on this node ({}) is not the store's release {id} ({content}): the id was published twice; deploy a release with a new id, or remove {} from this node",
+            known.content,
+            ctx.layout.dir(id).display()
+        ))),
+        _ => Ok(content),
+    }
 }
 
 /// A report of this pull, started when the pull did.

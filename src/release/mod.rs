@@ -65,6 +65,11 @@ pub struct ReleaseOptions {
     /// a plain prefix's release; default: the group's deployed release (in
     /// a store), else derived from the content.
     pub release_id: Option<String>,
+    /// With `release_id`: the SHA-256 of its manifest, as the deploy that
+    /// names it read it. A copy on the node recorded with another digest
+    /// is checked against the store before it is trusted; without it, a
+    /// live copy of the id is trusted by name (no request).
+    pub manifest: Option<crate::store::Digest>,
     /// The Auto Scaling Group the node belongs to: the node follows the
     /// release this group is deployed on. Default: the group recorded by
     /// the last pull that named one.
@@ -140,6 +145,13 @@ pub struct ReleaseInfo {
     /// Taken out of service by a rollback: never "previous" again.
     #[serde(default)]
     pub rolled_back: bool,
+    /// A store release: the SHA-256 of the manifest it was built from. A
+    /// pointer (or the bastion) naming this id with another digest names
+    /// another publish of it, which is checked before the node trusts its
+    /// copy. `None` for a listing's release, and for one recorded before
+    /// digests were (checked once, then recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<crate::store::Digest>,
 }
 
 /// The complete releases of one DEST, in the order they went live.
@@ -526,7 +538,7 @@ mod tests {
     use super::*;
 
     fn info(id: &str) -> ReleaseInfo {
-        ReleaseInfo { id: id.into(), content: id.into(), created_at_ms: 0, files: 1, rolled_back: false }
+        ReleaseInfo { id: id.into(), content: id.into(), created_at_ms: 0, files: 1, rolled_back: false, manifest: None }
     }
 
     #[test]

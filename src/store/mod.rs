@@ -104,6 +104,18 @@ pub async fn fetch_manifest(
     id: &str,
     digest: Option<&Digest>,
 ) -> crate::Result<manifest::Manifest> {
+    Ok(fetch_manifest_digest(client, store, id, digest).await?.0)
+}
+
+/// [`fetch_manifest`], with the digest of the manifest's bytes: what a
+/// node records with the release it builds, so that an id published twice
+/// (reused after a prune) is found by comparing digests.
+pub async fn fetch_manifest_digest(
+    client: &aws_sdk_s3::Client,
+    store: &Store,
+    id: &str,
+    digest: Option<&Digest>,
+) -> crate::Result<(manifest::Manifest, Digest)> {
     let key = store.manifest_key(id);
     let mut bytes = fetch_bytes(client, store, &key).await?;
     // Bytes damaged on the way are fetched again; bytes that stay wrong were
@@ -123,7 +135,9 @@ pub async fn fetch_manifest(
         }
     }
     let what = store.url(&key);
-    tokio::task::spawn_blocking(move || manifest::Manifest::parse(&bytes, &what)).await.expect("parsing does not panic")
+    let got = Digest::of(&bytes);
+    let m = tokio::task::spawn_blocking(move || manifest::Manifest::parse(&bytes, &what)).await.expect("parsing does not panic")?;
+    Ok((m, got))
 }
 
 /// The whole object at `key`; a missing one is a configuration error

@@ -36,6 +36,9 @@ pub struct AgentCall {
     pub releases: bool,
     /// `pull --release-id`, or `rollback --to`.
     pub release: Option<String>,
+    /// `pull --manifest-digest`: the release's manifest as the deploy read
+    /// it, so that a node's copy of another publish of that id is found.
+    pub manifest: Option<fleetsync::store::Digest>,
     /// `--group`: the group whose deployed release the node follows.
     pub group: Option<String>,
     pub keep: Option<usize>,
@@ -100,6 +103,7 @@ impl AgentCall {
         flag("--state-dir", &self.state_dir);
         flag("--group", &self.group);
         flag(if self.action == Action::Rollback { "--to" } else { "--release-id" }, &self.release);
+        flag("--manifest-digest", &self.manifest.map(|d| d.to_string()));
         flag("--keep", &self.keep.map(|k| k.to_string()));
         flag("--after-switch", &self.after_switch);
         if let Some(s) = &self.source {
@@ -199,6 +203,9 @@ pub struct Fleet<'a> {
     /// Nodes failed so far, across passes; atomic because SSH nodes finish
     /// on many tasks at once.
     pub failures: AtomicUsize,
+    /// Instances that left the group during the deploy: the transport
+    /// stops waiting for them (empty unless a deploy watches its group).
+    pub leaving: crate::discover::Leaving,
 }
 
 impl<'a> Fleet<'a> {
@@ -223,6 +230,7 @@ impl<'a> Fleet<'a> {
             fleet_size,
             progress,
             failures: AtomicUsize::new(0),
+            leaving: crate::discover::Leaving::default(),
         }
     }
 }

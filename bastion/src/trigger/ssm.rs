@@ -212,6 +212,7 @@ impl Ssm {
         put("stateDir", "--state-dir", call.state_dir.clone(), path)?;
         put("release", if call.action == Action::Rollback { "--to" } else { "--release-id" }, call.release.clone(), word)?;
         put("group", "--asg", call.group.clone(), group)?;
+        put("manifest", "--manifest-digest", call.manifest.map(|d| d.to_string()), |v| v.len() == 64)?;
         put("keep", "--keep", call.keep.map(|k| k.to_string()), |v| v.len() <= 4)?;
         if call.releases {
             p.insert("mode".into(), vec!["releases".into()]);
@@ -475,6 +476,15 @@ impl Ssm {
             cmd.cancelled = true;
             fleet.progress.note(&format!("the fleet lock was lost; cancelling SSM command {}", cmd.id));
             self.cancel(&cmd.id, fleet.progress).await;
+        }
+        // An instance that left the group (a scale-in) may never answer:
+        // its invocation can show InProgress until the command expires.
+        let left: Vec<(String, String)> =
+            cmd.waiting.keys().filter_map(|id| fleet.leaving.why(id).map(|why| (id.clone(), why))).collect();
+        for (id, why) in left {
+            let node = cmd.waiting.remove(&id).expect("listed from waiting");
+            let why = format!("{id} {why} during the deploy; its SSM command {} is no longer waited for", cmd.id);
+            done.push((node, Done::Result(Box::new(fleet.failed(node, why)))));
         }
         // SSM gives up after the delivery and execution timeouts; a minute
         // more covers its own lag before the bastion stops waiting.
