@@ -202,6 +202,31 @@ impl DestDir {
         }
     }
 
+    /// Every entry below DEST, parents before children, by path relative to
+    /// it, walked with `openat(O_NOFOLLOW)` from DEST's descriptor: how a
+    /// release is compared with all it should hold (an extra file, an
+    /// empty directory, a changed symlink). fleetsync's staging directory
+    /// and temporary files are not listed; a name that is not UTF-8 is
+    /// listed lossily (it matches nothing a manifest names).
+    pub(crate) fn walk(&self) -> std::io::Result<Vec<(String, OnDisk)>> {
+        let mut out = Vec::new();
+        walk_at(&self.root, "", &mut out)?;
+        Ok(out)
+    }
+
+    /// Removes whatever is at `path`, a directory with all it holds,
+    /// without following a symlink; nothing there is not an error. Parent
+    /// directories stay.
+    pub(crate) fn remove_any(&self, path: &RelPath) -> std::io::Result<()> {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let (parents, name) = path.split_parent();
+        match self.dir_fd(&parents, false) {
+            Ok(parent) => remove_tree_at(&parent, name),
+            Err(e) if is_absent(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A checker of many paths' `lstat`, for checks that only read.
     pub(crate) fn lstats(&self) -> Lstats<'_> {
         Lstats { root: &self.root, dirs: HashMap::new() }
@@ -411,6 +436,51 @@ impl Lstats<'_> {
         }
         rfs::statat(self.root, path.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok()
     }
+}
+
+/// One entry of a tree as [`DestDir::walk`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OnDisk {
+    Dir,
+    File,
+    /// With its target.
+    Symlink(String),
+    /// A device, socket or FIFO: nothing fleetsync places.
+    Other,
+}
+
+/// [`DestDir::walk`] of the directory `dir`, at `prefix`.
+fn walk_at(dir: &OwnedFd, prefix: &str, out: &mut Vec<(String, OnDisk)>) -> std::io::Result<()> {
+    let mut subdirs = Vec::new();
+    for entry in rfs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let raw = entry.file_name();
+        let name = raw.to_string_lossy();
+        if name == "." || name == ".." || name.starts_with(TEMP_PREFIX) || (prefix.is_empty() && name == STAGING_DIR) {
+            continue;
+        }
+        let path = if prefix.is_empty() { name.to_string() } else { format!("{prefix}/{name}") };
+        let mut kind = entry.file_type();
+        if kind == rfs::FileType::Unknown {
+            // A file system without d_type.
+            kind = rfs::FileType::from_raw_mode(rfs::statat(dir, raw, AtFlags::SYMLINK_NOFOLLOW)?.st_mode);
+        }
+        let found = match kind {
+            rfs::FileType::Directory => {
+                subdirs.push((raw.to_owned(), path.clone()));
+                OnDisk::Dir
+            }
+            rfs::FileType::RegularFile => OnDisk::File,
+            rfs::FileType::Symlink => OnDisk::Symlink(rfs::readlinkat(dir, raw, Vec::new())?.to_string_lossy().into_owned()),
+            _ => OnDisk::Other,
+        };
+        out.push((path, found));
+    }
+    for (name, path) in subdirs {
+        let sub = rfs::openat(dir, name.as_c_str(), dir_flags(), Mode::empty())?;
+        walk_at(&sub, &path, out)?;
+    }
+    Ok(())
 }
 
 /// Opens the directory `name` in `from` without following a symlink,

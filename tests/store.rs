@@ -1028,3 +1028,46 @@ async fn a_node_holding_an_id_published_again_with_other_content_refuses_it() {
     // The node's own copy stays live and whole.
     assert_eq!(read_tree(&node.dest.join("current")), versioned(6, 1).into_iter().collect());
 }
+
+/// Drift beyond files' content: a file and a directory written into the
+/// live release, an empty directory of the release removed, a symlink
+/// pointed elsewhere. The pull's walk of the live tree finds each (no
+/// request but the pointer's), and the repair puts the release back as
+/// published.
+#[tokio::test]
+async fn extra_files_a_removed_empty_directory_and_a_changed_symlink_in_the_live_release_are_repaired() {
+    let b = Bucket::new("storeshape").await;
+    let source = b.url("app");
+    let tree = versioned(6, 1);
+    let first = tree.keys().next().unwrap().clone();
+    let dir = build(&tree);
+    std::fs::create_dir_all(dir.path().join("cache/empty")).unwrap();
+    std::os::unix::fs::symlink(&first, dir.path().join("link")).unwrap();
+    assert_eq!(publish(dir.path(), &source, &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    let (code, _, stderr) = pull(&node, &source);
+    assert_eq!(code, 0, "{stderr}");
+    let live = node.dest.join("current");
+    assert!(live.join("cache/empty").is_dir());
+    assert_eq!(std::fs::read_link(live.join("link")).unwrap(), Path::new(&first));
+
+    std::fs::write(live.join("planted.php"), b"<?php system($_GET['c']);").unwrap();
+    std::fs::create_dir_all(live.join("junk/deeper")).unwrap();
+    std::fs::write(live.join("junk/deeper/file"), b"x").unwrap();
+    std::fs::remove_dir(live.join("cache/empty")).unwrap();
+    std::fs::remove_file(live.join("link")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", live.join("link")).unwrap();
+
+    let (code, r, stderr) = pull(&node, &source);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(r["counts"]["deleted"], 2, "the planted file and directory: {r}");
+    assert!(!live.join("planted.php").exists() && !live.join("junk").exists());
+    assert!(live.join("cache/empty").is_dir());
+    assert_eq!(std::fs::read_link(live.join("link")).unwrap(), Path::new(&first));
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"));
+
+    // Whole again: the next pull finds nothing to do.
+    let (code, r, stderr) = pull(&node, &source);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["counts"]["deleted"].as_u64(), r["counts"]["downloaded"].as_u64()), (Some(0), Some(0)), "{r}");
+}

@@ -34,7 +34,7 @@ use super::{Ctx, Registry, ReleaseInfo, ReleaseOptions, ReleaseReport, Step};
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
 use crate::report::PullReport;
-use crate::safe_fs::{DestDir, Lstats};
+use crate::safe_fs::{DestDir, Lstats, OnDisk};
 use crate::state::{Placed, StateStore};
 use crate::store::manifest::{Entry, FileEntry, Manifest};
 use crate::store::pointer::{self, DeployState, Deployed, Found, Latest};
@@ -447,11 +447,17 @@ fn intact(ctx: &Ctx<'_>, id: &str) -> Result<(bool, u64)> {
     if ctx.registry.get(id).is_some_and(|r| r.files != placed.len() as u64) {
         return Ok((false, placed.len() as u64));
     }
-    // The stats are most of a no-op pull's time: on every core.
+    // Built before shapes were recorded: checked against its manifest once.
+    let Some(shape) = Shape::load(&ctx.opts.pull.state_dir, &ctx.layout.dir(id)) else {
+        return Ok((false, placed.len() as u64));
+    };
+    // The stats are most of a no-op pull's time: on every core, beside
+    // the walk that finds what is there and should not be.
     let files: Vec<(&RelPath, &Placed)> = placed.iter().collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     let chunk = files.len().div_ceil(threads).max(1);
     let ok = std::thread::scope(|scope| {
+        let walk = scope.spawn(|| dir.walk().is_ok_and(|found| shape.matches(&found, &placed)));
         let checks: Vec<_> = files
             .chunks(chunk)
             .map(|part| {
@@ -462,7 +468,7 @@ fn intact(ctx: &Ctx<'_>, id: &str) -> Result<(bool, u64)> {
                 })
             })
             .collect();
-        checks.into_iter().all(|c| c.join().expect("a stat does not panic"))
+        checks.into_iter().all(|c| c.join().expect("a stat does not panic")) && walk.join().expect("a walk does not panic")
     });
     Ok((ok, placed.len() as u64))
 }
@@ -543,6 +549,9 @@ async fn build(ctx: &Ctx<'_>, store: &Store, id: &str, manifest: &Arc<Manifest>,
     let records = StateStore::load_read_only(&p.state_dir, &path)?;
     state.compact(&records)?;
     state.clear_in_progress();
+    if report.exit_code == crate::exit::OK {
+        Shape::of(manifest).save(&p.state_dir, &path)?;
+    }
     Ok(Built { report, linked: planned.linked, copied: planned.copied })
 }
 
@@ -580,6 +589,9 @@ fn plan(
         }
     }
     let seq = || f.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if repair {
+        remove_unwanted(f, m, &existing, &mut out);
+    }
     let mut wanted: std::collections::HashSet<&RelPath> = std::collections::HashSet::new();
     let (mut dst_stats, mut base_stats) = (dst.lstats(), base.as_ref().map(|(dir, _)| dir.lstats()));
     for e in &m.entries {
@@ -620,14 +632,130 @@ fn plan(
         }
     }
     if repair {
-        // Files placed in the live release that its manifest does not have.
+        // Records of files the manifest does not have (removed above, or
+        // gone already) go too.
         for path in existing.keys().filter(|p| !wanted.contains(p)) {
-            if dst.remove_file(path, &|_| false).is_ok() && f.state.record_deleted(path).is_ok() {
-                out.deleted += 1;
-            }
+            let _ = f.state.record_deleted(path);
         }
     }
     Ok(out)
+}
+
+/// Repairing a release in place: removes what is on disk and not in its
+/// manifest, or there as another kind (a file where a directory belongs,
+/// a directory for a symlink): extra files and directories, whatever was
+/// written there. The planning that follows makes the rest as the
+/// manifest says (a symlink's target, a file's content).
+fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed>, out: &mut Planned) {
+    let shape = Shape::of(m);
+    let dirs: std::collections::HashSet<&str> = shape.dirs.iter().map(String::as_str).collect();
+    let files: std::collections::HashSet<&str> = m.files().map(|f| f.path.as_str()).collect();
+    let found = match f.dest.walk() {
+        Ok(found) => found,
+        Err(e) => return out.failed.push((String::new(), format!("listing the release to repair it: {e}"))),
+    };
+    let mut removed_dir: Option<String> = None;
+    for (path, kind) in found {
+        if removed_dir.as_ref().is_some_and(|d| path.strip_prefix(d.as_str()).is_some_and(|rest| rest.starts_with('/'))) {
+            continue; // went with its directory
+        }
+        let fits = match &kind {
+            OnDisk::Dir => dirs.contains(path.as_str()),
+            OnDisk::File => files.contains(path.as_str()),
+            OnDisk::Symlink(_) => shape.symlinks.contains_key(&path),
+            OnDisk::Other => false,
+        };
+        if fits {
+            continue;
+        }
+        let Some(rel) = RelPath::from_stored(&path) else {
+            out.failed.push((path, "not in the release, and its name cannot be removed safely (not UTF-8, or reserved)".into()));
+            continue;
+        };
+        match f.dest.remove_any(&rel) {
+            Ok(()) => {
+                tracing::info!(path = %path, "removed what the release does not hold");
+                if existing.contains_key(&rel) {
+                    let _ = f.state.record_deleted(&rel);
+                }
+                if kind == OnDisk::Dir {
+                    removed_dir = Some(path);
+                }
+                out.deleted += 1;
+            }
+            Err(e) => out.failed.push((path, format!("removing what the release does not hold: {e}"))),
+        }
+    }
+}
+
+/// What a store release holds besides its files: every directory (those
+/// its manifest names and those its entries sit in) and every symlink with
+/// its target. Kept beside the release's state store, written when the
+/// release is built or repaired, so that checking the live tree for drift
+/// (an extra file, an empty directory removed, a symlink changed) needs no
+/// request and no manifest.
+#[derive(Default, Serialize, Deserialize)]
+struct Shape {
+    dirs: Vec<String>,
+    symlinks: std::collections::BTreeMap<String, String>,
+}
+
+impl Shape {
+    fn of(m: &Manifest) -> Shape {
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut symlinks = std::collections::BTreeMap::new();
+        for e in &m.entries {
+            dirs.extend(e.path().ancestors().map(str::to_string));
+            match e {
+                Entry::Dir { path } => {
+                    dirs.insert(path.to_string());
+                }
+                Entry::Symlink { path, target } => {
+                    symlinks.insert(path.to_string(), target.clone());
+                }
+                Entry::File(_) => {}
+            }
+        }
+        Shape { dirs: dirs.into_iter().collect(), symlinks }
+    }
+
+    fn path(state_dir: &std::path::Path, release: &std::path::Path) -> std::path::PathBuf {
+        StateStore::dir_for(state_dir, release).join("shape.json")
+    }
+
+    /// The release's shape; `None` when none was recorded or it cannot be
+    /// read (the release is then checked against its manifest).
+    fn load(state_dir: &std::path::Path, release: &std::path::Path) -> Option<Shape> {
+        serde_json::from_slice(&std::fs::read(Self::path(state_dir, release)).ok()?).ok()
+    }
+
+    fn save(&self, state_dir: &std::path::Path, release: &std::path::Path) -> Result<()> {
+        crate::safe_fs::write_state_file(&Self::path(state_dir, release), &serde_json::to_vec(self).expect("a shape serializes"))
+    }
+
+    /// Whether a walk of the release found exactly this shape and `files`
+    /// (whose content the stats check): nothing more, nothing less.
+    fn matches(&self, found: &[(String, OnDisk)], files: &HashMap<RelPath, Placed>) -> bool {
+        let dirs: std::collections::HashSet<&str> = self.dirs.iter().map(String::as_str).collect();
+        let (mut seen_dirs, mut seen_links, mut seen_files) = (0, 0, 0);
+        for (path, kind) in found {
+            let fits = match kind {
+                OnDisk::Dir => dirs.contains(path.as_str()),
+                OnDisk::File => files.contains_key(path.as_str()),
+                OnDisk::Symlink(target) => self.symlinks.get(path) == Some(target),
+                OnDisk::Other => false,
+            };
+            if !fits {
+                return false;
+            }
+            match kind {
+                OnDisk::Dir => seen_dirs += 1,
+                OnDisk::Symlink(_) => seen_links += 1,
+                _ => seen_files += 1,
+            }
+        }
+        seen_dirs == self.dirs.len() && seen_links == self.symlinks.len() && seen_files == files.len()
+    }
 }
 
 enum Reused {
