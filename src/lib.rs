@@ -20,10 +20,12 @@
 //! to them. [`publish`] writes it, [`prune`] sweeps it, and for the bastion
 //! [`fleet_lock`] keeps two deploys of one group apart.
 
+pub mod aws_query;
 pub mod config_file;
 mod error;
 mod fetch;
 pub mod fleet_lock;
+pub mod lifecycle;
 mod keypath;
 mod list;
 pub mod node_lock;

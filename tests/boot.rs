@@ -52,17 +52,9 @@ async fn an_instance_launched_after_a_publish_boots_onto_the_published_release()
     assert_eq!(read_tree(&root.join("www/current")), read_tree(build.path()));
 }
 
-/// `fleetsync agent-dist upload`, then the user-data's install step as an
-/// instance runs it (`infra/aws/user-data.sh` with FLEETSYNC_STEP=install:
-/// curl --aws-sigv4 against the local S3 server, through the fault proxy,
-/// which refuses a request without the payload hash header as S3 does;
-/// files under a scratch root): the agent it installs is the one uploaded,
-/// byte for byte. A
-/// binary that does not match SHA256SUMS is never installed and the launch
-/// is abandoned; so is an instance whose architecture has no binary.
-#[tokio::test]
-async fn the_user_data_installs_the_uploaded_agent_and_refuses_a_corrupted_one() {
-    let b = common::Bucket::new("dist").await;
+/// The agent binary, its units and their SHA256SUMS, as `infra/dist/build`
+/// leaves them, in a new directory; and the binary's bytes.
+fn dist_dir() -> (tempfile::TempDir, Vec<u8>) {
     let arch = std::env::consts::ARCH;
     let dist = tempfile::tempdir().unwrap();
     let agent = std::fs::read(common::agent_bin()).unwrap();
@@ -77,8 +69,82 @@ async fn the_user_data_installs_the_uploaded_agent_and_refuses_a_corrupted_one()
         .status()
         .unwrap();
     assert!(sums.success());
-    let fleetsync = common::bin("fleetsync-bastion", "fleetsync");
-    let upload = |dir: &Path| Command::new(&fleetsync).arg("agent-dist").arg("upload").arg(dir).arg(b.url("dist")).output().unwrap();
+    (dist, agent)
+}
+
+/// `fleetsync agent-dist upload DIR s3://BUCKET/dist`.
+fn upload(b: &common::Bucket, dir: &Path) -> std::process::Output {
+    Command::new(common::bin("fleetsync-bastion", "fleetsync")).arg("agent-dist").arg("upload").arg(dir).arg(b.url("dist")).output().unwrap()
+}
+
+/// The template's user-data as an instance runs it, with S3 reached
+/// through `proxy` (which refuses a request without the payload hash
+/// header, as S3 does) and files installed under `root`.
+fn user_data(b: &common::Bucket, proxy: &common::FaultProxy, root: &Path) -> Command {
+    let mut c = Command::new("bash");
+    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/aws/user-data.sh"))
+        .env("FLEETSYNC_BUCKET", &b.name)
+        .env("FLEETSYNC_PREFIX", "app")
+        .env("FLEETSYNC_DEST", "/var/www/app")
+        .env("FLEETSYNC_GROUP", "web")
+        .env("FLEETSYNC_HOOK", "fleetsync-first-pull")
+        .env("FLEETSYNC_INSTANCE_ID", "i-0123456789abcdef0")
+        .env("FLEETSYNC_S3_URL", format!("{}/{}", proxy.url, b.name))
+        .env("FLEETSYNC_AUTOSCALING_URL", std::env::var("AWS_ENDPOINT_URL_AUTO_SCALING").unwrap())
+        .env("FLEETSYNC_INSTALL_ROOT", root)
+        .env("FLEETSYNC_RETRY_PAUSE", "0");
+    c
+}
+
+/// The Auto Scaling API's lifecycle calls, as infra/local/lifecycle_standin.py
+/// answers them (checking each SigV4 signature); stopped on drop.
+struct Lifecycle {
+    child: std::process::Child,
+    url: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl Lifecycle {
+    fn start() -> Lifecycle {
+        use std::io::BufRead;
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut child = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/lifecycle_standin.py"))
+            .arg("--log")
+            .arg(log.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut port = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut port).unwrap();
+        let url = format!("http://127.0.0.1:{}", port.trim());
+        Lifecycle { child, url, log }
+    }
+
+    /// Every call it was sent, in order.
+    fn calls(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.log.path()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+impl Drop for Lifecycle {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `fleetsync agent-dist upload`, then the user-data's install step as an
+/// instance runs it (FLEETSYNC_STEP=install; python3 signs the requests,
+/// or the AWS CLI): the agent it installs is the one uploaded, byte for
+/// byte. A binary that does not match SHA256SUMS is never installed and
+/// the launch is abandoned; so is an instance whose architecture has no
+/// binary.
+#[tokio::test]
+async fn the_user_data_installs_the_uploaded_agent_and_refuses_a_corrupted_one() {
+    let b = common::Bucket::new("dist").await;
+    let arch = std::env::consts::ARCH;
+    let (dist, agent) = dist_dir();
 
     // A damaged local copy never leaves the bastion.
     let damaged = tempfile::tempdir().unwrap();
@@ -87,32 +153,17 @@ async fn the_user_data_installs_the_uploaded_agent_and_refuses_a_corrupted_one()
         std::fs::copy(e.path(), damaged.path().join(e.file_name())).unwrap();
     }
     std::fs::write(damaged.path().join(format!("fleetsync-agent-{arch}")), &agent[..agent.len() - 1]).unwrap();
-    let out = upload(damaged.path());
+    let out = upload(&b, damaged.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is damaged") && stderr.lines().count() == 1, "{stderr}");
 
-    let out = upload(dist.path());
+    let out = upload(&b, dist.path());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let proxy = common::FaultProxy::start(&common::endpoint(), &["--rate", "0"]);
     let install = |root: &Path, extra: &[(&str, &str)]| {
-        let out = Command::new("bash")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/aws/user-data.sh"))
-            .env("FLEETSYNC_STEP", "install")
-            .env("FLEETSYNC_BUCKET", &b.name)
-            .env("FLEETSYNC_PREFIX", "app")
-            .env("FLEETSYNC_DEST", "/var/www/app")
-            .env("FLEETSYNC_GROUP", "web")
-            .env("FLEETSYNC_HOOK", "fleetsync-first-pull")
-            .env("FLEETSYNC_INSTANCE_ID", "i-0123456789abcdef0")
-            .env("FLEETSYNC_S3_URL", format!("{}/{}", proxy.url, b.name))
-            .env("FLEETSYNC_AUTOSCALING_URL", std::env::var("AWS_ENDPOINT_URL_AUTO_SCALING").unwrap())
-            .env("FLEETSYNC_INSTALL_ROOT", root)
-            .env("FLEETSYNC_RETRY_PAUSE", "0")
-            .envs(extra.iter().copied())
-            .output()
-            .unwrap();
+        let out = user_data(&b, &proxy, root).env("FLEETSYNC_STEP", "install").envs(extra.iter().copied()).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let root = tempfile::tempdir().unwrap();
@@ -122,8 +173,8 @@ async fn the_user_data_installs_the_uploaded_agent_and_refuses_a_corrupted_one()
     assert_eq!(std::fs::read(root.path().join("usr/local/bin/fleetsync-agent")).unwrap(), agent);
     assert!(root.path().join("etc/systemd/system/fleetsync-agent.timer").is_file());
     assert!(stderr.contains(&format!("installed fleetsync-agent {}", fleetsync::VERSION)), "{stderr}");
-    // The same with the AWS CLI, which the user-data uses where curl is too
-    // old to sign S3 requests.
+    // The same with the AWS CLI, which the user-data uses where there is no
+    // python3.
     let root = tempfile::tempdir().unwrap();
     let (code, stderr) = install(root.path(), &[("FLEETSYNC_CLIENT", "aws")]);
     assert_eq!(code, Some(0), "{stderr}");
@@ -138,7 +189,7 @@ async fn the_user_data_installs_the_uploaded_agent_and_refuses_a_corrupted_one()
     let (code, stderr) = install(root.path(), &[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(!root.path().join("usr/local/bin/fleetsync-agent").exists(), "installed with unchecked units");
-    assert!(upload(dist.path()).status.success());
+    assert!(upload(&b, dist.path()).status.success());
 
     // The binary in the bucket replaced behind the sums' back.
     b.put(&format!("dist/fleetsync-agent-{arch}"), b"#!/bin/sh\necho pwned\n").await;
@@ -153,4 +204,99 @@ async fn the_user_data_installs_the_uploaded_agent_and_refuses_a_corrupted_one()
     let (code, stderr) = install(root.path(), &[("FLEETSYNC_ARCH", other)]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains(&format!("has no fleetsync-agent-{other}")), "{stderr}");
+}
+
+/// A whole boot on an image with no AWS CLI and a curl too old to sign
+/// (Ubuntu 22.04's 7.81; here a stand-in that refuses --aws-sigv4):
+/// python3 signs the install's requests, the agent its heartbeats during a
+/// slow first pull and the CONTINUE that ends the launch, each signature
+/// checked by the lifecycle stand-in; a launch whose install fails is
+/// abandoned by python3's signature. systemctl is a stand-in that runs the
+/// unit's pull in the foreground.
+#[tokio::test]
+async fn an_image_without_the_aws_cli_or_a_signing_curl_boots_and_answers_its_launch_hook() {
+    let b = common::Bucket::new("bootpy").await;
+    let build = common::build_dir(8, "bootpy");
+    assert_eq!(common::publish(build.path(), &b.url("app"), &["--release-id", "first"]).0, 0);
+    let (dist, _) = dist_dir();
+    assert!(upload(&b, dist.path()).status.success());
+    let proxy = common::FaultProxy::start(&common::endpoint(), &["--rate", "0"]);
+    let hooks = Lifecycle::start();
+
+    let shims = tempfile::tempdir().unwrap();
+    let shim = |name: &str, body: &str| {
+        let path = shims.path().join(name);
+        std::fs::write(&path, format!("#!/bin/bash\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    shim(
+        "curl",
+        "for a in \"$@\"; do [[ $a != --aws-sigv4 ]] || { echo 'curl: option --aws-sigv4: is unknown' >&2; exit 2; }; done\n\
+         [[ ${1:-} != --version ]] || { echo 'curl 7.81.0 (x86_64-pc-linux-gnu) libcurl/7.81.0'; exit 0; }\n\
+         exec /usr/bin/curl \"$@\"\n",
+    );
+    shim(
+        "systemctl",
+        "echo \"$*\" >> \"$FLEETSYNC_INSTALL_ROOT/systemctl.log\"\n\
+         [[ $* == 'start fleetsync-agent.service' ]] || exit 0\n\
+         sleep 2.5\n\
+         exec \"$FLEETSYNC_INSTALL_ROOT/usr/local/bin/fleetsync-agent\" --config \"$FLEETSYNC_INSTALL_ROOT/etc/fleetsync/agent.toml\" pull\n",
+    );
+    let path = format!("{}:/usr/bin:/bin", shims.path().display());
+    let found = Command::new("bash").arg("-c").arg("command -v aws || true").env("PATH", &path).output().unwrap();
+    assert!(found.stdout.is_empty(), "no AWS CLI on the image's PATH");
+
+    let root = tempfile::tempdir().unwrap();
+    let dest = root.path().join("var/www/app");
+    let out = user_data(&b, &proxy, root.path())
+        .env("PATH", &path)
+        .env("FLEETSYNC_DEST", &dest)
+        .env("FLEETSYNC_AUTOSCALING_URL", &hooks.url)
+        .env("FLEETSYNC_HEARTBEAT_SECONDS", "1")
+        .env("FLEETSYNC_STATE_DIR", root.path().join("var/lib/fleetsync"))
+        .env("FLEETSYNC_METRICS_FILE", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(proxy.stats()["no-content-sha256"].as_u64().unwrap_or(0), 0, "a request S3 would refuse");
+    assert_eq!(std::fs::read_link(dest.join("current")).unwrap(), Path::new("releases/first"));
+    assert_eq!(read_tree(&dest.join("current")), read_tree(build.path()));
+    let calls = hooks.calls();
+    assert!(calls.iter().all(|c| c["signed"] == true && c["instance"] == "i-0123456789abcdef0" && c["group"] == "web"), "{calls:?}");
+    let actions: Vec<&str> = calls.iter().map(|c| c["action"].as_str().unwrap()).collect();
+    assert!(actions.len() >= 2 && actions[..actions.len() - 1].iter().all(|a| *a == "RecordLifecycleActionHeartbeat"), "{actions:?}");
+    let last = calls.last().unwrap();
+    assert_eq!((last["action"].as_str(), last["result"].as_str()), (Some("CompleteLifecycleAction"), Some("CONTINUE")), "{calls:?}");
+    let by_python = |c: &serde_json::Value| c["user_agent"].as_str().unwrap_or_default().starts_with("Python-urllib");
+    assert!(calls.iter().all(|c| !by_python(c)), "the installed agent made these: {calls:?}");
+    let systemctl = std::fs::read_to_string(root.path().join("systemctl.log")).unwrap();
+    assert!(systemctl.contains("start fleetsync-agent.service") && systemctl.contains("start fleetsync-agent.timer"), "{systemctl}");
+
+    // An install that fails (no binary for this architecture): python3
+    // signs the ABANDON.
+    let other = if std::env::consts::ARCH == "x86_64" { "aarch64" } else { "x86_64" };
+    let root = tempfile::tempdir().unwrap();
+    let out = user_data(&b, &proxy, root.path())
+        .env("PATH", &path)
+        .env("FLEETSYNC_AUTOSCALING_URL", &hooks.url)
+        .env("FLEETSYNC_ARCH", other)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let last = hooks.calls().pop().unwrap();
+    assert_eq!((last["action"].as_str(), last["result"].as_str(), last["signed"].as_bool()), (Some("CompleteLifecycleAction"), Some("ABANDON"), Some(true)));
+    assert!(by_python(&last), "{last}");
+
+    // The stand-in refuses what AWS would: a signature made with the wrong key.
+    let out = Command::new(common::agent_bin())
+        .args(["lifecycle", "heartbeat", "--group", "web", "--hook", "fleetsync-first-pull", "--instance-id", "i-0123456789abcdef0"])
+        .env("AWS_ENDPOINT_URL_AUTO_SCALING", &hooks.url)
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-key")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("RecordLifecycleActionHeartbeat") && stderr.contains(&hooks.url), "names the call and the endpoint: {stderr}");
+    assert_eq!(hooks.calls().pop().unwrap()["signed"], false);
 }

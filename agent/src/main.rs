@@ -53,6 +53,12 @@ enum Command {
     Rollback(RollbackArgs),
     /// Release mode: the live release, the one before it, the kept releases and the last pull.
     Status(StatusArgs),
+    /// Answer this instance's Auto Scaling launch hook, signed with its
+    /// role's credentials: `complete` once the first pull made the code
+    /// live (or `--result abandon`), `heartbeat` while a long one runs.
+    /// What the template's user-data runs once the agent is installed.
+    #[command(after_help = LIFECYCLE_EXIT_CODES)]
+    Lifecycle(LifecycleArgs),
     /// Print the shell completion script, e.g. `fleetsync-agent completions bash`.
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (fleetsync-agent.1, one per command) into DIR; the packages ship them.
@@ -142,7 +148,9 @@ struct PullArgs {
     /// Write the pull's result as Prometheus metrics into FILE (for
     /// node_exporter's textfile collector, e.g.
     /// /var/lib/prometheus/node-exporter/fleetsync.prom); off by default.
-    #[arg(long, env = "FLEETSYNC_METRICS_FILE", value_name = "FILE")]
+    /// (Set empty, as a unit drop-in may, it turns them off: clap's path
+    /// parser would refuse the empty value.)
+    #[arg(long, env = "FLEETSYNC_METRICS_FILE", value_name = "FILE", value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from))]
     metrics_file: Option<PathBuf>,
     /// Who owns the files and directories placed in DEST, USER[:GROUP]
     /// (names or numbers; e.g. the web server's user); default: the agent's
@@ -251,6 +259,47 @@ struct StatusArgs {
     json: bool,
 }
 
+const LIFECYCLE_EXIT_CODES: &str = "\
+Exit codes:
+  0  done
+  1  the Auto Scaling API failed (see the message); try again
+  2  configuration: no credentials or permission, no route to the API, or no launch waiting on that hook";
+
+#[derive(clap::Args)]
+struct LifecycleArgs {
+    #[arg(value_enum)]
+    action: LifecycleAction,
+    /// The Auto Scaling Group the instance belongs to.
+    #[arg(long)]
+    group: String,
+    /// The launch lifecycle hook's name (the template's: fleetsync-first-pull).
+    #[arg(long)]
+    hook: String,
+    /// The instance (default: this one, from the instance metadata, IMDSv2).
+    #[arg(long)]
+    instance_id: Option<String>,
+    /// `complete`: CONTINUE puts the instance in service, ABANDON has the
+    /// group replace it.
+    #[arg(long, value_enum, default_value = "continue")]
+    result: LifecycleResult,
+    /// The group's region (default: the standard AWS chain, which on an
+    /// instance is its own region).
+    #[arg(long)]
+    region: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LifecycleAction {
+    Complete,
+    Heartbeat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LifecycleResult {
+    Continue,
+    Abandon,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum IfBusyArg {
     Wait,
@@ -301,7 +350,44 @@ fn try_main() -> anyhow::Result<i32> {
             args.state_dir = Some(state_dir(args.state_dir.take(), &cfg));
             status(args)
         }
+        Command::Lifecycle(mut args) => {
+            args.region = args.region.take().or(cfg.region);
+            runtime.block_on(lifecycle(args))
+        }
         Command::Completions { .. } | Command::Man { .. } => unreachable!("answered before the config file is read"),
+    }
+}
+
+/// `lifecycle complete|heartbeat`: one call to the Auto Scaling API.
+async fn lifecycle(args: LifecycleArgs) -> anyhow::Result<i32> {
+    use fleetsync::lifecycle::{self, Hook, Outcome};
+    let sdk = fleetsync::source::sdk_config(&ClientOptions { region: args.region.clone(), ..ClientOptions::default() }).await;
+    let instance_id = match args.instance_id {
+        Some(id) => id,
+        None => lifecycle::this_instance().await?,
+    };
+    let hook = Hook { group: args.group, hook: args.hook, instance_id };
+    let done = match args.action {
+        LifecycleAction::Complete => {
+            let outcome = match args.result {
+                LifecycleResult::Continue => Outcome::Continue,
+                LifecycleResult::Abandon => Outcome::Abandon,
+            };
+            lifecycle::complete(&sdk, &hook, outcome).await.map(|()| format!("completed the launch hook {} of {}: {outcome:?}", hook.hook, hook.instance_id))
+        }
+        LifecycleAction::Heartbeat => {
+            lifecycle::heartbeat(&sdk, &hook).await.map(|()| format!("recorded a heartbeat on the launch hook {} of {}", hook.hook, hook.instance_id))
+        }
+    };
+    match done {
+        Ok(line) => {
+            eprintln!("{line}");
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("fleetsync-agent: {e}");
+            Ok(e.exit_code())
+        }
     }
 }
 

@@ -13,21 +13,21 @@
 #    code. If anything fails, the hook is completed with ABANDON and the
 #    group replaces the instance.
 #
-# Needs bash and systemd, and either curl 7.88 or later or the AWS CLI:
-# with a recent curl (Amazon Linux 2023, Ubuntu 24.04, Debian 12), S3 and
-# Auto Scaling requests are signed by `curl --aws-sigv4` with the instance
-# role's credentials from IMDSv2, so AMIs without the AWS CLI (Ubuntu's)
-# work; older curls cannot sign S3 requests (they send the payload hash
-# unsigned) and the AWS CLI is used instead (Amazon Linux 2, RHEL).
-# Every request has a 5-second connect timeout, so a subnet with no route
-# to S3 or Auto Scaling (no NAT gateway, no VPC endpoint) fails within a
-# minute, naming the endpoint, instead of hanging.
+# Needs bash, systemd, curl (any version: IMDSv2 only) and python3, which
+# every cloud-init image has (RHEL 8's is platform-python): its standard
+# library signs the first requests (dist/, and ABANDON should the install
+# fail) with SigV4 and the instance role's credentials, so neither the AWS
+# CLI nor a recent curl is needed (Ubuntu 22.04, RHEL and Rocky 8 and 9).
+# Without python3 the AWS CLI is used. Once installed, the agent makes the
+# lifecycle calls itself (`fleetsync-agent lifecycle`). Requests have a
+# 5-second connect timeout: a subnet with no route to S3 or Auto Scaling
+# fails within a minute, naming the endpoint, instead of hanging.
 #
-# The CloudFormation template (fleetsync.yaml) embeds this file verbatim
-# after a line that exports the variables below; CI checks that the two
-# agree, and runs bash -n and shellcheck on this file. The local world's
-# test runs the install step alone (FLEETSYNC_STEP=install) against its own
-# S3 server: see tests/boot.rs.
+# The template (fleetsync.yaml) embeds this file verbatim after a line that
+# exports the variables below (infra/aws/check compares them and runs bash
+# -n and shellcheck). tests/boot.rs runs it against the local S3 server, a
+# lifecycle stand-in that checks signatures, and stand-ins for systemctl
+# and an old curl (FLEETSYNC_STEP=install: the install step alone).
 set -euo pipefail
 
 : "${FLEETSYNC_BUCKET:?the source bucket}"
@@ -39,9 +39,8 @@ set -euo pipefail
 # What the test changes: the endpoints (path-style for a local server), the
 # root the files are installed under, the pause between tries.
 # S3 virtual-hosted style, except for a bucket name with dots: S3's wildcard
-# certificate (*.s3.REGION.amazonaws.com) covers one label only, so TLS to
-# my.bucket.s3... fails; such a bucket is addressed path style instead (the
-# URL curl signs is the one requested, so the signature covers /BUCKET/...).
+# certificate (*.s3.REGION.amazonaws.com) covers one label only, so such a
+# bucket is addressed path style.
 if [[ $FLEETSYNC_BUCKET == *.* ]]; then
   S3_URL=${FLEETSYNC_S3_URL:-https://s3.$AWS_REGION.amazonaws.com/$FLEETSYNC_BUCKET}
 else
@@ -50,9 +49,12 @@ fi
 AUTOSCALING_URL=${FLEETSYNC_AUTOSCALING_URL:-https://autoscaling.$AWS_REGION.amazonaws.com}
 ROOT=${FLEETSYNC_INSTALL_ROOT:-}
 PAUSE=${FLEETSYNC_RETRY_PAUSE:-10}
+HEARTBEAT=${FLEETSYNC_HEARTBEAT_SECONDS:-300}
 DIST="s3://$FLEETSYNC_BUCKET/dist"
 INSTANCE_ID=${FLEETSYNC_INSTANCE_ID:-}
 heartbeats=''
+# The installed agent, once it is: it makes the lifecycle calls from then on.
+AGENT=''
 
 fail() {
   echo "fleetsync bootstrap: $*" >&2
@@ -82,43 +84,80 @@ credentials() {
   AK=$(field AccessKeyId) SK=$(field SecretAccessKey) TOKEN=$(field Token)
 }
 
-# signed SERVICE CURL-ARGS...: one AWS request, signed with SigV4.
-signed() {
-  local service=$1
-  shift
+# py_signed METHOD URL SERVICE FILE [BODY]: one AWS request signed with
+# SigV4 by python3's standard library; the answer's body into FILE. Tried
+# 3 times, 5 s to connect.
+py_signed() {
   credentials
-  local auth=(--aws-sigv4 "aws:amz:$AWS_REGION:$service" --user "$AK:$SK")
-  [[ -z $TOKEN ]] || auth+=(-H "x-amz-security-token: $TOKEN")
-  curl -fsS --connect-timeout 5 --max-time 600 --retry 3 --retry-connrefused "${auth[@]}" "$@"
+  AK=$AK SK=$SK TOKEN=$TOKEN "$PYTHON" - "$@" <<'PY'
+import datetime, hashlib, hmac, os, sys, time, urllib.error, urllib.parse, urllib.request
+method, url, service, out = sys.argv[1:5]
+body = sys.argv[5].encode() if len(sys.argv) > 5 else b""
+u, region = urllib.parse.urlsplit(url), os.environ["AWS_REGION"]
+for attempt in range(3):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    payload = hashlib.sha256(body).hexdigest()
+    headers = {"host": u.netloc, "x-amz-date": stamp, "x-amz-content-sha256": payload}
+    if body:
+        headers["content-type"] = "application/x-www-form-urlencoded; charset=utf-8"
+    if os.environ["TOKEN"]:
+        headers["x-amz-security-token"] = os.environ["TOKEN"]
+    names = ";".join(sorted(headers))
+    path = urllib.parse.quote(u.path or "/", safe="/-_.~")
+    canonical = "\n".join([method, path, "", "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)), names, payload])
+    scope = f"{day}/{region}/{service}/aws4_request"
+    signing = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + os.environ["SK"]).encode()
+    for part in (day, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, signing.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = f"AWS4-HMAC-SHA256 Credential={os.environ['AK']}/{scope}, SignedHeaders={names}, Signature={signature}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body or None, method=method, headers=headers), timeout=5) as r:
+            data = r.read()
+        with open(out, "wb") as f:
+            f.write(data)
+        sys.exit(0)
+    except urllib.error.HTTPError as e:
+        why = f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
+        if e.code < 500:
+            break
+    except OSError as e:
+        why = str(e)
+    time.sleep(1 + attempt)
+sys.exit(f"{method} {url}: {why}")
+PY
 }
 
-# s3_get NAME FILE: dist/NAME into FILE. S3 wants the payload hash header,
-# which curl does not add by itself.
+# s3_get NAME FILE: dist/NAME into FILE.
 s3_get() {
   if [[ $CLIENT == aws ]]; then
     aws s3 cp --only-show-errors --cli-connect-timeout 5 "$DIST/$1" "$2" ||
       fail "cannot read $DIST/$1 (no route to S3 from this subnet? no object? see above)"
     return
   fi
-  signed s3 -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' -o "$2" "$S3_URL/dist/$1" ||
+  py_signed GET "$S3_URL/dist/$1" s3 "$2" ||
     fail "cannot read $DIST/$1 from $S3_URL (no route to S3 from this subnet? no object? see above)"
 }
 
-urlencode() {
-  local LC_ALL=C s=$1 out='' c i
-  for ((i = 0; i < ${#s}; i++)); do
-    c=${s:i:1}
-    case $c in
-      [A-Za-z0-9._~-]) out+=$c ;;
-      *) printf -v c '%%%02X' "'$c" && out+=$c ;;
-    esac
-  done
-  printf '%s' "$out"
-}
-
 # lifecycle ACTION [PARAM=VALUE...]: an Auto Scaling lifecycle call for
-# this instance's launch hook.
+# this instance's launch hook: by the agent once it is installed, else
+# (the install failed) by the client that fetched it.
 lifecycle() {
+  if [[ -n $AGENT ]]; then
+    local args=(--group "$FLEETSYNC_GROUP" --hook "$FLEETSYNC_HOOK" --instance-id "$INSTANCE_ID" --region "$AWS_REGION")
+    case $1 in
+      CompleteLifecycleAction) args=(complete "${args[@]}" --result "$(tr '[:upper:]' '[:lower:]' <<<"${2#LifecycleActionResult=}")") ;;
+      *) args=(heartbeat "${args[@]}") ;;
+    esac
+    # The endpoint given to this script, if any (the test's); else the
+    # SDK's own (the region's, or AWS_ENDPOINT_URL_AUTO_SCALING).
+    local endpoint=()
+    [[ -z ${FLEETSYNC_AUTOSCALING_URL:-} ]] || endpoint=("AWS_ENDPOINT_URL_AUTO_SCALING=$FLEETSYNC_AUTOSCALING_URL")
+    env ${endpoint[@]+"${endpoint[@]}"} "$AGENT" lifecycle "${args[@]}"
+    return $?
+  fi
   if [[ $CLIENT == aws ]]; then
     local cli=(--auto-scaling-group-name "$FLEETSYNC_GROUP" --lifecycle-hook-name "$FLEETSYNC_HOOK" --instance-id "$INSTANCE_ID")
     case $1 in
@@ -131,13 +170,11 @@ lifecycle() {
     # the status of the command that failed before it, not aws's.
     return $?
   fi
-  local body
-  body="Action=$1&Version=2011-01-01&AutoScalingGroupName=$(urlencode "$FLEETSYNC_GROUP")"
-  body+="&LifecycleHookName=$(urlencode "$FLEETSYNC_HOOK")&InstanceId=$INSTANCE_ID"
+  # The names need no escaping: the template allows [A-Za-z0-9_-] alone.
+  local body="Action=$1&Version=2011-01-01&AutoScalingGroupName=$FLEETSYNC_GROUP&LifecycleHookName=$FLEETSYNC_HOOK&InstanceId=$INSTANCE_ID"
   shift
   for param in "$@"; do body+="&$param"; done
-  signed autoscaling -X POST -H 'Content-Type: application/x-www-form-urlencoded; charset=utf-8' \
-    --data "$body" "$AUTOSCALING_URL/" >/dev/null
+  py_signed POST "$AUTOSCALING_URL/" autoscaling /dev/null "$body"
 }
 
 
@@ -179,6 +216,7 @@ install_agent() {
   version=$("$ROOT/usr/local/bin/fleetsync-agent" --version) ||
     fail "$ROOT/usr/local/bin/fleetsync-agent does not run on this $(uname -m) instance (a binary for another architecture? a glibc older than 2.17?): see the error above"
   echo "fleetsync bootstrap: installed $version" >&2
+  AGENT=$ROOT/usr/local/bin/fleetsync-agent
 }
 
 # finish: on a failure, abandon the launch at once (instead of the group
@@ -196,33 +234,25 @@ finish() {
   fi
 }
 
-# How requests are signed: curl 7.88 or later signs the S3 payload hash
-# header it is given; an older one sends it unsigned and S3 refuses.
-# FLEETSYNC_CLIENT=curl|aws chooses (the test runs both).
-# A first line with `sed -n 1p` (here and below), not `head -1`: head exits
-# after one line, and its writer dying of SIGPIPE fails the pipefail pipeline.
-curl_signs() {
-  local version
-  version=$(curl --version 2>/dev/null | awk 'NR == 1 { print $2 }')
-  [[ -n $version && $(printf '%s\n' 7.88.0 "$version" | sort -V | sed -n 1p) == 7.88.0 ]]
-}
-
 # From here on, any failure abandons the launch.
 trap finish EXIT
 [[ -n $INSTANCE_ID ]] || INSTANCE_ID=$(imds instance-id) || fail "instance metadata (IMDSv2) is unreachable"
 export AWS_REGION AWS_DEFAULT_REGION="$AWS_REGION"
+# python3 signs, else the AWS CLI (FLEETSYNC_CLIENT=python|aws chooses: the
+# test runs both).
+PYTHON=$(command -v python3 || command -v /usr/libexec/platform-python || true)
 CLIENT=${FLEETSYNC_CLIENT:-}
 if [[ -z $CLIENT ]]; then
-  if curl_signs; then CLIENT=curl; elif command -v aws >/dev/null; then CLIENT=aws; else
-    fail "$(curl --version | sed -n 1p) cannot sign S3 requests (curl 7.88 or later can) and there is no AWS CLI: use a newer AMI, install the AWS CLI, or install the fleetsync-agent package"
+  if [[ -n $PYTHON ]]; then CLIENT=python; elif command -v aws >/dev/null; then CLIENT=aws; else
+    fail "no python3 and no AWS CLI to sign the first requests with: install either in the AMI"
   fi
 fi
 
 install_agent
 [[ ${FLEETSYNC_STEP:-all} == install ]] && exit 0
 
-install -d -m 0755 /etc/fleetsync "$FLEETSYNC_DEST"
-cat > /etc/fleetsync/agent.toml <<TOML
+install -d -m 0755 "$ROOT/etc/fleetsync" "$FLEETSYNC_DEST"
+cat > "$ROOT/etc/fleetsync/agent.toml" <<TOML
 # Written at boot by the fleetsync user-data; see infra/systemd/agent.toml.example.
 source = "s3://$FLEETSYNC_BUCKET/$FLEETSYNC_PREFIX"
 dest = "$FLEETSYNC_DEST"
@@ -235,14 +265,14 @@ group = "$FLEETSYNC_GROUP"
 metrics-file = "/var/lib/prometheus/node-exporter/fleetsync.prom"
 TOML
 # FilesOwner: who owns the files placed in DEST (the web server's user).
-[[ -z ${FLEETSYNC_OWNER:-} ]] || printf 'owner = "%s"\n' "$FLEETSYNC_OWNER" >> /etc/fleetsync/agent.toml
+[[ -z ${FLEETSYNC_OWNER:-} ]] || printf 'owner = "%s"\n' "$FLEETSYNC_OWNER" >> "$ROOT/etc/fleetsync/agent.toml"
 
 systemctl daemon-reload
 systemctl enable fleetsync-agent.service fleetsync-agent.timer
 # The first pull: a oneshot unit, so this returns when the pull has ended
 # and fails if it failed. Heartbeats every 5 minutes meanwhile (the hook
 # waits 15 minutes for one).
-(while sleep 300; do lifecycle RecordLifecycleActionHeartbeat || true; done) &
+(while sleep "$HEARTBEAT"; do lifecycle RecordLifecycleActionHeartbeat || true; done) &
 heartbeats=$!
 systemctl start fleetsync-agent.service
 kill "$heartbeats" 2>/dev/null || true
