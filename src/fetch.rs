@@ -25,7 +25,7 @@ use crate::plan::FetchJob;
 use crate::safe_fs::{DestDir, TempAt, TempName};
 use crate::source::ApiFailure;
 use crate::state::Placed;
-use crate::switch::GateWaiter;
+use crate::switch::{GateWaiter, Staged};
 
 /// Objects at least this large are fetched as parallel ranged GETs.
 pub const RANGED_THRESHOLD: u64 = 64 * 1024 * 1024;
@@ -52,15 +52,6 @@ const INLINE_WRITE: usize = 256 * 1024;
 /// Attempts per object for failures the SDK does not retry itself (a body
 /// cut mid-stream, a checksum mismatch).
 const ATTEMPTS: u32 = 5;
-
-/// A verified download waiting in the staging directory.
-#[derive(Debug)]
-pub(crate) struct Staged {
-    /// The temporary file holding the content.
-    pub temp: TempName,
-    /// What the state store will record once it is renamed into place.
-    pub placed: Placed,
-}
 
 /// What happened besides the result, for the report.
 #[derive(Debug, Default, Clone, Copy)]

@@ -121,7 +121,7 @@ pub struct PullReport {
     pub plan: Option<Plan>,
     /// Release mode: which release, whether it went live, the hook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub release: Option<crate::release::ReleaseReport>,
+    pub release: Option<ReleaseReport>,
     /// Bytes `errors` takes in the JSON (kept under [`ERRORS_BUDGET`]).
     #[serde(skip)]
     errors_bytes: usize,
@@ -250,6 +250,54 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// What a release pull did, inside its [`PullReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseReport {
+    /// The release the source's content is (live now unless the pull failed
+    /// or was rolled back).
+    pub id: String,
+    /// What was live before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    /// This pull built the release directory.
+    pub created: bool,
+    /// `current` was switched by this pull.
+    pub switched: bool,
+    /// Files shared with the previous release by hard link (not downloaded).
+    pub linked: u64,
+    /// Files whose content was live already but whose mode changed: copied,
+    /// so that the older release keeps its mode.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copied: u64,
+    /// The release came from the release store (not a listing).
+    #[serde(default)]
+    pub store: bool,
+    /// Nothing switched because a deploy of the node's group is under way
+    /// or failed: why. The node keeps its live release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_switch: Option<HookReport>,
+    /// The after-switch command failed and the previous release is live again.
+    pub rolled_back: bool,
+    /// Old releases removed (`--keep`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+}
+
+
+/// How the after-switch command went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookReport {
+    pub command: String,
+    pub exit_code: Option<i32>,
+    pub ok: bool,
+    /// The end of its stderr (at most 2,000 characters).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stderr: String,
+}
+
 
 #[cfg(test)]
 mod tests {

@@ -11,8 +11,17 @@ use std::collections::HashSet;
 use tokio::sync::watch;
 
 use crate::keypath::RelPath;
-use crate::safe_fs::DestDir;
-use crate::state::StateStore;
+use crate::safe_fs::{DestDir, TempName};
+use crate::state::{Placed, StateStore};
+
+/// A verified download waiting in the staging directory.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    /// The temporary file holding the content.
+    pub temp: TempName,
+    /// What the state store will record once it is renamed into place.
+    pub placed: Placed,
+}
 
 /// Whether staged downloads may be renamed into place yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +91,7 @@ impl GateWaiter {
 }
 
 /// Renames a staged file to `path` and records it. Blocking.
-pub(crate) fn commit(dest: &DestDir, state: &StateStore, staged: &crate::fetch::Staged, path: &RelPath) -> Result<(), String> {
+pub(crate) fn commit(dest: &DestDir, state: &StateStore, staged: &Staged, path: &RelPath) -> Result<(), String> {
     if let Err(e) = dest.commit(&staged.temp, path) {
         dest.discard(&staged.temp);
         return Err(format!("placing {} in {}: {e}", path, dest.path().display()));

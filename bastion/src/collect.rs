@@ -9,14 +9,42 @@
 //! error ("upgrade fleetsync"), never a misread report; the versions are
 //! kept so that the report can say when the fleet runs more than one.
 
+use std::time::Duration;
+
 use fleetsync::report::REPORT_FORMAT;
 use fleetsync::PullReport;
 use serde::Serialize;
 
-use crate::trigger::{last_line, Expect, Outcome};
-
 /// How the SSM agent ends an output it cut at 24,000 bytes.
 const SSM_TRUNCATED: &str = "--output truncated--";
+
+/// The JSON an agent command prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A pull report (`pull`, `rollback`).
+    Pull,
+    /// A release status (`status`).
+    Status,
+}
+
+/// What running the agent on one node gave.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub stdout: String,
+    pub stderr: String,
+    /// The remote command's exit status, when it ran to an end.
+    pub exit_code: Option<i32>,
+    pub elapsed: Duration,
+    /// Why the transport could not run the command to its end (ssh could
+    /// not connect, SSM timed it out); `None` when the command ran.
+    pub unreached: Option<String>,
+}
+
+/// The last non-empty line of a command's stderr: where ssh, SSM and the
+/// agent put their one-line reason.
+pub fn last_line(s: &str) -> &str {
+    s.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -105,7 +105,7 @@ pub async fn for_rollback(s3: &S3Client, source: &S3Url, group: &str, to: Option
 
 /// The digest of release `id`'s manifest object (which must exist).
 async fn manifest_digest(s3: &S3Client, store: &Store, id: &str) -> anyhow::Result<Digest> {
-    fleetsync::release::check_release_id(id)?;
+    fleetsync::store::check_release_id(id)?;
     let bytes = fleetsync::store::fetch_bytes(s3, store, &store.manifest_key(id))
         .await
         .with_context(|| format!("release {id} is not in the release store (`fleetsync releases` lists what is)"))?;

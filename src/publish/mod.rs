@@ -31,7 +31,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::release::check_release_id;
+use crate::store::check_release_id;
 use crate::source::{s3_client, ClientOptions, S3Url};
 use crate::store::manifest::{Entry, FileEntry, Location, Manifest};
 use crate::store::pointer::{self, Expect, Found, Latest};

@@ -250,7 +250,7 @@ impl Fetcher {
             file_size: st.st_size as u64,
             mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
         };
-        let staged = crate::fetch::Staged { temp, placed: placed.clone() };
+        let staged = crate::switch::Staged { temp, placed: placed.clone() };
         crate::switch::commit(&self.dest, &self.state, &staged, path).map_err(Failure::Fatal)?;
         self.observer.downloaded(size);
         self.observer.placed();

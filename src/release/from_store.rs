@@ -30,10 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use super::fetch::{parse_store_etag, store_etag, Failure, Fetcher};
 use super::layout::Layout;
-use super::{Ctx, Registry, ReleaseInfo, ReleaseOptions, ReleaseReport, Step};
+use super::{Ctx, Registry, ReleaseInfo, ReleaseOptions, Step};
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
-use crate::report::PullReport;
+use crate::report::{PullReport, ReleaseReport};
 use crate::safe_fs::{DestDir, Lstats, OnDisk};
 use crate::state::{Placed, StateStore};
 use crate::store::manifest::{Entry, FileEntry, Manifest};

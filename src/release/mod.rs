@@ -44,7 +44,8 @@ use crate::error::{Error, Result};
 use crate::node_lock::{IfBusy, NodeLock};
 use crate::progress::Observer;
 use crate::pull::{self, PullOptions};
-use crate::report::PullReport;
+use crate::report::{HookReport, PullReport, ReleaseReport};
+use crate::store::check_release_id;
 use crate::source::s3_client;
 
 use layout::{Layout, Releases};
@@ -81,56 +82,6 @@ pub struct ReleaseOptions {
     pub after_switch: Option<String>,
     /// Switch back to the previous release when `after_switch` fails.
     pub rollback_on_failure: bool,
-}
-
-/// What a release pull did, inside its [`PullReport`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReleaseReport {
-    /// The release the source's content is (live now unless the pull failed
-    /// or was rolled back).
-    pub id: String,
-    /// What was live before.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous: Option<String>,
-    /// This pull built the release directory.
-    pub created: bool,
-    /// `current` was switched by this pull.
-    pub switched: bool,
-    /// Files shared with the previous release by hard link (not downloaded).
-    pub linked: u64,
-    /// Files whose content was live already but whose mode changed: copied,
-    /// so that the older release keeps its mode.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub copied: u64,
-    /// The release came from the release store (not a listing).
-    #[serde(default)]
-    pub store: bool,
-    /// Nothing switched because a deploy of the node's group is under way
-    /// or failed: why. The node keeps its live release.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub held: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after_switch: Option<HookReport>,
-    /// The after-switch command failed and the previous release is live again.
-    pub rolled_back: bool,
-    /// Old releases removed (`--keep`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub removed: Vec<String>,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-/// How the after-switch command went.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookReport {
-    pub command: String,
-    pub exit_code: Option<i32>,
-    pub ok: bool,
-    /// The end of its stderr (at most 2,000 characters).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub stderr: String,
 }
 
 /// One complete release, as the registry remembers it.
@@ -204,22 +155,6 @@ impl Registry {
             .filter(|r| Some(r.id.as_str()) != current && Some(&r.id) != previous.as_ref())
             .map(|r| r.id.clone())
             .collect()
-    }
-}
-
-/// A release id: one path component of safe characters, not starting with
-/// `.` (hidden, or `..`) or `-` (it would read as a flag).
-pub fn check_release_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with(['.', '-'])
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config(format!(
-            "release id {id:?} is not usable as a directory name: use letters, digits, '.', '_' and '-' (not first '.' or '-'), at most 128"
-        )))
     }
 }
 

@@ -417,7 +417,7 @@ fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
         None => return Err("its first line is not a fleetsync manifest header".into()),
     }
     let header: Header = serde_json::from_slice(line).map_err(|e| format!("the header: {e}"))?;
-    crate::release::check_release_id(&header.id).map_err(|e| e.to_string())?;
+    super::check_release_id(&header.id).map_err(|e| e.to_string())?;
     Ok(header)
 }
 

@@ -242,6 +242,22 @@ const MANIFEST_TRIES: u32 = 3;
 /// How a manifest's key ends.
 pub const MANIFEST_SUFFIX: &str = ".jsonl.zst";
 
+/// A release id: one path component of safe characters, not starting with
+/// `.` (hidden, or `..`) or `-` (it would read as a flag).
+pub fn check_release_id(id: &str) -> crate::Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with(['.', '-'])
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::Config(format!(
+            "release id {id:?} is not usable as a directory name: use letters, digits, '.', '_' and '-' (not first '.' or '-'), at most 128"
+        )))
+    }
+}
+
 /// A group name usable in a key (the bastion's `--asg`).
 pub fn check_group(group: &str) -> crate::Result<()> {
     // An Auto Scaling Group's name: 1 to 255 characters, almost any.

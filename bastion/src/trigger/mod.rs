@@ -10,14 +10,13 @@ mod ssh;
 mod ssm;
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::time::Duration;
 
 use fleetsync::fleet_lock::HeldLock;
 
 pub use ssh::Ssh;
 pub use ssm::{Ssm, DELIVERY_TIMEOUT_RANGE, MAX_EXECUTION_TIMEOUT};
 
-use crate::collect::{self, NodeResult, NodeStatus};
+use crate::collect::{self, Expect, NodeResult, NodeStatus, Outcome};
 use crate::discover::Node;
 use crate::progress::Progress;
 use crate::values::Limit;
@@ -69,15 +68,6 @@ impl Action {
     }
 }
 
-/// The JSON an agent command prints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expect {
-    /// A pull report (`pull`, `rollback`).
-    Pull,
-    /// A release status (`status`).
-    Status,
-}
-
 impl AgentCall {
     pub fn new(action: Action) -> AgentCall {
         AgentCall { action, ..AgentCall::default() }
@@ -127,19 +117,6 @@ impl AgentCall {
         let words = std::iter::once("fleetsync-agent".to_string()).chain(self.words());
         shlex::try_join(words.collect::<Vec<_>>().iter().map(String::as_str)).expect("arguments contain no NUL (clap refuses them)")
     }
-}
-
-/// What running the agent on one node gave.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    pub stdout: String,
-    pub stderr: String,
-    /// The remote command's exit status, when it ran to an end.
-    pub exit_code: Option<i32>,
-    pub elapsed: Duration,
-    /// Why the transport could not run the command to its end (ssh could
-    /// not connect, SSM timed it out); `None` when the command ran.
-    pub unreached: Option<String>,
 }
 
 /// `--via`: which transport to use.
@@ -313,12 +290,6 @@ impl Fleet<'_> {
         self.progress.finished(&result);
         result
     }
-}
-
-/// The last non-empty line of a command's stderr: where ssh, SSM and the
-/// agent put their one-line reason.
-pub fn last_line(s: &str) -> &str {
-    s.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
 }
 
 /// The address to reach `node` at, by the user's choice.

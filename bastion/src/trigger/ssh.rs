@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{address, last_line, AgentCall, Fleet, Outcome};
-use crate::collect::NodeResult;
+use super::{address, AgentCall, Fleet};
+use crate::collect::{last_line, NodeResult, Outcome};
 use crate::discover::Node;
 
 /// How to reach nodes over SSH.

@@ -41,9 +41,9 @@ use fleetsync::source::ApiFailure;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt as _;
 
-use super::{last_line, Action, AgentCall, Fleet, Outcome};
+use super::{Action, AgentCall, Fleet};
 use crate::api::api_error;
-use crate::collect::NodeResult;
+use crate::collect::{last_line, NodeResult, Outcome};
 use crate::discover::Node;
 use crate::progress::Progress;
 
