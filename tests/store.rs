@@ -1071,3 +1071,40 @@ async fn extra_files_a_removed_empty_directory_and_a_changed_symlink_in_the_live
     assert_eq!(code, 0, "{stderr}");
     assert_eq!((r["counts"]["deleted"].as_u64(), r["counts"]["downloaded"].as_u64()), (Some(0), Some(0)), "{r}");
 }
+
+/// A publish's marker is renewed only while it is the one the publish
+/// wrote: one a prune deleted is never written again, one replaced is not
+/// overwritten, and either way the publish learns it lost its fence
+/// before it names anything in a manifest.
+#[tokio::test]
+async fn a_publish_whose_marker_was_taken_learns_it_from_the_renewal_and_never_recreates_it() {
+    use fleetsync::store::fence::{Marker, Side};
+    let b = Bucket::new("storefence").await;
+    let store = store_of(&b, "app");
+    let prefix = format!("{}publishing/", store.root);
+    let markers = || async {
+        let out = b.client.list_objects_v2().bucket(&b.name).prefix(&prefix).send().await.unwrap();
+        out.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect::<Vec<_>>()
+    };
+    for replaced in [false, true] {
+        let marker = Marker::put_renewing(&b.client, &store, Side::Publishing, Duration::from_millis(200)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        marker.check(&b.client, &store).await.expect("renewed, still ours");
+        let key = markers().await.pop().expect("the marker");
+        if replaced {
+            b.put(&key, b"{\"by\":\"someone else\"}").await;
+        } else {
+            b.client.delete_object().bucket(&b.name).key(&key).send().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let e = marker.check(&b.client, &store).await.expect_err("the fence is lost").to_string();
+        assert!(e.contains("was removed or replaced") && e.contains("nothing was named"), "{e}");
+        if replaced {
+            let body = b.client.get_object().bucket(&b.name).key(&key).send().await.unwrap().body.collect().await.unwrap().into_bytes();
+            assert_eq!(&body[..], b"{\"by\":\"someone else\"}", "not overwritten");
+        } else {
+            assert!(markers().await.is_empty(), "a deleted marker is never written again");
+        }
+        marker.remove(&b.client, &store).await;
+    }
+}

@@ -74,6 +74,12 @@ pub struct Marker {
 impl Marker {
     /// Writes the marker (who and when, for an operator who finds it).
     pub async fn put(client: &aws_sdk_s3::Client, store: &Store, side: Side) -> Result<Marker> {
+        Self::put_renewing(client, store, side, side.lease() / 4).await
+    }
+
+    /// [`Marker::put`], a publish's marker renewed `every` (a quarter
+    /// lease there; the tests renew faster).
+    pub async fn put_renewing(client: &aws_sdk_s3::Client, store: &Store, side: Side, every: Duration) -> Result<Marker> {
         let key = format!("{}{:032x}.json", side.prefix(store), rand::random::<u128>());
         let body = serde_json::json!({ "started_at_ms": now_ms(), "by": crate::fleet_lock::user_at_host() }).to_string().into_bytes();
         let at = Instant::now();
@@ -95,7 +101,7 @@ impl Marker {
             tokio::spawn(async move {
                 let mut etag = etag;
                 loop {
-                    tokio::time::sleep(side.lease() / 4).await;
+                    tokio::time::sleep(every).await;
                     // Only the marker this process wrote: one a prune
                     // deleted (or that `remove` deleted) is never recreated.
                     let put = client
