@@ -284,6 +284,10 @@ pub struct ReleaseReport {
     /// Old releases removed (`--keep`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<String>,
+    /// Files the release publishes under its shared paths (`--shared`),
+    /// not placed: what is shared stays.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shared_skipped: u64,
 }
 
 

@@ -227,6 +227,46 @@ impl DestDir {
         }
     }
 
+    /// Copies what is at `path` in `from` (a file, a symlink, or a
+    /// directory with all it holds) to `path` here, without following a
+    /// symlink on either side: files as new files with their mode (and
+    /// `--owner`), symlinks as symlinks. Never hard links: a copy shares no
+    /// inode with `from`. The number of files copied.
+    pub(crate) fn copy_in(&self, from: &DestDir, path: &RelPath) -> std::io::Result<u64> {
+        let mut copied = 0;
+        let Some(st) = from.stat(path)? else { return Ok(0) };
+        let mut entries = vec![(path.as_str().to_string(), kind_of(&st, from, path)?)];
+        if matches!(entries[0].1, OnDisk::Dir) {
+            let parts: Vec<&str> = path.components().collect();
+            let dir = from.dir_fd(&parts, false)?;
+            let mut below = Vec::new();
+            walk_at(&dir, "", &mut below)?;
+            entries.extend(below.into_iter().map(|(p, kind)| (format!("{path}/{p}"), kind)));
+        }
+        for (i, (p, kind)) in entries.into_iter().enumerate() {
+            let rel = RelPath::from_stored(&p).ok_or_else(|| std::io::Error::other(format!("{p:?} cannot be copied safely")))?;
+            match kind {
+                OnDisk::Dir => self.make_dir(&rel)?,
+                OnDisk::Symlink(target) => self.symlink(&rel, &target, i as u64)?,
+                OnDisk::File => {
+                    let mut src = from.open_file(&rel)?;
+                    let mode = rfs::fstat(&src)?.st_mode & 0o7777;
+                    let (mut file, temp) = self.create_temp(TempAt::Beside(&rel), i as u64)?;
+                    let done = std::io::copy(&mut src, &mut file)
+                        .and_then(|_| rfs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(Into::into))
+                        .and_then(|()| self.commit(&temp, &rel));
+                    if let Err(e) = done {
+                        self.discard(&temp);
+                        return Err(e);
+                    }
+                    copied += 1;
+                }
+                OnDisk::Other => {}
+            }
+        }
+        Ok(copied)
+    }
+
     /// A checker of many paths' `lstat`, for checks that only read.
     pub(crate) fn lstats(&self) -> Lstats<'_> {
         Lstats { root: &self.root, dirs: HashMap::new() }
@@ -447,6 +487,16 @@ pub(crate) enum OnDisk {
     Symlink(String),
     /// A device, socket or FIFO: nothing fleetsync places.
     Other,
+}
+
+/// What the entry `st` (of `path` in `dir`) is.
+fn kind_of(st: &rfs::Stat, dir: &DestDir, path: &RelPath) -> std::io::Result<OnDisk> {
+    Ok(match rfs::FileType::from_raw_mode(st.st_mode) {
+        rfs::FileType::Directory => OnDisk::Dir,
+        rfs::FileType::RegularFile => OnDisk::File,
+        rfs::FileType::Symlink => OnDisk::Symlink(dir.read_link(path).ok_or_else(|| std::io::Error::other("a symlink that cannot be read"))?),
+        _ => OnDisk::Other,
+    })
 }
 
 /// [`DestDir::walk`] of the directory `dir`, at `prefix`.

@@ -47,6 +47,9 @@ pub struct AgentConfig {
     pub metrics_file: Option<PathBuf>,
     /// USER[:GROUP] owning what is placed in DEST.
     pub owner: Option<String>,
+    /// Release mode: paths that outlive a release, `PATH` or `PATH=TARGET`
+    /// (`--shared`, which adds to these).
+    pub shared: Option<Vec<String>>,
 }
 
 #[cfg(test)]
@@ -60,11 +63,12 @@ mod tests {
     #[test]
     fn reads_the_documented_keys_and_refuses_others() {
         let c = parse(
-            "source = 's3://code/app'\ndest = '/var/www/app'\nmode = 'releases'\nkeep = 3\nafter-switch = 'systemctl reload php-fpm'\nrollback-on-failure = true",
+            "source = 's3://code/app'\ndest = '/var/www/app'\nmode = 'releases'\nkeep = 3\nafter-switch = 'systemctl reload php-fpm'\nrollback-on-failure = true\nshared = ['storage', 'public/uploads=/mnt/efs/uploads']",
         )
         .unwrap();
         assert_eq!(c.mode, Some(Mode::Releases));
         assert_eq!(c.keep, Some(3));
+        assert_eq!(c.shared.as_deref(), Some(&["storage".to_string(), "public/uploads=/mnt/efs/uploads".to_string()][..]));
         assert!(parse("mode = 'blue-green'").is_err());
         let e = parse("dst = '/x'").unwrap_err().to_string();
         assert!(e.starts_with("agent.toml at line 1:") && !e.contains('\n'), "{e}");

@@ -130,6 +130,13 @@ struct PullArgs {
     /// Release mode: when the after-switch command fails, make the previous release live again.
     #[arg(long)]
     rollback_on_failure: bool,
+    /// Release mode: a path that outlives releases (uploads, storage/,
+    /// .env): in every release a symlink to DEST/shared/PATH, or to TARGET
+    /// (an absolute path, e.g. an EFS mount), made before the release goes
+    /// live; seeded once from the live release, else from the new one.
+    /// Repeatable; adds to `shared` in agent.toml. Store releases only.
+    #[arg(long, value_name = "PATH[=TARGET]")]
+    shared: Vec<String>,
     /// Print one JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -172,6 +179,7 @@ impl PullArgs {
         self.rollback_on_failure |= cfg.rollback_on_failure.unwrap_or(false);
         self.region = self.region.take().or(cfg.region);
         self.owner = self.owner.take().or(cfg.owner);
+        self.shared.extend(cfg.shared.unwrap_or_default());
         self.path_style |= cfg.path_style.unwrap_or(false);
         // The unit sets FLEETSYNC_METRICS_FILE; set empty (a drop-in), it
         // turns the metrics off whatever agent.toml says.
@@ -195,6 +203,7 @@ impl PullArgs {
             ("--keep", self.keep.is_some()),
             ("--after-switch", self.after_switch.is_some()),
             ("--rollback-on-failure", self.rollback_on_failure),
+            ("--shared", !self.shared.is_empty()),
         ];
         if let Some((flag, _)) = release_only.iter().find(|(_, set)| *set).filter(|_| !self.releases) {
             return Err(fleetsync::Error::Config(format!(
@@ -417,6 +426,10 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         Ok(owner) => owner,
         Err(e) => return Ok(fail_pull(&args, source.to_string(), dest_label, e)),
     };
+    let shared = match args.shared.iter().map(|s| fleetsync::release::Shared::parse(s)).collect::<fleetsync::Result<Vec<_>>>() {
+        Ok(shared) => shared,
+        Err(e) => return Ok(fail_pull(&args, source.to_string(), dest_label, e)),
+    };
     let opts = PullOptions {
         source: source.clone(),
         dest: args.dest().to_path_buf(),
@@ -446,6 +459,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
             keep: args.keep.unwrap_or(fleetsync::release::DEFAULT_KEEP),
             after_switch: args.after_switch.clone(),
             rollback_on_failure: args.rollback_on_failure,
+            shared,
         };
         fleetsync::pull_release(&release, observer.clone()).await
     } else {

@@ -39,6 +39,12 @@ pub(crate) fn content_id(objects: &[RemoteObject], prefix: &str) -> String {
 
 /// Lists the prefix and makes its release live (or says it is).
 pub(super) async fn run(ctx: &Ctx<'_>) -> Result<Step> {
+    if !ctx.opts.shared.is_empty() {
+        return Err(Error::Config(format!(
+            "--shared needs a release store: publish the build with `fleetsync publish DIR {}` (a plain prefix's releases do not support shared paths)",
+            ctx.opts.pull.source
+        )));
+    }
     let p = &ctx.opts.pull;
     let listing = list::collect(ctx.client.clone(), p.source.clone()).await?;
     let content = content_id(&listing, &p.source.prefix);

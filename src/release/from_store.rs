@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fetch::{parse_store_etag, store_etag, Failure, Fetcher};
 use super::layout::Layout;
-use super::{Ctx, Registry, ReleaseInfo, ReleaseOptions, Step};
+use super::{shared, Ctx, Registry, ReleaseInfo, ReleaseOptions, Step};
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
 use crate::report::{PullReport, ReleaseReport};
@@ -339,7 +339,8 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         if let Some(m) = &manifest {
             content_of(ctx, &id, m)?;
         }
-        let relabel = known.as_ref().filter(|_| digest.is_some() && digest != recorded).map(|k| ReleaseInfo { manifest: digest, ..k.clone() });
+        let mut relabel =
+            known.as_ref().filter(|_| digest.is_some() && digest != recorded).map(|k| ReleaseInfo { manifest: digest, ..k.clone() });
         // Live but unknown to the registry (rebuilt after a crash): what
         // it holds is known only from its manifest, so it is checked and
         // repaired against it, then registered again.
@@ -354,10 +355,19 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         } else {
             let (manifest, digest) = with_manifest(ctx, &store, &id, manifest, digest).await?;
             let content = content_of(ctx, &id, &manifest)?;
-            let files = manifest.header.files;
-            let built = build(ctx, &store, &id, &Arc::new(manifest), true).await?;
+            let layout = Shared::prepare(ctx, &id, &manifest)?;
+            let files = layout.whole.header.files;
+            let built = build(ctx, &store, &id, &Arc::new(layout.build.clone()), true).await?;
             if !live && built.report.exit_code != crate::exit::OK {
                 return Ok(Step::Incomplete { report: built.report, id, linked: 0 });
+            }
+            if built.report.exit_code == crate::exit::OK {
+                layout.settle(ctx, &id)?;
+            }
+            // Shared paths changed what the release holds.
+            if let Some(k) = relabel.clone().or(known.clone()).filter(|k| k.files != files) {
+                relabel = Some(ReleaseInfo { files, ..k });
+                register = relabel.clone();
             }
             if unregistered {
                 register = Some(ReleaseInfo {
@@ -380,13 +390,62 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
     let (manifest, digest) = with_manifest(ctx, &store, &id, manifest, digest).await?;
     let content = content_of(ctx, &id, &manifest)?;
     ctx.check_not_empty(manifest.header.files)?;
-    let files = manifest.header.files;
-    let built = build(ctx, &store, &id, &Arc::new(manifest), false).await?;
+    let layout = Shared::prepare(ctx, &id, &manifest)?;
+    let files = layout.whole.header.files;
+    let built = build(ctx, &store, &id, &Arc::new(layout.build.clone()), false).await?;
     if built.report.exit_code != crate::exit::OK {
         return Ok(Step::Incomplete { report: built.report, id, linked: built.linked });
     }
+    layout.settle(ctx, &id)?;
     let info = ReleaseInfo { id, content, created_at_ms: crate::store::now_ms(), files, rolled_back: false, manifest: digest };
     Ok(Step::Built { report: built.report, info, linked: built.linked, copied: built.copied })
+}
+
+/// A release's manifest as the node lays it out with its shared paths
+/// ([`super::shared`]).
+struct Shared {
+    /// What the build places: shared paths' content left out (but what
+    /// is still to be seeded from it), their links in its place.
+    build: Manifest,
+    /// The release once settled: every shared path a link. What its shape
+    /// and file count are.
+    whole: Manifest,
+    seeds: Vec<shared::Seed>,
+}
+
+impl Shared {
+    /// Makes each shared path's place ready (see [`shared::prepare`]).
+    fn prepare(ctx: &Ctx<'_>, id: &str, m: &Manifest) -> Result<Shared> {
+        let paths = &ctx.opts.shared;
+        let live = match ctx.current.as_deref().filter(|c| *c != id) {
+            Some(c) => ctx.releases.read(c)?,
+            // A release repaired in place is its own "live release".
+            None if ctx.current.as_deref() == Some(id) => ctx.releases.read(id)?,
+            None => None,
+        };
+        let seeds = shared::prepare(paths, &ctx.layout.dest, live.as_ref(), m, id)?;
+        let (build, skipped) = shared::filter(m, paths, &seeds);
+        let (whole, _) = shared::filter(m, paths, &vec![shared::Seed::Ready; paths.len()]);
+        ctx.shared_skipped.store(skipped, std::sync::atomic::Ordering::Relaxed);
+        Ok(Shared { build, whole, seeds })
+    }
+
+    /// Once release `id` is built: paths seeded from it moved and linked,
+    /// their records dropped from its state store, and its shape recorded.
+    fn settle(&self, ctx: &Ctx<'_>, id: &str) -> Result<()> {
+        let p = &ctx.opts.pull;
+        let path = ctx.layout.dir(id);
+        let dir = ctx.releases.build(id)?;
+        let moved = shared::finish(&ctx.opts.shared, &self.seeds, &ctx.layout.dest, &dir)?;
+        if !moved.is_empty() {
+            let (state, records) = StateStore::open(&p.state_dir, &path)?;
+            for gone in records.keys().filter(|k| shared::under(&moved, k)) {
+                state.record_deleted(gone)?;
+            }
+            state.compact(&StateStore::load_read_only(&p.state_dir, &path)?)?;
+        }
+        Shape::of(&self.whole, &ctx.opts.shared).save(&p.state_dir, &path)
+    }
 }
 
 /// Release `id`'s manifest and its digest: the one at hand, else fetched
@@ -451,6 +510,9 @@ fn intact(ctx: &Ctx<'_>, id: &str) -> Result<(bool, u64)> {
     let Some(shape) = Shape::load(&ctx.opts.pull.state_dir, &ctx.layout.dir(id)) else {
         return Ok((false, placed.len() as u64));
     };
+    if shape.shared != ctx.opts.shared.iter().map(spec).collect::<Vec<_>>() {
+        return Ok((false, placed.len() as u64));
+    }
     // The stats are most of a no-op pull's time: on every core, beside
     // the walk that finds what is there and should not be.
     let files: Vec<(&RelPath, &Placed)> = placed.iter().collect();
@@ -549,9 +611,6 @@ async fn build(ctx: &Ctx<'_>, store: &Store, id: &str, manifest: &Arc<Manifest>,
     let records = StateStore::load_read_only(&p.state_dir, &path)?;
     state.compact(&records)?;
     state.clear_in_progress();
-    if report.exit_code == crate::exit::OK {
-        Shape::of(manifest).save(&p.state_dir, &path)?;
-    }
     Ok(Built { report, linked: planned.linked, copied: planned.copied })
 }
 
@@ -647,7 +706,7 @@ fn plan(
 /// written there. The planning that follows makes the rest as the
 /// manifest says (a symlink's target, a file's content).
 fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed>, out: &mut Planned) {
-    let shape = Shape::of(m);
+    let shape = Shape::of(m, &[]);
     let dirs: std::collections::HashSet<&str> = shape.dirs.iter().map(String::as_str).collect();
     let files: std::collections::HashSet<&str> = m.files().map(|f| f.path.as_str()).collect();
     let found = match f.dest.walk() {
@@ -698,10 +757,22 @@ fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed
 struct Shape {
     dirs: Vec<String>,
     symlinks: std::collections::BTreeMap<String, String>,
+    /// The shared paths it was laid out with (`PATH` or `PATH=TARGET`):
+    /// others given now mean laying it out again.
+    #[serde(default)]
+    shared: Vec<String>,
+}
+
+/// How a shared path is recorded in a shape.
+fn spec(s: &shared::Shared) -> String {
+    match &s.target {
+        Some(t) => format!("{}={}", s.path, t.display()),
+        None => s.path.to_string(),
+    }
 }
 
 impl Shape {
-    fn of(m: &Manifest) -> Shape {
+    fn of(m: &Manifest, shared: &[shared::Shared]) -> Shape {
         let mut dirs = std::collections::BTreeSet::new();
         let mut symlinks = std::collections::BTreeMap::new();
         for e in &m.entries {
@@ -716,7 +787,7 @@ impl Shape {
                 Entry::File(_) => {}
             }
         }
-        Shape { dirs: dirs.into_iter().collect(), symlinks }
+        Shape { dirs: dirs.into_iter().collect(), symlinks, shared: shared.iter().map(spec).collect() }
     }
 
     fn path(state_dir: &std::path::Path, release: &std::path::Path) -> std::path::PathBuf {

@@ -33,6 +33,7 @@ mod fetch;
 mod from_listing;
 mod from_store;
 mod layout;
+mod shared;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -49,6 +50,7 @@ use crate::store::check_release_id;
 use crate::source::s3_client;
 
 use layout::{Layout, Releases};
+pub use shared::{Shared, SHARED};
 
 /// The live release's name in DEST.
 pub const CURRENT: &str = "current";
@@ -82,6 +84,8 @@ pub struct ReleaseOptions {
     pub after_switch: Option<String>,
     /// Switch back to the previous release when `after_switch` fails.
     pub rollback_on_failure: bool,
+    /// Paths that outlive a release (`--shared`): see [`Shared`].
+    pub shared: Vec<Shared>,
 }
 
 /// One complete release, as the registry remembers it.
@@ -186,6 +190,8 @@ struct Ctx<'a> {
     client: aws_sdk_s3::Client,
     observer: Arc<dyn Observer>,
     t0: Instant,
+    /// Files the release publishes under shared paths, not placed.
+    shared_skipped: std::sync::atomic::AtomicU64,
 }
 
 impl Ctx<'_> {
@@ -228,6 +234,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     if let Some(g) = &opts.group {
         crate::store::check_group(g)?;
     }
+    shared::check(&opts.shared, &p.dest)?;
     let layout = Layout::new(&p.dest, &p.state_dir);
     if p.dry_run {
         // What the pull would change, relative to the live release.
@@ -255,7 +262,17 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     let current = layout.current()?;
     releases.sweep_incomplete(&layout, &registry, current.as_deref())?;
 
-    let ctx = Ctx { opts, layout: &layout, releases: &releases, registry: &registry, current: current.clone(), client, observer, t0 };
+    let ctx = Ctx {
+        opts,
+        layout: &layout,
+        releases: &releases,
+        registry: &registry,
+        current: current.clone(),
+        client,
+        observer,
+        t0,
+        shared_skipped: std::sync::atomic::AtomicU64::new(0),
+    };
     let lookup =
         from_store::Lookup { opts, layout: &layout, client: &ctx.client, current: current.as_deref(), registry: &registry, remember: true };
     let (step, store) = match from_store::resolve(&lookup).await? {
@@ -263,7 +280,12 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         None => (from_listing::run(&ctx).await?, false),
     };
 
-    let mut release = ReleaseReport { previous: current.clone(), store, ..Default::default() };
+    let mut release = ReleaseReport {
+        previous: current.clone(),
+        store,
+        shared_skipped: ctx.shared_skipped.load(std::sync::atomic::Ordering::Relaxed),
+        ..Default::default()
+    };
     let (mut report, id) = match step {
         Step::Live { report, id, register } => {
             register_live(&mut registry, &layout, register, &report)?;

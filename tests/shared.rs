@@ -1,0 +1,155 @@
+//! Release mode's shared paths (`--shared PATH[=TARGET]`) end to end: what
+//! the application writes under a shared path outlives every release and
+//! a rollback, published content never lands on it, the first use seeds it
+//! (from the live release when that has the path), and bad input touches
+//! nothing.
+
+mod common;
+
+use std::path::Path;
+
+use common::{publish, run_json, Bucket, Node};
+
+fn build(tree: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (k, v) in tree {
+        let p = dir.path().join(k);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, v).unwrap();
+    }
+    dir
+}
+
+fn pull(node: &Node, source: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    run_json(node.agent(source).arg("--releases").args(extra))
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[tokio::test]
+async fn shared_data_outlives_releases_and_rollbacks_and_published_content_never_lands_on_it() {
+    let b = Bucket::new("shared").await;
+    let source = b.url("app");
+    let r1 = build(&[
+        ("public/index.php", "<?php echo 'r1';"),
+        ("public/uploads/logo.png", "published logo"),
+        ("storage/app/.gitignore", "*\n"),
+        ("storage/framework/views/.gitkeep", ""),
+    ]);
+    assert_eq!(publish(r1.path(), &source, &["--release-id", "r1"]).0, 0);
+    let r2 = build(&[
+        ("public/index.php", "<?php echo 'r2';"),
+        ("public/uploads/logo.png", "another published logo"),
+        ("storage/app/.gitignore", "* (r2)\n"),
+        ("storage/new.txt", "published into storage"),
+    ]);
+    assert_eq!(publish(r2.path(), &source, &["--release-id", "r2"]).0, 0);
+
+    let node = Node::new();
+    let efs = tempfile::tempdir().unwrap();
+    let uploads = format!("public/uploads={}", efs.path().display());
+    let flags = ["--shared", "storage", "--shared", uploads.as_str()];
+    let (code, r, stderr) = pull(&node, &source, &[&["--release-id", "r1"][..], &flags].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let live = node.dest.join("current");
+    assert_eq!(std::fs::read_link(live.join("storage")).unwrap(), Path::new("../../shared/storage"));
+    assert_eq!(std::fs::read_link(live.join("public/uploads")).unwrap(), efs.path());
+    // Seeded from the release's own content (nothing was live).
+    assert_eq!(read(&node.dest.join("shared/storage/app/.gitignore")), "*\n");
+    assert!(node.dest.join("shared/storage/framework/views/.gitkeep").is_file());
+    // A TARGET is never written into: the published logo is not placed.
+    assert!(!efs.path().join("logo.png").exists());
+    assert_eq!(r["release"]["shared_skipped"], 1, "{r}");
+
+    // The application writes under both.
+    std::fs::create_dir_all(live.join("storage/logs")).unwrap();
+    std::fs::write(live.join("storage/logs/app.log"), "written by r1\n").unwrap();
+    std::fs::write(live.join("public/uploads/photo.jpg"), "a visitor's upload").unwrap();
+
+    let (code, r, stderr) = pull(&node, &source, &[&["--release-id", "r2"][..], &flags].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r2"));
+    assert_eq!(read(&live.join("storage/logs/app.log")), "written by r1\n");
+    assert_eq!(read(&live.join("public/uploads/photo.jpg")), "a visitor's upload");
+    assert_eq!(read(&live.join("storage/app/.gitignore")), "*\n", "published content never lands on what is shared");
+    assert!(!live.join("storage/new.txt").exists());
+    assert_eq!(r["release"]["shared_skipped"], 3, "{r}");
+
+    // A no-op: the links are the release's shape, nothing to repair.
+    let (code, r, stderr) = pull(&node, &source, &[&["--release-id", "r2"][..], &flags].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["counts"]["downloaded"].as_u64(), r["counts"]["deleted"].as_u64()), (Some(0), Some(0)), "{r}");
+
+    // A rollback sees the same data.
+    let out = std::process::Command::new(common::agent_bin())
+        .arg("rollback")
+        .arg("--dest")
+        .arg(&node.dest)
+        .arg("--state-dir")
+        .arg(&node.state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"));
+    assert_eq!(read(&live.join("storage/logs/app.log")), "written by r1\n");
+    assert_eq!(read(&live.join("public/uploads/photo.jpg")), "a visitor's upload");
+
+    // A release that publishes a file where a shared directory is: nothing
+    // goes live, and it says which path.
+    let r3 = build(&[("public/index.php", "<?php echo 'r3';"), ("storage", "a file now")]);
+    assert_eq!(publish(r3.path(), &source, &["--release-id", "r3"]).0, 0);
+    let (code, _, stderr) = pull(&node, &source, &[&["--release-id", "r3"][..], &flags].concat());
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("shared path storage is a directory") && stderr.contains("publishes a file"), "{stderr}");
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"));
+    assert_eq!(read(&live.join("storage/logs/app.log")), "written by r1\n");
+}
+
+/// Adopting shared paths on a node that already serves: what the
+/// application wrote into the live release's `storage/` is copied to
+/// `DEST/shared/storage` (not the release's published skeleton), so the
+/// next release sees it.
+#[tokio::test]
+async fn the_first_shared_pull_on_a_serving_node_keeps_what_the_application_wrote() {
+    let b = Bucket::new("sharedadopt").await;
+    let source = b.url("app");
+    let tree = |v: &str| build(&[("public/index.php", v), ("storage/app/.gitignore", "*\n")]);
+    assert_eq!(publish(tree("<?php echo 1;").path(), &source, &["--release-id", "r1"]).0, 0);
+    assert_eq!(publish(tree("<?php echo 2;").path(), &source, &["--release-id", "r2"]).0, 0);
+    let node = Node::new();
+    assert_eq!(pull(&node, &source, &["--release-id", "r1"]).0, 0);
+    let live = node.dest.join("current");
+    std::fs::create_dir_all(live.join("storage/sessions")).unwrap();
+    std::fs::write(live.join("storage/sessions/abc"), "a session").unwrap();
+
+    let (code, _, stderr) = pull(&node, &source, &["--release-id", "r2", "--shared", "storage"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r2"));
+    assert_eq!(read(&live.join("storage/sessions/abc")), "a session");
+    assert_eq!(read(&node.dest.join("shared/storage/app/.gitignore")), "*\n");
+    // A copy: the old release's own file is not the shared one.
+    let shared = std::fs::metadata(node.dest.join("shared/storage/app/.gitignore")).unwrap();
+    let old = std::fs::metadata(node.dest.join("releases/r1/storage/app/.gitignore")).unwrap();
+    assert_ne!(std::os::unix::fs::MetadataExt::ino(&shared), std::os::unix::fs::MetadataExt::ino(&old));
+}
+
+/// Shared paths that escape the release, are absolute, have empty
+/// components or overlap: refused at start, one line, exit 2, nothing
+/// written.
+#[tokio::test]
+async fn bad_shared_paths_are_refused_before_anything_is_touched() {
+    let b = Bucket::new("sharedbad").await;
+    let source = b.url("app");
+    assert_eq!(publish(build(&[("index.php", "x")]).path(), &source, &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    for bad in [&["--shared", "../etc"][..], &["--shared", "/etc"], &["--shared", "a//b"], &["--shared", "x=relative/target"], &[
+        "--shared", "storage", "--shared", "storage/logs",
+    ]] {
+        let (code, r, stderr) = pull(&node, &source, bad);
+        assert_eq!(code, 2, "{bad:?}: {stderr}");
+        assert!(r["error"].as_str().unwrap_or_default().contains("--shared"), "{bad:?}: {r}");
+        assert!(!node.dest.exists(), "{bad:?}: nothing written");
+    }
+}
