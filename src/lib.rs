@@ -22,6 +22,7 @@
 
 pub mod aws_query;
 pub mod config_file;
+pub mod duration;
 mod error;
 mod fetch;
 pub mod fleet_lock;

@@ -277,6 +277,9 @@ pub struct ReleaseReport {
     /// or failed: why. The node keeps its live release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
+    /// The before-switch command, when one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_switch: Option<HookReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_switch: Option<HookReport>,
     /// The after-switch command failed and the previous release is live again.
@@ -291,7 +294,7 @@ pub struct ReleaseReport {
 }
 
 
-/// How the after-switch command went.
+/// How a hook command went (`--before-switch`, `--after-switch`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HookReport {
     pub command: String,

@@ -1,8 +1,8 @@
-//! Release mode's shared paths (`--shared PATH[=TARGET]`) end to end: what
-//! the application writes under a shared path outlives every release and
-//! a rollback, published content never lands on it, the first use seeds it
-//! (from the live release when that has the path), and bad input touches
-//! nothing.
+//! What a release is laid out with before it goes live, end to end: shared
+//! paths (`--shared PATH[=TARGET]`: what the application writes there
+//! outlives every release and a rollback, published content never lands on
+//! it, the first use seeds it from the live release when that has the path,
+//! bad input touches nothing) and the before-switch command.
 
 mod common;
 
@@ -152,4 +152,64 @@ async fn bad_shared_paths_are_refused_before_anything_is_touched() {
         assert!(r["error"].as_str().unwrap_or_default().contains("--shared"), "{bad:?}: {r}");
         assert!(!node.dest.exists(), "{bad:?}: nothing written");
     }
+}
+
+/// `--before-switch`: a command that fails leaves the live release serving,
+/// untouched, and says why; one that succeeds ran in the new release's
+/// directory, complete with its shared links, before `current` moved, and
+/// what it wrote there stays (a no-op and a repair keep it); one that
+/// hangs is killed at `--hook-timeout` with everything it started.
+#[tokio::test]
+async fn a_before_switch_command_gates_the_switch_and_what_it_writes_stays() {
+    let b = Bucket::new("beforeswitch").await;
+    let source = b.url("app");
+    let tree = |v: &str| build(&[("public/index.php", v), ("storage/app/.gitignore", "*\n")]);
+    assert_eq!(publish(tree("<?php echo 1;").path(), &source, &["--release-id", "r1"]).0, 0);
+    assert_eq!(publish(tree("<?php echo 2;").path(), &source, &["--release-id", "r2"]).0, 0);
+    let node = Node::new();
+    assert_eq!(pull(&node, &source, &["--release-id", "r1", "--shared", "storage"]).0, 0);
+    let live = node.dest.join("current");
+
+    let failing = "echo warming up; echo 'cache: broken config' >&2; exit 3";
+    let (code, r, stderr) = pull(&node, &source, &["--release-id", "r2", "--shared", "storage", "--before-switch", failing]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"), "nothing switched");
+    assert_eq!(read(&live.join("public/index.php")), "<?php echo 1;");
+    let hook = &r["release"]["before_switch"];
+    assert_eq!((hook["ok"].as_bool(), hook["exit_code"].as_i64()), (Some(false), Some(3)), "{r}");
+    assert!(hook["stderr"].as_str().unwrap().contains("cache: broken config"), "{r}");
+    assert!(r["error"].as_str().unwrap().contains("release r1 is still live"), "{r}");
+    assert!(!node.dest.join("releases/r2").exists(), "a release that failed its check is not kept");
+
+    let checks = "test \"$(pwd)\" = \"$FLEETSYNC_RELEASE_DIR\" && test -L storage && test -f storage/app/.gitignore \
+                  && test \"$(readlink ../../current)\" = releases/$FLEETSYNC_PREVIOUS_RELEASE \
+                  && mkdir -p bootstrap/cache && echo \"cached for $FLEETSYNC_RELEASE\" > bootstrap/cache/config.php";
+    let (code, r, stderr) = pull(&node, &source, &["--release-id", "r2", "--shared", "storage", "--before-switch", checks]);
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r2"));
+    assert_eq!(read(&live.join("bootstrap/cache/config.php")), "cached for r2\n");
+
+    // What it wrote is part of the release: a no-op leaves it, and so does
+    // the repair of drift elsewhere.
+    let (code, r, stderr) = pull(&node, &source, &["--release-id", "r2", "--shared", "storage"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["counts"]["deleted"].as_u64(), r["counts"]["downloaded"].as_u64()), (Some(0), Some(0)), "{r}");
+    std::fs::write(live.join("public/index.php"), "tampered").unwrap();
+    let (code, r, stderr) = pull(&node, &source, &["--release-id", "r2", "--shared", "storage"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(r["counts"]["downloaded"], 1, "{r}");
+    assert_eq!(read(&live.join("public/index.php")), "<?php echo 2;");
+    assert_eq!(read(&live.join("bootstrap/cache/config.php")), "cached for r2\n");
+
+    // A command that hangs, with a child of its own.
+    let started = std::time::Instant::now();
+    let hang = "sleep 1007 & sleep 1007";
+    let (code, r, stderr) =
+        pull(&node, &source, &["--release-id", "r1", "--shared", "storage", "--before-switch", hang, "--hook-timeout", "2s"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert!(r["release"]["before_switch"]["stderr"].as_str().unwrap().contains("killed with its process group after 2 s"), "{r}");
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r2"));
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).lines().any(|l| l.trim() == "sleep 1007"), "the command's children were killed");
 }

@@ -38,7 +38,10 @@ pub struct AgentConfig {
     /// The Auto Scaling Group the node belongs to (release mode follows
     /// the release deployed to it).
     pub group: Option<String>,
+    pub before_switch: Option<String>,
     pub after_switch: Option<String>,
+    /// How long a hook may run: `90`, `90s`, `10m`.
+    pub hook_timeout: Option<fleetsync::duration::Seconds>,
     pub rollback_on_failure: Option<bool>,
     pub concurrency: Option<usize>,
     pub region: Option<String>,
@@ -63,11 +66,12 @@ mod tests {
     #[test]
     fn reads_the_documented_keys_and_refuses_others() {
         let c = parse(
-            "source = 's3://code/app'\ndest = '/var/www/app'\nmode = 'releases'\nkeep = 3\nafter-switch = 'systemctl reload php-fpm'\nrollback-on-failure = true\nshared = ['storage', 'public/uploads=/mnt/efs/uploads']",
+            "source = 's3://code/app'\ndest = '/var/www/app'\nmode = 'releases'\nkeep = 3\nafter-switch = 'systemctl reload php-fpm'\nrollback-on-failure = true\nbefore-switch = 'php artisan config:cache'\nhook-timeout = '5m'\nshared = ['storage', 'public/uploads=/mnt/efs/uploads']",
         )
         .unwrap();
         assert_eq!(c.mode, Some(Mode::Releases));
         assert_eq!(c.keep, Some(3));
+        assert_eq!(c.hook_timeout.map(|t| t.0.as_secs()), Some(300));
         assert_eq!(c.shared.as_deref(), Some(&["storage".to_string(), "public/uploads=/mnt/efs/uploads".to_string()][..]));
         assert!(parse("mode = 'blue-green'").is_err());
         let e = parse("dst = '/x'").unwrap_err().to_string();

@@ -122,6 +122,17 @@ struct PullArgs {
     /// Release mode: releases kept besides the live one and the one before it [default: 5].
     #[arg(long)]
     keep: Option<usize>,
+    /// Release mode: a shell command run in the new release's directory
+    /// once it is complete (shared links made), before it goes live, e.g.
+    /// `php artisan config:cache`; it fails or times out: nothing switches,
+    /// the pull exits 1 with its last lines (FLEETSYNC_RELEASE,
+    /// FLEETSYNC_RELEASE_DIR, FLEETSYNC_PREVIOUS_RELEASE are set).
+    #[arg(long, value_name = "CMD")]
+    before_switch: Option<String>,
+    /// Release mode: how long --before-switch or --after-switch may run
+    /// before it is killed with its process group, e.g. 90s, 10m [default: 10m].
+    #[arg(long, value_name = "DURATION")]
+    hook_timeout: Option<fleetsync::duration::Seconds>,
     /// Release mode: a shell command run after each switch, e.g. `systemctl
     /// reload php-fpm` (FLEETSYNC_RELEASE, FLEETSYNC_RELEASE_DIR,
     /// FLEETSYNC_PREVIOUS_RELEASE are set).
@@ -176,6 +187,8 @@ impl PullArgs {
         self.keep = self.keep.or(cfg.keep);
         self.group = self.group.take().or(cfg.group);
         self.after_switch = self.after_switch.take().or(cfg.after_switch);
+        self.before_switch = self.before_switch.take().or(cfg.before_switch);
+        self.hook_timeout = self.hook_timeout.or(cfg.hook_timeout);
         self.rollback_on_failure |= cfg.rollback_on_failure.unwrap_or(false);
         self.region = self.region.take().or(cfg.region);
         self.owner = self.owner.take().or(cfg.owner);
@@ -202,6 +215,8 @@ impl PullArgs {
             ("--group", self.group.is_some()),
             ("--keep", self.keep.is_some()),
             ("--after-switch", self.after_switch.is_some()),
+            ("--before-switch", self.before_switch.is_some()),
+            ("--hook-timeout", self.hook_timeout.is_some()),
             ("--rollback-on-failure", self.rollback_on_failure),
             ("--shared", !self.shared.is_empty()),
         ];
@@ -458,6 +473,8 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
             group: args.group.clone(),
             keep: args.keep.unwrap_or(fleetsync::release::DEFAULT_KEEP),
             after_switch: args.after_switch.clone(),
+            before_switch: args.before_switch.clone(),
+            hook_timeout: args.hook_timeout.map_or(fleetsync::release::DEFAULT_HOOK_TIMEOUT, |t| t.0),
             rollback_on_failure: args.rollback_on_failure,
             shared,
         };

@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -65,42 +64,7 @@ impl<'de> Deserialize<'de> for Limit {
     }
 }
 
-/// A duration: `90` (seconds), `90s`, `5m`, `1h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seconds(pub Duration);
-
-impl FromStr for Seconds {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Seconds, String> {
-        let t = s.trim();
-        let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-            Some(i) => t.split_at(i),
-            None => (t, "s"),
-        };
-        let scale = match unit {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            _ => 0,
-        };
-        match number.parse::<u64>() {
-            Ok(n) if scale > 0 => Ok(Seconds(Duration::from_secs(n * scale))),
-            _ => Err(format!("{s:?} is not a duration: use seconds like 90, or 90s, 5m, 1h")),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Seconds {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
-        match NumberOrText::deserialize(d)? {
-            NumberOrText::Number(n) => {
-                u64::try_from(n).map(|n| Seconds(Duration::from_secs(n))).map_err(|_| de::Error::custom(format!("{n} is not a duration")))
-            }
-            NumberOrText::Text(s) => s.parse().map_err(de::Error::custom),
-        }
-    }
-}
+pub use fleetsync::duration::Seconds;
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -114,19 +78,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn limits_and_durations_parse_and_refuse() {
+    fn limits_parse_and_refuse() {
         assert_eq!("10".parse(), Ok(Limit::Count(10)));
         assert_eq!("25%".parse(), Ok(Limit::Percent(25)));
         assert_eq!(Limit::Percent(10).of(15), 1);
         assert_eq!(Limit::Percent(100).of(60), 60);
         for bad in ["", "-1", "101%", "x%", "5 nodes"] {
             assert!(bad.parse::<Limit>().is_err(), "{bad}");
-        }
-        assert_eq!("90".parse(), Ok(Seconds(Duration::from_secs(90))));
-        assert_eq!("5m".parse(), Ok(Seconds(Duration::from_secs(300))));
-        assert_eq!("1h".parse(), Ok(Seconds(Duration::from_secs(3600))));
-        for bad in ["", "m", "5d", "-3s", "1.5m"] {
-            assert!(bad.parse::<Seconds>().is_err(), "{bad}");
         }
     }
 }

@@ -444,7 +444,10 @@ impl Shared {
             }
             state.compact(&StateStore::load_read_only(&p.state_dir, &path)?)?;
         }
-        Shape::of(&self.whole, &ctx.opts.shared).save(&p.state_dir, &path)
+        let mut shape = Shape::of(&self.whole, &ctx.opts.shared);
+        // A repair keeps what a before-switch command made.
+        shape.hook_made = Shape::load(&p.state_dir, &path).map(|s| s.hook_made).unwrap_or_default();
+        shape.save(&p.state_dir, &path)
     }
 }
 
@@ -591,7 +594,9 @@ async fn build(ctx: &Ctx<'_>, store: &Store, id: &str, manifest: &Arc<Manifest>,
     // Plan (and link, copy, make directories and symlinks) on the blocking
     // pool: thousands of small system calls.
     let (f2, m2) = (fetcher.clone(), manifest.clone());
-    let planned = tokio::task::spawn_blocking(move || plan(&f2, &m2, base, existing, repair)).await.expect("planning does not panic")?;
+    // What a before-switch command wrote stays through a repair.
+    let made = if repair { Shape::load(&p.state_dir, &path).map(|s| s.hook_made).unwrap_or_default() } else { Default::default() };
+    let planned = tokio::task::spawn_blocking(move || plan(&f2, &m2, base, existing, made, repair)).await.expect("planning does not panic")?;
     ctx.observer.listing_done(manifest.header.files);
     let fetched = fetcher.fetch(&manifest.header.packs, planned.fetch).await;
 
@@ -635,6 +640,7 @@ fn plan(
     m: &Manifest,
     base: Option<(DestDir, HashMap<RelPath, Placed>)>,
     existing: HashMap<RelPath, Placed>,
+    made: std::collections::BTreeMap<String, Made>,
     repair: bool,
 ) -> Result<Planned> {
     let dst = &f.dest;
@@ -649,7 +655,7 @@ fn plan(
     }
     let seq = || f.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if repair {
-        remove_unwanted(f, m, &existing, &mut out);
+        remove_unwanted(f, m, &existing, &made, &mut out);
     }
     let mut wanted: std::collections::HashSet<&RelPath> = std::collections::HashSet::new();
     let (mut dst_stats, mut base_stats) = (dst.lstats(), base.as_ref().map(|(dir, _)| dir.lstats()));
@@ -705,7 +711,7 @@ fn plan(
 /// a directory for a symlink): extra files and directories, whatever was
 /// written there. The planning that follows makes the rest as the
 /// manifest says (a symlink's target, a file's content).
-fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed>, out: &mut Planned) {
+fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed>, made: &std::collections::BTreeMap<String, Made>, out: &mut Planned) {
     let shape = Shape::of(m, &[]);
     let dirs: std::collections::HashSet<&str> = shape.dirs.iter().map(String::as_str).collect();
     let files: std::collections::HashSet<&str> = m.files().map(|f| f.path.as_str()).collect();
@@ -718,12 +724,13 @@ fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed
         if removed_dir.as_ref().is_some_and(|d| path.strip_prefix(d.as_str()).is_some_and(|rest| rest.starts_with('/'))) {
             continue; // went with its directory
         }
-        let fits = match &kind {
-            OnDisk::Dir => dirs.contains(path.as_str()),
-            OnDisk::File => files.contains(path.as_str()),
-            OnDisk::Symlink(_) => shape.symlinks.contains_key(&path),
-            OnDisk::Other => false,
-        };
+        let fits = made.get(&path).is_some_and(|m| m.fits(&kind))
+            || match &kind {
+                OnDisk::Dir => dirs.contains(path.as_str()),
+                OnDisk::File => files.contains(path.as_str()),
+                OnDisk::Symlink(_) => shape.symlinks.contains_key(&path),
+                OnDisk::Other => false,
+            };
         if fits {
             continue;
         }
@@ -761,6 +768,63 @@ struct Shape {
     /// others given now mean laying it out again.
     #[serde(default)]
     shared: Vec<String>,
+    /// What the before-switch command wrote into the release (a config
+    /// cache, compiled views): part of it from then on, kept by a repair,
+    /// but not required (a repair cannot make it again).
+    #[serde(default)]
+    hook_made: std::collections::BTreeMap<String, Made>,
+}
+
+/// One entry the before-switch command made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Made {
+    Dir,
+    File,
+    Symlink(String),
+}
+
+impl Made {
+    fn fits(&self, found: &OnDisk) -> bool {
+        match (self, found) {
+            (Made::Dir, OnDisk::Dir) | (Made::File, OnDisk::File) => true,
+            (Made::Symlink(a), OnDisk::Symlink(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// After a before-switch command succeeded on release `id`: what it
+/// wrote there becomes part of the release's shape, so that the drift
+/// check does not take it for drift and remove it. Best effort: a shape
+/// that cannot be updated means one repair at the next pull.
+pub(super) fn adopt_hook_output(layout: &Layout, state_dir: &std::path::Path, id: &str) {
+    let path = layout.dir(id);
+    let Some(mut shape) = Shape::load(state_dir, &path) else { return };
+    let Ok(placed) = StateStore::load_read_only(state_dir, &path) else { return };
+    let Ok(Some(dir)) = DestDir::open_read_only(&path) else { return };
+    let Ok(found) = dir.walk() else { return };
+    let dirs: std::collections::HashSet<&str> = shape.dirs.iter().map(String::as_str).collect();
+    let mut made = Vec::new();
+    for (p, kind) in found {
+        let known = match &kind {
+            OnDisk::Dir => dirs.contains(p.as_str()),
+            OnDisk::File => placed.contains_key(p.as_str()),
+            OnDisk::Symlink(t) => shape.symlinks.get(&p) == Some(t),
+            OnDisk::Other => true,
+        };
+        if !known {
+            made.push((p, match kind {
+                OnDisk::Dir => Made::Dir,
+                OnDisk::Symlink(t) => Made::Symlink(t),
+                _ => Made::File,
+            }));
+        }
+    }
+    shape.hook_made.extend(made);
+    if let Err(e) = shape.save(state_dir, &path) {
+        tracing::warn!(release = %id, error = %e, "could not record what the before-switch command wrote");
+    }
 }
 
 /// How a shared path is recorded in a shape.
@@ -787,7 +851,7 @@ impl Shape {
                 Entry::File(_) => {}
             }
         }
-        Shape { dirs: dirs.into_iter().collect(), symlinks, shared: shared.iter().map(spec).collect() }
+        Shape { dirs: dirs.into_iter().collect(), symlinks, shared: shared.iter().map(spec).collect(), hook_made: Default::default() }
     }
 
     fn path(state_dir: &std::path::Path, release: &std::path::Path) -> std::path::PathBuf {
@@ -810,6 +874,9 @@ impl Shape {
         let dirs: std::collections::HashSet<&str> = self.dirs.iter().map(String::as_str).collect();
         let (mut seen_dirs, mut seen_links, mut seen_files) = (0, 0, 0);
         for (path, kind) in found {
+            if self.hook_made.get(path).is_some_and(|m| m.fits(kind)) {
+                continue;
+            }
             let fits = match kind {
                 OnDisk::Dir => dirs.contains(path.as_str()),
                 OnDisk::File => files.contains_key(path.as_str()),

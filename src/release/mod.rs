@@ -32,6 +32,7 @@
 mod fetch;
 mod from_listing;
 mod from_store;
+mod hook;
 mod layout;
 mod shared;
 
@@ -45,11 +46,12 @@ use crate::error::{Error, Result};
 use crate::node_lock::{IfBusy, NodeLock};
 use crate::progress::Observer;
 use crate::pull::{self, PullOptions};
-use crate::report::{HookReport, PullReport, ReleaseReport};
+use crate::report::{PullReport, ReleaseReport};
 use crate::store::check_release_id;
 use crate::source::s3_client;
 
 use layout::{Layout, Releases};
+pub use hook::DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT;
 pub use shared::{Shared, SHARED};
 
 /// The live release's name in DEST.
@@ -80,8 +82,15 @@ pub struct ReleaseOptions {
     /// Releases kept (besides the live one and the one before it, which
     /// are never removed).
     pub keep: usize,
+    /// A shell command run in the new release, complete, before the
+    /// switch (a cache warm-up, `php artisan config:cache`): failing or
+    /// timing out, nothing switches.
+    pub before_switch: Option<String>,
     /// A shell command run after the switch (e.g. reload php-fpm).
     pub after_switch: Option<String>,
+    /// How long either hook may run before it is killed, with its process
+    /// group.
+    pub hook_timeout: std::time::Duration,
     /// Switch back to the previous release when `after_switch` fails.
     pub rollback_on_failure: bool,
     /// Paths that outlive a release (`--shared`): see [`Shared`].
@@ -298,16 +307,28 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
             release.held = Some(reason);
             (report, id)
         }
-        Step::Existing { report, info } => {
+        Step::Existing { mut report, info } => {
             let id = info.id.clone();
+            if let Some(failed) = before_switch(opts, &layout, &id, current.as_deref(), &mut release, &mut report).await {
+                // Complete and kept: the next pull runs the command again.
+                return report_with(failed, release, lock_wait, &layout);
+            }
             registry.went_live(info);
             layout.save(&registry)?;
             releases.switch_to(&id)?;
             release.switched = true;
             (report, id)
         }
-        Step::Built { report, info, linked, copied } => {
+        Step::Built { mut report, info, linked, copied } => {
             let id = info.id.clone();
+            (release.created, release.linked, release.copied) = (true, linked, copied);
+            if let Some(failed) = before_switch(opts, &layout, &id, current.as_deref(), &mut release, &mut report).await {
+                // Never live, never registered: removed as a failed build
+                // is (the next pull builds it again from what is on disk).
+                releases.remove(&id)?;
+                layout.forget(&id);
+                return report_with(failed, release, lock_wait, &layout);
+            }
             registry.went_live(info);
             layout.save(&registry)?;
             releases.switch_to(&id)?;
@@ -336,7 +357,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
 
     if release.switched {
         if let Some(cmd) = &opts.after_switch {
-            let hook = run_hook(cmd, &layout, &id, release.previous.as_deref()).await;
+            let hook = hook::run(cmd, &layout, &id, release.previous.as_deref(), opts.hook_timeout).await;
             let failed = !hook.ok;
             release.after_switch = Some(hook);
             if failed {
@@ -380,26 +401,33 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     report_with(report, release, lock_wait, &layout)
 }
 
-/// Runs the after-switch command with the release in its environment.
-async fn run_hook(cmd: &str, layout: &Layout, id: &str, previous: Option<&str>) -> HookReport {
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("FLEETSYNC_RELEASE", id)
-        .env("FLEETSYNC_RELEASE_DIR", layout.dir(id))
-        .env("FLEETSYNC_PREVIOUS_RELEASE", previous.unwrap_or(""))
-        .env("FLEETSYNC_DEST", &layout.dest)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await;
-    match out {
-        Ok(out) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: String = stderr.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
-            HookReport { command: cmd.to_string(), exit_code: out.status.code(), ok: out.status.success(), stderr: tail.trim().to_string() }
-        }
-        Err(e) => HookReport { command: cmd.to_string(), exit_code: None, ok: false, stderr: format!("could not run sh: {e}") },
+/// Runs the before-switch command, if any, on release `id` (complete, not
+/// live); on success records what it wrote as part of the release (a store
+/// release's shape). The report to end the pull with when it failed:
+/// nothing switched, exit 1, the command's last lines.
+async fn before_switch(
+    opts: &ReleaseOptions,
+    layout: &Layout,
+    id: &str,
+    live: Option<&str>,
+    release: &mut ReleaseReport,
+    report: &mut PullReport,
+) -> Option<PullReport> {
+    let cmd = opts.before_switch.as_ref()?;
+    let hook = hook::run(cmd, layout, id, live, opts.hook_timeout).await;
+    let ok = hook.ok;
+    release.before_switch = Some(hook);
+    release.id = id.to_string();
+    if ok {
+        from_store::adopt_hook_output(layout, &opts.pull.state_dir, id);
+        return None;
     }
+    let mut failed = std::mem::replace(report, PullReport::new(String::new(), String::new(), false));
+    failed.exit_code = crate::exit::PARTIAL;
+    failed.status = crate::report::PullStatus::Failed;
+    let live = live.map_or("nothing".to_string(), |l| format!("release {l}"));
+    failed.set_error(format!("the before-switch command failed on release {id}: nothing switched, {live} is still live"));
+    Some(failed)
 }
 
 /// Puts the release part into the report, records it as the last pull
