@@ -255,13 +255,26 @@ async fn an_image_without_the_aws_cli_or_a_signing_curl_boots_and_answers_its_la
         .env("FLEETSYNC_HEARTBEAT_SECONDS", "1")
         .env("FLEETSYNC_STATE_DIR", root.path().join("var/lib/fleetsync"))
         .env("FLEETSYNC_METRICS_FILE", "")
+        // The template's SharedPaths and BeforeSwitch, as its exports line
+        // passes them (a command with double quotes and a backslash).
+        .env("FLEETSYNC_SHARED", "storage,cache")
+        .env("FLEETSYNC_BEFORE_SWITCH", r#"printf '%s\n' "warmed \o/" > "$FLEETSYNC_RELEASE_DIR/warmed""#)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let current = dest.join("current");
+    assert_eq!(std::fs::read_link(current.join("storage")).unwrap(), Path::new("../../shared/storage"));
+    assert_eq!(std::fs::read_link(current.join("cache")).unwrap(), Path::new("../../shared/cache"));
+    assert_eq!(std::fs::read_to_string(current.join("warmed")).unwrap(), "warmed \\o/\n");
     assert_eq!(proxy.stats()["no-content-sha256"].as_u64().unwrap_or(0), 0, "a request S3 would refuse");
     assert_eq!(std::fs::read_link(dest.join("current")).unwrap(), Path::new("releases/first"));
-    assert_eq!(read_tree(&dest.join("current")), read_tree(build.path()));
+    let mut expected = read_tree(build.path());
+    expected.insert("warmed".into(), b"warmed \\o/\n".to_vec());
+    for link in ["storage", "cache"] {
+        expected.insert(link.into(), b"<symlink>".to_vec());
+    }
+    assert_eq!(read_tree(&dest.join("current")), expected);
     let calls = hooks.calls();
     assert!(calls.iter().all(|c| c["signed"] == true && c["instance"] == "i-0123456789abcdef0" && c["group"] == "web"), "{calls:?}");
     let actions: Vec<&str> = calls.iter().map(|c| c["action"].as_str().unwrap()).collect();

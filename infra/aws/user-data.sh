@@ -266,6 +266,16 @@ metrics-file = "/var/lib/prometheus/node-exporter/fleetsync.prom"
 TOML
 # FilesOwner: who owns the files placed in DEST (the web server's user).
 [[ -z ${FLEETSYNC_OWNER:-} ]] || printf 'owner = "%s"\n' "$FLEETSYNC_OWNER" >> "$ROOT/etc/fleetsync/agent.toml"
+# SharedPaths (PATH[=TARGET],...), BeforeSwitch, AfterSwitch: as TOML strings.
+toml() { local v=${1//\\/\\\\}; printf '"%s"' "${v//\"/\\\"}"; }
+[[ -z ${FLEETSYNC_BEFORE_SWITCH:-} ]] || echo "before-switch = $(toml "$FLEETSYNC_BEFORE_SWITCH")" >> "$ROOT/etc/fleetsync/agent.toml"
+[[ -z ${FLEETSYNC_AFTER_SWITCH:-} ]] || echo "after-switch = $(toml "$FLEETSYNC_AFTER_SWITCH")" >> "$ROOT/etc/fleetsync/agent.toml"
+if [[ -n ${FLEETSYNC_SHARED:-} ]]; then
+  IFS=, read -ra paths <<<"$FLEETSYNC_SHARED"
+  list=''
+  for p in "${paths[@]}"; do list+="${list:+, }$(toml "$p")"; done
+  echo "shared = [$list]" >> "$ROOT/etc/fleetsync/agent.toml"
+fi
 
 systemctl daemon-reload
 systemctl enable fleetsync-agent.service fleetsync-agent.timer
