@@ -291,6 +291,9 @@ pub struct ReleaseReport {
     /// not placed: what is shared stays.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub shared_skipped: u64,
+    /// Assets of the release before carried into this one (`--keep-assets`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kept_assets: u64,
 }
 
 

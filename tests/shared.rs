@@ -213,3 +213,51 @@ async fn a_before_switch_command_gates_the_switch_and_what_it_writes_stays() {
     let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&ps.stdout).lines().any(|l| l.trim() == "sleep 1007"), "the command's children were killed");
 }
+
+/// `--keep-assets`: the live release's hashed assets that the new release
+/// lacks are linked into it, never over one it has, and only for one
+/// deploy (what a release kept is not carried again); without the flag
+/// they are gone. A no-op keeps them; a glob that overlaps a shared path
+/// is refused.
+#[tokio::test]
+async fn kept_assets_outlive_one_deploy_and_never_replace_the_new_releases() {
+    let b = Bucket::new("keepassets").await;
+    let source = b.url("app");
+    for (id, hash) in [("r1", "111"), ("r2", "222"), ("r3", "333")] {
+        let js = format!("public/build/app-{hash}.js");
+        let tree = build(&[("public/index.php", id), (js.as_str(), hash), ("public/build/manifest.json", id)]);
+        assert_eq!(publish(tree.path(), &source, &["--release-id", id]).0, 0);
+    }
+    let node = Node::new();
+    let keep = ["--keep-assets", "public/build/*"];
+    assert_eq!(pull(&node, &source, &["--release-id", "r1"]).0, 0);
+    let (code, r, stderr) = pull(&node, &source, &[&["--release-id", "r2"][..], &keep].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let live = node.dest.join("current");
+    assert_eq!(read(&live.join("public/build/app-111.js")), "111", "r1's asset kept");
+    assert_eq!(read(&live.join("public/build/app-222.js")), "222");
+    assert_eq!(read(&live.join("public/build/manifest.json")), "r2", "never over the new release's own file");
+    assert_eq!(r["release"]["kept_assets"], 1, "{r}");
+    let (code, r, _) = pull(&node, &source, &[&["--release-id", "r2"][..], &keep].concat());
+    assert_eq!((code, r["counts"]["deleted"].as_u64()), (0, Some(0)), "a no-op keeps them: {r}");
+    assert!(live.join("public/build/app-111.js").exists());
+
+    let (code, _, stderr) = pull(&node, &source, &[&["--release-id", "r3"][..], &keep].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(live.join("public/build/app-222.js").exists());
+    assert!(!live.join("public/build/app-111.js").exists(), "kept for one deploy, not carried again");
+
+    // Without the flag the last release's assets go.
+    let (code, _, stderr) = pull(&node, &source, &["--release-id", "r1"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!live.join("public/build/app-333.js").exists());
+
+    for bad in [&["--keep-assets", "../x/*"][..], &["--keep-assets", "/abs/*"], &["--shared", "public/build", "--keep-assets", "public/**"], &[
+        "--shared", "storage", "--keep-assets", "storage/logs/*",
+    ]] {
+        let (code, r, stderr) = pull(&node, &source, &[&["--release-id", "r2"][..], bad].concat());
+        assert_eq!(code, 2, "{bad:?}: {stderr}");
+        assert!(r["error"].as_str().unwrap_or_default().contains("--keep-assets"), "{bad:?}: {r}");
+    }
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"), "nothing touched");
+}

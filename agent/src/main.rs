@@ -148,6 +148,13 @@ struct PullArgs {
     /// Repeatable; adds to `shared` in agent.toml. Store releases only.
     #[arg(long, value_name = "PATH[=TARGET]")]
     shared: Vec<String>,
+    /// Release mode: files of the live release matching GLOB (e.g.
+    /// 'public/build/**') that the new release lacks are hard-linked into
+    /// it, so that pages of either release find their assets on every node
+    /// while a rolling deploy runs. Repeatable; adds to `keep-assets` in
+    /// agent.toml. Store releases only.
+    #[arg(long, value_name = "GLOB")]
+    keep_assets: Vec<String>,
     /// Print one JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -193,6 +200,7 @@ impl PullArgs {
         self.region = self.region.take().or(cfg.region);
         self.owner = self.owner.take().or(cfg.owner);
         self.shared.extend(cfg.shared.unwrap_or_default());
+        self.keep_assets.extend(cfg.keep_assets.unwrap_or_default());
         self.path_style |= cfg.path_style.unwrap_or(false);
         // The unit sets FLEETSYNC_METRICS_FILE; set empty (a drop-in), it
         // turns the metrics off whatever agent.toml says.
@@ -219,6 +227,7 @@ impl PullArgs {
             ("--hook-timeout", self.hook_timeout.is_some()),
             ("--rollback-on-failure", self.rollback_on_failure),
             ("--shared", !self.shared.is_empty()),
+            ("--keep-assets", !self.keep_assets.is_empty()),
         ];
         if let Some((flag, _)) = release_only.iter().find(|(_, set)| *set).filter(|_| !self.releases) {
             return Err(fleetsync::Error::Config(format!(
@@ -445,6 +454,10 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         Ok(shared) => shared,
         Err(e) => return Ok(fail_pull(&args, source.to_string(), dest_label, e)),
     };
+    let keep_assets = match fleetsync::release::KeepAssets::parse(&args.keep_assets) {
+        Ok(keep) => keep,
+        Err(e) => return Ok(fail_pull(&args, source.to_string(), dest_label, e)),
+    };
     let opts = PullOptions {
         source: source.clone(),
         dest: args.dest().to_path_buf(),
@@ -477,6 +490,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
             hook_timeout: args.hook_timeout.map_or(fleetsync::release::DEFAULT_HOOK_TIMEOUT, |t| t.0),
             rollback_on_failure: args.rollback_on_failure,
             shared,
+            keep_assets,
         };
         fleetsync::pull_release(&release, observer.clone()).await
     } else {

@@ -39,9 +39,9 @@ pub(crate) fn content_id(objects: &[RemoteObject], prefix: &str) -> String {
 
 /// Lists the prefix and makes its release live (or says it is).
 pub(super) async fn run(ctx: &Ctx<'_>) -> Result<Step> {
-    if !ctx.opts.shared.is_empty() {
+    if !ctx.opts.shared.is_empty() || !ctx.opts.keep_assets.is_empty() {
         return Err(Error::Config(format!(
-            "--shared needs a release store: publish the build with `fleetsync publish DIR {}` (a plain prefix's releases do not support shared paths)",
+            "--shared and --keep-assets need a release store: publish the build with `fleetsync publish DIR {}` (a plain prefix's releases support neither)",
             ctx.opts.pull.source
         )));
     }

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fetch::{parse_store_etag, store_etag, Failure, Fetcher};
 use super::layout::Layout;
-use super::{shared, Ctx, Registry, ReleaseInfo, ReleaseOptions, Step};
+use super::{assets, shared, Ctx, Registry, ReleaseInfo, ReleaseOptions, Step};
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
 use crate::report::{PullReport, ReleaseReport};
@@ -397,6 +397,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         return Ok(Step::Incomplete { report: built.report, id, linked: built.linked });
     }
     layout.settle(ctx, &id)?;
+    keep_assets(ctx, &id)?;
     let info = ReleaseInfo { id, content, created_at_ms: crate::store::now_ms(), files, rolled_back: false, manifest: digest };
     Ok(Step::Built { report: built.report, info, linked: built.linked, copied: built.copied })
 }
@@ -446,9 +447,24 @@ impl Shared {
         }
         let mut shape = Shape::of(&self.whole, &ctx.opts.shared);
         // A repair keeps what a before-switch command made.
-        shape.hook_made = Shape::load(&p.state_dir, &path).map(|s| s.hook_made).unwrap_or_default();
+        shape.made = Shape::load(&p.state_dir, &path).map(|s| s.made).unwrap_or_default();
         shape.save(&p.state_dir, &path)
     }
+}
+
+/// `--keep-assets`: the live release's matching assets that new release
+/// `id` lacks, linked into it (see [`super::assets`]).
+fn keep_assets(ctx: &Ctx<'_>, id: &str) -> Result<()> {
+    let keep = &ctx.opts.keep_assets;
+    let Some(live) = ctx.current.as_deref().filter(|c| *c != id && !keep.is_empty()) else { return Ok(()) };
+    let Some(from) = ctx.releases.read(live)? else { return Ok(()) };
+    let published = StateStore::load_read_only(&ctx.opts.pull.state_dir, &ctx.layout.dir(live))?;
+    let carried = assets::carry(keep, &from, &published, &ctx.releases.build(id)?)?;
+    if !carried.is_empty() {
+        adopt_made(ctx.layout, &ctx.opts.pull.state_dir, id);
+    }
+    ctx.kept_assets.store(carried.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// Release `id`'s manifest and its digest: the one at hand, else fetched
@@ -595,7 +611,7 @@ async fn build(ctx: &Ctx<'_>, store: &Store, id: &str, manifest: &Arc<Manifest>,
     // pool: thousands of small system calls.
     let (f2, m2) = (fetcher.clone(), manifest.clone());
     // What a before-switch command wrote stays through a repair.
-    let made = if repair { Shape::load(&p.state_dir, &path).map(|s| s.hook_made).unwrap_or_default() } else { Default::default() };
+    let made = if repair { Shape::load(&p.state_dir, &path).map(|s| s.made).unwrap_or_default() } else { Default::default() };
     let planned = tokio::task::spawn_blocking(move || plan(&f2, &m2, base, existing, made, repair)).await.expect("planning does not panic")?;
     ctx.observer.listing_done(manifest.header.files);
     let fetched = fetcher.fetch(&manifest.header.packs, planned.fetch).await;
@@ -768,14 +784,16 @@ struct Shape {
     /// others given now mean laying it out again.
     #[serde(default)]
     shared: Vec<String>,
-    /// What the before-switch command wrote into the release (a config
-    /// cache, compiled views): part of it from then on, kept by a repair,
-    /// but not required (a repair cannot make it again).
+    /// What was made on this node and never published: what the
+    /// before-switch command wrote (a config cache, compiled views) and
+    /// the assets kept from the release before (`--keep-assets`). Part of
+    /// the release from then on, kept by a repair, but not required (a
+    /// repair cannot make it again).
     #[serde(default)]
-    hook_made: std::collections::BTreeMap<String, Made>,
+    made: std::collections::BTreeMap<String, Made>,
 }
 
-/// One entry the before-switch command made.
+/// One entry made on the node (see [`Shape::made`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum Made {
@@ -794,11 +812,12 @@ impl Made {
     }
 }
 
-/// After a before-switch command succeeded on release `id`: what it
-/// wrote there becomes part of the release's shape, so that the drift
-/// check does not take it for drift and remove it. Best effort: a shape
-/// that cannot be updated means one repair at the next pull.
-pub(super) fn adopt_hook_output(layout: &Layout, state_dir: &std::path::Path, id: &str) {
+/// After a before-switch command succeeded on release `id`, or assets were
+/// kept in it: what is there and was not published becomes part of the
+/// release's shape, so that the drift check does not take it for drift and
+/// remove it. Best effort: a shape that cannot be updated means one repair
+/// at the next pull.
+pub(super) fn adopt_made(layout: &Layout, state_dir: &std::path::Path, id: &str) {
     let path = layout.dir(id);
     let Some(mut shape) = Shape::load(state_dir, &path) else { return };
     let Ok(placed) = StateStore::load_read_only(state_dir, &path) else { return };
@@ -821,9 +840,9 @@ pub(super) fn adopt_hook_output(layout: &Layout, state_dir: &std::path::Path, id
             }));
         }
     }
-    shape.hook_made.extend(made);
+    shape.made.extend(made);
     if let Err(e) = shape.save(state_dir, &path) {
-        tracing::warn!(release = %id, error = %e, "could not record what the before-switch command wrote");
+        tracing::warn!(release = %id, error = %e, "could not record what was made in the release");
     }
 }
 
@@ -851,7 +870,7 @@ impl Shape {
                 Entry::File(_) => {}
             }
         }
-        Shape { dirs: dirs.into_iter().collect(), symlinks, shared: shared.iter().map(spec).collect(), hook_made: Default::default() }
+        Shape { dirs: dirs.into_iter().collect(), symlinks, shared: shared.iter().map(spec).collect(), made: Default::default() }
     }
 
     fn path(state_dir: &std::path::Path, release: &std::path::Path) -> std::path::PathBuf {
@@ -874,7 +893,7 @@ impl Shape {
         let dirs: std::collections::HashSet<&str> = self.dirs.iter().map(String::as_str).collect();
         let (mut seen_dirs, mut seen_links, mut seen_files) = (0, 0, 0);
         for (path, kind) in found {
-            if self.hook_made.get(path).is_some_and(|m| m.fits(kind)) {
+            if self.made.get(path).is_some_and(|m| m.fits(kind)) {
                 continue;
             }
             let fits = match kind {

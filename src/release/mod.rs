@@ -29,6 +29,7 @@
 //! leaves the inode the older release holds untouched; and a file whose
 //! mode alone changed is copied, never chmod-ed under the older release.
 
+mod assets;
 mod fetch;
 mod from_listing;
 mod from_store;
@@ -52,6 +53,7 @@ use crate::source::s3_client;
 
 use layout::{Layout, Releases};
 pub use hook::DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT;
+pub use assets::KeepAssets;
 pub use shared::{Shared, SHARED};
 
 /// The live release's name in DEST.
@@ -95,6 +97,9 @@ pub struct ReleaseOptions {
     pub rollback_on_failure: bool,
     /// Paths that outlive a release (`--shared`): see [`Shared`].
     pub shared: Vec<Shared>,
+    /// Assets of the live release carried into the new one
+    /// (`--keep-assets`): see [`KeepAssets`].
+    pub keep_assets: KeepAssets,
 }
 
 /// One complete release, as the registry remembers it.
@@ -201,6 +206,8 @@ struct Ctx<'a> {
     t0: Instant,
     /// Files the release publishes under shared paths, not placed.
     shared_skipped: std::sync::atomic::AtomicU64,
+    /// Assets of the live release carried into the new one.
+    kept_assets: std::sync::atomic::AtomicU64,
 }
 
 impl Ctx<'_> {
@@ -244,6 +251,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         crate::store::check_group(g)?;
     }
     shared::check(&opts.shared, &p.dest)?;
+    opts.keep_assets.check(&opts.shared)?;
     let layout = Layout::new(&p.dest, &p.state_dir);
     if p.dry_run {
         // What the pull would change, relative to the live release.
@@ -281,6 +289,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         observer,
         t0,
         shared_skipped: std::sync::atomic::AtomicU64::new(0),
+        kept_assets: std::sync::atomic::AtomicU64::new(0),
     };
     let lookup =
         from_store::Lookup { opts, layout: &layout, client: &ctx.client, current: current.as_deref(), registry: &registry, remember: true };
@@ -293,6 +302,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         previous: current.clone(),
         store,
         shared_skipped: ctx.shared_skipped.load(std::sync::atomic::Ordering::Relaxed),
+        kept_assets: ctx.kept_assets.load(std::sync::atomic::Ordering::Relaxed),
         ..Default::default()
     };
     let (mut report, id) = match step {
@@ -419,7 +429,7 @@ async fn before_switch(
     release.before_switch = Some(hook);
     release.id = id.to_string();
     if ok {
-        from_store::adopt_hook_output(layout, &opts.pull.state_dir, id);
+        from_store::adopt_made(layout, &opts.pull.state_dir, id);
         return None;
     }
     let mut failed = std::mem::replace(report, PullReport::new(String::new(), String::new(), false));
