@@ -133,9 +133,10 @@ struct PullArgs {
     /// before it is killed with its process group, e.g. 90s, 10m [default: 10m].
     #[arg(long, value_name = "DURATION")]
     hook_timeout: Option<fleetsync::duration::Seconds>,
-    /// Release mode: a shell command run after each switch, e.g. `systemctl
-    /// reload php-fpm` (FLEETSYNC_RELEASE, FLEETSYNC_RELEASE_DIR,
-    /// FLEETSYNC_PREVIOUS_RELEASE are set).
+    /// Release mode: a shell command run after each switch, e.g. a restart
+    /// of an app that loads its code at start (FLEETSYNC_RELEASE,
+    /// FLEETSYNC_RELEASE_DIR, FLEETSYNC_PREVIOUS_RELEASE are set; PHP behind
+    /// the nginx recipe in infra/web needs none).
     #[arg(long, value_name = "CMD")]
     after_switch: Option<String>,
     /// Release mode: when the after-switch command fails, make the previous release live again.

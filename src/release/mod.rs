@@ -88,7 +88,8 @@ pub struct ReleaseOptions {
     /// switch (a cache warm-up, `php artisan config:cache`): failing or
     /// timing out, nothing switches.
     pub before_switch: Option<String>,
-    /// A shell command run after the switch (e.g. reload php-fpm).
+    /// A shell command run after the switch (a restart of an app that
+    /// loads its code at start).
     pub after_switch: Option<String>,
     /// How long either hook may run before it is killed, with its process
     /// group.
