@@ -31,6 +31,7 @@ mod keypath;
 mod list;
 pub mod node_lock;
 pub mod owner;
+pub mod priority;
 mod plan;
 pub mod progress;
 pub mod prune;

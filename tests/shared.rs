@@ -261,3 +261,26 @@ async fn kept_assets_outlive_one_deploy_and_never_replace_the_new_releases() {
     }
     assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"), "nothing touched");
 }
+
+/// A pull runs at low CPU and I/O priority by default (nice 10,
+/// best-effort I/O at level 7), everything it starts with it: here the
+/// before-switch command reports what it inherited. `--priority normal`
+/// leaves the process as started.
+#[tokio::test]
+async fn a_pull_and_what_it_starts_run_at_low_priority_unless_told_otherwise() {
+    let b = Bucket::new("priority").await;
+    let source = b.url("app");
+    for id in ["r1", "r2"] {
+        assert_eq!(publish(build(&[("index.php", id)]).path(), &source, &["--release-id", id]).0, 0);
+    }
+    let node = Node::new();
+    let report = "echo \"$(nice) $(ionice -p $$)\" > priority.txt";
+    let (code, _, stderr) = pull(&node, &source, &["--release-id", "r1", "--before-switch", report]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(read(&node.dest.join("current/priority.txt")).trim(), "10 best-effort: prio 7");
+    let (code, _, stderr) = pull(&node, &source, &["--release-id", "r2", "--before-switch", report, "--priority", "normal"]);
+    assert_eq!(code, 0, "{stderr}");
+    let own = std::process::Command::new("nice").output().unwrap();
+    let own = String::from_utf8_lossy(&own.stdout).trim().to_string();
+    assert!(read(&node.dest.join("current/priority.txt")).starts_with(&format!("{own} ")), "as started (nice {own})");
+}

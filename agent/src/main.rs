@@ -178,6 +178,13 @@ struct PullArgs {
     /// parser would refuse the empty value.)
     #[arg(long, env = "FLEETSYNC_METRICS_FILE", value_name = "FILE", value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from))]
     metrics_file: Option<PathBuf>,
+    /// CPU and I/O priority: low (nice 10, lowest best-effort I/O: the
+    /// server keeps serving while it pulls) or normal [default: low].
+    #[arg(long, value_enum)]
+    priority: Option<PriorityArg>,
+    /// Threads for downloads, decompression and hashing [default: one per core].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Who owns the files and directories placed in DEST, USER[:GROUP]
     /// (names or numbers; e.g. the web server's user); default: the agent's
     /// (root). Applied as each is placed; needs the agent to run as root.
@@ -335,6 +342,12 @@ enum LifecycleResult {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum PriorityArg {
+    Low,
+    Normal,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum IfBusyArg {
     Wait,
     Fail,
@@ -362,8 +375,25 @@ fn try_main() -> anyhow::Result<i32> {
         Command::Man { dir } => return man(dir),
         _ => {}
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let cfg: AgentConfig = config::FILE.load(cli.config.as_deref())?;
+    // Before any thread starts: each inherits the priority.
+    let (priority, threads) = match &cli.command {
+        Command::Pull(args) => (
+            match args.priority {
+                Some(PriorityArg::Normal) => fleetsync::priority::Priority::Normal,
+                Some(PriorityArg::Low) => fleetsync::priority::Priority::Low,
+                None => cfg.priority.unwrap_or_default(),
+            },
+            args.threads.or(cfg.threads),
+        ),
+        _ => (fleetsync::priority::Priority::Normal, None),
+    };
+    fleetsync::priority::apply(priority)?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads.filter(|n| *n > 0) {
+        runtime.worker_threads(n).max_blocking_threads(n);
+    }
+    let runtime = runtime.enable_all().build().context("starting the async runtime")?;
     match cli.command {
         Command::Pull(mut args) => {
             if let Err(e) = args.apply(cfg) {
