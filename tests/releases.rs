@@ -94,6 +94,12 @@ async fn rollback_is_byte_identical_and_status_names_live_and_previous() {
     assert_eq!(code, 0, "{stderr}");
     assert_tree(&node.dest.join("current"), &v2);
 
+    // Nothing live yet on a new node: exit 1, and it says so.
+    let fresh = Node::new();
+    let (code, st, stderr) = run_json(&mut agent(&fresh, &["status", "--json"]));
+    assert_eq!((code, st["current"].is_null()), (1, true), "{stderr}\n{st}");
+    assert!(stderr.contains("holds no release yet"), "{stderr}");
+
     let (code, st, _) = run_json(&mut agent(&node, &["status", "--json"]));
     assert_eq!(code, 0);
     assert_eq!((st["current"].as_str(), st["previous"].as_str()), (Some("build-2"), Some("build-1")), "{st}");

@@ -39,7 +39,7 @@ struct Cli {
     verbose: u8,
     /// Stop (exit code 130) when stdin closes: how the bastion's SSH
     /// sessions make sure no agent outlives them.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, hide = true)]
     exit_with_stdin: bool,
 }
 
@@ -49,9 +49,10 @@ enum Command {
     #[command(after_help = EXIT_CODES)]
     Pull(PullArgs),
     /// Release mode: make an earlier release live again (default: the one before the live one).
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ROLLBACK_EXIT_CODES)]
     Rollback(RollbackArgs),
     /// Release mode: the live release, the one before it, the kept releases and the last pull.
+    #[command(after_help = STATUS_EXIT_CODES)]
     Status(StatusArgs),
     /// Answer this instance's Auto Scaling launch hook, signed with its
     /// role's credentials: `complete` once the first pull made the code
@@ -299,6 +300,18 @@ struct StatusArgs {
     #[arg(long)]
     json: bool,
 }
+
+const ROLLBACK_EXIT_CODES: &str = "\
+Exit codes:
+  0  the release is live
+  2  usage or configuration error (no such release, nothing to roll back to); nothing changed
+  3  busy: another pull holds the node lock";
+
+const STATUS_EXIT_CODES: &str = "\
+Exit codes:
+  0  a release is live
+  1  DEST holds no release yet
+  2  usage or configuration error";
 
 const LIFECYCLE_EXIT_CODES: &str = "\
 Exit codes:
@@ -568,9 +581,14 @@ async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
 fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let dest = args.dest.clone().ok_or_else(|| missing("--dest", "dest"))?;
     let st = fleetsync::release::status(&dest, args.state_dir.as_deref().expect("resolved in try_main"))?;
+    // Nothing live is a node that cannot serve: say so, in the exit code too.
+    let code = if st.current.is_some() { exit::OK } else { exit::PARTIAL };
+    if code != exit::OK {
+        eprintln!("fleetsync-agent: {} holds no release yet: pull one with --releases (or deploy with fleetsync sync --releases)", st.dest);
+    }
     if args.json {
         print_stdout(&serde_json::to_string(&st)?);
-        return Ok(exit::OK);
+        return Ok(code);
     }
     let mut out = format!(
         "{}: current {}, previous {}\n",
@@ -587,7 +605,7 @@ fn status(args: StatusArgs) -> anyhow::Result<i32> {
         out.push_str(&format!("last pull: {}", last.summary()));
     }
     print_stdout(out.trim_end());
-    Ok(exit::OK)
+    Ok(code)
 }
 
 /// A pull that failed as a whole, with its metrics.

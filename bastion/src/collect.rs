@@ -192,6 +192,10 @@ fn collect_status(instance_id: &str, address: &str, code: Option<i32>, last: Opt
     let error = match (&status, code, &outcome.unreached) {
         _ if unknown.is_some() => unknown,
         (Some(_), Some(0), _) => None,
+        (Some(v), Some(1), _) if v.get("current").is_some_and(serde_json::Value::is_null) => Some(format!(
+            "{} on {instance_id} holds no release yet: deploy one with `fleetsync sync --releases`",
+            v.get("dest").and_then(|d| d.as_str()).unwrap_or("DEST")
+        )),
         (_, _, Some(why)) => Some(why.clone()),
         (_, Some(127), _) => Some(format!("fleetsync-agent is not installed on {instance_id} ({})", last_line(&outcome.stderr))),
         _ => Some(format!("the agent gave no status: {}", last_line(&outcome.stderr))),

@@ -165,6 +165,27 @@ struct FleetArgs {
     aws: AwsArgs,
 }
 
+impl FleetArgs {
+    /// Refuses, for a command that starts no deploy (`status`: it takes no
+    /// lock and changes nothing), the flags that only steer one.
+    fn refuse_deploy_flags(&self, command: &str) -> fleetsync::Result<()> {
+        let given = [
+            ("--canary", self.canary.is_some()),
+            ("--max-errors", self.max_errors.is_some()),
+            ("--lock", self.lock.is_some()),
+            ("--lock-wait", self.lock_wait.is_some()),
+            ("--lock-lease", self.lock_lease.is_some()),
+        ];
+        match given.iter().filter(|(_, set)| *set).map(|(flag, _)| *flag).collect::<Vec<_>>() {
+            flags if flags.is_empty() => Ok(()),
+            flags => Err(fleetsync::Error::Config(format!(
+                "fleetsync {command} takes no lock and deploys nothing: {} mean nothing to it; drop them",
+                flags.join(", ")
+            ))),
+        }
+    }
+}
+
 #[derive(Args)]
 struct SyncArgs {
     #[command(flatten)]
@@ -539,6 +560,8 @@ fn try_main() -> anyhow::Result<i32> {
             runtime.block_on(rollback(args))
         }
         Command::Status(mut args) => {
+            // Before fleetsync.toml fills them in: only what was typed.
+            args.fleet.refuse_deploy_flags("status")?;
             args.fleet.apply(&file, false)?;
             runtime.block_on(status(args))
         }
