@@ -162,6 +162,12 @@ impl ApiFailure {
         ApiFailure { status, code, message, no_response, no_credentials: credentials.is_some() }
     }
 
+    /// Whether the request never reached a server (refused, no route, DNS,
+    /// a timeout), credentials aside: the endpoint is the thing to check.
+    pub fn cannot_connect(&self) -> bool {
+        self.no_response && !self.no_credentials && self.status.is_none()
+    }
+
     /// Whether the user has to fix something (credentials, bucket name,
     /// endpoint, permissions) rather than the call being unlucky.
     pub fn is_configuration(&self) -> bool {
@@ -190,6 +196,13 @@ impl ApiFailure {
     /// configuration error with its fix when the user must act, else an S3
     /// error.
     pub(crate) fn to_error(&self, what: &str) -> Error {
+        if self.cannot_connect() {
+            return Error::Config(format!(
+                "{what} failed: cannot connect to {}: {} (check the endpoint, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, and the network)",
+                endpoint_for("S3", "s3"),
+                self.message
+            ));
+        }
         let msg = format!("{what} failed: {}", self.message);
         if self.is_configuration() {
             Error::Config(format!("{msg} ({})", self.hint()))
@@ -223,6 +236,20 @@ impl ApiFailure {
             _ => "see the message",
         }
     }
+}
+
+/// Where a service's calls go, as the SDK resolves it from the
+/// environment: `AWS_ENDPOINT_URL_<SERVICE>`, else `AWS_ENDPOINT_URL`, else
+/// the region's public endpoint. For messages (a profile's `endpoint_url`
+/// is not read here).
+pub fn endpoint_for(service_env: &str, host_prefix: &str) -> String {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    var(&format!("AWS_ENDPOINT_URL_{service_env}")).or_else(|| var("AWS_ENDPOINT_URL")).unwrap_or_else(|| {
+        match var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")) {
+            Some(region) => format!("https://{host_prefix}.{region}.amazonaws.com"),
+            None => format!("{host_prefix} in the configured region"),
+        }
+    })
 }
 
 /// The error for a read of one object refused with 403. S3 answers 403
