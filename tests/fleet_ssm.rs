@@ -488,3 +488,22 @@ async fn an_instance_terminated_during_the_deploy_is_failed_at_once_not_waited_f
         ssm_calls(&ids[1..]).into_iter().filter(|c| c["op"] == "invocation" && c["instance_id"] == ids[1].as_str()).collect();
     assert!(ended.is_empty(), "{ended:?}");
 }
+
+/// A bastion newer than its group's SSM document: the document has no
+/// `manifest` parameter yet (a stack not updated since), SSM refuses the
+/// command for it, and the bastion sends it again without, saying so; the
+/// release still goes live.
+#[tokio::test]
+async fn a_document_from_before_the_manifest_parameter_still_deploys_a_release() {
+    let b = Bucket::new("ssmolddoc").await;
+    let build = common::build_dir(6, "olddoc");
+    assert_eq!(common::publish(build.path(), &b.url("app"), &["--release-id", "r1"]).0, 0);
+    let (asg, nodes) = Nodes::group("ssmolddoc", 1);
+    let id = ids(&asg).remove(0);
+    common::fleet(&["document-update", &asg, "--drop-parameter", "manifest"]);
+    let (code, report, stderr) = sync(&asg, &b.url("app"), &nodes, &["--releases"]);
+    assert_eq!(code, 0, "{stderr}\n{report}");
+    assert!(stderr.contains("takes no manifest parameter"), "{stderr}");
+    assert!(nodes.dir.path().join(&id).join("srv/.ssm-document-version-2").exists(), "the older document ran");
+    assert_eq!(std::fs::read_link(nodes.dir.path().join(&id).join("srv/www/current")).unwrap(), std::path::Path::new("releases/r1"));
+}

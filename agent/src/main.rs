@@ -113,7 +113,9 @@ struct PullArgs {
     /// release on this node recorded with another digest is checked
     /// against the store's before it goes live; without it, a live copy
     /// is trusted by its id.
-    #[arg(long, value_name = "SHA256", requires = "release_id")]
+    /// (The bastion passes it in the environment, which an older agent
+    /// ignores, so a new bastion can deploy to nodes not yet upgraded.)
+    #[arg(long, env = "FLEETSYNC_MANIFEST_DIGEST", value_name = "SHA256", requires = "release_id")]
     manifest_digest: Option<fleetsync::store::Digest>,
     /// Release mode: the Auto Scaling Group this node belongs to; the node
     /// follows the release `fleetsync sync` deployed to it (not merely the

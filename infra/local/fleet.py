@@ -17,6 +17,7 @@ reachable, which is how later steps give each instance its own sshd.
     fleet.py nodes-down --dir DIR         # stops them
     fleet.py ssm-deregister INSTANCE      # the instance's SSM agent is gone (not managed any more)
     fleet.py ssm-agent INSTANCE STATE     # online | connection-lost | dead (Online, but runs nothing)
+    fleet.py document-update NAME [--drop-parameter P]  # a new document version (P left out: an older document)
 
 Each node is a real OpenSSH sshd bound to its instance's private IP (port
 FLEETSYNC_SSH_PORT), started in a private mount namespace where the node's
@@ -131,15 +132,20 @@ def create_document(name):
     ssm.create_document(Name=f"fleetsync-agent-{name}", DocumentType="Command", DocumentFormat="JSON", Content=json.dumps(content))
 
 
-def update_document(name):
+def update_document(name, drop=None):
     """A new version of the group's document, as a stack update makes it
     (UpdateMethod: NewVersion): the same, but it first marks the node
-    (`/srv/.ssm-document-version-2`), so a test sees which version ran."""
+    (`/srv/.ssm-document-version-2`), so a test sees which version ran.
+    `drop`: a parameter left out, with the lines that use it (a document
+    from before that parameter existed)."""
     ssm = boto3.client("ssm", endpoint_url=os.environ["AWS_ENDPOINT_URL_SSM"], region_name=os.environ.get("AWS_REGION", "us-east-1"),
                        aws_access_key_id="testing", aws_secret_access_key="testing")
     content = yaml.safe_load(open(DOCUMENT))
     step = content["mainSteps"][0]["inputs"]
     step["runCommand"] = [": > /srv/.ssm-document-version-2"] + list(step["runCommand"])
+    if drop:
+        del content["parameters"][drop]
+        step["runCommand"] = [line for line in step["runCommand"] if "{{ %s }}" % drop not in line]
     out = ssm.update_document(Name=f"fleetsync-agent-{name}", DocumentFormat="JSON", Content=json.dumps(content), DocumentVersion="$LATEST")
     return out["DocumentDescription"]
 
@@ -281,7 +287,9 @@ def main():
     sa.add_argument("instance")
     sa.add_argument("state", choices=["online", "connection-lost", "dead"])
     sub.add_parser("nodes-down").add_argument("--dir", required=True)
-    sub.add_parser("document-update").add_argument("name")
+    du = sub.add_parser("document-update")
+    du.add_argument("name")
+    du.add_argument("--drop-parameter")
     a = ap.parse_args()
 
     if a.cmd == "ssm-deregister":
@@ -298,7 +306,7 @@ def main():
         print(json.dumps(nodes_down(a.dir)))
         return
     if a.cmd == "document-update":
-        print(json.dumps(update_document(a.name)))
+        print(json.dumps(update_document(a.name, a.drop_parameter)))
         return
     ec2, asg = clients()
     if a.cmd == "nodes-up":

@@ -35,8 +35,9 @@ pub struct AgentCall {
     pub releases: bool,
     /// `pull --release-id`, or `rollback --to`.
     pub release: Option<String>,
-    /// `pull --manifest-digest`: the release's manifest as the deploy read
-    /// it, so that a node's copy of another publish of that id is found.
+    /// The release's manifest digest as the deploy read it, so that a
+    /// node's copy of another publish of that id is found: passed in the
+    /// agent's environment (`FLEETSYNC_MANIFEST_DIGEST`), never as a flag.
     pub manifest: Option<fleetsync::store::Digest>,
     /// `--group`: the group whose deployed release the node follows.
     pub group: Option<String>,
@@ -93,7 +94,6 @@ impl AgentCall {
         flag("--state-dir", &self.state_dir);
         flag("--group", &self.group);
         flag(if self.action == Action::Rollback { "--to" } else { "--release-id" }, &self.release);
-        flag("--manifest-digest", &self.manifest.map(|d| d.to_string()));
         flag("--keep", &self.keep.map(|k| k.to_string()));
         flag("--after-switch", &self.after_switch);
         if let Some(s) = &self.source {
@@ -113,9 +113,19 @@ impl AgentCall {
     /// The command line sent to the node's shell (SSH's remote command,
     /// AWS-RunShellScript's script). Every argument is quoted, so no string
     /// the user typed can become a second command.
+    ///
+    /// The manifest digest goes in the environment
+    /// (`FLEETSYNC_MANIFEST_DIGEST=... fleetsync-agent ...`): an agent that
+    /// predates it ignores it, where an unknown flag would fail the pull.
     pub fn command_line(&self) -> String {
         let words = std::iter::once("fleetsync-agent".to_string()).chain(self.words());
-        shlex::try_join(words.collect::<Vec<_>>().iter().map(String::as_str)).expect("arguments contain no NUL (clap refuses them)")
+        let line = shlex::try_join(words.collect::<Vec<_>>().iter().map(String::as_str)).expect("arguments contain no NUL (clap refuses them)");
+        // Unquoted, or the shell would take it for a command's name: hex
+        // digits need no quoting.
+        match self.manifest {
+            Some(d) => format!("FLEETSYNC_MANIFEST_DIGEST={d} {line}"),
+            None => line,
+        }
     }
 }
 
@@ -326,5 +336,14 @@ mod tests {
         assert_eq!(words, ["fleetsync-agent", "pull", hostile[0], "--dest", hostile[1], "--state-dir", hostile[2], "--json"]);
         let rollback = AgentCall { release: Some("r1".into()), ..AgentCall::new(Action::Rollback) };
         assert_eq!(rollback.words(), ["rollback", "--to", "r1", "--json"]);
+    }
+
+    #[test]
+    fn the_manifest_digest_goes_in_the_environment_as_an_assignment_the_shell_sees() {
+        let digest = fleetsync::store::Digest::of(b"m");
+        let call = AgentCall { release: Some("r2".into()), manifest: Some(digest), ..AgentCall::new(Action::Pull) };
+        let line = call.command_line();
+        assert!(line.starts_with(&format!("FLEETSYNC_MANIFEST_DIGEST={digest} fleetsync-agent pull")), "{line}");
+        assert!(!call.words().iter().any(|w| w.contains("manifest")), "never a flag an older agent would refuse");
     }
 }

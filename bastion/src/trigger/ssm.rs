@@ -130,6 +130,8 @@ struct NotSent {
     /// SSM refused instance IDs it no longer manages (InvalidInstanceId):
     /// the chunk's other nodes may be sent again.
     left: bool,
+    /// SSM refused the parameters (InvalidParameters).
+    refused_parameters: bool,
 }
 
 /// One command sent and not finished.
@@ -411,7 +413,25 @@ impl Ssm {
     }
 
     /// Sends the agent to `chunk`, all at once; returns the command ID.
+    /// A document from before the `manifest` parameter (a stack not yet
+    /// updated) refuses it: the command goes again without it, and the
+    /// nodes then trust a live copy of the release by its id, as before.
     async fn send(&self, fleet: &Fleet<'_>, chunk: &[&Node], parameters: &HashMap<String, Vec<String>>) -> Result<String, NotSent> {
+        match self.send_with(fleet, chunk, parameters).await {
+            Err(NotSent { refused_parameters: true, .. }) if parameters.contains_key("manifest") => {
+                fleet.progress.note(&format!(
+                    "SSM document {} takes no manifest parameter (a stack from before it): sent without; update the stack so that nodes check the release's digest",
+                    self.document
+                ));
+                let mut older = parameters.clone();
+                older.remove("manifest");
+                self.send_with(fleet, chunk, &older).await
+            }
+            sent => sent,
+        }
+    }
+
+    async fn send_with(&self, fleet: &Fleet<'_>, chunk: &[&Node], parameters: &HashMap<String, Vec<String>>) -> Result<String, NotSent> {
         let max_errors = match fleet.error_budget() {
             None => "100%".to_string(),
             Some(m) => m.saturating_sub(fleet.failures.load(std::sync::atomic::Ordering::SeqCst)).to_string(),
@@ -442,7 +462,7 @@ impl Ssm {
         });
         let sent = match task.await {
             Ok(sent) => sent,
-            Err(e) => return Err(NotSent { why: format!("SSM SendCommand: {e}"), left: false }),
+            Err(e) => return Err(NotSent { why: format!("SSM SendCommand: {e}"), left: false, refused_parameters: false }),
         };
         match sent {
             Ok(id) => {
@@ -460,7 +480,7 @@ impl Ssm {
                     Some("InvalidParameters") => format!("SSM refused the document's parameters: {}", failure.message),
                     _ => format!("{:#}", api_error("SSM SendCommand", &failure, NEEDS)),
                 };
-                Err(NotSent { why, left })
+                Err(NotSent { why, left, refused_parameters: failure.code.as_deref() == Some("InvalidParameters") })
             }
         }
     }
