@@ -443,8 +443,9 @@ async fn a_deploy_runs_the_latest_version_of_an_updated_document() {
 /// A scale-in during a deploy: a terminated instance's invocation can stay
 /// InProgress until its command expires (delivery + execution timeouts,
 /// half an hour by default), which held the deploy and its fleet lock that
-/// long. The deploy lists its group while it waits and fails such a node
-/// at once, naming why.
+/// long. The deploy lists its group while it waits and stops waiting for
+/// such a node at once, naming why; the fleet that remains is all on the
+/// release, so the deploy succeeds.
 #[tokio::test]
 async fn an_instance_terminated_during_the_deploy_is_failed_at_once_not_waited_for() {
     let b = Bucket::new("ssmscalein").await;
@@ -476,11 +477,12 @@ async fn an_instance_terminated_during_the_deploy_is_failed_at_once_not_waited_f
     let out = child.wait_with_output().unwrap();
     drop(lock);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(node_in(&report, &ids[0])["status"], "ok", "{report}");
+    assert_eq!(report["totals"]["left"], 1, "{report}");
     let gone = node_in(&report, &ids[1]);
-    assert_eq!(gone["status"], "failed", "{report}");
+    assert_eq!(gone["status"], "left", "{report}");
     let e = gone["error"].as_str().unwrap();
     assert!(e.contains("Auto Scaling Group") && e.contains("during the deploy") && e.contains(ids[1].as_str()), "{e}");
     // SSM still shows it running: the deploy did not wait for an end.

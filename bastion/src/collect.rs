@@ -53,6 +53,17 @@ pub enum NodeStatus {
     Failed,
     /// Not started: `--max-errors` was reached or the fleet lock was lost.
     NotAttempted,
+    /// Left the group while the deploy waited for it (a scale-in): the
+    /// fleet that remains is what the deploy is about, so not a failure.
+    Left,
+}
+
+impl NodeStatus {
+    /// Whether the node does not hold the deploy back: it is done, or it
+    /// left the group.
+    pub fn counts_as_done(self) -> bool {
+        matches!(self, NodeStatus::Ok | NodeStatus::Left)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -163,7 +163,7 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
     let mut fleet = Fleet::new(d.transport, call, Some(&held), d.address, d.batch, d.max_errors, targets.len(), &progress);
     // A node that leaves the group while the deploy waits for it (a
     // scale-in) is failed at once, not waited for until SSM expires it.
-    let watch = discover::watch(sdk, &d.asg);
+    let watch = discover::watch(sdk, &d.asg, &targets);
     fleet.leaving = watch.leaving.clone();
     progress.note(&format!("{}: {} nodes of {} over {}", d.verb, targets.len(), d.asg, fleet.transport.name()));
 
@@ -182,7 +182,7 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
     let mut rolled_back = None;
     let mut pointer_error = None;
     if let Some(t) = target.as_mut().filter(|_| !held.lost()) {
-        let failed = results.iter().any(|r| r.status != NodeStatus::Ok);
+        let failed = results.iter().any(|r| !r.status.counts_as_done());
         let ended = if !failed {
             t.end(s3, DeployState::Done, false).await
         } else if t.settled_on.as_deref() == Some(t.release.as_str()) {
@@ -216,7 +216,7 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
                     return Ok(Ended::Interrupted);
                 }
             };
-            let failed: Vec<String> = back.iter().filter(|r| r.status != NodeStatus::Ok).map(|r| r.instance_id.clone()).collect();
+            let failed: Vec<String> = back.iter().filter(|r| !r.status.counts_as_done()).map(|r| r.instance_id.clone()).collect();
             let switched = back.iter().filter(|r| r.status == NodeStatus::Ok && switched(r)).count();
             rolled_back = Some(FleetRollback { to: prev.release.clone(), nodes: switched, failed });
             if held.lost() {
@@ -465,7 +465,7 @@ async fn trigger_and_collect(
     let (first, rest) = targets.split_at(canaries);
     let mut results = fleet.run(first).await;
     let mut joined = Vec::new();
-    if canaries > 0 && results.iter().any(|r| r.status != NodeStatus::Ok) {
+    if canaries > 0 && results.iter().any(|r| !r.status.counts_as_done()) {
         progress.note("a canary failed; no other node is started");
         results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
         return Pass { results, joined, rejoin_error: None };

@@ -63,16 +63,29 @@ const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// the transport fails such a node at once instead. Shared with the
 /// background listing of the [`Watch`] that fills it.
 #[derive(Clone, Default)]
-pub struct Leaving(std::sync::Arc<std::sync::Mutex<Option<HashMap<String, String>>>>);
+pub struct Leaving(std::sync::Arc<std::sync::Mutex<Members>>);
+
+/// What the watch knows of the group.
+#[derive(Default)]
+struct Members {
+    /// The last listing: instance -> lifecycle state; `None` before one.
+    now: Option<HashMap<String, String>>,
+    /// Every instance seen a member (the deploy's first discovery, then each
+    /// listing): only those can have left. An instance a later discovery
+    /// found after the last listing is not taken for gone.
+    seen: std::collections::HashSet<String>,
+}
 
 impl Leaving {
     /// Why `instance_id` is no longer a node of the deploy, if it is not:
-    /// gone from the group's last listing, or in a lifecycle state that
-    /// ends outside it. `None` before the first listing.
+    /// gone from the group's last listing after it was seen a member, or in
+    /// a lifecycle state that ends outside it. `None` before the first
+    /// listing.
     pub fn why(&self, instance_id: &str) -> Option<String> {
         let members = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let lifecycle = match members.as_ref()?.get(instance_id) {
-            None => return Some("left the Auto Scaling Group".to_string()),
+        let lifecycle = match members.now.as_ref()?.get(instance_id) {
+            None if members.seen.contains(instance_id) => return Some("left the Auto Scaling Group".to_string()),
+            None => return None,
             Some(l) => l,
         };
         let leaving = ["Terminating", "Terminated", "Detaching", "Detached"];
@@ -94,9 +107,10 @@ impl Drop for Watch {
     }
 }
 
-/// Starts watching `asg`'s members.
-pub fn watch(sdk: &aws_types::SdkConfig, asg: &str) -> Watch {
+/// Starts watching `asg`'s members; `members` are those discovered.
+pub fn watch<'a>(sdk: &aws_types::SdkConfig, asg: &str, members: impl IntoIterator<Item = &'a Node>) -> Watch {
     let leaving = Leaving::default();
+    leaving.0.lock().unwrap_or_else(|p| p.into_inner()).seen.extend(members.into_iter().map(|n| n.instance_id.clone()));
     let (autoscaling, asg, shared) = (aws_sdk_autoscaling::Client::new(sdk), asg.to_string(), leaving.clone());
     let task = tokio::spawn(async move {
         loop {
@@ -106,12 +120,14 @@ pub fn watch(sdk: &aws_types::SdkConfig, asg: &str) -> Watch {
             let Some(group) = out.auto_scaling_groups().iter().find(|g| g.auto_scaling_group_name() == Some(asg.as_str())) else {
                 continue;
             };
-            let members = group
+            let members: HashMap<String, String> = group
                 .instances()
                 .iter()
                 .filter_map(|m| Some((m.instance_id()?.to_string(), m.lifecycle_state().map_or("", |l| l.as_str()).to_string())))
                 .collect();
-            *shared.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(members);
+            let mut known = shared.0.lock().unwrap_or_else(|p| p.into_inner());
+            known.seen.extend(members.keys().cloned());
+            known.now = Some(members);
         }
     });
     Watch { leaving, task }
@@ -286,5 +302,25 @@ mod tests {
         assert_eq!(instance_ids_in("The instance ID 'i-0abc1' does not exist"), ["i-0abc1"]);
         assert_eq!(instance_ids_in("The instance IDs 'i-1f, i-2e' do not exist (HTTP 400)"), ["i-1f", "i-2e"]);
         assert!(instance_ids_in("no ids here, i- or i-xyz").is_empty());
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+
+    #[test]
+    fn only_an_instance_seen_a_member_can_have_left() {
+        let leaving = Leaving::default();
+        assert_eq!(leaving.why("i-a"), None, "no listing yet");
+        {
+            let mut m = leaving.0.lock().unwrap();
+            m.seen.extend(["i-a".to_string(), "i-b".to_string()]);
+            m.now = Some(HashMap::from([("i-b".to_string(), "Terminating:Wait".to_string()), ("i-c".to_string(), "InService".to_string())]));
+        }
+        assert_eq!(leaving.why("i-a").as_deref(), Some("left the Auto Scaling Group"));
+        assert_eq!(leaving.why("i-b").as_deref(), Some("is leaving the Auto Scaling Group (lifecycle Terminating:Wait)"));
+        assert_eq!(leaving.why("i-c"), None);
+        assert_eq!(leaving.why("i-new"), None, "found by a later discovery, not in the last listing: not gone");
     }
 }

@@ -114,6 +114,7 @@ fn result_line(r: &NodeResult) -> String {
         (NodeStatus::NotAttempted, _) => {
             format!("not attempted: {}", r.error.as_deref().unwrap_or(""))
         }
+        (NodeStatus::Left, _) => format!("left: {}", r.error.as_deref().unwrap_or("")),
     };
     format!("{} {} {what} in {:.1} s", r.instance_id, r.address, r.duration_ms as f64 / 1000.0)
 }

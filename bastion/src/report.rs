@@ -62,6 +62,8 @@ pub struct Totals {
     pub ok: usize,
     pub failed: usize,
     pub not_attempted: usize,
+    /// Nodes that left the group during the deploy (not failures).
+    pub left: usize,
     pub downloaded: u64,
     pub deleted: u64,
     pub bytes: u64,
@@ -75,6 +77,7 @@ impl FleetReport {
                 NodeStatus::Ok => t.ok += 1,
                 NodeStatus::Failed => t.failed += 1,
                 NodeStatus::NotAttempted => t.not_attempted += 1,
+                NodeStatus::Left => t.left += 1,
             }
             if let Some(a) = &n.agent {
                 t.downloaded += a.counts.downloaded;
@@ -115,6 +118,7 @@ impl FleetReport {
                     NodeStatus::Ok => "ok",
                     NodeStatus::Failed => "FAILED",
                     NodeStatus::NotAttempted => "not attempted",
+                    NodeStatus::Left => "left the group",
                 };
                 [
                     n.instance_id.clone(),
@@ -144,10 +148,11 @@ impl FleetReport {
         }
         let t = &self.totals;
         out.push_str(&format!(
-            "\n{} ok, {} failed, {} not attempted; {} files downloaded ({}), {} deleted in {:.1} s",
+            "\n{} ok, {} failed, {} not attempted{}; {} files downloaded ({}), {} deleted in {:.1} s",
             t.ok,
             t.failed,
             t.not_attempted,
+            if t.left > 0 { format!(", {} left the group", t.left) } else { String::new() },
             t.downloaded,
             fleetsync::report::human_bytes(t.bytes),
             t.deleted,

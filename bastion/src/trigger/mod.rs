@@ -274,6 +274,11 @@ impl Fleet<'_> {
         self.record(self.unrun(node, NodeStatus::NotAttempted, why.to_string()))
     }
 
+    /// A node that left the group while the deploy waited for it.
+    pub fn left(&self, node: &Node, why: String) -> NodeResult {
+        self.record(self.unrun(node, NodeStatus::Left, why))
+    }
+
     /// A node that failed before its agent could be asked anything.
     pub fn failed(&self, node: &Node, why: String) -> NodeResult {
         self.record(self.unrun(node, NodeStatus::Failed, why))

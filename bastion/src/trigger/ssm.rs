@@ -504,7 +504,7 @@ impl Ssm {
         for (id, why) in left {
             let node = cmd.waiting.remove(&id).expect("listed from waiting");
             let why = format!("{id} {why} during the deploy; its SSM command {} is no longer waited for", cmd.id);
-            done.push((node, Done::Result(Box::new(fleet.failed(node, why)))));
+            done.push((node, Done::Result(Box::new(fleet.left(node, why)))));
         }
         // SSM gives up after the delivery and execution timeouts; a minute
         // more covers its own lag before the bastion stops waiting.
