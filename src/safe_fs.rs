@@ -261,7 +261,7 @@ impl DestDir {
                     }
                     copied += 1;
                 }
-                OnDisk::Other => {}
+                OnDisk::Other | OnDisk::NotUtf8 => {}
             }
         }
         Ok(copied)
@@ -487,6 +487,9 @@ pub(crate) enum OnDisk {
     Symlink(String),
     /// A device, socket or FIFO: nothing fleetsync places.
     Other,
+    /// A name that is not UTF-8 (listed lossily): nothing fleetsync places,
+    /// and nothing it can name safely to remove.
+    NotUtf8,
 }
 
 /// What the entry `st` (of `path` in `dir`) is.
@@ -510,6 +513,10 @@ fn walk_at(dir: &OwnedFd, prefix: &str, out: &mut Vec<(String, OnDisk)>) -> std:
             continue;
         }
         let path = if prefix.is_empty() { name.to_string() } else { format!("{prefix}/{name}") };
+        if raw.to_str().is_err() {
+            out.push((path, OnDisk::NotUtf8));
+            continue;
+        }
         let mut kind = entry.file_type();
         if kind == rfs::FileType::Unknown {
             // A file system without d_type.

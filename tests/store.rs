@@ -1054,14 +1054,16 @@ async fn extra_files_a_removed_empty_directory_and_a_changed_symlink_in_the_live
     std::fs::write(live.join("planted.php"), b"<?php system($_GET['c']);").unwrap();
     std::fs::create_dir_all(live.join("junk/deeper")).unwrap();
     std::fs::write(live.join("junk/deeper/file"), b"x").unwrap();
+    std::fs::create_dir_all(live.join("junk2/a/b")).unwrap();
+    std::fs::write(live.join("junk2/a/b/file"), b"y").unwrap();
     std::fs::remove_dir(live.join("cache/empty")).unwrap();
     std::fs::remove_file(live.join("link")).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", live.join("link")).unwrap();
 
     let (code, r, stderr) = pull(&node, &source);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(r["counts"]["deleted"], 2, "the planted file and directory: {r}");
-    assert!(!live.join("planted.php").exists() && !live.join("junk").exists());
+    assert_eq!(r["counts"]["deleted"], 3, "the planted file and two directories, each once: {r}");
+    assert!(!live.join("planted.php").exists() && !live.join("junk").exists() && !live.join("junk2").exists());
     assert!(live.join("cache/empty").is_dir());
     assert_eq!(std::fs::read_link(live.join("link")).unwrap(), Path::new(&first));
     assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"));
@@ -1070,6 +1072,16 @@ async fn extra_files_a_removed_empty_directory_and_a_changed_symlink_in_the_live
     let (code, r, stderr) = pull(&node, &source);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!((r["counts"]["deleted"].as_u64(), r["counts"]["downloaded"].as_u64()), (Some(0), Some(0)), "{r}");
+
+    // A name that is not UTF-8 cannot be named safely: reported, never
+    // counted as removed.
+    use std::os::unix::ffi::OsStrExt;
+    let odd = live.join(std::ffi::OsStr::from_bytes(b"odd-\xff.php"));
+    std::fs::write(&odd, b"?").unwrap();
+    let (code, r, _) = pull(&node, &source);
+    assert_eq!((code, r["counts"]["deleted"].as_u64()), (1, Some(0)), "{r}");
+    assert!(r["errors"][0]["error"].as_str().unwrap_or_default().contains("not UTF-8"), "{r}");
+    std::fs::remove_file(&odd).unwrap();
 }
 
 /// A publish's marker is renewed only while it is the one the publish

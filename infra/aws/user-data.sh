@@ -1,33 +1,21 @@
 #!/bin/bash
-# fleetsync node bootstrap, run once by cloud-init as EC2 user-data.
+# fleetsync node bootstrap, run once by cloud-init as EC2 user-data:
+# 1. install fleetsync-agent and its units from the bucket's dist/, checked
+#    against dist/SHA256SUMS; 2. write /etc/fleetsync/agent.toml; 3. first
+#    pull (the unit), with lifecycle heartbeats meanwhile; 4. only then
+#    complete the launch hook (CONTINUE), so an instance never enters
+#    service without the code. Any failure: ABANDON, the group replaces it.
 #
-# 1. install: fleetsync-agent for this instance's architecture and its
-#    systemd units, from the bucket's dist/ prefix (`fleetsync agent-dist
-#    upload`), each checked against dist/SHA256SUMS before it is installed;
-# 2. configure: /etc/fleetsync/agent.toml;
-# 3. first pull: the agent's unit, while lifecycle heartbeats keep the
-#    launch hook open however long the pull takes (up to the unit's 30
-#    minutes, past the hook's 15-minute heartbeat timeout);
-# 4. only then complete the Auto Scaling Group's launch lifecycle hook, so
-#    an instance never enters service (or the load balancer) without the
-#    code. If anything fails, the hook is completed with ABANDON and the
-#    group replaces the instance.
+# Needs bash, systemd, curl (IMDSv2 only) and python3, which every
+# cloud-init image has (RHEL 8: platform-python): it signs the first
+# requests with SigV4 and the instance role's credentials, so neither the
+# AWS CLI nor a recent curl is needed; without python3 the AWS CLI is used.
+# Once installed, the agent makes the lifecycle calls. A 5 s connect
+# timeout: no route to S3 or Auto Scaling fails fast, naming the endpoint.
 #
-# Needs bash, systemd, curl (any version: IMDSv2 only) and python3, which
-# every cloud-init image has (RHEL 8's is platform-python): its standard
-# library signs the first requests (dist/, and ABANDON should the install
-# fail) with SigV4 and the instance role's credentials, so neither the AWS
-# CLI nor a recent curl is needed (Ubuntu 22.04, RHEL and Rocky 8 and 9).
-# Without python3 the AWS CLI is used. Once installed, the agent makes the
-# lifecycle calls itself (`fleetsync-agent lifecycle`). Requests have a
-# 5-second connect timeout: a subnet with no route to S3 or Auto Scaling
-# fails within a minute, naming the endpoint, instead of hanging.
-#
-# The template (fleetsync.yaml) embeds this file verbatim after a line that
-# exports the variables below (infra/aws/check compares them and runs bash
-# -n and shellcheck). tests/boot.rs runs it against the local S3 server, a
-# lifecycle stand-in that checks signatures, and stand-ins for systemctl
-# and an old curl (FLEETSYNC_STEP=install: the install step alone).
+# fleetsync.yaml embeds this file verbatim after an exports line
+# (infra/aws/check compares them). tests/boot.rs runs it against the local
+# world with stand-ins for the lifecycle API, systemctl and an old curl.
 set -euo pipefail
 
 : "${FLEETSYNC_BUCKET:?the source bucket}"
@@ -90,7 +78,7 @@ credentials() {
 py_signed() {
   credentials
   AK=$AK SK=$SK TOKEN=$TOKEN "$PYTHON" - "$@" <<'PY'
-import datetime, hashlib, hmac, os, sys, time, urllib.error, urllib.parse, urllib.request
+import datetime, hashlib, hmac, http.client, os, sys, time, urllib.error, urllib.parse, urllib.request
 method, url, service, out = sys.argv[1:5]
 body = sys.argv[5].encode() if len(sys.argv) > 5 else b""
 u, region = urllib.parse.urlsplit(url), os.environ["AWS_REGION"]
@@ -123,9 +111,10 @@ for attempt in range(3):
         why = f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
         if e.code < 500:
             break
-    except OSError as e:
-        why = str(e)
-    time.sleep(1 + attempt)
+    except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short
+        why = f"{type(e).__name__}: {e}"
+    if attempt < 2:
+        time.sleep(1 + attempt)
 sys.exit(f"{method} {url}: {why}")
 PY
 }
@@ -282,10 +271,22 @@ systemctl enable fleetsync-agent.service fleetsync-agent.timer
 # The first pull: a oneshot unit, so this returns when the pull has ended
 # and fails if it failed. Heartbeats every 5 minutes meanwhile (the hook
 # waits 15 minutes for one).
-(while sleep "$HEARTBEAT"; do lifecycle RecordLifecycleActionHeartbeat || true; done) &
+# Stopped between heartbeats, never during one (a heartbeat after the
+# CONTINUE below would fail): TERM ends the wait for `sleep` at once, and
+# waits for a heartbeat under way.
+(
+  nap=''
+  trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+  while :; do
+    sleep "$HEARTBEAT" & nap=$!
+    wait "$nap"
+    lifecycle RecordLifecycleActionHeartbeat || true
+  done
+) &
 heartbeats=$!
 systemctl start fleetsync-agent.service
 kill "$heartbeats" 2>/dev/null || true
+wait "$heartbeats" 2>/dev/null || true
 heartbeats=''
 systemctl start fleetsync-agent.timer
 lifecycle CompleteLifecycleAction LifecycleActionResult=CONTINUE

@@ -40,6 +40,8 @@ def refusal(handler, body):
         return "InvalidClientTokenId", f"unknown access key {key}"
     if service != "autoscaling":
         return "SignatureDoesNotMatch", f"signed for service {service!r}, not autoscaling"
+    if region != os.environ.get("AWS_REGION", "us-east-1"):
+        return "SignatureDoesNotMatch", f"signed for region {region!r}, not {os.environ.get('AWS_REGION', 'us-east-1')!r}"
     stamp = handler.headers.get("X-Amz-Date", "")
     try:
         when = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)

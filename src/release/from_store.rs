@@ -735,9 +735,11 @@ fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed
         Ok(found) => found,
         Err(e) => return out.failed.push((String::new(), format!("listing the release to repair it: {e}"))),
     };
-    let mut removed_dir: Option<String> = None;
+    // Directories removed, whose entries went with them (the walk lists a
+    // directory's entries before it enters any of its subdirectories).
+    let mut removed_dirs: std::collections::HashSet<String> = std::collections::HashSet::new();
     for (path, kind) in found {
-        if removed_dir.as_ref().is_some_and(|d| path.strip_prefix(d.as_str()).is_some_and(|rest| rest.starts_with('/'))) {
+        if RelPath::from_stored(&path).is_some_and(|p| p.ancestors().any(|a| removed_dirs.contains(a))) {
             continue; // went with its directory
         }
         let fits = made.get(&path).is_some_and(|m| m.fits(&kind))
@@ -745,13 +747,13 @@ fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed
                 OnDisk::Dir => dirs.contains(path.as_str()),
                 OnDisk::File => files.contains(path.as_str()),
                 OnDisk::Symlink(_) => shape.symlinks.contains_key(&path),
-                OnDisk::Other => false,
+                OnDisk::Other | OnDisk::NotUtf8 => false,
             };
         if fits {
             continue;
         }
-        let Some(rel) = RelPath::from_stored(&path) else {
-            out.failed.push((path, "not in the release, and its name cannot be removed safely (not UTF-8, or reserved)".into()));
+        let Some(rel) = RelPath::from_stored(&path).filter(|_| kind != OnDisk::NotUtf8) else {
+            out.failed.push((path, "not in the release, and its name cannot be removed safely (not UTF-8, or reserved): remove it by hand".into()));
             continue;
         };
         match f.dest.remove_any(&rel) {
@@ -761,7 +763,7 @@ fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed
                     let _ = f.state.record_deleted(&rel);
                 }
                 if kind == OnDisk::Dir {
-                    removed_dir = Some(path);
+                    removed_dirs.insert(path);
                 }
                 out.deleted += 1;
             }
@@ -830,7 +832,7 @@ pub(super) fn adopt_made(layout: &Layout, state_dir: &std::path::Path, id: &str)
             OnDisk::Dir => dirs.contains(p.as_str()),
             OnDisk::File => placed.contains_key(p.as_str()),
             OnDisk::Symlink(t) => shape.symlinks.get(&p) == Some(t),
-            OnDisk::Other => true,
+            OnDisk::Other | OnDisk::NotUtf8 => true,
         };
         if !known {
             made.push((p, match kind {
@@ -900,7 +902,7 @@ impl Shape {
                 OnDisk::Dir => dirs.contains(path.as_str()),
                 OnDisk::File => files.contains_key(path.as_str()),
                 OnDisk::Symlink(target) => self.symlinks.get(path) == Some(target),
-                OnDisk::Other => false,
+                OnDisk::Other | OnDisk::NotUtf8 => false,
             };
             if !fits {
                 return false;

@@ -461,6 +461,14 @@ fn read_last(layout: &Layout) -> Option<PullReport> {
 /// this pull checked it whole against its source.
 fn register_live(registry: &mut Registry, layout: &Layout, register: Option<ReleaseInfo>, report: &PullReport) -> Result<()> {
     match register.filter(|_| report.exit_code == crate::exit::OK) {
+        // Known already (a digest or file count recorded): updated where it
+        // is, so the going-live order, and so `previous`, stay.
+        Some(info) if registry.get(&info.id).is_some() => {
+            if let Some(r) = registry.releases.iter_mut().find(|r| r.id == info.id) {
+                *r = ReleaseInfo { rolled_back: r.rolled_back, ..info };
+            }
+            layout.save(registry)
+        }
         Some(info) => {
             registry.went_live(info);
             layout.save(registry)

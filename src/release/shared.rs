@@ -208,7 +208,7 @@ fn kind(k: &OnDisk) -> &'static str {
         OnDisk::Dir => "directory",
         OnDisk::File => "file",
         OnDisk::Symlink(_) => "symlink",
-        OnDisk::Other => "special file",
+        OnDisk::Other | OnDisk::NotUtf8 => "special file",
     }
 }
 
