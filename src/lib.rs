@@ -27,6 +27,7 @@ mod error;
 mod fetch;
 pub mod fleet_lock;
 pub mod lifecycle;
+pub mod logging;
 mod keypath;
 mod list;
 pub mod node_lock;

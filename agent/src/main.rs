@@ -1,7 +1,7 @@
 //! `fleetsync-agent`: runs on each instance and pulls `s3://bucket/prefix`
 //! into local disk. Parsing and printing only; the work is in the library.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -380,7 +380,7 @@ fn main() -> ExitCode {
 
 fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    fleetsync::logging::init(cli.verbose, "fleetsync_agent");
     if cli.exit_with_stdin {
         lifeline::exit_when_stdin_closes(exit::INTERRUPTED);
     }
@@ -665,16 +665,3 @@ fn print_stdout(s: &str) {
     let _ = writeln!(out, "{s}").and_then(|()| out.flush());
 }
 
-/// Logs on stderr. By default only the agent's own warnings: the AWS SDK
-/// logs its configuration lookups (a missing config file, an unreachable
-/// instance metadata service) as warnings that bury the one line that says
-/// what is wrong and how to fix it; `-v` shows them.
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "error,fleetsync=warn,fleetsync_agent=warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
-}

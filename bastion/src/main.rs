@@ -56,6 +56,9 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+    /// More log output on stderr (-v info, -vv debug). RUST_LOG also works.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
 }
 
 #[derive(Subcommand)]
@@ -223,6 +226,9 @@ struct SyncArgs {
 struct RollbackArgs {
     #[command(flatten)]
     fleet: FleetArgs,
+    /// Discover, check the lock, and print what would be done; change nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// The release to make live on every node (default: each node's previous one).
     #[arg(long)]
     to: Option<String>,
@@ -542,6 +548,7 @@ fn main() -> ExitCode {
 
 fn try_main() -> anyhow::Result<i32> {
     let cli = Cli::parse();
+    fleetsync::logging::init(cli.verbose, "fleetsync");
     // Before the config file: a broken fleetsync.toml must not stop these.
     match &cli.command {
         Command::Completions { shell } => return completions(*shell),
@@ -655,8 +662,13 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
 /// the source: it has nothing to roll back, so there is no second pass).
 async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
     let call = AgentCall { release: args.to.clone(), ..args.fleet.agent_call(Action::Rollback) };
-    let how =
-        How { verb: "rollback", rejoin: false, dry_run: false, releases: Releases::Rollback(args.to.clone()), rollback_on_failure: false };
+    let how = How {
+        verb: "rollback",
+        rejoin: false,
+        dry_run: args.dry_run,
+        releases: Releases::Rollback(args.to.clone()),
+        rollback_on_failure: false,
+    };
     deploy_and_print(&args.fleet, call, how).await
 }
 
