@@ -435,3 +435,36 @@ async fn agent_versions_are_reported_mixed_fleets_warned_and_unknown_report_form
     assert!(error.contains("writes report format 2") && error.contains("upgrade fleetsync"), "{error}");
     assert_eq!(report["totals"]["ok"], 2, "{report}");
 }
+
+/// `--json` reports, of a deploy that succeeds (one instance skipped as
+/// Unhealthy) and of one that fails (an empty source, refused by every
+/// agent), match docs/fleet-report.schema.json; under GitHub Actions
+/// (GITHUB_STEP_SUMMARY) each deploy appends a Markdown summary.
+#[tokio::test]
+async fn json_reports_match_their_schema_and_ci_gets_a_job_summary() {
+    let b = Bucket::new("schema").await;
+    b.put_tree("app/", &sample_tree(10, 3)).await;
+    let (asg, nodes) = Nodes::group("schema", 3);
+    let ids = ids(&asg);
+    fleet(&["health", &ids[2], "Unhealthy"]);
+    let summary = tempfile::NamedTempFile::new().unwrap();
+    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/fleet-report.schema.json");
+    for (source, want) in [(b.url("app"), 0), (b.url("nothing-here"), 1)] {
+        let out = deploy_command(&asg, &source, "/srv/www", &nodes, "ssh").env("GITHUB_STEP_SUMMARY", summary.path()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(want), "{stderr}");
+        let report = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(report.path(), &out.stdout).unwrap();
+        let check = Command::new("python3")
+            .args(["-c", "import json, sys, jsonschema; jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2])))"])
+            .arg(report.path())
+            .arg(schema)
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{}\n{}", String::from_utf8_lossy(&check.stderr), String::from_utf8_lossy(&out.stdout));
+    }
+    let md = std::fs::read_to_string(summary.path()).unwrap();
+    assert!(md.contains(&format!("### fleetsync sync of `{asg}` succeeded")), "{md}");
+    assert!(md.contains(&format!("### fleetsync sync of `{asg}` FAILED")), "{md}");
+    assert!(md.contains(&format!("| `{}` | Failed |", ids[0])), "{md}");
+}

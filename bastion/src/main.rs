@@ -729,6 +729,17 @@ async fn deploy_and_print(args: &FleetArgs, call: AgentCall, how: How) -> anyhow
             if let Some(w) = report::versions_warning(&report.agent_versions) {
                 log(&format!("warning: {w}"));
             }
+            // GitHub Actions: the job's summary page gets the result too.
+            if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
+                let appended = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(&path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, report.markdown(verb).as_bytes()));
+                if let Err(e) = appended {
+                    log(&format!("warning: could not write the job summary {}: {e}", std::path::Path::new(&path).display()));
+                }
+            }
             if args.json {
                 print_stdout(&serde_json::to_string(&report)?);
             } else {

@@ -8,8 +8,15 @@ use serde::Serialize;
 use crate::collect::{NodeResult, NodeStatus};
 use crate::discover::Node;
 
+/// The `--json` report's format: its JSON Schema is
+/// `docs/fleet-report.schema.json`, and this changes when a field changes
+/// meaning or a required one is added.
+pub const FLEET_REPORT_FORMAT: u32 = 1;
+
 #[derive(Debug, Serialize)]
 pub struct FleetReport {
+    /// [`FLEET_REPORT_FORMAT`].
+    pub format: u32,
     pub asg: String,
     pub source: String,
     pub dest: String,
@@ -87,6 +94,7 @@ impl FleetReport {
         }
         let exit_code = if t.failed + t.not_attempted > 0 { fleetsync::exit::PARTIAL } else { fleetsync::exit::OK };
         FleetReport {
+            format: FLEET_REPORT_FORMAT,
             asg,
             source,
             dest,
@@ -103,6 +111,44 @@ impl FleetReport {
             totals: t,
             duration_ms,
         }
+    }
+
+    /// A Markdown summary for CI (GitHub's job summary): the release, the
+    /// totals, every node that did not end ok, and the time taken.
+    pub fn markdown(&self, verb: &str) -> String {
+        let t = &self.totals;
+        let outcome = if self.exit_code == 0 { "succeeded" } else { "FAILED" };
+        let mut out = format!("### fleetsync {verb} of `{}` {outcome}\n\n", self.asg);
+        if let Some(r) = &self.release {
+            out.push_str(&format!("Release **{r}** from `{}`", self.source));
+        } else {
+            out.push_str(&format!("From `{}`", self.source));
+        }
+        out.push_str(&format!(
+            " in {:.1} s: {} ok, {} failed, {} not attempted, {} left the group; {} files downloaded ({}).\n",
+            self.duration_ms as f64 / 1000.0,
+            t.ok,
+            t.failed,
+            t.not_attempted,
+            t.left,
+            t.downloaded,
+            fleetsync::report::human_bytes(t.bytes)
+        ));
+        if let Some(r) = &self.rolled_back {
+            out.push_str(&format!("\nThe fleet was switched back to **{}** ({} nodes).\n", r.to, r.nodes));
+        }
+        let trouble: Vec<&NodeResult> = self.nodes.iter().filter(|n| n.status != NodeStatus::Ok).collect();
+        if !trouble.is_empty() {
+            out.push_str("\n| instance | status | why |\n|---|---|---|\n");
+            for n in trouble {
+                let why = n.error.as_deref().unwrap_or("").replace('|', "\\|").replace('\n', " ");
+                out.push_str(&format!("| `{}` | {:?} | {why} |\n", n.instance_id, n.status));
+            }
+        }
+        if let Some(d) = &self.deploy {
+            out.push_str(&format!("\nRecorded as `{d}` (`fleetsync history`).\n"));
+        }
+        out
     }
 
     /// One row per node, then the skipped instances and the totals.
