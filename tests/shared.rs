@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{publish, run_json, Bucket, Node};
+use common::{publish, run_json, Bucket, Node, Web};
 
 fn build(tree: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -63,16 +63,22 @@ async fn shared_data_outlives_releases_and_rollbacks_and_published_content_never
     assert!(!efs.path().join("logo.png").exists());
     assert_eq!(r["release"]["shared_skipped"], 1, "{r}");
 
-    // The application writes under both.
+    // The application writes under both; nginx serves the site.
     std::fs::create_dir_all(live.join("storage/logs")).unwrap();
     std::fs::write(live.join("storage/logs/app.log"), "written by r1\n").unwrap();
     std::fs::write(live.join("public/uploads/photo.jpg"), "a visitor's upload").unwrap();
+    let web = tempfile::tempdir().unwrap();
+    let (server, ready) = Web::start(&["serve", "--dir", &web.path().display().to_string(), "--root", &live.join("public").display().to_string()]);
+    let port = ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py serve said {ready:?}")).to_string();
+    let served = || common::http_get(&port, "/uploads/photo.jpg");
+    assert_eq!(served(), (200, b"a visitor's upload".to_vec()));
 
     let (code, r, stderr) = pull(&node, &source, &[&["--release-id", "r2"][..], &flags].concat());
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r2"));
     assert_eq!(read(&live.join("storage/logs/app.log")), "written by r1\n");
     assert_eq!(read(&live.join("public/uploads/photo.jpg")), "a visitor's upload");
+    assert_eq!(served(), (200, b"a visitor's upload".to_vec()), "served by nginx from release r2");
     assert_eq!(read(&live.join("storage/app/.gitignore")), "*\n", "published content never lands on what is shared");
     assert!(!live.join("storage/new.txt").exists());
     assert_eq!(r["release"]["shared_skipped"], 3, "{r}");
@@ -95,6 +101,8 @@ async fn shared_data_outlives_releases_and_rollbacks_and_published_content_never
     assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"));
     assert_eq!(read(&live.join("storage/logs/app.log")), "written by r1\n");
     assert_eq!(read(&live.join("public/uploads/photo.jpg")), "a visitor's upload");
+    assert_eq!(served(), (200, b"a visitor's upload".to_vec()), "served after the rollback");
+    server.stop();
 
     // A release that publishes a file where a shared directory is: nothing
     // goes live, and it says which path.

@@ -11,54 +11,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{publish, run_json, Bucket, Node};
+use common::{publish, run_json, Bucket, Web, Node};
 
 /// PHP files each page includes.
 const INCLUDES: usize = 40;
 /// Static files besides the page: the 1% of a change is one of these and
 /// the page's own files.
 const STATIC: usize = 300;
-
-/// A child process of the test, stopped (its stdin closed, then killed)
-/// on drop.
-struct Helper {
-    child: Child,
-}
-
-impl Helper {
-    /// Starts `web.py ARGS` and waits for its first line; returns it too.
-    fn start(args: &[&str]) -> (Helper, String) {
-        let mut child = Command::new("python3")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/web.py"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        (Helper { child }, line.trim().to_string())
-    }
-
-    /// Closes its stdin and waits for it to end.
-    fn stop(mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One response as web.py recorded it.
 #[derive(serde::Deserialize)]
@@ -136,10 +98,10 @@ async fn visitors_get_no_error_no_mix_and_no_stale_page_across_21_deploys() {
 
     let web = tempfile::tempdir().unwrap();
     let root = node.dest.join("current/public");
-    let (server, ready) = Helper::start(&["serve", "--dir", &web.path().display().to_string(), "--root", &root.display().to_string()]);
+    let (server, ready) = Web::start(&["serve", "--dir", &web.path().display().to_string(), "--root", &root.display().to_string()]);
     let port = ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py serve said {ready:?}"));
     let log = web.path().join("responses.jsonl");
-    let (visitors, _) = Helper::start(&[
+    let (visitors, _) = Web::start(&[
         "visit",
         "--url",
         &format!("http://127.0.0.1:{port}/"),

@@ -510,3 +510,56 @@ impl Drop for FaultProxy {
         let _ = self.child.wait();
     }
 }
+
+/// infra/local/web.py (a real nginx and PHP-FPM, or visiting clients): a
+/// child process of the test, stopped (stdin closed, then killed) on drop.
+pub struct Web {
+    child: std::process::Child,
+}
+
+impl Web {
+    /// Starts `web.py ARGS` and waits for its first line; returns it too.
+    pub fn start(args: &[&str]) -> (Web, String) {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/web.py"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        (Web { child }, line.trim().to_string())
+    }
+
+    /// Closes its stdin and waits for it to end.
+    pub fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Web {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A GET of `path` from the web server on 127.0.0.1:`port`: the status and
+/// the body.
+pub fn http_get(port: &str, path: &str) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP answer");
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, raw[split + 4..].to_vec())
+}
+
