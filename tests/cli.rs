@@ -32,3 +32,56 @@ fn each_agent_command_lists_its_own_exit_codes_and_hides_internal_flags() {
         assert!(!help.contains("exit-with-stdin"), "{args:?}: {help}");
     }
 }
+
+/// Every relative link in README.md and docs/ names a file that exists (an
+/// anchor after `#` is not checked), and every command the quick start
+/// shows is a script in the repository.
+#[test]
+fn the_docs_links_resolve_and_the_quick_start_commands_exist() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = vec![root.join("README.md")];
+    for e in std::fs::read_dir(root.join("docs")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "md") {
+            docs.push(p);
+        }
+    }
+    let link = markdown_links;
+    let mut broken = Vec::new();
+    for doc in &docs {
+        let text = std::fs::read_to_string(doc).unwrap();
+        for target in link(&text) {
+            if target.contains("://") || target.starts_with('#') || target.starts_with("mailto:") {
+                continue;
+            }
+            let path = target.split('#').next().unwrap();
+            if !doc.parent().unwrap().join(path).exists() {
+                broken.push(format!("{}: {target}", doc.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "links to nothing: {broken:?}");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let quick = readme.split("## Quick start").nth(1).unwrap().split("```sh").nth(1).unwrap().split("```").next().unwrap();
+    for line in quick.lines().filter(|l| !l.trim().is_empty()) {
+        let cmd = line.split_whitespace().next().unwrap();
+        assert!(root.join(cmd).is_file(), "the quick start runs {cmd}, which is not in the repository");
+    }
+}
+
+/// The targets of Markdown links `[text](target)` in `text`.
+fn markdown_links(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("](") {
+        rest = &rest[i + 2..];
+        if let Some(end) = rest.find(')') {
+            let target = &rest[..end];
+            if !target.contains(char::is_whitespace) {
+                out.push(target.to_string());
+            }
+            rest = &rest[end..];
+        }
+    }
+    out
+}
