@@ -85,3 +85,49 @@ fn markdown_links(text: &str) -> Vec<String> {
     }
     out
 }
+
+/// docs/configuration.md's table is true: every flag is in its command's
+/// `--help`, every key is one its file accepts, every template parameter
+/// is in the template.
+#[test]
+fn the_configuration_table_names_real_flags_keys_and_parameters() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let table = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+    let ticked = |cell: &str| -> Vec<String> { cell.split('`').skip(1).step_by(2).map(str::to_string).collect() };
+    let fleetsync = common::bin("fleetsync-bastion", "fleetsync");
+    let agent = common::agent_bin();
+    let bastion_help: String =
+        ["sync", "rollback", "status"].iter().map(|c| run(&fleetsync, &[c, "--help"]).1).collect::<Vec<_>>().join("\n");
+    let agent_help = run(&agent, &["pull", "--help"]).1;
+    let template = std::fs::read_to_string(root.join("infra/aws/fleetsync.yaml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let accepted = |bin: &std::path::Path, command: &str, key: &str| {
+        let file = dir.path().join(format!("{command}.toml"));
+        std::fs::write(&file, format!("{key} = \"x\"\n")).unwrap();
+        let (_, _, stderr) = run(bin, &["--config", file.to_str().unwrap(), command]);
+        !stderr.contains("unknown field")
+    };
+    let mut rows = 0;
+    for line in table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| setting")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let [_, _, flag, file, agent_flag, agent_key, param, _] = cells[..] else { panic!("a row of 6 cells: {line}") };
+        rows += 1;
+        for f in ticked(flag).iter().filter(|f| f.starts_with('-')) {
+            assert!(bastion_help.contains(f.as_str()), "fleetsync has no {f}");
+        }
+        for k in ticked(file) {
+            assert!(accepted(&fleetsync, "sync", &k), "fleetsync.toml refuses {k}");
+        }
+        for f in ticked(agent_flag).iter().filter(|f| f.starts_with('-')) {
+            assert!(agent_help.contains(f.as_str()), "fleetsync-agent pull has no {f}");
+        }
+        for k in ticked(agent_key) {
+            let key = k.split(" =").next().unwrap();
+            assert!(accepted(&agent, "pull", key), "agent.toml refuses {key}");
+        }
+        for p in ticked(param).iter().filter(|p| !p.contains(' ') && !p.contains('-')) {
+            assert!(template.contains(&format!("\n  {p}:\n")), "the template has no parameter {p}");
+        }
+    }
+    assert!(rows > 30, "{rows} rows read");
+}
