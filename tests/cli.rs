@@ -131,3 +131,25 @@ fn the_configuration_table_names_real_flags_keys_and_parameters() {
     }
     assert!(rows > 30, "{rows} rows read");
 }
+
+/// The store commands take the source as the fleet commands do
+/// (`--source`), besides their argument; none is a usage error naming both.
+#[test]
+fn the_store_commands_take_the_source_as_the_fleet_commands_do() {
+    let fleetsync = common::bin("fleetsync-bastion", "fleetsync");
+    let empty = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(&fleetsync, &["releases"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("as an argument or --source"), "{stderr}");
+    for args in [
+        &["releases", "--source", "s3://bucket-x/app"][..],
+        &["history", "--source", "s3://bucket-x/app"],
+        &["prune", "--source", "s3://bucket-x/app", "--keep", "3", "--dry-run"],
+        &["publish", empty.path().to_str().unwrap(), "--source", "s3://bucket-x/app", "--dry-run"],
+    ] {
+        let (_, _, stderr) = run(&fleetsync, args);
+        assert!(!stderr.contains("unexpected argument") && !stderr.contains("missing"), "{args:?}: {stderr}");
+    }
+    let (code, _, stderr) = run(&fleetsync, &["history", "s3://a/p", "--source", "s3://b/p"]);
+    assert_eq!(code, Some(2), "one source, not two: {stderr}");
+}

@@ -256,8 +256,12 @@ struct ListArgs {
 struct PublishArgs {
     /// The build directory.
     dir: PathBuf,
-    /// Where to publish it, s3://BUCKET[/PREFIX] (the deploy's --source).
-    target: String,
+    /// Where to publish it, s3://BUCKET[/PREFIX] (the deploy's --source;
+    /// or --source here too, or `source` in fleetsync.toml).
+    #[arg(value_name = "SOURCE")]
+    target: Option<String>,
+    #[arg(long = "source", value_name = "SOURCE", conflicts_with = "target", hide_short_help = true)]
+    source_flag: Option<String>,
     /// The release's name (a CI build number or git sha); default: a hash of the content.
     #[arg(long)]
     release_id: Option<String>,
@@ -277,8 +281,12 @@ struct PublishArgs {
 /// A release store (a published source).
 #[derive(Args)]
 struct StoreArgs {
-    /// The source, s3://BUCKET[/PREFIX] (or `source` in fleetsync.toml).
+    /// The source, s3://BUCKET[/PREFIX] (or --source, as the fleet commands
+    /// take it, or `source` in fleetsync.toml).
+    #[arg(value_name = "SOURCE")]
     source: Option<String>,
+    #[arg(long = "source", value_name = "SOURCE", conflicts_with = "source", hide_short_help = true)]
+    source_flag: Option<String>,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -579,6 +587,7 @@ fn try_main() -> anyhow::Result<i32> {
         }
         Command::Publish(mut args) => {
             args.aws.apply(&file);
+            args.target = args.target.take().or(args.source_flag.take()).or(file.source.clone());
             runtime.block_on(publish(args))
         }
         Command::Releases(mut args) => {
@@ -818,7 +827,9 @@ impl LockArgs {
 async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
     let opts = fleetsync::publish::PublishOptions {
         dir: args.dir.clone(),
-        dest: S3Url::parse(&args.target)?,
+        dest: S3Url::parse(args.target.as_deref().ok_or_else(|| {
+            fleetsync::Error::Config("missing where to publish: give s3://BUCKET[/PREFIX] after DIR, or --source, or `source = ...` in fleetsync.toml".into())
+        })?)?,
         release_id: args.release_id.clone(),
         follow_symlinks: args.follow_symlinks,
         dry_run: args.dry_run,
@@ -857,12 +868,15 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
 impl StoreArgs {
     fn apply(&mut self, file: &FileConfig) {
         self.aws.apply(file);
-        self.source = self.source.take().or(file.source.clone());
+        self.source = self.source.take().or(self.source_flag.take()).or(file.source.clone());
     }
 
     /// The store's source URL and an S3 client.
     async fn open(&self) -> anyhow::Result<(S3Url, S3Client)> {
-        let source = S3Url::parse(self.source.as_deref().ok_or_else(|| missing("source"))?)?;
+        let given = self.source.as_deref().ok_or_else(|| {
+            fleetsync::Error::Config("missing the source: give s3://BUCKET[/PREFIX] as an argument or --source, or `source = ...` in fleetsync.toml".into())
+        })?;
+        let source = S3Url::parse(given)?;
         Ok((source, fleetsync::source::s3_client(&self.aws.client_options()).await))
     }
 }
