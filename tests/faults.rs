@@ -36,7 +36,7 @@ async fn a_pull_through_injected_faults_converges_with_nothing_corrupt_or_partia
     let proxy = FaultProxy::start(&common::endpoint(), &["--rate", "0.06", "--seed", "7", "--stall", "4"]);
     let node = Node::new();
 
-    let (code, report, stderr) = run_json(node.agent(&b.url("app")).args(["--read-timeout", "2"]).env("AWS_ENDPOINT_URL_S3", &proxy.url));
+    let (code, report, stderr) = run_json(node.agent(&b.url("app")).args(["--read-timeout", "2s"]).env("AWS_ENDPOINT_URL_S3", &proxy.url));
     assert_eq!(code, 0, "{stderr}\n{report}");
     let stats = proxy.stats();
     let (faults, requests) = (stats["faults"].as_u64().unwrap(), stats["requests"].as_u64().unwrap());

@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -171,9 +170,9 @@ struct PullArgs {
     /// Path-style S3 addressing, for S3-compatible servers.
     #[arg(long, env = "FLEETSYNC_S3_PATH_STYLE")]
     path_style: bool,
-    /// Seconds a response may stay silent before the request is retried [default: 30].
-    #[arg(long, value_name = "SECONDS")]
-    read_timeout: Option<u64>,
+    /// How long a response may stay silent before the request is retried, e.g. 30s, 2m [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    read_timeout: Option<fleetsync::duration::Seconds>,
     /// Write the pull's result as Prometheus metrics into FILE (for
     /// node_exporter's textfile collector, e.g.
     /// /var/lib/prometheus/node-exporter/fleetsync.prom); off by default.
@@ -519,7 +518,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         client: ClientOptions {
             region: args.region.clone(),
             path_style: args.path_style,
-            read_timeout: args.read_timeout.map(Duration::from_secs),
+            read_timeout: args.read_timeout.map(|t| t.0),
         },
         owner,
     };
