@@ -9,11 +9,21 @@ use serde::Deserialize;
 use crate::trigger::{AddressChoice, Via};
 use crate::values::{Limit, Seconds};
 
+/// How the nodes keep DEST (agent.toml's `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Releases,
+    InPlace,
+}
+
 /// The file's keys; every one optional. Unknown keys are an error, so a
 /// typo does not silently deploy with a default.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
+    /// The Auto Scaling Group (`group` too, as agent.toml names it).
+    #[serde(alias = "group")]
     pub asg: Option<String>,
     pub source: Option<String>,
     pub dest: Option<String>,
@@ -37,6 +47,9 @@ pub struct FileConfig {
     pub ssh_accept_new_host_keys: Option<bool>,
     /// `sync` in release mode on the nodes.
     pub releases: Option<bool>,
+    /// `releases` or `in-place`, as agent.toml says it (`releases = true`
+    /// is the same as `mode = "releases"`).
+    pub mode: Option<Mode>,
     pub keep: Option<usize>,
     pub after_switch: Option<String>,
     pub rollback_on_failure: Option<bool>,

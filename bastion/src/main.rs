@@ -97,8 +97,8 @@ enum Command {
 /// from the file and then the defaults.
 #[derive(Args)]
 struct FleetArgs {
-    /// The Auto Scaling Group.
-    #[arg(long)]
+    /// The Auto Scaling Group (also --group, as the agent names it).
+    #[arg(long, visible_alias = "group")]
     asg: Option<String>,
     /// The source, s3://BUCKET[/PREFIX].
     #[arg(long)]
@@ -242,8 +242,8 @@ struct StatusArgs {
 
 #[derive(Args)]
 struct ListArgs {
-    /// The Auto Scaling Group.
-    #[arg(long)]
+    /// The Auto Scaling Group (also --group, as the agent names it).
+    #[arg(long, visible_alias = "group")]
     asg: Option<String>,
     /// Print JSON on stdout.
     #[arg(long)]
@@ -316,8 +316,8 @@ struct PruneArgs {
 struct HistoryArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// Only this group's deploys (default: `asg` in fleetsync.toml, else every group's).
-    #[arg(long)]
+    /// Only this group's deploys (default: `asg` in fleetsync.toml, else every group's; also --group).
+    #[arg(long, visible_alias = "group")]
     asg: Option<String>,
     /// How many deploys [default: 10].
     #[arg(short = 'n', long)]
@@ -357,8 +357,8 @@ struct AgentDistArgs {
 
 #[derive(Args)]
 struct LockArgs {
-    /// The Auto Scaling Group.
-    #[arg(long)]
+    /// The Auto Scaling Group (also --group, as the agent names it).
+    #[arg(long, visible_alias = "group")]
     asg: Option<String>,
     /// The deploy's source; the lock lives in its bucket by default.
     #[arg(long)]
@@ -501,7 +501,7 @@ impl FleetArgs {
 impl SyncArgs {
     fn apply(&mut self, file: &FileConfig) -> anyhow::Result<()> {
         self.fleet.apply(file, true)?;
-        self.releases |= file.releases.unwrap_or(false);
+        self.releases |= file.releases.unwrap_or(false) || file.mode == Some(config::Mode::Releases);
         self.keep = self.keep.or(file.keep);
         self.after_switch = self.after_switch.take().or(file.after_switch.clone());
         self.rollback_on_failure |= file.rollback_on_failure.unwrap_or(false);
