@@ -214,6 +214,14 @@ impl DestDir {
         Ok(out)
     }
 
+    /// Renames what is at `path` to `name` beside it (same directory), not
+    /// following a symlink; what is at `name` already makes it fail.
+    pub(crate) fn rename_beside(&self, path: &RelPath, name: &str) -> std::io::Result<()> {
+        let (parents, file_name) = path.split_parent();
+        let dir = self.dir_fd(&parents, false)?;
+        rfs::renameat_with(&*dir, file_name, &*dir, name, rfs::RenameFlags::NOREPLACE).map_err(Into::into)
+    }
+
     /// Removes whatever is at `path`, a directory with all it holds,
     /// without following a symlink; nothing there is not an error. Parent
     /// directories stay.
@@ -229,9 +237,11 @@ impl DestDir {
 
     /// Copies what is at `path` in `from` (a file, a symlink, or a
     /// directory with all it holds) to `path` here, without following a
-    /// symlink on either side: files as new files with their mode (and
-    /// `--owner`), symlinks as symlinks. Never hard links: a copy shares no
-    /// inode with `from`. The number of files copied.
+    /// symlink on either side: files and directories with their mode and
+    /// owner (`--owner` instead when this DEST has one: what the
+    /// application wrote stays writable by it), symlinks as symlinks. Never
+    /// hard links: a copy shares no inode with `from`. The number of files
+    /// copied.
     pub(crate) fn copy_in(&self, from: &DestDir, path: &RelPath) -> std::io::Result<u64> {
         let mut copied = 0;
         let Some(st) = from.stat(path)? else { return Ok(0) };
@@ -246,14 +256,29 @@ impl DestDir {
         for (i, (p, kind)) in entries.into_iter().enumerate() {
             let rel = RelPath::from_stored(&p).ok_or_else(|| std::io::Error::other(format!("{p:?} cannot be copied safely")))?;
             match kind {
-                OnDisk::Dir => self.make_dir(&rel)?,
+                OnDisk::Dir => {
+                    self.make_dir(&rel)?;
+                    if let Some(st) = from.stat(&rel)? {
+                        let parts: Vec<&str> = rel.components().collect();
+                        let dir = self.dir_fd(&parts, false)?;
+                        rfs::fchmod(&*dir, Mode::from_raw_mode(st.st_mode & 0o7777))?;
+                        if self.owner.is_none() {
+                            rfs::fchown(&*dir, Some(rfs::Uid::from_raw(st.st_uid)), Some(rfs::Gid::from_raw(st.st_gid)))?;
+                        }
+                    }
+                }
                 OnDisk::Symlink(target) => self.symlink(&rel, &target, i as u64)?,
                 OnDisk::File => {
                     let mut src = from.open_file(&rel)?;
-                    let mode = rfs::fstat(&src)?.st_mode & 0o7777;
+                    let st = rfs::fstat(&src)?;
                     let (mut file, temp) = self.create_temp(TempAt::Beside(&rel), i as u64)?;
+                    let owner = (self.owner.is_none()).then(|| (rfs::Uid::from_raw(st.st_uid), rfs::Gid::from_raw(st.st_gid)));
                     let done = std::io::copy(&mut src, &mut file)
-                        .and_then(|_| rfs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(Into::into))
+                        .and_then(|_| match owner {
+                            Some((uid, gid)) => rfs::fchown(&file, Some(uid), Some(gid)).map_err(Into::into),
+                            None => Ok(()),
+                        })
+                        .and_then(|()| rfs::fchmod(&file, Mode::from_raw_mode(st.st_mode & 0o7777)).map_err(Into::into))
                         .and_then(|()| self.commit(&temp, &rel));
                     if let Err(e) = done {
                         self.discard(&temp);

@@ -131,16 +131,33 @@ async fn the_first_shared_pull_on_a_serving_node_keeps_what_the_application_wrot
     let live = node.dest.join("current");
     std::fs::create_dir_all(live.join("storage/sessions")).unwrap();
     std::fs::write(live.join("storage/sessions/abc"), "a session").unwrap();
+    // Written by the web server's user, in a directory only it may write.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::os::unix::fs::chown(live.join("storage/sessions"), Some(33), Some(33)).unwrap();
+    std::os::unix::fs::chown(live.join("storage/sessions/abc"), Some(33), Some(33)).unwrap();
+    std::fs::set_permissions(live.join("storage/sessions"), std::fs::Permissions::from_mode(0o770)).unwrap();
+
+    // A first try that never goes live (its before-switch fails): the
+    // application goes on writing into the live release meanwhile.
+    let (code, _, stderr) = pull(&node, &source, &["--release-id", "r2", "--shared", "storage", "--before-switch", "exit 1"]);
+    assert_eq!(code, 1, "{stderr}");
+    std::fs::write(live.join("storage/sessions/def"), "a later session").unwrap();
 
     let (code, _, stderr) = pull(&node, &source, &["--release-id", "r2", "--shared", "storage"]);
     assert_eq!(code, 0, "{stderr}");
+    assert_eq!(read(&live.join("storage/sessions/def")), "a later session", "seeded again from the live release, not the first try's copy");
+    let sessions = std::fs::metadata(node.dest.join("shared/storage/sessions")).unwrap();
+    assert_eq!((sessions.uid(), sessions.mode() & 0o777), (33, 0o770), "owner and mode kept");
+    assert_eq!(std::fs::metadata(node.dest.join("shared/storage/sessions/abc")).unwrap().uid(), 33);
+    let aside: Vec<_> = std::fs::read_dir(node.dest.join("shared")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("storage.stale-")).collect();
+    assert_eq!(aside.len(), 1, "the first try's copy is set aside, never deleted");
     assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r2"));
     assert_eq!(read(&live.join("storage/sessions/abc")), "a session");
     assert_eq!(read(&node.dest.join("shared/storage/app/.gitignore")), "*\n");
     // A copy: the old release's own file is not the shared one.
     let shared = std::fs::metadata(node.dest.join("shared/storage/app/.gitignore")).unwrap();
     let old = std::fs::metadata(node.dest.join("releases/r1/storage/app/.gitignore")).unwrap();
-    assert_ne!(std::os::unix::fs::MetadataExt::ino(&shared), std::os::unix::fs::MetadataExt::ino(&old));
+    assert_ne!(shared.ino(), old.ino());
 }
 
 /// Shared paths that escape the release, are absolute, have empty

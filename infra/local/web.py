@@ -103,10 +103,12 @@ pm.max_children = {a.children}
 catch_workers_output = yes
 {chr(10).join(opcache)}
 """)
-    fpm = subprocess.Popen([php_fpm(), "-F", "-R", "-y", fpm_conf], stdin=subprocess.DEVNULL)
-    nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL)
+    # Both die with this process, however it ends (a test killed mid-run
+    # must not leave servers behind).
+    fpm = subprocess.Popen([php_fpm(), "-F", "-R", "-y", fpm_conf], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
-    def stop(*_):
+    def stop(*_, code=0):
         for p in (nginx, fpm):
             if p.poll() is None:
                 p.terminate()
@@ -115,7 +117,7 @@ catch_workers_output = yes
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        os._exit(0)
+        os._exit(code)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -123,11 +125,18 @@ catch_workers_output = yes
     while not (os.path.exists(sock) and port_open(port)):
         if time.time() > deadline or nginx.poll() is not None or fpm.poll() is not None:
             print(f"web.py: nginx or php-fpm did not start (see {a.dir})", file=sys.stderr)
-            stop()
+            stop(code=1)
         time.sleep(0.05)
     print(f"ready {port}", flush=True)
     sys.stdin.read()  # until the test closes it (or dies)
     stop()
+
+
+def die_with_parent():
+    """In a child, before exec: SIGTERM when web.py dies (prctl
+    PR_SET_PDEATHSIG)."""
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def port_open(port):

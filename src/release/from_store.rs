@@ -424,7 +424,7 @@ impl Shared {
             None if ctx.current.as_deref() == Some(id) => ctx.releases.read(id)?,
             None => None,
         };
-        let seeds = shared::prepare(paths, &ctx.layout.dest, live.as_ref(), m, id)?;
+        let seeds = shared::prepare(paths, ctx.releases, &ctx.layout.dest, live.as_ref(), m, id)?;
         let (build, skipped) = shared::filter(m, paths, &seeds);
         let (whole, _) = shared::filter(m, paths, &vec![shared::Seed::Ready; paths.len()]);
         ctx.shared_skipped.store(skipped, std::sync::atomic::Ordering::Relaxed);
@@ -437,7 +437,7 @@ impl Shared {
         let p = &ctx.opts.pull;
         let path = ctx.layout.dir(id);
         let dir = ctx.releases.build(id)?;
-        let moved = shared::finish(&ctx.opts.shared, &self.seeds, &ctx.layout.dest, &dir)?;
+        let moved = shared::finish(&ctx.opts.shared, &self.seeds, ctx.releases, &dir)?;
         if !moved.is_empty() {
             let (state, records) = StateStore::open(&p.state_dir, &path)?;
             for gone in records.keys().filter(|k| shared::under(&moved, k)) {

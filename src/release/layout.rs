@@ -130,6 +130,14 @@ impl Releases {
             .map_err(|e| Error::io(format!("creating release {}", self.path(id).display()), e))
     }
 
+    /// `DEST/shared` (shared paths), created if missing, reached without
+    /// following a symlink (a link planted there fails the pull), what is
+    /// made in it owned by `--owner`.
+    pub(super) fn shared(&self) -> Result<DestDir> {
+        let path = self.dest.join(super::SHARED);
+        DestDir::open_in(&self.root, super::SHARED, path.clone(), self.owner).map_err(|e| Error::io(format!("opening {}", path.display()), e))
+    }
+
     /// A complete release, to share its files; `None` if it is gone.
     pub(super) fn read(&self, id: &str) -> Result<Option<DestDir>> {
         DestDir::open_read_only_in(&self.dir, id, self.path(id))

@@ -22,6 +22,7 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
+use super::layout::Releases;
 use crate::safe_fs::{DestDir, OnDisk};
 use crate::store::manifest::{Entry, Manifest};
 
@@ -80,8 +81,11 @@ impl Shared {
 }
 
 /// Checks the shared paths of a pull: no two the same or one inside
-/// another, no TARGET inside `DEST/releases`.
+/// another, no TARGET inside DEST (a release's files go away with it, and
+/// a TARGET under `current` would be a loop).
 pub(crate) fn check(shared: &[Shared], dest: &Path) -> Result<()> {
+    let dest = std::path::absolute(dest).map_err(|e| Error::io(format!("resolving {}", dest.display()), e))?;
+    let dest = std::fs::canonicalize(&dest).unwrap_or(dest);
     for (i, a) in shared.iter().enumerate() {
         for b in &shared[i + 1..] {
             if a.covers(&b.path) || b.covers(&a.path) {
@@ -89,8 +93,8 @@ pub(crate) fn check(shared: &[Shared], dest: &Path) -> Result<()> {
             }
         }
         if let Some(t) = &a.target {
-            let releases = dest.join(super::RELEASES);
-            if t.starts_with(&releases) || t.starts_with(dest.join(SHARED)) {
+            let resolved = std::fs::canonicalize(t).unwrap_or_else(|_| t.clone());
+            if t.starts_with(&dest) || resolved.starts_with(&dest) {
                 return Err(Error::Config(format!(
                     "--shared {}={}: TARGET must be outside {} (a release's files go away with it)",
                     a.path,
@@ -135,9 +139,9 @@ fn published(m: &Manifest, s: &Shared) -> Option<OnDisk> {
 /// the same kind, seeds `DEST/shared/PATH` from the live release (a copy)
 /// or makes it empty; what must be seeded from the new release itself is
 /// left for [`finish`]. One [`Seed`] per shared path.
-pub(super) fn prepare(shared: &[Shared], dest: &Path, live: Option<&DestDir>, m: &Manifest, id: &str) -> Result<Vec<Seed>> {
+pub(super) fn prepare(shared: &[Shared], releases: &Releases, dest: &Path, live: Option<&DestDir>, m: &Manifest, id: &str) -> Result<Vec<Seed>> {
     let mut seeds = Vec::with_capacity(shared.len());
-    let store = if shared.iter().any(|s| s.target.is_none()) { Some(open_shared(dest)?) } else { None };
+    let store = if shared.iter().any(|s| s.target.is_none()) { Some(releases.shared()?) } else { None };
     for s in shared {
         let publishes = published(m, s);
         let there = match &s.target {
@@ -163,6 +167,23 @@ pub(super) fn prepare(shared: &[Shared], dest: &Path, live: Option<&DestDir>, m:
             }
         };
         let shared_at = || s.target.clone().unwrap_or_else(|| dest.join(SHARED).join(s.path.as_str()));
+        // The live release still holds the path itself: what is shared
+        // there is older than what the application writes now (a pull that
+        // seeded it never went live, or a copy made by hand). Set aside,
+        // never deleted, and seeded again from the live release below.
+        let live_holds = live.and_then(|l| l.stat(&s.path).ok().flatten()).is_some_and(|st| {
+            let t = rustix::fs::FileType::from_raw_mode(st.st_mode);
+            t == rustix::fs::FileType::Directory || t == rustix::fs::FileType::RegularFile
+        });
+        let there = match (&there, live_holds, &s.target, &store) {
+            (Some(_), true, None, Some(store)) => {
+                let aside = format!("{}.stale-{}", s.path.components().last().unwrap_or("shared"), crate::store::now_ms());
+                store.rename_beside(&s.path, &aside).map_err(|e| Error::io(format!("setting {} aside", shared_at().display()), e))?;
+                tracing::warn!(path = %s.path, aside = %aside, "the shared copy was older than the live release's: set aside, seeded again");
+                None
+            }
+            _ => there,
+        };
         match (&there, &publishes) {
             (Some(OnDisk::Other), _) => {
                 return Err(Error::Config(format!("{} is neither a file nor a directory: move it aside", shared_at().display())));
@@ -185,11 +206,7 @@ pub(super) fn prepare(shared: &[Shared], dest: &Path, live: Option<&DestDir>, m:
         let store = store.as_ref().expect("a missing DEST/shared/PATH has no target");
         // First use: what the live release holds there (the application's
         // data so far), else the new release's content, else nothing.
-        let live_has = live.and_then(|l| l.stat(&s.path).ok().flatten()).is_some_and(|st| {
-            let t = rustix::fs::FileType::from_raw_mode(st.st_mode);
-            t == rustix::fs::FileType::Directory || t == rustix::fs::FileType::RegularFile
-        });
-        if let (true, Some(live)) = (live_has, live) {
+        if let (true, Some(live)) = (live_holds, live) {
             store.copy_in(live, &s.path).map_err(|e| Error::io(format!("seeding {} from the live release", shared_at().display()), e))?;
             tracing::info!(path = %s.path, "seeded the shared path from the live release");
             seeds.push(Seed::Ready);
@@ -210,13 +227,6 @@ fn kind(k: &OnDisk) -> &'static str {
         OnDisk::Symlink(_) => "symlink",
         OnDisk::Other | OnDisk::NotUtf8 => "special file",
     }
-}
-
-/// `DEST/shared`, created if missing.
-fn open_shared(dest: &Path) -> Result<DestDir> {
-    let path = dest.join(SHARED);
-    std::fs::create_dir_all(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-    DestDir::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))
 }
 
 /// The manifest release `id` is built from: what lies under each shared
@@ -245,12 +255,12 @@ pub(super) fn filter(m: &Manifest, shared: &[Shared], seeds: &[Seed]) -> (Manife
 /// Once release `release` is built: each path seeded from it is copied to
 /// `DEST/shared/PATH`, removed from the release and linked. The paths
 /// removed (for the state store), each with what was under it.
-pub(super) fn finish(shared: &[Shared], seeds: &[Seed], dest: &Path, release: &DestDir) -> Result<Vec<RelPath>> {
+pub(super) fn finish(shared: &[Shared], seeds: &[Seed], releases: &Releases, release: &DestDir) -> Result<Vec<RelPath>> {
     let mut moved = Vec::new();
     if !seeds.contains(&Seed::FromRelease) {
         return Ok(moved);
     }
-    let store = open_shared(dest)?;
+    let store = releases.shared()?;
     for (i, (s, _)) in shared.iter().zip(seeds).filter(|(_, seed)| **seed == Seed::FromRelease).enumerate() {
         let at = || store.path().join(s.path.as_str());
         store.copy_in(release, &s.path).map_err(|e| Error::io(format!("seeding {} from the new release", at().display()), e))?;

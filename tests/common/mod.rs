@@ -541,9 +541,17 @@ impl Web {
 }
 
 impl Drop for Web {
+    /// Stdin closed, web.py stops nginx and PHP-FPM and exits; killed only
+    /// if it has not within 15 s (its servers then die with it: they are
+    /// started with PR_SET_PDEATHSIG).
     fn drop(&mut self) {
         drop(self.child.stdin.take());
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        for _ in 0..150 {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
