@@ -31,12 +31,16 @@ pub enum Priority {
     Normal,
 }
 
+/// The nice value the process was started with, before [`apply`].
+static STARTED_AT: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
 /// Applies `p` to this process (call it before any thread starts).
 pub fn apply(p: Priority) -> Result<()> {
+    let now = rustix::process::getpriority_process(None).map_err(|e| Error::io("reading the agent's nice value", std::io::Error::from(e)))?;
+    let _ = STARTED_AT.set(now);
     if p == Priority::Normal {
         return Ok(());
     }
-    let now = rustix::process::getpriority_process(None).map_err(|e| Error::io("reading the agent's nice value", std::io::Error::from(e)))?;
     if now < LOW_NICE {
         rustix::process::setpriority_process(None, LOW_NICE).map_err(|e| Error::io("lowering the agent's CPU priority", std::io::Error::from(e)))?;
     }
@@ -50,4 +54,21 @@ pub fn apply(p: Priority) -> Result<()> {
         tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the agent's I/O priority");
     }
     Ok(())
+}
+
+/// Has `cmd` start at the priority the agent was started with, not the
+/// pull's: a hook may start or restart a long-running process (a PM2
+/// daemon, an application server) that must not inherit nice 10.
+pub fn as_started(cmd: &mut tokio::process::Command) {
+    let Some(&nice) = STARTED_AT.get() else { return };
+    // SAFETY: between fork and exec only system calls run, which is what
+    // pre_exec allows.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _ = rustix::process::setpriority_process(None, nice);
+            // IOPRIO_CLASS_NONE: the I/O priority follows the nice value again.
+            libc::syscall(libc::SYS_ioprio_set, 1, 0, 0);
+            Ok(())
+        });
+    }
 }

@@ -205,6 +205,19 @@ async fn a_before_switch_command_gates_the_switch_and_what_it_writes_stays() {
     assert!(hook["stderr"].as_str().unwrap().contains("cache: broken config"), "{r}");
     assert!(r["error"].as_str().unwrap().contains("release r1 is still live"), "{r}");
     assert!(!node.dest.join("releases/r2").exists(), "a release that failed its check is not kept");
+    assert!(stderr.contains("exited 3") && stderr.contains("cache: broken config"), "the reason, on stderr too: {stderr}");
+
+    // A command that rewrites a published file in place writes through
+    // the hard link the new release shares with the live one: refused, and
+    // the next pull repairs the live release.
+    let (code, _, stderr) =
+        pull(&node, &source, &["--release-id", "r2", "--shared", "storage", "--before-switch", "echo '// x' >> public/index.php"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("rewrote published files in place (public/index.php)"), "{stderr}");
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"));
+    let (code, _, stderr) = pull(&node, &source, &["--release-id", "r1", "--shared", "storage"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(read(&live.join("public/index.php")), "<?php echo 1;", "repaired");
 
     let checks = "test \"$(pwd)\" = \"$FLEETSYNC_RELEASE_DIR\" && test -L storage && test -f storage/app/.gitignore \
                   && test \"$(readlink ../../current)\" = releases/$FLEETSYNC_PREVIOUS_RELEASE \
@@ -288,24 +301,27 @@ async fn kept_assets_outlive_one_deploy_and_never_replace_the_new_releases() {
 }
 
 /// A pull runs at low CPU and I/O priority by default (nice 10,
-/// best-effort I/O at level 7), everything it starts with it: here the
-/// before-switch command reports what it inherited. `--priority normal`
-/// leaves the process as started.
+/// best-effort I/O at level 7; the before-switch command, a child of the
+/// agent, reports what the agent runs at), and the commands it starts run
+/// at the priority the agent was started with (a hook may start a daemon).
+/// `--priority normal` leaves the agent as started.
 #[tokio::test]
-async fn a_pull_and_what_it_starts_run_at_low_priority_unless_told_otherwise() {
+async fn a_pull_runs_at_low_priority_unless_told_otherwise_and_its_hooks_as_started() {
     let b = Bucket::new("priority").await;
     let source = b.url("app");
     for id in ["r1", "r2"] {
         assert_eq!(publish(build(&[("index.php", id)]).path(), &source, &["--release-id", id]).0, 0);
     }
+    let own = std::process::Command::new("nice").output().unwrap();
+    let own: i32 = String::from_utf8_lossy(&own.stdout).trim().parse().unwrap();
     let node = Node::new();
-    let report = "echo \"$(nice) $(ionice -p $$)\" > priority.txt";
+    let report = "echo \"$(ps -o ni= -p $PPID | tr -d ' ') $(ionice -p $PPID) | $(nice)\" > priority.txt";
     let (code, _, stderr) = pull(&node, &source, &["--release-id", "r1", "--before-switch", report]);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(read(&node.dest.join("current/priority.txt")).trim(), "10 best-effort: prio 7");
+    let low = own.max(10);
+    assert_eq!(read(&node.dest.join("current/priority.txt")).trim(), format!("{low} best-effort: prio 7 | {own}"));
     let (code, _, stderr) = pull(&node, &source, &["--release-id", "r2", "--before-switch", report, "--priority", "normal"]);
     assert_eq!(code, 0, "{stderr}");
-    let own = std::process::Command::new("nice").output().unwrap();
-    let own = String::from_utf8_lossy(&own.stdout).trim().to_string();
-    assert!(read(&node.dest.join("current/priority.txt")).starts_with(&format!("{own} ")), "as started (nice {own})");
+    let got = read(&node.dest.join("current/priority.txt"));
+    assert!(got.starts_with(&format!("{own} ")) && got.trim().ends_with(&format!("| {own}")), "as started (nice {own}): {got}");
 }

@@ -548,6 +548,10 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
     };
     record_metrics(&args, &report);
     eprintln!("{}", report.summary());
+    // What failed the pull as a whole (a hook, a release not switched).
+    if let Some(e) = &report.error {
+        eprintln!("fleetsync-agent: {e}");
+    }
     for e in &report.errors {
         eprintln!("  failed: {}: {}", e.key, e.error);
     }

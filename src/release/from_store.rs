@@ -814,6 +814,22 @@ impl Made {
     }
 }
 
+/// The published files of release `id` that are no longer as placed
+/// (size, mtime, mode): after a before-switch command, the ones it
+/// rewrote in place. Those are hard links shared with the live release
+/// (and older ones), which changed with them. At most `limit`.
+pub(super) fn rewritten(layout: &Layout, state_dir: &std::path::Path, id: &str, limit: usize) -> Vec<String> {
+    let path = layout.dir(id);
+    let (Ok(placed), Ok(Some(dir))) = (StateStore::load_read_only(state_dir, &path), DestDir::open_read_only(&path)) else {
+        return Vec::new();
+    };
+    let mut stats = dir.lstats();
+    let mut out: Vec<String> = placed.iter().filter(|(p, rec)| !on_disk(&mut stats, p, rec)).map(|(p, _)| p.to_string()).collect();
+    out.sort();
+    out.truncate(limit);
+    out
+}
+
 /// After a before-switch command succeeded on release `id`, or assets were
 /// kept in it: what is there and was not published becomes part of the
 /// release's shape, so that the drift check does not take it for drift and

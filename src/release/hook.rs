@@ -23,7 +23,9 @@ const TAIL: usize = 2_000;
 /// Runs `cmd` with `sh -c` in release `id`'s directory.
 pub(super) async fn run(cmd: &str, layout: &Layout, id: &str, previous: Option<&str>, timeout: Duration) -> HookReport {
     let failed = |why: String| HookReport { command: cmd.to_string(), exit_code: None, ok: false, stderr: why };
-    let mut child = match tokio::process::Command::new("sh")
+    let mut command = tokio::process::Command::new("sh");
+    crate::priority::as_started(&mut command);
+    let mut child = match command
         .arg("-c")
         .arg(cmd)
         .current_dir(layout.dir(id))

@@ -426,18 +426,35 @@ async fn before_switch(
 ) -> Option<PullReport> {
     let cmd = opts.before_switch.as_ref()?;
     let hook = hook::run(cmd, layout, id, live, opts.hook_timeout).await;
-    let ok = hook.ok;
+    let still = live.map_or("nothing".to_string(), |l| format!("release {l}"));
+    let why = if hook.ok {
+        // Published files are hard links shared with the live release: a
+        // command that rewrites one in place changed the live one too.
+        let rewritten = from_store::rewritten(layout, &opts.pull.state_dir, id, 5);
+        if rewritten.is_empty() {
+            release.before_switch = Some(hook);
+            release.id = id.to_string();
+            from_store::adopt_made(layout, &opts.pull.state_dir, id);
+            return None;
+        }
+        format!(
+            "the before-switch command rewrote published files in place ({}): they are hard links shared with the live release, which changed too (the next pull repairs it); write new files, or replace files by renaming a new one over them. Nothing switched, {still} is still live",
+            rewritten.join(", ")
+        )
+    } else {
+        // Its last lines (stdout and stderr as they came): the reason.
+        let mut tail: Vec<&str> = hook.stderr.lines().rev().map(str::trim).filter(|l| !l.is_empty()).take(3).collect();
+        tail.reverse();
+        let last = if tail.is_empty() { "no output".to_string() } else { tail.join("; ") };
+        let how = hook.exit_code.map_or("was killed".to_string(), |c| format!("exited {c}"));
+        format!("the before-switch command {how} on release {id} ({last}): nothing switched, {still} is still live")
+    };
     release.before_switch = Some(hook);
     release.id = id.to_string();
-    if ok {
-        from_store::adopt_made(layout, &opts.pull.state_dir, id);
-        return None;
-    }
     let mut failed = std::mem::replace(report, PullReport::new(String::new(), String::new(), false));
     failed.exit_code = crate::exit::PARTIAL;
     failed.status = crate::report::PullStatus::Failed;
-    let live = live.map_or("nothing".to_string(), |l| format!("release {l}"));
-    failed.set_error(format!("the before-switch command failed on release {id}: nothing switched, {live} is still live"));
+    failed.set_error(why);
     Some(failed)
 }
 
