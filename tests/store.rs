@@ -576,8 +576,13 @@ async fn prune_racing_publishes_deletes_nothing_a_remaining_release_needs() {
                 )
             })
         };
-        std::thread::sleep(Duration::from_millis(1500));
-        assert_eq!(slow.stats()["slow"], 1, "the publish is held on its pack");
+        // Until the publish reaches its pack (a fixed sleep raced a slow
+        // start on a loaded machine: the prune then ran before the pack).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while slow.stats()["slow"] != 1 {
+            assert!(std::time::Instant::now() < deadline, "the publish never reached its pack: {}", slow.stats());
+            std::thread::sleep(Duration::from_millis(50));
+        }
         swept += prune("2s")["deleted_packs"].as_u64().unwrap();
         let (code, _, stderr) = publisher.join().unwrap();
         assert_eq!(code, 0, "{stderr}");
