@@ -287,7 +287,7 @@ mod tests {
         assert_eq!((s.path.as_str(), s.link()), ("public/uploads", "../../../shared/public/uploads".to_string()));
         assert_eq!(Shared::parse("storage/").unwrap().link(), "../../shared/storage");
         assert_eq!(Shared::parse("media=/mnt/efs/media").unwrap().link(), "/mnt/efs/media");
-        for bad in ["", "/etc", "../x", "a//b", "a/./b", "a/../b", ".fleetsync/x", "x=relative", "x=/mnt/../etc"] {
+        for bad in ["", "/etc", "../x", "a//b", "a/./b", "a/../b", ".fleetsync.tmp/x", "x=relative", "x=/mnt/../etc"] {
             assert!(Shared::parse(bad).is_err(), "{bad}");
         }
         let dest = Path::new("/var/www/app");
