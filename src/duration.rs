@@ -52,9 +52,11 @@ impl<'de> Deserialize<'de> for Seconds {
     }
 }
 
+/// A config value written as a number or as a string (`timeout = 90` or
+/// `timeout = "90s"`; the bastion's limits too: `batch = 10`, `"25%"`).
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum NumberOrText {
+pub enum NumberOrText {
     Number(i64),
     Text(String),
 }

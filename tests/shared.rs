@@ -11,13 +11,7 @@ use std::path::Path;
 use common::{publish, run_json, Bucket, Node, Web};
 
 fn build(tree: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (k, v) in tree {
-        let p = dir.path().join(k);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, v).unwrap();
-    }
-    dir
+    common::tree_dir(tree.iter().copied())
 }
 
 fn pull(node: &Node, source: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {

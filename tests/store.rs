@@ -18,13 +18,7 @@ use fleetsync::store::{Digest, Store};
 
 /// Writes `tree` into a new build directory.
 fn build(tree: &BTreeMap<String, Vec<u8>>) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (k, v) in tree {
-        let p = dir.path().join(k);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, v).unwrap();
-    }
-    dir
+    common::tree_dir(tree)
 }
 
 /// A tree of `files` files whose every byte depends on `version`.

@@ -49,16 +49,6 @@ fn release(id: &str, changed: usize) -> BTreeMap<String, Vec<u8>> {
     tree
 }
 
-fn write_tree(tree: &BTreeMap<String, Vec<u8>>) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (k, v) in tree {
-        let p = dir.path().join(k);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, v).unwrap();
-    }
-    dir
-}
-
 fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
 }
@@ -83,7 +73,7 @@ async fn visitors_get_no_error_no_mix_and_no_stale_page_across_21_deploys() {
         // v00 lives before the load starts; v01 changes every file (a cold
         // build beside it); the rest change 1% of the tree.
         let changed = if i == 1 { STATIC } else { 3 };
-        let dir = write_tree(&release(id, changed));
+        let dir = common::tree_dir(release(id, changed));
         let (code, _, stderr) = publish(dir.path(), &source, &["--release-id", id]);
         assert_eq!(code, 0, "{stderr}");
     }

@@ -65,13 +65,7 @@ impl<'de> Deserialize<'de> for Limit {
 }
 
 pub use fleetsync::duration::Seconds;
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum NumberOrText {
-    Number(i64),
-    Text(String),
-}
+use fleetsync::duration::NumberOrText;
 
 #[cfg(test)]
 mod tests {

@@ -450,6 +450,17 @@ pub fn node_in<'a>(report: &'a serde_json::Value, instance_id: &str) -> &'a serd
         .unwrap_or_else(|| panic!("{instance_id} not in {report}"))
 }
 
+/// A new directory holding `files` (relative path, content) as files.
+pub fn tree_dir<K: AsRef<str>, V: AsRef<[u8]>>(files: impl IntoIterator<Item = (K, V)>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (k, v) in files {
+        let p = dir.path().join(k.as_ref());
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, v).unwrap();
+    }
+    dir
+}
+
 /// A build directory of `files` PHP files whose contents carry `tag`.
 pub fn build_dir(files: usize, tag: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
