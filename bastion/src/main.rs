@@ -12,6 +12,7 @@ mod collect;
 mod config;
 mod deploy;
 mod discover;
+mod doctor;
 mod ec2;
 mod progress;
 mod report;
@@ -41,7 +42,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  ok (sync, rollback: every target node is done; status: no node drifts)
   1  a node failed or was not attempted (see the report), the fleet lock was lost
-     during the run, status found drifting nodes, or the operation failed
+     during the run, status found drifting nodes, doctor found a failed check, or the
+     operation failed
   2  usage or configuration error (flags, credentials, group, bucket, endpoint)
   3  the fleet lock is held by another deploy (the message names it)
   130  interrupted (SIGINT/SIGTERM): no new node is started, SSM commands are cancelled,
@@ -69,6 +71,9 @@ enum Command {
     Rollback(RollbackArgs),
     /// Ask every node which release is live; flag nodes that drift from the fleet or the release pointer.
     Status(StatusArgs),
+    /// Check what a deploy needs, read-only, with a fix for each failure: credentials, the group,
+    /// the SSM document, each node's agent, the store and the node's access to it, the launch hook.
+    Doctor(StatusArgs),
     /// List the group's instances: which would be synced, and why the others are skipped.
     List(ListArgs),
     /// Add a build to the release store: upload what the store lacks, write its manifest, mark it latest.
@@ -580,6 +585,11 @@ fn try_main() -> anyhow::Result<i32> {
             args.fleet.apply(&file, false)?;
             runtime.block_on(status(args))
         }
+        Command::Doctor(mut args) => {
+            args.fleet.refuse_deploy_flags("doctor")?;
+            args.fleet.apply(&file, false)?;
+            runtime.block_on(doctor(args))
+        }
         Command::List(mut args) => {
             args.aws.apply(&file);
             args.asg = args.asg.or(file.asg);
@@ -781,6 +791,29 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
         print_stdout(&serde_json::to_string(&report)?);
     } else {
         print_stdout(&report.table());
+    }
+    Ok(report.exit_code)
+}
+
+/// `doctor`: what a deploy needs, checked (see `doctor`). Exit 1 when a
+/// check failed.
+async fn doctor(args: StatusArgs) -> anyhow::Result<i32> {
+    let f = &args.fleet;
+    let client_opts = f.aws.client_options();
+    let sdk = fleetsync::source::sdk_config(&client_opts).await;
+    let s3 = fleetsync::source::s3_client(&client_opts).await;
+    let d = doctor::Doctor {
+        asg: f.asg().to_string(),
+        source: f.source.as_deref().map(S3Url::parse).transpose()?,
+        transport: f.transport(&sdk, "doctor"),
+        call: f.agent_call(Action::Status),
+        address: f.address.unwrap_or(AddressChoice::PrivateIp),
+    };
+    let report = doctor::run(d, &sdk, &s3).await;
+    if f.json {
+        print_stdout(&serde_json::to_string(&report)?);
+    } else {
+        print_stdout(&report.text());
     }
     Ok(report.exit_code)
 }

@@ -225,7 +225,7 @@ pub fn versions_warning(versions: &BTreeMap<String, usize>) -> Option<String> {
     }
     let each: Vec<String> = versions.iter().map(|(v, n)| format!("{v} on {n} node{}", if *n == 1 { "" } else { "s" })).collect();
     Some(format!(
-        "the fleet runs {} agent versions: {} (install one version on every node: see the README's \"Upgrading the agent\")",
+        "the fleet runs {} agent versions: {} (install one version on every node: see docs/install.md, \"Upgrading the agent\")",
         versions.len(),
         each.join(", ")
     ))

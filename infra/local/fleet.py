@@ -11,6 +11,7 @@ reachable, which is how later steps give each instance its own sshd.
     fleet.py describe NAME                # the group's instances; prints JSON
     fleet.py health INSTANCE Unhealthy    # SetInstanceHealth
     fleet.py standby NAME INSTANCE        # EnterStandby (moto launches a replacement)
+    fleet.py launch-hook NAME             # PutLifecycleHook fleetsync-first-pull, as the templates make it
     fleet.py scale NAME N                 # SetDesiredCapacity
     fleet.py terminate INSTANCE           # TerminateInstanceInAutoScalingGroup
     fleet.py nodes-up NAME --dir DIR [--no-sshd] [--simulated MS] [--env K=V ...]  # a node root (and sshd) per InService instance
@@ -272,6 +273,7 @@ def main():
     s = sub.add_parser("standby")
     s.add_argument("name")
     s.add_argument("instance")
+    sub.add_parser("launch-hook", help="add the launch lifecycle hook the templates make").add_argument("name")
     sc = sub.add_parser("scale")
     sc.add_argument("name")
     sc.add_argument("size", type=int)
@@ -315,6 +317,11 @@ def main():
         return
     if a.cmd == "network":
         print(network(ec2))
+        return
+    if a.cmd == "launch-hook":
+        asg.put_lifecycle_hook(LifecycleHookName="fleetsync-first-pull", AutoScalingGroupName=a.name,
+                               LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING", HeartbeatTimeout=900, DefaultResult="ABANDON")
+        print(json.dumps({"hook": "fleetsync-first-pull"}))
         return
     if a.cmd == "create":
         first, _, last = a.subnet.partition("-")

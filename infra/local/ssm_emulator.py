@@ -431,11 +431,28 @@ class World:
             versions.append(Document(name, content))
             return {"DocumentDescription": self.describe_document(name)}
 
-    def describe_document(self, name):
+    def describe_document(self, name, version=None):
         versions = self.documents[name]
+        number = int(version) if version else self.default_version[name]
+        parameters = [{"Name": k, "Type": v.get("type", "String"), "Description": v.get("description", ""),
+                       **({"DefaultValue": v["default"]} if "default" in v else {})}
+                      for k, v in versions[number - 1].parameters.items()]
         return {"Name": name, "DocumentType": "Command", "Status": "Active", "SchemaVersion": "2.2",
-                "DocumentVersion": str(len(versions)), "LatestVersion": str(len(versions)),
-                "DefaultVersion": str(self.default_version[name])}
+                "DocumentVersion": str(number), "LatestVersion": str(len(versions)),
+                "DefaultVersion": str(self.default_version[name]), "Parameters": parameters}
+
+    def DescribeDocument(self, req):
+        """As SSM's: the document's default version, or the one asked for
+        ($LATEST or a number), with its parameters."""
+        name, wanted = req.get("Name"), req.get("DocumentVersion")
+        with self.lock:
+            versions = self.documents.get(name)
+            if versions is None:
+                raise ApiError("InvalidDocument", f"Document with name {name!r} does not exist")
+            number = len(versions) if wanted == "$LATEST" else wanted
+            if number is not None and not (str(number).isdigit() and 1 <= int(number) <= len(versions)):
+                raise ApiError("InvalidDocumentVersion", f"document {name} has no version {wanted}")
+            return {"Document": self.describe_document(name, number)}
 
     def SendCommand(self, req):
         name, wanted = req.get("DocumentName"), req.get("DocumentVersion") or "$DEFAULT"

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use fleetsync::fleet_lock::HeldLock;
 
 pub use ssh::Ssh;
-pub use ssm::{Ssm, DELIVERY_TIMEOUT_RANGE, MAX_EXECUTION_TIMEOUT};
+pub use ssm::{Ssm, DELIVERY_TIMEOUT_RANGE, MAX_EXECUTION_TIMEOUT, RUN_SHELL_SCRIPT};
 
 use crate::collect::{self, Expect, NodeResult, NodeStatus, Outcome};
 use crate::discover::Node;
@@ -45,6 +45,8 @@ pub struct AgentCall {
     pub after_switch: Option<String>,
     pub rollback_on_failure: bool,
     pub allow_empty: bool,
+    /// `pull --dry-run`: the plan, nothing changed (`fleetsync doctor`).
+    pub dry_run: bool,
     /// SSH only: the agent stops when its stdin closes (the bastion holds
     /// it open), so a killed ssh session does not leave it running.
     pub exit_with_stdin: bool,
@@ -103,6 +105,7 @@ impl AgentCall {
             (self.releases, "--releases"),
             (self.rollback_on_failure, "--rollback-on-failure"),
             (self.allow_empty, "--allow-empty"),
+            (self.dry_run, "--dry-run"),
             (self.exit_with_stdin, "--exit-with-stdin"),
         ];
         w.extend(switches.iter().filter(|(on, _)| *on).map(|(_, f)| f.to_string()));

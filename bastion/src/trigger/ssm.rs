@@ -222,6 +222,9 @@ impl Ssm {
         if call.allow_empty {
             p.insert("allowEmpty".into(), vec!["yes".into()]);
         }
+        if call.dry_run {
+            p.insert("dryRun".into(), vec!["yes".into()]);
+        }
         Ok(p)
     }
 
@@ -474,7 +477,7 @@ impl Ssm {
                 let left = failure.code.as_deref() == Some("InvalidInstanceId");
                 let why = match failure.code.as_deref() {
                     Some("InvalidDocument") => format!(
-                        "SSM has no document {} in this account and region: deploy infra/aws/fleetsync.yaml (it creates fleetsync-agent-GROUP), name yours with --ssm-document, or use --ssm-document {RUN_SHELL_SCRIPT}",
+                        "SSM has no document {} in this account and region: deploy infra/aws/fleetsync.yaml for a new group or infra/aws/fleetsync-existing-group.yaml for yours (either creates fleetsync-agent-GROUP), name yours with --ssm-document, or use --ssm-document {RUN_SHELL_SCRIPT}",
                         self.document
                     ),
                     Some("InvalidParameters") => format!("SSM refused the document's parameters: {}", failure.message),
