@@ -67,6 +67,39 @@ fn the_docs_links_resolve_and_the_quick_start_commands_exist() {
         let cmd = line.split_whitespace().next().unwrap();
         assert!(root.join(cmd).is_file(), "the quick start runs {cmd}, which is not in the repository");
     }
+    // Every `fleetsync` and `fleetsync-agent` command shown in a shell block
+    // of the docs is a subcommand, and each of its flags is in that
+    // subcommand's --help.
+    let bins = [("fleetsync", common::bin("fleetsync-bastion", "fleetsync")), ("fleetsync-agent", common::agent_bin())];
+    let mut wrong = Vec::new();
+    for doc in &docs {
+        let text = std::fs::read_to_string(doc).unwrap();
+        for block in text.split("```sh").skip(1).filter_map(|b| b.split("```").next()) {
+            for line in block.lines() {
+                let words: Vec<&str> = line.split('#').next().unwrap().split_whitespace().collect();
+                let Some(at) = words.iter().position(|w| bins.iter().any(|(name, _)| w == name)) else { continue };
+                let (_, bin) = bins.iter().find(|(name, _)| *name == words[at]).unwrap();
+                let Some(sub) = words.get(at + 1).filter(|w| !w.starts_with('-')) else { continue };
+                let mut path: Vec<&str> = sub.split('|').take(1).collect();
+                if let Some(action) = words.get(at + 2).filter(|w| matches!(**w, "show" | "break" | "upload")) {
+                    path.push(action);
+                }
+                let (code, help, _) = run(bin, &[&path[..], &["--help"]].concat());
+                if code != Some(0) {
+                    wrong.push(format!("{}: `{line}`: no subcommand {path:?}", doc.strip_prefix(root).unwrap().display()));
+                    continue;
+                }
+                for flag in words[at..].iter().map(|w| w.trim_start_matches('[')).filter(|w| w.starts_with("--")) {
+                    let flag = flag.split(['=', ']', '|']).next().unwrap();
+                    // A flag's own line, or its alias: `[alias: --release]`.
+                    if ![" ", "\n", ",", "]"].iter().any(|end| help.contains(&format!("{flag}{end}"))) {
+                        wrong.push(format!("{}: `{line}`: {path:?} has no {flag}", doc.strip_prefix(root).unwrap().display()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "commands the docs show that do not exist:\n{}", wrong.join("\n"));
 }
 
 /// The targets of Markdown links `[text](target)` in `text`.
