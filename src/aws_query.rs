@@ -147,11 +147,8 @@ fn endpoint(sdk: &aws_types::SdkConfig, service: &Service, region: &str) -> Stri
         .profile("endpoint_url")
         .build()
         .expect("every field is set");
-    let configured = if sdk.get_origin("endpoint_url").is_client_config() {
-        None
-    } else {
-        sdk.service_config().and_then(|c| c.load_config(key))
-    };
+    let configured =
+        if sdk.get_origin("endpoint_url").is_client_config() { None } else { sdk.service_config().and_then(|c| c.load_config(key)) };
     configured.or_else(|| sdk.endpoint_url().map(str::to_string)).unwrap_or_else(|| {
         let (fips, dual) = (sdk.use_fips() == Some(true), sdk.use_dual_stack() == Some(true));
         regional_endpoint(service.signing_name, region, fips, dual)
@@ -163,7 +160,13 @@ fn endpoint(sdk: &aws_types::SdkConfig, service: &Service, region: &str) -> Stri
 fn regional_endpoint(name: &str, region: &str, fips: bool, dual_stack: bool) -> String {
     let service = if fips { format!("{name}-fips") } else { name.to_string() };
     let suffix = match region {
-        r if r.starts_with("cn-") => if dual_stack { "api.amazonwebservices.com.cn" } else { "amazonaws.com.cn" },
+        r if r.starts_with("cn-") => {
+            if dual_stack {
+                "api.amazonwebservices.com.cn"
+            } else {
+                "amazonaws.com.cn"
+            }
+        }
         r if r.starts_with("us-isob-") => "sc2s.sgov.gov",
         r if r.starts_with("us-iso-") => "c2s.ic.gov",
         _ if dual_stack => "api.aws",
@@ -215,7 +218,10 @@ fn answer(response: &HttpResponse) -> Result<String, OrchestratorError<QueryErro
 /// EC2's `<Response><Errors><Error><Code>…</Code><Message>…</Message>`, or
 /// the other Query services' `<ErrorResponse><Error><Code>…`.
 fn error(text: &str, status: u16) -> QueryError {
-    fn fields(error: &mut ScopedDecoder<'_, '_>, mut meta: aws_smithy_types::error::metadata::Builder) -> aws_smithy_types::error::metadata::Builder {
+    fn fields(
+        error: &mut ScopedDecoder<'_, '_>,
+        mut meta: aws_smithy_types::error::metadata::Builder,
+    ) -> aws_smithy_types::error::metadata::Builder {
         while let Some(mut field) = error.next_tag() {
             let name = field.start_el().local().to_string();
             let value = try_data(&mut field).map(|v| v.to_string()).unwrap_or_default();
@@ -255,8 +261,7 @@ fn form_urlencoded(pairs: &[(&str, &str)]) -> String {
 /// Percent-encoding for a form value: everything but RFC 3986's unreserved
 /// characters (what SigV4 and the Query services expect).
 fn encode(s: &str) -> String {
-    const UNRESERVED: &percent_encoding::AsciiSet =
-        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
     percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
@@ -288,6 +293,9 @@ mod tests {
 
     #[test]
     fn form_values_are_percent_encoded() {
-        assert_eq!(form_urlencoded(&[("Action", "DescribeInstances"), ("NextToken", "a+b/c=")]), "Action=DescribeInstances&NextToken=a%2Bb%2Fc%3D");
+        assert_eq!(
+            form_urlencoded(&[("Action", "DescribeInstances"), ("NextToken", "a+b/c=")]),
+            "Action=DescribeInstances&NextToken=a%2Bb%2Fc%3D"
+        );
     }
 }

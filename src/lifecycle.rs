@@ -56,8 +56,11 @@ pub async fn this_instance() -> Result<String> {
 
 async fn call(sdk: &aws_types::SdkConfig, action: &str, hook: &Hook, extra: &[(&str, &str)]) -> Result<()> {
     let client = aws_query::Client::new(sdk, &AUTOSCALING);
-    let mut params =
-        vec![("AutoScalingGroupName", hook.group.as_str()), ("LifecycleHookName", hook.hook.as_str()), ("InstanceId", hook.instance_id.as_str())];
+    let mut params = vec![
+        ("AutoScalingGroupName", hook.group.as_str()),
+        ("LifecycleHookName", hook.hook.as_str()),
+        ("InstanceId", hook.instance_id.as_str()),
+    ];
     params.extend_from_slice(extra);
     match client.call(action, &params).await {
         Ok(_) => Ok(()),

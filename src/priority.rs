@@ -36,13 +36,15 @@ static STARTED_AT: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
 
 /// Applies `p` to this process (call it before any thread starts).
 pub fn apply(p: Priority) -> Result<()> {
-    let now = rustix::process::getpriority_process(None).map_err(|e| Error::io("reading the agent's nice value", std::io::Error::from(e)))?;
+    let now =
+        rustix::process::getpriority_process(None).map_err(|e| Error::io("reading the agent's nice value", std::io::Error::from(e)))?;
     let _ = STARTED_AT.set(now);
     if p == Priority::Normal {
         return Ok(());
     }
     if now < LOW_NICE {
-        rustix::process::setpriority_process(None, LOW_NICE).map_err(|e| Error::io("lowering the agent's CPU priority", std::io::Error::from(e)))?;
+        rustix::process::setpriority_process(None, LOW_NICE)
+            .map_err(|e| Error::io("lowering the agent's CPU priority", std::io::Error::from(e)))?;
     }
     // ioprio_set(IOPRIO_WHO_PROCESS, 0 = this one, class << 13 | level): no
     // wrapper in libc or rustix.

@@ -95,9 +95,11 @@ pub async fn pull(opts: &PullOptions, observer: Arc<dyn Observer>) -> Result<Pul
     let mut report = place(opts, open_dest(&opts.dest)?.with_owner(opts.owner), client, None, observer, t0, false).await?;
     report.durations.lock_wait_ms = lock_wait.as_millis() as u64;
     let record = LastPull { started_at_ns, report: report.clone() };
-    tokio::task::spawn_blocking(move || crate::safe_fs::write_state_file(&last_path, &serde_json::to_vec(&record).expect("report serializes")))
-        .await
-        .expect("state write does not panic")?;
+    tokio::task::spawn_blocking(move || {
+        crate::safe_fs::write_state_file(&last_path, &serde_json::to_vec(&record).expect("report serializes"))
+    })
+    .await
+    .expect("state write does not panic")?;
     Ok(report)
 }
 

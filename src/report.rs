@@ -296,7 +296,6 @@ pub struct ReleaseReport {
     pub kept_assets: u64,
 }
 
-
 /// How a hook command went (`--before-switch`, `--after-switch`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HookReport {
@@ -307,7 +306,6 @@ pub struct HookReport {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stderr: String,
 }
-
 
 #[cfg(test)]
 mod tests {

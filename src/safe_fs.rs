@@ -522,7 +522,9 @@ fn kind_of(st: &rfs::Stat, dir: &DestDir, path: &RelPath) -> std::io::Result<OnD
     Ok(match rfs::FileType::from_raw_mode(st.st_mode) {
         rfs::FileType::Directory => OnDisk::Dir,
         rfs::FileType::RegularFile => OnDisk::File,
-        rfs::FileType::Symlink => OnDisk::Symlink(dir.read_link(path).ok_or_else(|| std::io::Error::other("a symlink that cannot be read"))?),
+        rfs::FileType::Symlink => {
+            OnDisk::Symlink(dir.read_link(path).ok_or_else(|| std::io::Error::other("a symlink that cannot be read"))?)
+        }
         _ => OnDisk::Other,
     })
 }

@@ -74,7 +74,13 @@ fn dist_dir() -> (tempfile::TempDir, Vec<u8>) {
 
 /// `fleetsync agent-dist upload DIR s3://BUCKET/dist`.
 fn upload(b: &common::Bucket, dir: &Path) -> std::process::Output {
-    Command::new(common::bin("fleetsync-bastion", "fleetsync")).arg("agent-dist").arg("upload").arg(dir).arg(b.url("dist")).output().unwrap()
+    Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .arg("agent-dist")
+        .arg("upload")
+        .arg(dir)
+        .arg(b.url("dist"))
+        .output()
+        .unwrap()
 }
 
 /// The template's user-data as an instance runs it, with S3 reached
@@ -298,7 +304,10 @@ async fn an_image_without_the_aws_cli_or_a_signing_curl_boots_and_answers_its_la
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     let last = hooks.calls().pop().unwrap();
-    assert_eq!((last["action"].as_str(), last["result"].as_str(), last["signed"].as_bool()), (Some("CompleteLifecycleAction"), Some("ABANDON"), Some(true)));
+    assert_eq!(
+        (last["action"].as_str(), last["result"].as_str(), last["signed"].as_bool()),
+        (Some("CompleteLifecycleAction"), Some("ABANDON"), Some(true))
+    );
     assert!(by_python(&last), "{last}");
 
     // The stand-in refuses what AWS would: a signature made with the wrong key.

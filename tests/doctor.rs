@@ -23,7 +23,12 @@ fn check<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value
 }
 
 fn verdicts(report: &serde_json::Value) -> Vec<(String, String)> {
-    report["checks"].as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap().into(), c["verdict"].as_str().unwrap().into())).collect()
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().into(), c["verdict"].as_str().unwrap().into()))
+        .collect()
 }
 
 #[tokio::test]

@@ -101,7 +101,10 @@ fn the_group_and_its_instances_are_described_with_requests_signed_as_aws_checks_
     assert_eq!(out.status.code(), Some(0), "{stderr} {}", aws.stats());
     let nodes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(nodes.len(), 3);
-    assert!(nodes.iter().all(|n| n["state"] == "running" && n["private_ip"].as_str().is_some_and(|ip| ip.starts_with("127.0.1."))), "{nodes:?}");
+    assert!(
+        nodes.iter().all(|n| n["state"] == "running" && n["private_ip"].as_str().is_some_and(|ip| ip.starts_with("127.0.1."))),
+        "{nodes:?}"
+    );
     let stats = aws.stats();
     assert_eq!(stats["bad-signature"], 0, "{stats}");
     assert!(stats["signed"].as_u64().unwrap() >= 2, "both APIs went through the proxy: {stats}");

@@ -62,7 +62,8 @@ async fn shared_data_outlives_releases_and_rollbacks_and_published_content_never
     std::fs::write(live.join("storage/logs/app.log"), "written by r1\n").unwrap();
     std::fs::write(live.join("public/uploads/photo.jpg"), "a visitor's upload").unwrap();
     let web = tempfile::tempdir().unwrap();
-    let (server, ready) = Web::start(&["serve", "--dir", &web.path().display().to_string(), "--root", &live.join("public").display().to_string()]);
+    let (server, ready) =
+        Web::start(&["serve", "--dir", &web.path().display().to_string(), "--root", &live.join("public").display().to_string()]);
     let port = ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py serve said {ready:?}")).to_string();
     let served = || common::http_get(&port, "/uploads/photo.jpg");
     assert_eq!(served(), (200, b"a visitor's upload".to_vec()));
@@ -143,7 +144,11 @@ async fn the_first_shared_pull_on_a_serving_node_keeps_what_the_application_wrot
     let sessions = std::fs::metadata(node.dest.join("shared/storage/sessions")).unwrap();
     assert_eq!((sessions.uid(), sessions.mode() & 0o777), (33, 0o770), "owner and mode kept");
     assert_eq!(std::fs::metadata(node.dest.join("shared/storage/sessions/abc")).unwrap().uid(), 33);
-    let aside: Vec<_> = std::fs::read_dir(node.dest.join("shared")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("storage.stale-")).collect();
+    let aside: Vec<_> = std::fs::read_dir(node.dest.join("shared"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("storage.stale-"))
+        .collect();
     assert_eq!(aside.len(), 1, "the first try's copy is set aside, never deleted");
     assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r2"));
     assert_eq!(read(&live.join("storage/sessions/abc")), "a session");
@@ -163,9 +168,13 @@ async fn bad_shared_paths_are_refused_before_anything_is_touched() {
     let source = b.url("app");
     assert_eq!(publish(build(&[("index.php", "x")]).path(), &source, &["--release-id", "r1"]).0, 0);
     let node = Node::new();
-    for bad in [&["--shared", "../etc"][..], &["--shared", "/etc"], &["--shared", "a//b"], &["--shared", "x=relative/target"], &[
-        "--shared", "storage", "--shared", "storage/logs",
-    ]] {
+    for bad in [
+        &["--shared", "../etc"][..],
+        &["--shared", "/etc"],
+        &["--shared", "a//b"],
+        &["--shared", "x=relative/target"],
+        &["--shared", "storage", "--shared", "storage/logs"],
+    ] {
         let (code, r, stderr) = pull(&node, &source, bad);
         assert_eq!(code, 2, "{bad:?}: {stderr}");
         assert!(r["error"].as_str().unwrap_or_default().contains("--shared"), "{bad:?}: {r}");
@@ -284,9 +293,12 @@ async fn kept_assets_outlive_one_deploy_and_never_replace_the_new_releases() {
     assert_eq!(code, 0, "{stderr}");
     assert!(!live.join("public/build/app-333.js").exists());
 
-    for bad in [&["--keep-assets", "../x/*"][..], &["--keep-assets", "/abs/*"], &["--shared", "public/build", "--keep-assets", "public/**"], &[
-        "--shared", "storage", "--keep-assets", "storage/logs/*",
-    ]] {
+    for bad in [
+        &["--keep-assets", "../x/*"][..],
+        &["--keep-assets", "/abs/*"],
+        &["--shared", "public/build", "--keep-assets", "public/**"],
+        &["--shared", "storage", "--keep-assets", "storage/logs/*"],
+    ] {
         let (code, r, stderr) = pull(&node, &source, &[&["--release-id", "r2"][..], bad].concat());
         assert_eq!(code, 2, "{bad:?}: {stderr}");
         assert!(r["error"].as_str().unwrap_or_default().contains("--keep-assets"), "{bad:?}: {r}");

@@ -777,7 +777,9 @@ async fn state_files_emptied_or_cut_short_by_a_power_loss_never_stop_the_next_pu
     let (code, _, stderr) = run_json(node.agent(&source).args(["--releases", "--release-id", "r2"]));
     assert_eq!(code, 0, "{stderr}");
     assert_live_is(&b, "app", &node, "r2").await;
-    let (code, _, stderr) = run_json(Command::new(common::agent_bin()).args(["rollback", "--json", "--dest"]).arg(&node.dest).arg("--state-dir").arg(&node.state));
+    let (code, _, stderr) = run_json(
+        Command::new(common::agent_bin()).args(["rollback", "--json", "--dest"]).arg(&node.dest).arg("--state-dir").arg(&node.state),
+    );
     assert_eq!(code, 0, "{stderr}");
     assert_live_is(&b, "app", &node, "r1").await;
 }
@@ -925,7 +927,7 @@ async fn a_blob_of_hostile_size_costs_the_node_a_few_requests_not_one_per_range(
     let store = store_of(&b, "app");
     let h = Digest::of(b"never stored");
     let size = 4u64 << 40; // 4 TiB: 524,288 ranges of 8 MiB, sparse on ext4
-    // Well formed, its tree digest right: only the size is hostile.
+                           // Well formed, its tree digest right: only the size is hostile.
     let entry = fleetsync::store::manifest::FileEntry {
         path: fleetsync::RelPath::from_stored("big.bin").unwrap(),
         size,
@@ -937,7 +939,8 @@ async fn a_blob_of_hostile_size_costs_the_node_a_few_requests_not_one_per_range(
     b.put(&store.manifest_key("huge"), &m.to_bytes()).await;
     let counted = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--count"]);
     let node = Node::new();
-    let (code, r, stderr) = run_json(node.agent(&b.url("app")).args(["--releases", "--release-id", "huge"]).env("AWS_ENDPOINT_URL_S3", &counted.url));
+    let (code, r, stderr) =
+        run_json(node.agent(&b.url("app")).args(["--releases", "--release-id", "huge"]).env("AWS_ENDPOINT_URL_S3", &counted.url));
     assert_ne!(code, 0, "{stderr}");
     assert!(r["error"].as_str().unwrap_or_default().contains("not switched"), "{r}");
     let requests = counted.stats()["requests"].as_u64().unwrap();
@@ -1015,13 +1018,8 @@ async fn a_node_holding_an_id_published_again_with_other_content_refuses_it() {
     let (code, _, stderr) = pull(&node, &source);
     assert_ne!(code, 0, "the node's r1 is not the store's r1: {stderr}");
     assert!(stderr.contains("published twice") && stderr.contains("new id"), "{stderr}");
-    let (code, _, stderr) = run_json(node.agent(&source).args([
-        "--releases",
-        "--release-id",
-        "r1",
-        "--manifest-digest",
-        &latest.manifest.to_string(),
-    ]));
+    let (code, _, stderr) =
+        run_json(node.agent(&source).args(["--releases", "--release-id", "r1", "--manifest-digest", &latest.manifest.to_string()]));
     assert_ne!(code, 0, "{stderr}");
     assert!(stderr.contains("published twice"), "{stderr}");
     // The node's own copy stays live and whole.

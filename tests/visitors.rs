@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{publish, run_json, Bucket, Web, Node};
+use common::{publish, run_json, Bucket, Node, Web};
 
 /// PHP files each page includes.
 const INCLUDES: usize = 40;
@@ -91,15 +91,8 @@ async fn visitors_get_no_error_no_mix_and_no_stale_page_across_21_deploys() {
     let (server, ready) = Web::start(&["serve", "--dir", &web.path().display().to_string(), "--root", &root.display().to_string()]);
     let port = ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py serve said {ready:?}"));
     let log = web.path().join("responses.jsonl");
-    let (visitors, _) = Web::start(&[
-        "visit",
-        "--url",
-        &format!("http://127.0.0.1:{port}/"),
-        "--clients",
-        "8",
-        "--out",
-        &log.display().to_string(),
-    ]);
+    let (visitors, _) =
+        Web::start(&["visit", "--url", &format!("http://127.0.0.1:{port}/"), "--clients", "8", "--out", &log.display().to_string()]);
     std::thread::sleep(Duration::from_millis(500));
 
     let mut deployed = vec![Deployed { id: ids[0].clone(), started: 0.0, returned: 0.0 }];
@@ -126,8 +119,7 @@ async fn visitors_get_no_error_no_mix_and_no_stale_page_across_21_deploys() {
     visitors.stop();
     server.stop();
 
-    let responses: Vec<Response> =
-        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let responses: Vec<Response> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let failed: Vec<&Response> = responses.iter().filter(|r| r.status != 200).collect();
     let mixed: Vec<&Response> = responses.iter().filter(|r| r.status == 200 && r.ids.len() != 1).collect();
     // A request started more than a second after a pull returned, and

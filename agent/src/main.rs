@@ -451,11 +451,13 @@ async fn lifecycle(args: LifecycleArgs) -> anyhow::Result<i32> {
                 LifecycleResult::Continue => Outcome::Continue,
                 LifecycleResult::Abandon => Outcome::Abandon,
             };
-            lifecycle::complete(&sdk, &hook, outcome).await.map(|()| format!("completed the launch hook {} of {}: {outcome:?}", hook.hook, hook.instance_id))
+            lifecycle::complete(&sdk, &hook, outcome)
+                .await
+                .map(|()| format!("completed the launch hook {} of {}: {outcome:?}", hook.hook, hook.instance_id))
         }
-        LifecycleAction::Heartbeat => {
-            lifecycle::heartbeat(&sdk, &hook).await.map(|()| format!("recorded a heartbeat on the launch hook {} of {}", hook.hook, hook.instance_id))
-        }
+        LifecycleAction::Heartbeat => lifecycle::heartbeat(&sdk, &hook)
+            .await
+            .map(|()| format!("recorded a heartbeat on the launch hook {} of {}", hook.hook, hook.instance_id)),
     };
     match done {
         Ok(line) => {
@@ -515,11 +517,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
             IfBusyArg::Wait => IfBusy::Wait,
             IfBusyArg::Fail => IfBusy::Fail,
         },
-        client: ClientOptions {
-            region: args.region.clone(),
-            path_style: args.path_style,
-            read_timeout: args.read_timeout.map(|t| t.0),
-        },
+        client: ClientOptions { region: args.region.clone(), path_style: args.path_style, read_timeout: args.read_timeout.map(|t| t.0) },
         owner,
     };
     let observer = progress::for_stderr();
@@ -667,4 +665,3 @@ fn print_stdout(s: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{s}").and_then(|()| out.flush());
 }
-

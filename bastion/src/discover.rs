@@ -316,7 +316,8 @@ mod watch_tests {
         {
             let mut m = leaving.0.lock().unwrap();
             m.seen.extend(["i-a".to_string(), "i-b".to_string()]);
-            m.now = Some(HashMap::from([("i-b".to_string(), "Terminating:Wait".to_string()), ("i-c".to_string(), "InService".to_string())]));
+            m.now =
+                Some(HashMap::from([("i-b".to_string(), "Terminating:Wait".to_string()), ("i-c".to_string(), "InService".to_string())]));
         }
         assert_eq!(leaving.why("i-a").as_deref(), Some("left the Auto Scaling Group"));
         assert_eq!(leaving.why("i-b").as_deref(), Some("is leaving the Auto Scaling Group (lifecycle Terminating:Wait)"));

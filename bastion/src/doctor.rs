@@ -174,7 +174,12 @@ pub async fn run(d: Doctor, sdk: &aws_types::SdkConfig, s3: &fleetsync::source::
 async fn credentials(checks: &mut Checks, sdk: &aws_types::SdkConfig) {
     let region = sdk.region().map(|r| r.to_string()).unwrap_or_else(|| "none".into());
     let Some(provider) = sdk.credentials_provider() else {
-        return checks.bad("credentials", Verdict::Failed, "no credentials provider", "set AWS_PROFILE, run `aws sso login`, or run where an instance role applies");
+        return checks.bad(
+            "credentials",
+            Verdict::Failed,
+            "no credentials provider",
+            "set AWS_PROFILE, run `aws sso login`, or run where an instance role applies",
+        );
     };
     match provider.provide_credentials().await {
         Ok(c) => {
@@ -274,7 +279,12 @@ async fn nodes(checks: &mut Checks, fleet: &Fleet<'_>, targets: &[Node]) -> Vec<
         let detail = format!("{} nodes answered; agent {}", answered.len(), versions.join(", "));
         match versions.len() {
             1 => checks.ok("nodes", detail),
-            _ => checks.bad("nodes", Verdict::Warning, detail, "install one agent version on every node (docs/install.md, \"Upgrading the agent\")"),
+            _ => checks.bad(
+                "nodes",
+                Verdict::Warning,
+                detail,
+                "install one agent version on every node (docs/install.md, \"Upgrading the agent\")",
+            ),
         }
     } else {
         checks.bad(
@@ -297,7 +307,12 @@ fn agent_answered(r: &NodeResult) -> bool {
 /// and its bucket's versioning.
 async fn store(checks: &mut Checks, s3: &fleetsync::source::S3Client, source: &S3Url, asg: &str) {
     if let Err(e) = fleetsync::source::check_source(s3, source).await {
-        checks.bad("store", Verdict::Failed, e.to_string(), "check --source (bucket and prefix); the bastion needs s3:ListBucket under it (the stacks' DeployPolicy)");
+        checks.bad(
+            "store",
+            Verdict::Failed,
+            e.to_string(),
+            "check --source (bucket and prefix); the bastion needs s3:ListBucket under it (the stacks' DeployPolicy)",
+        );
         return checks.skip("bucket-versioning", "needs the bucket");
     }
     let store = Store::of(source);
@@ -325,7 +340,9 @@ async fn store(checks: &mut Checks, s3: &fleetsync::source::S3Client, source: &S
         ),
     }
     match s3.get_bucket_versioning().bucket(&source.bucket).send().await {
-        Ok(v) if v.status().is_some_and(|s| s.as_str() == "Enabled") => checks.ok("bucket-versioning", format!("{} is versioned", source.bucket)),
+        Ok(v) if v.status().is_some_and(|s| s.as_str() == "Enabled") => {
+            checks.ok("bucket-versioning", format!("{} is versioned", source.bucket))
+        }
         Ok(_) => checks.bad(
             "bucket-versioning",
             Verdict::Warning,

@@ -41,7 +41,8 @@ impl Client {
         let mut found = HashMap::new();
         let mut token: Option<String> = None;
         loop {
-            let numbered: Vec<(String, &str)> = ids.iter().enumerate().map(|(i, id)| (format!("InstanceId.{}", i + 1), id.as_str())).collect();
+            let numbered: Vec<(String, &str)> =
+                ids.iter().enumerate().map(|(i, id)| (format!("InstanceId.{}", i + 1), id.as_str())).collect();
             let mut params: Vec<(&str, &str)> = numbered.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             if let Some(t) = &token {
                 params.push(("NextToken", t));

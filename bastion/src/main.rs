@@ -861,7 +861,9 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
     let opts = fleetsync::publish::PublishOptions {
         dir: args.dir.clone(),
         dest: S3Url::parse(args.target.as_deref().ok_or_else(|| {
-            fleetsync::Error::Config("missing where to publish: give s3://BUCKET[/PREFIX] after DIR, or --source, or `source = ...` in fleetsync.toml".into())
+            fleetsync::Error::Config(
+                "missing where to publish: give s3://BUCKET[/PREFIX] after DIR, or --source, or `source = ...` in fleetsync.toml".into(),
+            )
         })?)?,
         release_id: args.release_id.clone(),
         follow_symlinks: args.follow_symlinks,
@@ -907,7 +909,9 @@ impl StoreArgs {
     /// The store's source URL and an S3 client.
     async fn open(&self) -> anyhow::Result<(S3Url, S3Client)> {
         let given = self.source.as_deref().ok_or_else(|| {
-            fleetsync::Error::Config("missing the source: give s3://BUCKET[/PREFIX] as an argument or --source, or `source = ...` in fleetsync.toml".into())
+            fleetsync::Error::Config(
+                "missing the source: give s3://BUCKET[/PREFIX] as an argument or --source, or `source = ...` in fleetsync.toml".into(),
+            )
         })?;
         let source = S3Url::parse(given)?;
         Ok((source, fleetsync::source::s3_client(&self.aws.client_options()).await))

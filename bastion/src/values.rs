@@ -64,8 +64,8 @@ impl<'de> Deserialize<'de> for Limit {
     }
 }
 
-pub use fleetsync::duration::Seconds;
 use fleetsync::duration::NumberOrText;
+pub use fleetsync::duration::Seconds;
 
 #[cfg(test)]
 mod tests {

@@ -31,8 +31,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::store::check_release_id;
 use crate::source::{s3_client, ClientOptions, S3Url};
+use crate::store::check_release_id;
 use crate::store::manifest::{Entry, FileEntry, Location, Manifest};
 use crate::store::pointer::{self, Expect, Found, Latest};
 use crate::store::{fence, fetch_bytes, fetch_manifest, Digest, Store};

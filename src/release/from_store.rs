@@ -188,7 +188,9 @@ async fn resolve_id(l: &Lookup<'_>, store: &Store, id: &str) -> Result<Option<Ta
     // Live, from the store, and the same publish of it that the deploy
     // names (when it names one): nothing to ask.
     let stored_live = l.current == Some(id)
-        && l.registry.get(id).is_some_and(|r| r.content.starts_with(STORE_CONTENT) && l.opts.manifest.is_none_or(|d| r.manifest == Some(d)));
+        && l.registry
+            .get(id)
+            .is_some_and(|r| r.content.starts_with(STORE_CONTENT) && l.opts.manifest.is_none_or(|d| r.manifest == Some(d)));
     if stored_live {
         return Ok(Some(Target::Release { id: id.to_string(), digest: l.opts.manifest, manifest: None }));
     }
@@ -612,7 +614,8 @@ async fn build(ctx: &Ctx<'_>, store: &Store, id: &str, manifest: &Arc<Manifest>,
     let (f2, m2) = (fetcher.clone(), manifest.clone());
     // What a before-switch command wrote stays through a repair.
     let made = if repair { Shape::load(&p.state_dir, &path).map(|s| s.made).unwrap_or_default() } else { Default::default() };
-    let planned = tokio::task::spawn_blocking(move || plan(&f2, &m2, base, existing, made, repair)).await.expect("planning does not panic")?;
+    let planned =
+        tokio::task::spawn_blocking(move || plan(&f2, &m2, base, existing, made, repair)).await.expect("planning does not panic")?;
     ctx.observer.listing_done(manifest.header.files);
     let fetched = fetcher.fetch(&manifest.header.packs, planned.fetch).await;
 
@@ -727,7 +730,13 @@ fn plan(
 /// a directory for a symlink): extra files and directories, whatever was
 /// written there. The planning that follows makes the rest as the
 /// manifest says (a symlink's target, a file's content).
-fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed>, made: &std::collections::BTreeMap<String, Made>, out: &mut Planned) {
+fn remove_unwanted(
+    f: &Fetcher,
+    m: &Manifest,
+    existing: &HashMap<RelPath, Placed>,
+    made: &std::collections::BTreeMap<String, Made>,
+    out: &mut Planned,
+) {
     let shape = Shape::of(m, &[]);
     let dirs: std::collections::HashSet<&str> = shape.dirs.iter().map(String::as_str).collect();
     let files: std::collections::HashSet<&str> = m.files().map(|f| f.path.as_str()).collect();
@@ -753,7 +762,10 @@ fn remove_unwanted(f: &Fetcher, m: &Manifest, existing: &HashMap<RelPath, Placed
             continue;
         }
         let Some(rel) = RelPath::from_stored(&path).filter(|_| kind != OnDisk::NotUtf8) else {
-            out.failed.push((path, "not in the release, and its name cannot be removed safely (not UTF-8, or reserved): remove it by hand".into()));
+            out.failed.push((
+                path,
+                "not in the release, and its name cannot be removed safely (not UTF-8, or reserved): remove it by hand".into(),
+            ));
             continue;
         };
         match f.dest.remove_any(&rel) {
@@ -851,11 +863,14 @@ pub(super) fn adopt_made(layout: &Layout, state_dir: &std::path::Path, id: &str)
             OnDisk::Other | OnDisk::NotUtf8 => true,
         };
         if !known {
-            made.push((p, match kind {
-                OnDisk::Dir => Made::Dir,
-                OnDisk::Symlink(t) => Made::Symlink(t),
-                _ => Made::File,
-            }));
+            made.push((
+                p,
+                match kind {
+                    OnDisk::Dir => Made::Dir,
+                    OnDisk::Symlink(t) => Made::Symlink(t),
+                    _ => Made::File,
+                },
+            ));
         }
     }
     shape.made.extend(made);

@@ -45,22 +45,25 @@ pub(super) async fn run(cmd: &str, layout: &Layout, id: &str, previous: Option<&
     };
     // Both streams into one buffer, in the order they arrive.
     let output = Arc::new(Mutex::new(Vec::new()));
-    let readers: Vec<_> = [child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>), child.stderr.take().map(|s| Box::new(s) as _)]
-        .into_iter()
-        .flatten()
-        .map(|mut stream| {
-            let output = output.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = stream.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    output.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&buf[..n]);
+    let readers: Vec<_> = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|mut stream| {
+        let output = output.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
                 }
-            })
+                output.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&buf[..n]);
+            }
         })
-        .collect();
+    })
+    .collect();
     let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(status) => (status.ok(), false),
         Err(_) => {

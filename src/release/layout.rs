@@ -135,7 +135,8 @@ impl Releases {
     /// made in it owned by `--owner`.
     pub(super) fn shared(&self) -> Result<DestDir> {
         let path = self.dest.join(super::SHARED);
-        DestDir::open_in(&self.root, super::SHARED, path.clone(), self.owner).map_err(|e| Error::io(format!("opening {}", path.display()), e))
+        DestDir::open_in(&self.root, super::SHARED, path.clone(), self.owner)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))
     }
 
     /// A complete release, to share its files; `None` if it is gone.

@@ -48,12 +48,12 @@ use crate::node_lock::{IfBusy, NodeLock};
 use crate::progress::Observer;
 use crate::pull::{self, PullOptions};
 use crate::report::{PullReport, ReleaseReport};
-use crate::store::check_release_id;
 use crate::source::s3_client;
+use crate::store::check_release_id;
 
-use layout::{Layout, Releases};
-pub use hook::DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT;
 pub use assets::KeepAssets;
+pub use hook::DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT;
+use layout::{Layout, Releases};
 pub use shared::{Shared, SHARED};
 
 /// The live release's name in DEST.

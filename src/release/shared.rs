@@ -20,9 +20,9 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use super::layout::Releases;
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
-use super::layout::Releases;
 use crate::safe_fs::{DestDir, OnDisk};
 use crate::store::manifest::{Entry, Manifest};
 
@@ -49,7 +49,9 @@ impl Shared {
         };
         let trimmed = path.trim_end_matches('/');
         if trimmed.is_empty() || trimmed.starts_with('/') || trimmed.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-            return Err(bad("PATH must be relative to the release, without `.`, `..` or empty components (e.g. storage or public/uploads)"));
+            return Err(bad(
+                "PATH must be relative to the release, without `.`, `..` or empty components (e.g. storage or public/uploads)",
+            ));
         }
         let path = RelPath::from_stored(trimmed).ok_or_else(|| bad("PATH is not a usable path inside a release"))?;
         let target = match target {
@@ -139,7 +141,14 @@ fn published(m: &Manifest, s: &Shared) -> Option<OnDisk> {
 /// the same kind, seeds `DEST/shared/PATH` from the live release (a copy)
 /// or makes it empty; what must be seeded from the new release itself is
 /// left for [`finish`]. One [`Seed`] per shared path.
-pub(super) fn prepare(shared: &[Shared], releases: &Releases, dest: &Path, live: Option<&DestDir>, m: &Manifest, id: &str) -> Result<Vec<Seed>> {
+pub(super) fn prepare(
+    shared: &[Shared],
+    releases: &Releases,
+    dest: &Path,
+    live: Option<&DestDir>,
+    m: &Manifest,
+    id: &str,
+) -> Result<Vec<Seed>> {
     let mut seeds = Vec::with_capacity(shared.len());
     let store = if shared.iter().any(|s| s.target.is_none()) { Some(releases.shared()?) } else { None };
     for s in shared {
@@ -158,7 +167,8 @@ pub(super) fn prepare(shared: &[Shared], releases: &Releases, dest: &Path, live:
             }),
             None => {
                 let store = store.as_ref().expect("opened for paths without a target");
-                let st = store.stat(&s.path).map_err(|e| Error::io(format!("reading {}", store.path().join(s.path.as_str()).display()), e))?;
+                let st =
+                    store.stat(&s.path).map_err(|e| Error::io(format!("reading {}", store.path().join(s.path.as_str()).display()), e))?;
                 st.map(|st| match rustix::fs::FileType::from_raw_mode(st.st_mode) {
                     rustix::fs::FileType::Directory => OnDisk::Dir,
                     rustix::fs::FileType::RegularFile => OnDisk::File,

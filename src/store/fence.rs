@@ -90,9 +90,9 @@ impl Marker {
             // for: it would hold the other side off for a whole lease.
             failed => {
                 let _ = client.delete_object().bucket(&store.bucket).key(&key).send().await;
-                return Err(failed.err().unwrap_or_else(|| {
-                    Error::S3(format!("{} vanished right after it was written; run again", store.url(&key)))
-                }));
+                return Err(failed
+                    .err()
+                    .unwrap_or_else(|| Error::S3(format!("{} vanished right after it was written; run again", store.url(&key)))));
             }
         };
         let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -141,9 +141,8 @@ impl Marker {
             Side::Publishing => "publish",
             Side::Pruning => "prune",
         };
-        let gone = |why: &str| {
-            Err(Error::S3(format!("this {what}'s marker {} {why}: nothing was named; run it again", store.url(&self.key))))
-        };
+        let gone =
+            |why: &str| Err(Error::S3(format!("this {what}'s marker {} {why}: nothing was named; run it again", store.url(&self.key))));
         if self.lost.load(std::sync::atomic::Ordering::SeqCst) {
             return gone("was removed or replaced (a prune took it for a killed one's)");
         }

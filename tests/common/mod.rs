@@ -581,4 +581,3 @@ pub fn http_get(port: &str, path: &str) -> (u16, Vec<u8>) {
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, raw[split + 4..].to_vec())
 }
-

@@ -122,7 +122,8 @@ impl AgentCall {
     /// predates it ignores it, where an unknown flag would fail the pull.
     pub fn command_line(&self) -> String {
         let words = std::iter::once("fleetsync-agent".to_string()).chain(self.words());
-        let line = shlex::try_join(words.collect::<Vec<_>>().iter().map(String::as_str)).expect("arguments contain no NUL (clap refuses them)");
+        let line =
+            shlex::try_join(words.collect::<Vec<_>>().iter().map(String::as_str)).expect("arguments contain no NUL (clap refuses them)");
         // Unquoted, or the shell would take it for a command's name: hex
         // digits need no quoting.
         match self.manifest {

@@ -502,8 +502,7 @@ impl Ssm {
         }
         // An instance that left the group (a scale-in) may never answer:
         // its invocation can show InProgress until the command expires.
-        let left: Vec<(String, String)> =
-            cmd.waiting.keys().filter_map(|id| fleet.leaving.why(id).map(|why| (id.clone(), why))).collect();
+        let left: Vec<(String, String)> = cmd.waiting.keys().filter_map(|id| fleet.leaving.why(id).map(|why| (id.clone(), why))).collect();
         for (id, why) in left {
             let node = cmd.waiting.remove(&id).expect("listed from waiting");
             let why = format!("{id} {why} during the deploy; its SSM command {} is no longer waited for", cmd.id);
