@@ -282,7 +282,11 @@ pub struct ReleaseReport {
     pub before_switch: Option<HookReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_switch: Option<HookReport>,
-    /// The after-switch command failed and the previous release is live again.
+    /// The health check after the switch (`--health-url`), when one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::release::health::HealthReport>,
+    /// The after-switch command or the health check failed and the
+    /// previous release is live again.
     pub rolled_back: bool,
     /// Old releases removed (`--keep`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

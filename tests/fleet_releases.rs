@@ -368,3 +368,29 @@ async fn a_failed_redeploy_of_the_release_the_group_runs_switches_nothing_back()
     let (code, pulled, stderr) = common::run_json(Node::new().agent(&g.source).args(["--releases", "--group", &g.asg]));
     assert_eq!((code, pulled["release"]["id"].as_str()), (0, Some("r2")), "{stderr}\n{pulled}");
 }
+
+/// `sync --health-url` through the SSM document (its healthUrl and
+/// healthTimeout parameters, run by the emulator as SSM runs them): a
+/// release whose nodes do not answer fails every node with the health
+/// check's reason, and `--rollback-on-failure` ends the fleet on r1.
+#[tokio::test]
+async fn a_release_that_fails_its_health_check_fails_its_nodes_and_the_fleet_goes_back() {
+    let g = OnR1::new("health", 2).await;
+    let base = g.base();
+    let ssm = [&base[..6], &["--via", "ssm"]].concat();
+    let check = ["--health-url", "http://127.0.0.1:9/health", "--health-timeout", "1s"];
+    let (code, r, stderr) = fleetsync(&[&["sync", "--releases", "--rollback-on-failure"][..], &check, &ssm].concat(), &g.nodes);
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    for n in r["nodes"].as_array().unwrap() {
+        let e = n["error"].as_str().unwrap_or_default();
+        assert!(n["status"] == "failed" && e.contains("health check of http://127.0.0.1:9/health failed"), "{n}");
+    }
+    assert_eq!(r["rolled_back"]["to"], "r1", "{r}");
+    for (_, root) in g.nodes.list() {
+        assert_eq!(live(&root), "releases/r1", "the fleet ends on one release");
+    }
+    // A URL the document would refuse (a quote) is one line before anything is sent.
+    let (code, _, stderr) = fleetsync(&[&["sync", "--releases", "--health-url", "http://127.0.0.1/it's"][..], &ssm].concat(), &g.nodes);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--health-url") && stderr.lines().count() == 1, "{stderr}");
+}

@@ -331,3 +331,52 @@ async fn a_pull_runs_at_low_priority_unless_told_otherwise_and_its_hooks_as_star
     let got = read(&node.dest.join("current/priority.txt"));
     assert!(got.starts_with(&format!("{own} ")) && got.trim().ends_with(&format!("| {own}")), "as started (nice {own}): {got}");
 }
+
+/// `--health-url`: after the switch the node asks the release it serves
+/// (here a real nginx and PHP-FPM serving DEST/current) until it answers;
+/// a release that answers 500 fails the pull, and with
+/// `--rollback-on-failure` the previous release is live again. A URL that
+/// is not http(s) is refused before anything is fetched.
+#[tokio::test]
+async fn a_release_that_fails_its_health_check_fails_the_pull_and_is_rolled_back() {
+    let b = Bucket::new("health").await;
+    let source = b.url("app");
+    let healthy = build(&[("public/health.php", "<?php echo 'ok';")]);
+    assert_eq!(publish(healthy.path(), &source, &["--release-id", "good"]).0, 0);
+    let broken = build(&[("public/health.php", "<?php http_response_code(500); echo 'bootstrap failed';")]);
+    assert_eq!(publish(broken.path(), &source, &["--release-id", "bad"]).0, 0);
+
+    let node = Node::new();
+    let web = tempfile::tempdir().unwrap();
+    let root = node.dest.join("current/public");
+    let (server, ready) = Web::start(&["serve", "--dir", &web.path().display().to_string(), "--root", &root.display().to_string()]);
+    let port = ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py serve said {ready:?}")).to_string();
+    let url = format!("http://127.0.0.1:{port}/health.php");
+    let check = ["--health-url", url.as_str(), "--health-timeout", "3s", "--rollback-on-failure"];
+
+    let (code, r, stderr) = pull(&node, &source, &[&["--release-id", "good"][..], &check].concat());
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    assert_eq!((r["release"]["health"]["ok"].as_bool(), r["release"]["health"]["status"].as_u64()), (Some(true), Some(200)), "{r}");
+
+    let (code, r, stderr) = pull(&node, &source, &[&["--release-id", "bad"][..], &check].concat());
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    let health = &r["release"]["health"];
+    assert_eq!((health["ok"].as_bool(), health["status"].as_u64()), (Some(false), Some(500)), "{r}");
+    assert!(health["attempts"].as_u64().unwrap() >= 2, "retried until its timeout: {r}");
+    assert_eq!(r["release"]["rolled_back"], true, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("health check") && r["error"].as_str().unwrap().contains("good is live again"), "{r}");
+    assert_eq!(std::fs::read_link(node.dest.join("current")).unwrap(), Path::new("releases/good"));
+    assert_eq!(common::http_get(&port, "/health.php"), (200, b"ok".to_vec()), "the good release serves again");
+    server.stop();
+
+    // Nothing answers at all: refused connections, named.
+    let (code, r, _) = pull(&node, &source, &["--release-id", "bad", "--health-url", "http://127.0.0.1:9/", "--health-timeout", "1s"]);
+    assert_eq!(code, 1, "{r}");
+    assert!(r["release"]["health"]["error"].as_str().unwrap().to_lowercase().contains("refused"), "{r}");
+
+    for bad in ["ftp://127.0.0.1/health", "/health"] {
+        let (code, _, stderr) = pull(&node, &source, &["--release-id", "good", "--health-url", bad]);
+        assert_eq!(code, 2, "{bad}: {stderr}");
+        assert!(stderr.contains("--health-url") && stderr.contains("http://127.0.0.1/health"), "{stderr}");
+    }
+}

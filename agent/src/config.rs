@@ -43,6 +43,9 @@ pub struct AgentConfig {
     /// How long a hook may run: `90`, `90s`, `10m`.
     pub hook_timeout: Option<fleetsync::duration::Seconds>,
     pub rollback_on_failure: Option<bool>,
+    /// Asked after each switch: the release must answer it (`--health-url`).
+    pub health_url: Option<String>,
+    pub health_timeout: Option<fleetsync::duration::Seconds>,
     pub concurrency: Option<usize>,
     pub region: Option<String>,
     pub path_style: Option<bool>,

@@ -141,7 +141,16 @@ struct PullArgs {
     /// the nginx recipe in infra/web needs none).
     #[arg(long, value_name = "CMD")]
     after_switch: Option<String>,
-    /// Release mode: when the after-switch command fails, make the previous release live again.
+    /// Release mode: after each switch (and --after-switch), GET this URL on
+    /// the node, e.g. http://127.0.0.1/health, until it answers 2xx or 3xx;
+    /// when it does not within --health-timeout the pull fails (exit 1).
+    #[arg(long, value_name = "URL")]
+    health_url: Option<String>,
+    /// How long the release has to answer --health-url, e.g. 30s, 2m [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    health_timeout: Option<fleetsync::duration::Seconds>,
+    /// Release mode: when the after-switch command or the health check
+    /// fails, make the previous release live again.
     #[arg(long)]
     rollback_on_failure: bool,
     /// Release mode: a path that outlives releases (uploads, storage/,
@@ -207,6 +216,8 @@ impl PullArgs {
         self.before_switch = self.before_switch.take().or(cfg.before_switch);
         self.hook_timeout = self.hook_timeout.or(cfg.hook_timeout);
         self.rollback_on_failure |= cfg.rollback_on_failure.unwrap_or(false);
+        self.health_url = self.health_url.take().or(cfg.health_url);
+        self.health_timeout = self.health_timeout.or(cfg.health_timeout);
         self.region = self.region.take().or(cfg.region);
         self.owner = self.owner.take().or(cfg.owner);
         self.shared.extend(cfg.shared.unwrap_or_default());
@@ -236,6 +247,8 @@ impl PullArgs {
             ("--before-switch", self.before_switch.is_some()),
             ("--hook-timeout", self.hook_timeout.is_some()),
             ("--rollback-on-failure", self.rollback_on_failure),
+            ("--health-url", self.health_url.is_some()),
+            ("--health-timeout", self.health_timeout.is_some()),
             ("--shared", !self.shared.is_empty()),
             ("--keep-assets", !self.keep_assets.is_empty()),
         ];
@@ -245,8 +258,11 @@ impl PullArgs {
             ))
             .into());
         }
-        if self.rollback_on_failure && self.after_switch.is_none() {
-            return Err(fleetsync::Error::Config("--rollback-on-failure needs --after-switch CMD".into()).into());
+        if self.rollback_on_failure && self.after_switch.is_none() && self.health_url.is_none() {
+            return Err(fleetsync::Error::Config("--rollback-on-failure needs --after-switch CMD or --health-url URL".into()).into());
+        }
+        if let Some(url) = &self.health_url {
+            fleetsync::release::health::parse(url)?;
         }
         Ok(())
     }
@@ -531,6 +547,8 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
             after_switch: args.after_switch.clone(),
             before_switch: args.before_switch.clone(),
             hook_timeout: args.hook_timeout.map_or(fleetsync::release::DEFAULT_HOOK_TIMEOUT, |t| t.0),
+            health_url: args.health_url.clone(),
+            health_timeout: args.health_timeout.map_or(fleetsync::release::health::DEFAULT_TIMEOUT, |t| t.0),
             rollback_on_failure: args.rollback_on_failure,
             shared,
             keep_assets,

@@ -52,6 +52,8 @@ pub struct FileConfig {
     pub mode: Option<Mode>,
     pub keep: Option<usize>,
     pub after_switch: Option<String>,
+    pub health_url: Option<String>,
+    pub health_timeout: Option<fleetsync::duration::Seconds>,
     pub rollback_on_failure: Option<bool>,
 }
 

@@ -444,6 +444,29 @@ struct Pass {
 /// release on its own.
 const JOIN_ROUNDS: usize = 3;
 
+/// The first `n` nodes to deploy (the canaries) and the rest: one per
+/// Availability Zone in turn (zones in name order, nodes in id order within
+/// each), so that a release that fails in one zone only (its own subnet's
+/// routes, a zonal endpoint) fails a canary. Nodes whose zone is unknown
+/// count as one zone.
+fn canaries(targets: &[Node], n: usize) -> (Vec<Node>, Vec<Node>) {
+    let mut zones: std::collections::BTreeMap<Option<&str>, std::collections::VecDeque<&Node>> = Default::default();
+    for node in targets {
+        zones.entry(node.availability_zone.as_deref()).or_default().push_back(node);
+    }
+    let mut first = Vec::new();
+    while first.len() < n.min(targets.len()) {
+        for queue in zones.values_mut() {
+            if first.len() < n {
+                first.extend(queue.pop_front().cloned());
+            }
+        }
+    }
+    let chosen: std::collections::HashSet<&str> = first.iter().map(|c: &Node| c.instance_id.as_str()).collect();
+    let rest = targets.iter().filter(|t| !chosen.contains(t.instance_id.as_str())).cloned().collect();
+    (first, rest)
+}
+
 /// Canaries first, then the rest; then the instances that joined during
 /// the deploy.
 ///
@@ -461,16 +484,15 @@ async fn trigger_and_collect(
     rejoin: bool,
     progress: &Progress,
 ) -> Pass {
-    let canaries = canary.min(targets.len());
-    let (first, rest) = targets.split_at(canaries);
-    let mut results = fleet.run(first).await;
+    let (first, rest) = canaries(targets, canary);
+    let mut results = fleet.run(&first).await;
     let mut joined = Vec::new();
-    if canaries > 0 && results.iter().any(|r| !r.status.counts_as_done()) {
+    if !first.is_empty() && results.iter().any(|r| !r.status.counts_as_done()) {
         progress.note("a canary failed; no other node is started");
         results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
         return Pass { results, joined, rejoin_error: None };
     }
-    results.extend(fleet.run(rest).await);
+    results.extend(fleet.run(&rest).await);
     if !rejoin {
         return Pass { results, joined, rejoin_error: None };
     }
@@ -546,5 +568,52 @@ impl Signals {
             _ = int.recv() => "interrupted",
             _ = term.recv() => "terminated",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, zone: Option<&str>) -> Node {
+        Node {
+            instance_id: id.into(),
+            lifecycle: "InService".into(),
+            health: "Healthy".into(),
+            state: "running".into(),
+            availability_zone: zone.map(str::to_string),
+            private_ip: None,
+            public_ip: None,
+            private_dns: None,
+            skipped: None,
+        }
+    }
+
+    fn ids(nodes: &[Node]) -> Vec<&str> {
+        nodes.iter().map(|n| n.instance_id.as_str()).collect()
+    }
+
+    #[test]
+    fn canaries_take_one_node_per_zone_in_turn_and_the_rest_keep_their_order() {
+        // Sorted by id, as discovery returns them: zone a holds the first three.
+        let targets = [
+            node("i-1", Some("eu-west-1a")),
+            node("i-2", Some("eu-west-1a")),
+            node("i-3", Some("eu-west-1a")),
+            node("i-4", Some("eu-west-1b")),
+            node("i-5", Some("eu-west-1c")),
+            node("i-6", Some("eu-west-1b")),
+        ];
+        let (first, rest) = canaries(&targets, 3);
+        assert_eq!(ids(&first), ["i-1", "i-4", "i-5"]);
+        assert_eq!(ids(&rest), ["i-2", "i-3", "i-6"]);
+        let (first, rest) = canaries(&targets, 4);
+        assert_eq!(ids(&first), ["i-1", "i-4", "i-5", "i-2"]);
+        assert_eq!(ids(&rest), ["i-3", "i-6"]);
+        // More canaries than nodes, none, one zone, unknown zones.
+        assert_eq!(canaries(&targets, 10).0.len(), 6);
+        assert!(canaries(&targets, 0).0.is_empty());
+        let one_zone = [node("i-1", None), node("i-2", None)];
+        assert_eq!(ids(&canaries(&one_zone, 1).0), ["i-1"]);
     }
 }

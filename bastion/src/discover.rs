@@ -29,6 +29,10 @@ pub struct Node {
     pub health: String,
     /// EC2 state: running, stopped, ...; "unknown" when EC2 does not list it.
     pub state: String,
+    /// Where the instance runs (AutoScaling's view): canaries are spread
+    /// across zones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
     pub private_ip: Option<String>,
     pub public_ip: Option<String>,
     pub private_dns: Option<String>,
@@ -204,6 +208,7 @@ async fn list(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collections::H
                 lifecycle,
                 health,
                 state,
+                availability_zone: m.availability_zone().map(str::to_string),
                 private_ip: ec2.and_then(|i| i.private_ip.clone()),
                 public_ip: ec2.and_then(|i| i.public_ip.clone()),
                 private_dns: ec2.and_then(|i| i.private_dns.clone()).filter(|d| !d.is_empty()),

@@ -190,7 +190,7 @@ async fn credentials(checks: &mut Checks, sdk: &aws_types::SdkConfig) {
             "credentials",
             Verdict::Failed,
             // The chain's message lists every provider it tried, a line each.
-            format!("none found ({})", chain(&e).lines().next().unwrap_or_default().trim_end_matches(". Attempted:")),
+            format!("none found ({})", fleetsync::one_line(&e).lines().next().unwrap_or_default().trim_end_matches(". Attempted:")),
             "set AWS_PROFILE (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), run `aws sso login`, or run where an instance role applies",
         ),
     }
@@ -418,15 +418,4 @@ async fn launch_hook(checks: &mut Checks, sdk: &aws_types::SdkConfig, asg: &str)
             "the bastion needs autoscaling:DescribeLifecycleHooks (the stacks' DeployPolicy grants it)",
         ),
     }
-}
-
-/// An error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
 }

@@ -124,7 +124,8 @@ struct FleetArgs {
     /// a share like 10% [default: never stop].
     #[arg(long, value_name = "N|N%")]
     max_errors: Option<Limit>,
-    /// Sync this many nodes first, and stop if any of them fails [default: 0].
+    /// Sync this many nodes first, one per Availability Zone in turn, and
+    /// stop if any of them fails [default: 0].
     #[arg(long)]
     canary: Option<usize>,
     /// How long one node's agent may run before it is stopped and the node
@@ -213,12 +214,22 @@ struct SyncArgs {
     /// Release mode: releases kept on each node besides the live one and the one before it.
     #[arg(long)]
     keep: Option<usize>,
-    /// Release mode: a command each node runs after its switch (e.g. a php-fpm reload).
+    /// Release mode: a command each node runs after its switch (e.g. a
+    /// restart of a Node app; PHP behind the nginx recipe needs none).
     #[arg(long, value_name = "CMD")]
     after_switch: Option<String>,
+    /// Release mode: after its switch each node GETs this URL itself (e.g.
+    /// http://127.0.0.1/health) until it answers 2xx or 3xx; when it does
+    /// not within --health-timeout, the node failed.
+    #[arg(long, value_name = "URL")]
+    health_url: Option<String>,
+    /// How long a node's release has to answer --health-url, e.g. 30s, 2m [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    health_timeout: Option<Seconds>,
     /// Release mode: when the deploy fails (a canary, --max-errors, a node's
-    /// after-switch command), every node not known to run the previous
-    /// release is switched back to it, so the fleet ends on one release.
+    /// after-switch command or health check), every node not known to run
+    /// the previous release is switched back to it, so the fleet ends on one
+    /// release.
     #[arg(long)]
     rollback_on_failure: bool,
     /// Let an empty source wipe the nodes' trees (refused by default: it is
@@ -509,13 +520,22 @@ impl SyncArgs {
         self.releases |= file.releases.unwrap_or(false) || file.mode == Some(config::Mode::Releases);
         self.keep = self.keep.or(file.keep);
         self.after_switch = self.after_switch.take().or(file.after_switch.clone());
+        self.health_url = self.health_url.take().or(file.health_url.clone());
+        self.health_timeout = self.health_timeout.or(file.health_timeout);
         self.rollback_on_failure |= file.rollback_on_failure.unwrap_or(false);
-        let release_only = [self.release_id.is_some(), self.keep.is_some(), self.after_switch.is_some(), self.rollback_on_failure];
+        let release_only =
+            [self.release_id.is_some(), self.keep.is_some(), self.after_switch.is_some(), self.health_url.is_some(), self.rollback_on_failure];
         if !self.releases && release_only.iter().any(|set| *set) {
             return Err(fleetsync::Error::Config(
-                "--release-id, --keep, --after-switch and --rollback-on-failure apply to release mode: add --releases".into(),
+                "--release-id, --keep, --after-switch, --health-url and --rollback-on-failure apply to release mode: add --releases".into(),
             )
             .into());
+        }
+        if let Some(url) = &self.health_url {
+            fleetsync::release::health::parse(url)?;
+        }
+        if self.health_timeout.is_some() && self.health_url.is_none() {
+            return Err(fleetsync::Error::Config("--health-timeout needs --health-url URL".into()).into());
         }
         Ok(())
     }
@@ -528,6 +548,8 @@ impl SyncArgs {
             release: self.release_id.clone(),
             keep: self.keep,
             after_switch: self.after_switch.clone(),
+            health_url: self.health_url.clone(),
+            health_timeout: self.health_timeout.map(|t| t.0),
             // The agent's own switch-back (when its after-switch command
             // fails); the fleet-level one is the deploy's.
             rollback_on_failure: self.rollback_on_failure && self.after_switch.is_some(),

@@ -32,6 +32,7 @@
 mod assets;
 mod fetch;
 mod from_listing;
+pub mod health;
 mod from_store;
 mod hook;
 mod layout;
@@ -94,7 +95,12 @@ pub struct ReleaseOptions {
     /// How long either hook may run before it is killed, with its process
     /// group.
     pub hook_timeout: std::time::Duration,
-    /// Switch back to the previous release when `after_switch` fails.
+    /// Asked for after the switch (and after `after_switch`): the release
+    /// must answer 2xx or 3xx within `health_timeout` (see [`health`]).
+    pub health_url: Option<String>,
+    pub health_timeout: std::time::Duration,
+    /// Switch back to the previous release when `after_switch` or the
+    /// health check fails.
     pub rollback_on_failure: bool,
     /// Paths that outlive a release (`--shared`): see [`Shared`].
     pub shared: Vec<Shared>,
@@ -367,24 +373,36 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     release.id = id.clone();
 
     if release.switched {
+        // What must hold once the release is live: its after-switch command
+        // ran, and it serves. The first that fails fails the pull.
+        let mut failed = None;
         if let Some(cmd) = &opts.after_switch {
             let hook = hook::run(cmd, &layout, &id, release.previous.as_deref(), opts.hook_timeout).await;
-            let failed = !hook.ok;
+            if !hook.ok {
+                failed = Some("the after-switch command failed".to_string());
+            }
             release.after_switch = Some(hook);
-            if failed {
-                report.exit_code = crate::exit::PARTIAL;
-                report.status = crate::report::PullStatus::Failed;
-                report.set_error(format!("the after-switch command failed on release {id}"));
-                if opts.rollback_on_failure {
-                    if let Some(prev) = release.previous.clone().filter(|prev| registry.get(prev).is_some()) {
-                        if let Some(r) = registry.releases.iter_mut().find(|r| r.id == id) {
-                            r.rolled_back = true;
-                        }
-                        layout.save(&registry)?;
-                        releases.switch_to(&prev)?;
-                        release.rolled_back = true;
-                        report.set_error(format!("the after-switch command failed on release {id}; {prev} is live again"));
+        }
+        if let (None, Some(url)) = (&failed, &opts.health_url) {
+            let health = health::check(url, opts.health_timeout).await;
+            if !health.ok {
+                failed = Some(format!("the health check of {url} failed ({})", health.error.as_deref().unwrap_or("no answer")));
+            }
+            release.health = Some(health);
+        }
+        if let Some(what) = failed {
+            report.exit_code = crate::exit::PARTIAL;
+            report.status = crate::report::PullStatus::Failed;
+            report.set_error(format!("{what} on release {id}"));
+            if opts.rollback_on_failure {
+                if let Some(prev) = release.previous.clone().filter(|prev| registry.get(prev).is_some()) {
+                    if let Some(r) = registry.releases.iter_mut().find(|r| r.id == id) {
+                        r.rolled_back = true;
                     }
+                    layout.save(&registry)?;
+                    releases.switch_to(&prev)?;
+                    release.rolled_back = true;
+                    report.set_error(format!("{what} on release {id}; {prev} is live again"));
                 }
             }
         }

@@ -43,6 +43,9 @@ pub struct AgentCall {
     pub group: Option<String>,
     pub keep: Option<usize>,
     pub after_switch: Option<String>,
+    /// `pull --health-url`: the node asks its release for it after the switch.
+    pub health_url: Option<String>,
+    pub health_timeout: Option<std::time::Duration>,
     pub rollback_on_failure: bool,
     pub allow_empty: bool,
     /// `pull --dry-run`: the plan, nothing changed (`fleetsync doctor`).
@@ -98,6 +101,8 @@ impl AgentCall {
         flag(if self.action == Action::Rollback { "--to" } else { "--release-id" }, &self.release);
         flag("--keep", &self.keep.map(|k| k.to_string()));
         flag("--after-switch", &self.after_switch);
+        flag("--health-url", &self.health_url);
+        flag("--health-timeout", &self.health_timeout.map(|t| format!("{}s", t.as_secs())));
         if let Some(s) = &self.source {
             w.insert(1, s.clone());
         }

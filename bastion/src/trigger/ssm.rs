@@ -216,6 +216,13 @@ impl Ssm {
         put("group", "--asg", call.group.clone(), group)?;
         put("manifest", "--manifest-digest", call.manifest.map(|d| d.to_string()), |v| v.len() == 64)?;
         put("keep", "--keep", call.keep.map(|k| k.to_string()), |v| v.len() <= 4)?;
+        let url = |v: &str| {
+            (v.starts_with("http://") || v.starts_with("https://"))
+                && v.len() <= 500
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~:/?#@!$&*+,;=%-".contains(&b))
+        };
+        put("healthUrl", "--health-url", call.health_url.clone(), url)?;
+        put("healthTimeout", "--health-timeout", call.health_timeout.map(|t| t.as_secs().to_string()), |v| v.len() <= 5)?;
         if call.releases {
             p.insert("mode".into(), vec!["releases".into()]);
         }
