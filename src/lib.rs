@@ -30,6 +30,7 @@ mod keypath;
 pub mod lifecycle;
 mod list;
 pub mod logging;
+pub mod man;
 pub mod node_lock;
 pub mod owner;
 mod plan;

@@ -187,3 +187,27 @@ fn the_store_commands_take_the_source_as_the_fleet_commands_do() {
     let (code, _, stderr) = run(&fleetsync, &["history", "s3://a/p", "--source", "s3://b/p"]);
     assert_eq!(code, Some(2), "one source, not two: {stderr}");
 }
+
+/// The man pages the packages ship: both commands' top pages have
+/// EXAMPLES, FILES and EXIT STATUS besides what clap generates from the
+/// flags, and the commands they show exist.
+#[test]
+fn the_man_pages_have_examples_files_and_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bin, page) in [(common::bin("fleetsync-bastion", "fleetsync"), "fleetsync.1"), (common::agent_bin(), "fleetsync-agent.1")] {
+        let (code, _, stderr) = run(&bin, &["man", dir.path().to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{stderr}");
+        let roff = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        for section in [".SH \"EXAMPLES\"", ".SH \"FILES\"", ".SH \"EXIT STATUS\"", ".SH \"SEE ALSO\""] {
+            assert!(roff.contains(section), "{page} has no {section}");
+        }
+        let status = roff.split(".SH \"EXIT STATUS\"").nth(1).unwrap();
+        assert!(status.contains("\n  0  ") && status.contains("\n  2  "), "{page}: {status}");
+        // Each example is a subcommand of its binary.
+        let examples = roff.split(".SH \"EXAMPLES\"").nth(1).unwrap().split(".SH ").next().unwrap();
+        for line in examples.lines().filter(|l| l.starts_with("  fleetsync")) {
+            let sub = line.split_whitespace().nth(1).unwrap();
+            assert_eq!(run(&bin, &[sub, "--help"]).0, Some(0), "{page}: {line}");
+        }
+    }
+}

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use fleetsync::man::Section;
 use fleetsync::pull::{DEFAULT_CONCURRENCY, DEFAULT_STATE_DIR};
 use fleetsync::{exit, ClientOptions, IfBusy, PullOptions, PullReport, S3Url};
 
@@ -193,7 +194,8 @@ struct PullArgs {
     /// server keeps serving while it pulls) or normal [default: low].
     #[arg(long, value_enum)]
     priority: Option<PriorityArg>,
-    /// Threads for downloads, decompression and hashing [default: one per core].
+    /// Threads for downloads, decompression, hashing and writing [default:
+    /// one per core; at --priority normal, as many writers as the downloads need].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// Who owns the files and directories placed in DEST, USER[:GROUP]
@@ -419,8 +421,17 @@ fn try_main() -> anyhow::Result<i32> {
         _ => (fleetsync::priority::Priority::Normal, None),
     };
     fleetsync::priority::apply(priority)?;
+    // Nice is per thread: a low-priority pull with tokio's default blocking
+    // pool (up to 512 threads writing, decompressing and hashing for 64
+    // downloads) has dozens runnable at once, and their weights add up to
+    // a good share of the cores however low each is. At low priority the
+    // pull therefore runs on one thread per core, workers and blocking
+    // pool alike (measured in BENCHMARKS.md, "What a pull costs a serving
+    // web server"); --threads sets another count.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cap = threads.filter(|n| *n > 0).or((priority == fleetsync::priority::Priority::Low).then_some(cores));
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads.filter(|n| *n > 0) {
+    if let Some(n) = cap {
         runtime.worker_threads(n).max_blocking_threads(n);
     }
     let runtime = runtime.enable_all().build().context("starting the async runtime")?;
@@ -494,10 +505,47 @@ fn completions(shell: clap_complete::Shell) -> anyhow::Result<i32> {
 }
 
 /// `man DIR`: fleetsync-agent.1 and a page per command.
+/// The man page's EXAMPLES.
+const MAN_EXAMPLES: &str = "\
+Pull in release mode (the web root is /var/www/app/current), see what is live, go back:
+
+  fleetsync-agent pull s3://code/app --dest /var/www/app --releases
+  fleetsync-agent status --dest /var/www/app
+  fleetsync-agent rollback --dest /var/www/app
+
+With /etc/fleetsync/agent.toml written, as the boot unit and the timer run it; what would change, without changing it:
+
+  fleetsync-agent pull --json
+  fleetsync-agent pull --dry-run";
+
+/// The man page's FILES.
+const MAN_FILES: &str = "\
+/etc/fleetsync/agent.toml (or --config FILE, FLEETSYNC_AGENT_CONFIG): the node's settings, keys named as the long flags of pull; flags override it.
+
+/var/lib/fleetsync/ (--state-dir): the node lock, the release registry, the node's group, the last pointer seen, in-place state.
+
+DEST/current, DEST/releases/ID/, DEST/shared/: the live release (a symlink), the kept releases, what outlives them.
+
+/var/lib/prometheus/node-exporter/fleetsync.prom (metrics-file, FLEETSYNC_METRICS_FILE): the last pull as Prometheus gauges.
+
+fleetsync-agent.service, fleetsync-agent.timer: the boot pull and the five-minute timer.";
+
 fn man(dir: &std::path::Path) -> anyhow::Result<i32> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
         .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    let exit_status = EXIT_CODES.split_once('\n').map_or(EXIT_CODES, |(_, codes)| codes);
+    let page = dir.join("fleetsync-agent.1");
+    fleetsync::man::add_sections(
+        &page,
+        &[
+            Section { title: "EXAMPLES", text: MAN_EXAMPLES },
+            Section { title: "FILES", text: MAN_FILES },
+            Section { title: "EXIT STATUS", text: exit_status },
+            Section { title: "SEE ALSO", text: "fleetsync(1), fleetsync-agent-pull(1); docs/agent.md in the repository." },
+        ],
+    )
+    .with_context(|| format!("writing {}", page.display()))?;
     Ok(exit::OK)
 }
 

@@ -108,7 +108,7 @@ pub async fn dry_run(d: &Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> a
     let mut out = format!("would run on {} nodes over {}: {}\n", targets.len(), d.transport.name(), d.call.command_line());
     for n in &targets {
         let address = trigger::address(n, d.address).unwrap_or_else(|| "(no address)".into());
-        out.push_str(&format!("  sync {} {address}\n", n.instance_id));
+        out.push_str(&format!("  {} {} {address}\n", d.verb, n.instance_id));
     }
     for n in &skipped {
         out.push_str(&format!("  skip {}: {}\n", n.instance_id, n.skipped.as_deref().unwrap_or("")));

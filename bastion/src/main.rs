@@ -37,6 +37,7 @@ use crate::deploy::{Deploy, Ended, Releases};
 use crate::progress::log;
 use crate::trigger::{Action, AddressChoice, AgentCall, Via};
 use crate::values::{Limit, Seconds};
+use fleetsync::man::Section;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -677,10 +678,44 @@ fn completions(shell: clap_complete::Shell) -> anyhow::Result<i32> {
 }
 
 /// `man DIR`: fleetsync.1 and a page per command.
+/// The man page's EXAMPLES: a first deploy, as the README shows it.
+const MAN_EXAMPLES: &str = "\
+Check what a deploy needs, publish a build, deploy it a canary first, look, roll back:
+
+  fleetsync doctor --asg web --source s3://code/app
+  fleetsync publish build/ s3://code/app --release-id \"$GIT_SHA\"
+  fleetsync sync --asg web --source s3://code/app --releases --canary 1 --batch 25% --rollback-on-failure
+  fleetsync status --asg web --source s3://code/app
+  fleetsync rollback --asg web --source s3://code/app
+
+From CI, with the settings in ./fleetsync.toml and a report for the job:
+
+  fleetsync sync --release \"$GIT_SHA\" --lock-wait 10m --json > deploy-report.json";
+
+/// The man page's FILES.
+const MAN_FILES: &str = "\
+./fleetsync.toml (or --config FILE, FLEETSYNC_CONFIG): any sync flag by its long name, e.g. asg, source, releases, batch; flags override it.
+
+s3://BUCKET/.fleetsync/locks/GROUP.json: the fleet lock (fleetsync lock show).
+
+SOURCE/.fleetsync/: the release store: manifests, packs, the latest and deployed pointers, the deploy history.";
+
 fn man(dir: &std::path::Path) -> anyhow::Result<i32> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
         .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    let exit_status = EXIT_CODES.split_once('\n').map_or(EXIT_CODES, |(_, codes)| codes);
+    let page = dir.join("fleetsync.1");
+    fleetsync::man::add_sections(
+        &page,
+        &[
+            Section { title: "EXAMPLES", text: MAN_EXAMPLES },
+            Section { title: "FILES", text: MAN_FILES },
+            Section { title: "EXIT STATUS", text: exit_status },
+            Section { title: "SEE ALSO", text: "fleetsync-agent(1), fleetsync-sync(1), fleetsync-doctor(1); docs/ in the repository." },
+        ],
+    )
+    .with_context(|| format!("writing {}", page.display()))?;
     Ok(exit::OK)
 }
 

@@ -6,7 +6,13 @@ the bench tree, the pull at the agent's default (low) priority and at
 `--priority normal`, on the same cores. Prints the ratios to the idle p99
 and the pulls' times against the un-niced pull's.
 
-    infra/local/bench web [--files 10000] [--clients 8] [--idle 10]
+    infra/local/bench web [--files 10000] [--clients 8] [--idle 10] [--repeat 5]
+
+Each pull runs --repeat times (low and normal priority taking turns, so
+that drift over the run hits both alike); a phase's latencies are those of
+every request that ran wholly inside one of its pulls, and its pull time
+is their median. One pull is a few seconds and a few hundred requests, too
+few for a p99 on its own.
 
 Run by infra/local/bench (which starts the S3 server and builds the
 release binaries: FLEETSYNC_AGENT, FLEETSYNC_BASTION).
@@ -24,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import gentree  # noqa: E402
 
-# About 20 ms of CPU per request: hashing, not sleeping.
+# About 10 ms of CPU per request here (185 a second on 2 cores): hashing, not sleeping.
 PAGE = "<?php $x = 'fleetsync'; for ($i = 0; $i < 60000; $i++) { $x = sha1($x); } echo 'release=bench ', $x, \"\\n\";\n"
 
 
@@ -64,7 +70,8 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--idle", type=float, default=10, help="seconds of idle load measured")
+    ap.add_argument("--idle", type=float, default=20, help="seconds of idle load measured")
+    ap.add_argument("--repeat", type=int, default=5, help="pulls per phase")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     bucket = "webbench"
@@ -96,38 +103,47 @@ def main():
         time.sleep(2)  # OPcache and the workers warm
         t0 = time.time()
         time.sleep(a.idle)
-        phases = [("idle", t0, time.time(), None)]
+        phases = {"idle": ([(t0, time.time())], [])}
         for kind in ("cold", "1%"):
-            for priority in ("low", "normal"):
-                node = tempfile.mkdtemp(dir=a.work)
-                dest, state = os.path.join(node, "www"), os.path.join(node, "state")
-                if kind == "1%":
-                    # v1 first (timed apart from the measurement), then v2.
-                    pull(dest, state, source, "v1", "normal")
+            for rep in range(a.repeat):
+                for priority in (("low", "normal") if rep % 2 == 0 else ("normal", "low")):
+                    node = tempfile.mkdtemp(dir=a.work)
+                    dest, state = os.path.join(node, "www"), os.path.join(node, "state")
+                    if kind == "1%":
+                        # v1 first (timed apart from the measurement), then v2.
+                        pull(dest, state, source, "v1", "normal")
+                        time.sleep(1)
+                        start, end = pull(dest, state, source, "v2", priority)
+                    else:
+                        start, end = pull(dest, state, source, "v1", priority)
+                    windows, times = phases.setdefault(f"{kind} pull, priority {priority}", ([], []))
+                    windows.append((start, end))
+                    times.append(end - start)
+                    subprocess.run(["rm", "-rf", node], check=True)
                     time.sleep(1)
-                    start, end = pull(dest, state, source, "v2", priority)
-                else:
-                    start, end = pull(dest, state, source, "v1", priority)
-                phases.append((f"{kind} pull, priority {priority}", start, end, end - start))
-                time.sleep(1)
     finally:
         visitors.stdin.close()
         visitors.wait()
         server.stdin.close()
         server.wait()
 
-    idle = latencies(log, phases[0][1], phases[0][2])
-    p50_idle, p99_idle = percentile(idle, 50), percentile(idle, 99)
-    normal = {k.split(",")[0]: d for k, _, _, d in phases if d and k.endswith("normal")}
-    print(f"# A PHP page of ~20 ms CPU, {a.clients} clients saturating PHP-FPM, {os.cpu_count()} cores; pulls of {a.files} files")
-    print(f"{'phase':32} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99 / idle':>10} {'pull s':>8} {'pull / normal':>13}")
-    for name, start, end, dur in phases:
-        xs = latencies(log, start, end)
-        p50, p99 = percentile(xs, 50), percentile(xs, 99)
-        pull_s = f"{dur:.2f}" if dur else "-"
-        vs = f"{dur / normal[name.split(',')[0]]:.2f}x" if dur else "-"
-        print(f"{name:32} {len(xs):>8} {p50:>8.1f} {p99:>8.1f} {p99 / p99_idle:>9.2f}x {pull_s:>8} {vs:>13}")
+    def phase(name):
+        windows, times = phases[name]
+        xs = [x for start, end in windows for x in latencies(log, start, end)]
+        return xs, (statistics.median(times) if times else None)
 
+    idle, _ = phase("idle")
+    p99_idle = percentile(idle, 99)
+    print(f"# A CPU-bound PHP page (hashing), {a.clients} clients on PHP-FPM, {os.cpu_count()} cores; "
+          f"pulls of {a.files} files, {a.repeat} of each, medians")
+    print(f"{'phase':32} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99 / idle':>10} {'pull s':>8} {'pull / normal':>13}")
+    for name in phases:
+        xs, dur = phase(name)
+        p50, p99 = percentile(xs, 50), percentile(xs, 99)
+        normal = phase(name.split(",")[0] + ", priority normal")[1] if dur else None
+        pull_s = f"{dur:.2f}" if dur else "-"
+        vs = f"{dur / normal:.2f}x" if dur else "-"
+        print(f"{name:32} {len(xs):>8} {p50:>8.1f} {p99:>8.1f} {p99 / p99_idle:>9.2f}x {pull_s:>8} {vs:>13}")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,67 @@
+//! The man pages' hand-written sections (EXAMPLES, FILES, EXIT STATUS,
+//! SEE ALSO), added to the pages clap_mangen generates from the flags: the
+//! flags document themselves, these sections do not come from them. Both
+//! binaries' hidden `man DIR` commands call [`add_sections`] on their top
+//! page; the packages ship the result.
+
+use std::path::Path;
+
+/// One section: its title and its text. Text is paragraphs separated by
+/// blank lines; a paragraph whose lines start with two spaces is shown as
+/// is (commands), any other is filled.
+pub struct Section<'a> {
+    pub title: &'a str,
+    pub text: &'a str,
+}
+
+/// Appends `sections` to the roff page at `page`.
+pub fn add_sections(page: &Path, sections: &[Section]) -> std::io::Result<()> {
+    let mut roff = std::fs::read_to_string(page)?;
+    for s in sections {
+        roff.push_str(&render(s));
+    }
+    std::fs::write(page, roff)
+}
+
+fn render(s: &Section) -> String {
+    let mut out = format!(".SH \"{}\"\n", s.title);
+    for para in s.text.trim_matches('\n').split("\n\n") {
+        let literal = para.lines().all(|l| l.starts_with("  "));
+        out.push_str(if literal { ".PP\n.nf\n" } else { ".PP\n" });
+        for line in para.lines() {
+            out.push_str(&escape(if literal { line } else { line.trim() }));
+            out.push('\n');
+        }
+        if literal {
+            out.push_str(".fi\n");
+        }
+    }
+    out
+}
+
+/// Text as roff reads it literally: backslashes doubled, a line that
+/// would start with a control character (`.` or `'`) guarded, dashes kept
+/// as the ASCII hyphen-minus that flags are typed with.
+fn escape(line: &str) -> String {
+    let body = line.replace('\\', "\\e").replace('-', "\\-");
+    if body.starts_with(['.', '\'']) {
+        format!("\\&{body}")
+    } else {
+        body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_stay_as_typed_and_text_cannot_become_a_roff_request() {
+        let s = Section { title: "EXAMPLES", text: "Deploy:\n\n  fleetsync sync --asg web\n  .hidden \\ back\n\n.SH not a request" };
+        let roff = render(&s);
+        assert!(roff.starts_with(".SH \"EXAMPLES\"\n.PP\nDeploy:\n.PP\n.nf\n"), "{roff}");
+        assert!(roff.contains("  fleetsync sync \\-\\-asg web\n"), "{roff}");
+        assert!(roff.contains("\n  .hidden \\e back\n"), "{roff}");
+        assert!(roff.contains("\n\\&.SH not a request\n"), "{roff}");
+    }
+}
