@@ -14,6 +14,30 @@ pub struct Section<'a> {
     pub text: &'a str,
 }
 
+/// What each command's top page adds to clap's: EXAMPLES, FILES, EXIT
+/// STATUS (from the help's "Exit codes:" text, its first line dropped)
+/// and SEE ALSO.
+pub struct Extra<'a> {
+    pub examples: &'a str,
+    pub files: &'a str,
+    pub exit_codes: &'a str,
+    pub see_also: &'a str,
+}
+
+/// Appends `extra`'s sections to the roff page at `page`.
+pub fn add_extra(page: &Path, extra: &Extra) -> std::io::Result<()> {
+    let exit_status = extra.exit_codes.split_once('\n').map_or(extra.exit_codes, |(_, codes)| codes);
+    add_sections(
+        page,
+        &[
+            Section { title: "EXAMPLES", text: extra.examples },
+            Section { title: "FILES", text: extra.files },
+            Section { title: "EXIT STATUS", text: exit_status },
+            Section { title: "SEE ALSO", text: extra.see_also },
+        ],
+    )
+}
+
 /// Appends `sections` to the roff page at `page`.
 pub fn add_sections(page: &Path, sections: &[Section]) -> std::io::Result<()> {
     let mut roff = std::fs::read_to_string(page)?;

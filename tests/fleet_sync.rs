@@ -165,21 +165,20 @@ async fn dry_run_names_the_nodes_the_command_and_the_lock_and_changes_nothing() 
     let b = Bucket::new("fleetdry").await;
     b.put("app/index.php", b"<?php").await;
     let (asg, nodes) = Nodes::group("dry", 2);
-    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["sync", "--via", "ssh", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--dry-run"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let dry_run = |verb: &str| {
+        let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+            .args([verb, "--via", "ssh", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--dry-run"])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, stdout) = dry_run("sync");
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("would run on 2 nodes over ssh: fleetsync-agent pull"), "{stdout}");
     assert!(stdout.contains("is free") && stdout.matches("\n  sync i-").count() == 2, "{stdout}");
     // A rollback's dry run says rollback, node by node.
-    let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["rollback", "--via", "ssh", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--dry-run"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let (code, stdout) = dry_run("rollback");
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("fleetsync-agent rollback") && stdout.matches("\n  rollback i-").count() == 2, "{stdout}");
     for (_, root) in nodes.list() {
         assert!(!root.join("www").exists());

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use fleetsync::man::Section;
+use fleetsync::man::Extra;
 use fleetsync::pull::{DEFAULT_CONCURRENCY, DEFAULT_STATE_DIR};
 use fleetsync::{exit, ClientOptions, IfBusy, PullOptions, PullReport, S3Url};
 
@@ -43,6 +43,8 @@ struct Cli {
     exit_with_stdin: bool,
 }
 
+// Parsed once per process: pull's many flags in place cost nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Make DEST match the source: download what changed, delete what was removed.
@@ -534,18 +536,14 @@ fn man(dir: &std::path::Path) -> anyhow::Result<i32> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
         .with_context(|| format!("writing man pages into {}", dir.display()))?;
-    let exit_status = EXIT_CODES.split_once('\n').map_or(EXIT_CODES, |(_, codes)| codes);
     let page = dir.join("fleetsync-agent.1");
-    fleetsync::man::add_sections(
-        &page,
-        &[
-            Section { title: "EXAMPLES", text: MAN_EXAMPLES },
-            Section { title: "FILES", text: MAN_FILES },
-            Section { title: "EXIT STATUS", text: exit_status },
-            Section { title: "SEE ALSO", text: "fleetsync(1), fleetsync-agent-pull(1); docs/agent.md in the repository." },
-        ],
-    )
-    .with_context(|| format!("writing {}", page.display()))?;
+    let extra = Extra {
+        examples: MAN_EXAMPLES,
+        files: MAN_FILES,
+        exit_codes: EXIT_CODES,
+        see_also: "fleetsync(1), fleetsync-agent-pull(1); docs/agent.md in the repository.",
+    };
+    fleetsync::man::add_extra(&page, &extra).with_context(|| format!("writing {}", page.display()))?;
     Ok(exit::OK)
 }
 

@@ -37,7 +37,7 @@ use crate::deploy::{Deploy, Ended, Releases};
 use crate::progress::log;
 use crate::trigger::{Action, AddressChoice, AgentCall, Via};
 use crate::values::{Limit, Seconds};
-use fleetsync::man::Section;
+use fleetsync::man::Extra;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -524,8 +524,13 @@ impl SyncArgs {
         self.health_url = self.health_url.take().or(file.health_url.clone());
         self.health_timeout = self.health_timeout.or(file.health_timeout);
         self.rollback_on_failure |= file.rollback_on_failure.unwrap_or(false);
-        let release_only =
-            [self.release_id.is_some(), self.keep.is_some(), self.after_switch.is_some(), self.health_url.is_some(), self.rollback_on_failure];
+        let release_only = [
+            self.release_id.is_some(),
+            self.keep.is_some(),
+            self.after_switch.is_some(),
+            self.health_url.is_some(),
+            self.rollback_on_failure,
+        ];
         if !self.releases && release_only.iter().any(|set| *set) {
             return Err(fleetsync::Error::Config(
                 "--release-id, --keep, --after-switch, --health-url and --rollback-on-failure apply to release mode: add --releases".into(),
@@ -704,18 +709,14 @@ fn man(dir: &std::path::Path) -> anyhow::Result<i32> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
         .with_context(|| format!("writing man pages into {}", dir.display()))?;
-    let exit_status = EXIT_CODES.split_once('\n').map_or(EXIT_CODES, |(_, codes)| codes);
     let page = dir.join("fleetsync.1");
-    fleetsync::man::add_sections(
-        &page,
-        &[
-            Section { title: "EXAMPLES", text: MAN_EXAMPLES },
-            Section { title: "FILES", text: MAN_FILES },
-            Section { title: "EXIT STATUS", text: exit_status },
-            Section { title: "SEE ALSO", text: "fleetsync-agent(1), fleetsync-sync(1), fleetsync-doctor(1); docs/ in the repository." },
-        ],
-    )
-    .with_context(|| format!("writing {}", page.display()))?;
+    let extra = Extra {
+        examples: MAN_EXAMPLES,
+        files: MAN_FILES,
+        exit_codes: EXIT_CODES,
+        see_also: "fleetsync-agent(1), fleetsync-sync(1), fleetsync-doctor(1); docs/ in the repository.",
+    };
+    fleetsync::man::add_extra(&page, &extra).with_context(|| format!("writing {}", page.display()))?;
     Ok(exit::OK)
 }
 

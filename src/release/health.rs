@@ -44,7 +44,9 @@ pub struct HealthReport {
 /// (usually the node's own web server, e.g. http://127.0.0.1/health).
 pub fn parse(url: &str) -> Result<hyper::Uri> {
     let refuse = |why: &str| {
-        Error::Config(format!("--health-url {url:?} {why}: give an http:// or https:// URL the node can reach, e.g. http://127.0.0.1/health"))
+        Error::Config(format!(
+            "--health-url {url:?} {why}: give an http:// or https:// URL the node can reach, e.g. http://127.0.0.1/health"
+        ))
     };
     let uri: hyper::Uri = url.parse().map_err(|_| refuse("is not a URL"))?;
     match uri.scheme_str() {

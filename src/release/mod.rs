@@ -32,8 +32,8 @@
 mod assets;
 mod fetch;
 mod from_listing;
-pub mod health;
 mod from_store;
+pub mod health;
 mod hook;
 mod layout;
 mod shared;
