@@ -24,6 +24,14 @@ pub struct Extra<'a> {
     pub see_also: &'a str,
 }
 
+/// Writes a command's man pages into `dir`: `generate` writes clap's (one
+/// per command), then the top page `top` gets `extra`'s sections.
+pub fn write(dir: &Path, top: &str, extra: &Extra, generate: impl FnOnce(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    generate(dir)?;
+    add_extra(&dir.join(top), extra)
+}
+
 /// Appends `extra`'s sections to the roff page at `page`.
 pub fn add_extra(page: &Path, extra: &Extra) -> std::io::Result<()> {
     let exit_status = extra.exit_codes.split_once('\n').map_or(extra.exit_codes, |(_, codes)| codes);

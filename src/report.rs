@@ -284,7 +284,7 @@ pub struct ReleaseReport {
     pub after_switch: Option<HookReport>,
     /// The health check after the switch (`--health-url`), when one ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<crate::release::health::HealthReport>,
+    pub health: Option<HealthReport>,
     /// The after-switch command or the health check failed and the
     /// previous release is live again.
     pub rolled_back: bool,
@@ -298,6 +298,21 @@ pub struct ReleaseReport {
     /// Assets of the release before carried into this one (`--keep-assets`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub kept_assets: u64,
+}
+
+/// How the health check after a switch went (`--health-url`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub url: String,
+    pub ok: bool,
+    /// The last answer's HTTP status, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub attempts: u32,
+    pub duration_ms: u64,
+    /// Why the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// How a hook command went (`--before-switch`, `--after-switch`).

@@ -330,6 +330,26 @@ async fn a_pull_runs_at_low_priority_unless_told_otherwise_and_its_hooks_as_star
     assert_eq!(code, 0, "{stderr}");
     let got = read(&node.dest.join("current/priority.txt"));
     assert!(got.starts_with(&format!("{own} ")) && got.trim().ends_with(&format!("| {own}")), "as started (nice {own}): {got}");
+
+    // One thread (a one-core node at low priority): the in-place planner
+    // holds a blocking thread for the whole listing while the downloads
+    // need more (a DNS lookup each, against a named endpoint; this world's
+    // endpoints are addresses, so here it is the file writes); the pull
+    // must still finish.
+    b.put_tree("plain/", &common::sample_tree(300, 9)).await;
+    let one = Node::new();
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg(common::agent_bin())
+        .args(["pull", &b.url("plain"), "--dest"])
+        .arg(&one.dest)
+        .arg("--state-dir")
+        .arg(&one.state)
+        .args(["--threads", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    common::assert_tree(&one.dest, &common::sample_tree(300, 9));
 }
 
 /// `--health-url`: after the switch the node asks the release it serves
@@ -367,6 +387,14 @@ async fn a_release_that_fails_its_health_check_fails_the_pull_and_is_rolled_back
     assert!(r["error"].as_str().unwrap().contains("health check") && r["error"].as_str().unwrap().contains("good is live again"), "{r}");
     assert_eq!(std::fs::read_link(node.dest.join("current")).unwrap(), Path::new("releases/good"));
     assert_eq!(common::http_get(&port, "/health.php"), (200, b"ok".to_vec()), "the good release serves again");
+    // A pull that finds its release live already asks it too: a re-run of
+    // a failed deploy must not call the node healthy (a 404 is not).
+    let missing = format!("http://127.0.0.1:{port}/no-such-page.php");
+    let (code, r, _) = pull(&node, &source, &["--release-id", "good", "--health-url", &missing, "--health-timeout", "1s"]);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["release"]["health"]["status"], 404, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("live already"), "{r}");
+    assert_eq!(std::fs::read_link(node.dest.join("current")).unwrap(), Path::new("releases/good"), "nothing switched");
     server.stop();
 
     // Nothing answers at all: refused connections, named.

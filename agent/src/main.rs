@@ -18,6 +18,9 @@ mod progress;
 
 use config::{AgentConfig, Mode};
 
+/// Blocking-pool threads beyond the working ones (see the runtime's setup).
+const WAITING_BLOCKING_TASKS: usize = 4;
+
 const EXIT_CODES: &str = "\
 Exit codes:
   0  ok: DEST matches the source
@@ -145,7 +148,7 @@ struct PullArgs {
     #[arg(long, value_name = "CMD")]
     after_switch: Option<String>,
     /// Release mode: after each switch (and --after-switch), GET this URL on
-    /// the node, e.g. http://127.0.0.1/health, until it answers 2xx or 3xx;
+    /// the node, e.g. http://127.0.0.1/health, until it answers 2xx (a redirect is not followed);
     /// when it does not within --health-timeout the pull fails (exit 1).
     #[arg(long, value_name = "URL")]
     health_url: Option<String>,
@@ -429,12 +432,16 @@ fn try_main() -> anyhow::Result<i32> {
     // a good share of the cores however low each is. At low priority the
     // pull therefore runs on one thread per core, workers and blocking
     // pool alike (measured in BENCHMARKS.md, "What a pull costs a serving
-    // web server"); --threads sets another count.
+    // web server"); --threads sets another count. The blocking pool gets
+    // a few threads more than that: some of its tasks wait rather than
+    // work (the in-place planner holds one for the whole listing, each DNS
+    // lookup takes one), and a pool of one would leave them waiting on
+    // each other on a one-core node.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let cap = threads.filter(|n| *n > 0).or((priority == fleetsync::priority::Priority::Low).then_some(cores));
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cap {
-        runtime.worker_threads(n).max_blocking_threads(n);
+        runtime.worker_threads(n).max_blocking_threads(n + WAITING_BLOCKING_TASKS);
     }
     let runtime = runtime.enable_all().build().context("starting the async runtime")?;
     match cli.command {
@@ -533,17 +540,14 @@ DEST/current, DEST/releases/ID/, DEST/shared/: the live release (a symlink), the
 fleetsync-agent.service, fleetsync-agent.timer: the boot pull and the five-minute timer.";
 
 fn man(dir: &std::path::Path) -> anyhow::Result<i32> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
-        .with_context(|| format!("writing man pages into {}", dir.display()))?;
-    let page = dir.join("fleetsync-agent.1");
     let extra = Extra {
         examples: MAN_EXAMPLES,
         files: MAN_FILES,
         exit_codes: EXIT_CODES,
         see_also: "fleetsync(1), fleetsync-agent-pull(1); docs/agent.md in the repository.",
     };
-    fleetsync::man::add_extra(&page, &extra).with_context(|| format!("writing {}", page.display()))?;
+    fleetsync::man::write(dir, "fleetsync-agent.1", &extra, |dir| clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir))
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
     Ok(exit::OK)
 }
 

@@ -127,12 +127,10 @@ pub async fn run(d: Doctor, sdk: &aws_types::SdkConfig, s3: &fleetsync::source::
         checks.skip("group", "needs credentials");
         Vec::new()
     };
-    if let Transport::Ssm(ssm) = &transport {
-        if checks.passed("credentials") {
-            document(&mut checks, &ssm.client, &ssm.document).await;
-        } else {
-            checks.skip("ssm-document", "needs credentials");
-        }
+    match &transport {
+        Transport::Ssm(ssm) if checks.passed("credentials") => document(&mut checks, &ssm.client, &ssm.document).await,
+        Transport::Ssm(_) => checks.skip("ssm-document", "needs credentials"),
+        Transport::Ssh(_) => checks.skip("ssm-document", "--via ssh: no SSM document is used"),
     }
     let progress = Progress::new(targets.len());
     let reachable = !targets.is_empty() && (matches!(transport, Transport::Ssh(_)) || checks.passed("ssm-document"));
@@ -236,7 +234,10 @@ async fn document(checks: &mut Checks, ssm: &aws_sdk_ssm::Client, name: &str) {
             let version = doc.and_then(|d| d.document_version()).unwrap_or("?");
             let default = doc.and_then(|d| d.default_version()).unwrap_or("?");
             let params: Vec<&str> = doc.map(|d| d.parameters().iter().filter_map(|p| p.name()).collect()).unwrap_or_default();
-            let lacking: Vec<&str> = ["manifest", "dryRun"].into_iter().filter(|p| !params.contains(p)).collect();
+            // Every parameter this bastion may send (an older document
+            // refuses a command that names one it lacks).
+            let lacking: Vec<&str> =
+                ["manifest", "dryRun", "healthUrl", "healthTimeout"].into_iter().filter(|p| !params.contains(p)).collect();
             let detail = format!("{name}, version {version} (the bastion sends $LATEST; default {default})");
             if lacking.is_empty() {
                 checks.ok("ssm-document", detail);
@@ -381,34 +382,46 @@ async fn node_reads_store(checks: &mut Checks, fleet: &mut Fleet<'_>, asg: &str,
     }
 }
 
+/// The launch hook the templates make and the bootstrap completes.
+const LAUNCH_HOOK: &str = "fleetsync-first-pull";
+
 /// The launch hook that keeps an instance out of service until its first
 /// pull: without it, a scale-out serves an empty DEST.
 async fn launch_hook(checks: &mut Checks, sdk: &aws_types::SdkConfig, asg: &str) {
     let client = aws_sdk_autoscaling::Client::new(sdk);
     match client.describe_lifecycle_hooks().auto_scaling_group_name(asg).send().await {
         Ok(out) => {
-            let launching: Vec<String> = out
-                .lifecycle_hooks()
-                .iter()
-                .filter(|h| h.lifecycle_transition() == Some("autoscaling:EC2_INSTANCE_LAUNCHING"))
-                .map(|h| {
-                    format!(
-                        "{} ({} after {} s)",
-                        h.lifecycle_hook_name().unwrap_or("?"),
-                        h.default_result().unwrap_or("?"),
-                        h.heartbeat_timeout().unwrap_or_default()
-                    )
-                })
-                .collect();
-            if launching.is_empty() {
-                checks.bad(
+            let launching: Vec<_> =
+                out.lifecycle_hooks().iter().filter(|h| h.lifecycle_transition() == Some("autoscaling:EC2_INSTANCE_LAUNCHING")).collect();
+            let ours = launching.iter().find(|h| h.lifecycle_hook_name() == Some(LAUNCH_HOOK));
+            let describe = |h: &aws_sdk_autoscaling::types::LifecycleHook| {
+                format!(
+                    "{} ({} after {} s)",
+                    h.lifecycle_hook_name().unwrap_or("?"),
+                    h.default_result().unwrap_or("?"),
+                    h.heartbeat_timeout().unwrap_or_default()
+                )
+            };
+            match ours {
+                Some(h) if h.default_result() == Some("ABANDON") => checks.ok("launch-hook", describe(h)),
+                Some(h) => checks.bad(
+                    "launch-hook",
+                    Verdict::Warning,
+                    format!("{}: an instance whose first pull never answers enters service anyway", describe(h)),
+                    "set the hook's DefaultResult to ABANDON (the templates do)",
+                ),
+                None => checks.bad(
                     "launch-hook",
                     Verdict::Failed,
-                    format!("{asg} has no launch lifecycle hook: a new instance enters service before its first pull"),
+                    match launching.len() {
+                        0 => format!("{asg} has no launch lifecycle hook: a new instance enters service before its first pull"),
+                        _ => format!(
+                            "{asg} has no {LAUNCH_HOOK} hook (the bootstrap completes that one; it has {})",
+                            launching.iter().map(|h| h.lifecycle_hook_name().unwrap_or("?")).collect::<Vec<_>>().join(", ")
+                        ),
+                    },
                     "once the launch template runs the bootstrap, update the existing-group stack with LaunchHook=true (docs/existing-group.md, step 5)",
-                );
-            } else {
-                checks.ok("launch-hook", launching.join(", "));
+                ),
             }
         }
         Err(e) => checks.bad(

@@ -220,7 +220,7 @@ struct SyncArgs {
     #[arg(long, value_name = "CMD")]
     after_switch: Option<String>,
     /// Release mode: after its switch each node GETs this URL itself (e.g.
-    /// http://127.0.0.1/health) until it answers 2xx or 3xx; when it does
+    /// http://127.0.0.1/health) until it answers 2xx; when it does
     /// not within --health-timeout, the node failed.
     #[arg(long, value_name = "URL")]
     health_url: Option<String>,
@@ -706,17 +706,14 @@ s3://BUCKET/.fleetsync/locks/GROUP.json: the fleet lock (fleetsync lock show).
 SOURCE/.fleetsync/: the release store: manifests, packs, the latest and deployed pointers, the deploy history.";
 
 fn man(dir: &std::path::Path) -> anyhow::Result<i32> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
-        .with_context(|| format!("writing man pages into {}", dir.display()))?;
-    let page = dir.join("fleetsync.1");
     let extra = Extra {
         examples: MAN_EXAMPLES,
         files: MAN_FILES,
         exit_codes: EXIT_CODES,
         see_also: "fleetsync-agent(1), fleetsync-sync(1), fleetsync-doctor(1); docs/ in the repository.",
     };
-    fleetsync::man::add_extra(&page, &extra).with_context(|| format!("writing {}", page.display()))?;
+    fleetsync::man::write(dir, "fleetsync.1", &extra, |dir| clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir))
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
     Ok(exit::OK)
 }
 

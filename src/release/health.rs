@@ -5,8 +5,9 @@
 //! pointing at the old release) fails the pull, and with
 //! `--rollback-on-failure` the previous release is live again.
 //!
-//! Healthy is a 2xx or 3xx answer (redirects are not followed: a redirect
-//! to a login page is the site answering). Each request may take
+//! Healthy is a 2xx answer. A redirect is not followed and does not count:
+//! nginx's usual redirect of http:// to https:// answers 301 whether PHP
+//! works or not, so the URL must name the page itself. Each request may take
 //! [`REQUEST_TIMEOUT`]; failures are retried every [`PAUSE`] until the
 //! check's own timeout (`--health-timeout`) is spent, since a web server
 //! may need a moment after a switch (PHP-FPM compiling the new release, an
@@ -14,9 +15,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
+use crate::report::HealthReport;
 
 /// Default for `--health-timeout`: how long a release has to answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,21 +24,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Between a failed request and the next.
 const PAUSE: Duration = Duration::from_secs(1);
-
-/// How the health check went, in the pull's report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HealthReport {
-    pub url: String,
-    pub ok: bool,
-    /// The last answer's HTTP status, when there was one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    pub attempts: u32,
-    pub duration_ms: u64,
-    /// Why the last attempt failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
 
 /// Checks `url` once, at start: an http:// or https:// URL with a host
 /// (usually the node's own web server, e.g. http://127.0.0.1/health).
@@ -56,7 +41,7 @@ pub fn parse(url: &str) -> Result<hyper::Uri> {
     }
 }
 
-/// Requests `url` until it answers 2xx or 3xx or `within` is spent.
+/// Requests `url` until it answers 2xx or `within` is spent.
 pub async fn check(url: &str, within: Duration) -> HealthReport {
     let t0 = Instant::now();
     let mut report = HealthReport { url: url.to_string(), ok: false, status: None, attempts: 0, duration_ms: 0, error: None };
@@ -85,7 +70,7 @@ pub async fn check(url: &str, within: Duration) -> HealthReport {
             Ok(Ok(response)) => {
                 let status = response.status();
                 report.status = Some(status.as_u16());
-                if status.is_success() || status.is_redirection() {
+                if status.is_success() {
                     report.ok = true;
                     report.error = None;
                     break;

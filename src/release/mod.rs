@@ -95,8 +95,9 @@ pub struct ReleaseOptions {
     /// How long either hook may run before it is killed, with its process
     /// group.
     pub hook_timeout: std::time::Duration,
-    /// Asked for after the switch (and after `after_switch`): the release
-    /// must answer 2xx or 3xx within `health_timeout` (see [`health`]).
+    /// Asked for after the switch (and after `after_switch`), and on a
+    /// pull that finds the release live already: it must answer 2xx within
+    /// `health_timeout` (see [`health`]).
     pub health_url: Option<String>,
     pub health_timeout: std::time::Duration,
     /// Switch back to the previous release when `after_switch` or the
@@ -371,6 +372,26 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         }
     };
     release.id = id.clone();
+
+    // A pull that finds its release live already still asks it: a re-run
+    // of a deploy whose health check failed (and did not roll back) must
+    // not report the node healthy.
+    if !release.switched && release.held.is_none() {
+        if let Some(url) = &opts.health_url {
+            if layout.current()?.as_deref() == Some(id.as_str()) {
+                let health = health::check(url, opts.health_timeout).await;
+                if !health.ok {
+                    report.exit_code = crate::exit::PARTIAL;
+                    report.status = crate::report::PullStatus::Failed;
+                    report.set_error(format!(
+                        "the health check of {url} failed ({}) on release {id}, live already",
+                        health.error.as_deref().unwrap_or("no answer")
+                    ));
+                }
+                release.health = Some(health);
+            }
+        }
+    }
 
     if release.switched {
         // What must hold once the release is live: its after-switch command
