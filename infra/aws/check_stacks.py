@@ -184,7 +184,9 @@ def existing_group(session, subnets):
 
 
 def main():
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+    # In process only: an endpoint setting (a local world's, when run from
+    # a shell that has one) would send boto3 past moto's mock to a server.
+    for k in [k for k in os.environ if k.startswith("AWS_ENDPOINT_URL") or k == "AWS_PROFILE"]:
         os.environ.pop(k, None)
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=REGION)
     # moto says "not supported" again on each later read of a stack: the
