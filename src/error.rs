@@ -91,15 +91,3 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// An error and its sources on one line, `: `-separated (the cause a user
-/// can act on, "connection refused", often sits at the bottom).
-pub fn one_line(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
-}

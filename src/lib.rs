@@ -47,7 +47,7 @@ mod state;
 pub mod store;
 mod switch;
 
-pub use error::{exit, one_line, Error, Result};
+pub use error::{exit, Error, Result};
 pub use keypath::{map_key, Entry, RelPath};
 pub use node_lock::IfBusy;
 pub use owner::Owner;

@@ -90,8 +90,13 @@ pub async fn sdk_config(opts: &ClientOptions) -> aws_config::SdkConfig {
 
 /// Builds an S3 client from the standard AWS configuration chain.
 pub async fn s3_client(opts: &ClientOptions) -> aws_sdk_s3::Client {
-    let shared = sdk_config(opts).await;
-    let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(opts.path_style).build();
+    s3_client_with(&sdk_config(opts).await, opts.path_style)
+}
+
+/// An S3 client on a configuration already loaded (the bastion's, which
+/// its AutoScaling, EC2 and SSM clients share): the chain is read once.
+pub fn s3_client_with(shared: &aws_config::SdkConfig, path_style: bool) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::from(shared).force_path_style(path_style).build();
     aws_sdk_s3::Client::from_conf(conf)
 }
 
@@ -278,7 +283,7 @@ fn credentials_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&
 
 /// An error and its sources on one line: `dispatch failure: io error:
 /// Connection refused`, without the Debug dumps the SDK's own context adds.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut parts = vec![err.to_string()];
     let mut cur = err.source();
     while let Some(e) = cur {

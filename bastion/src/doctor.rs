@@ -187,8 +187,8 @@ async fn credentials(checks: &mut Checks, sdk: &aws_types::SdkConfig) {
         Err(e) => checks.bad(
             "credentials",
             Verdict::Failed,
-            // The chain's message lists every provider it tried, a line each.
-            format!("none found ({})", fleetsync::one_line(&e).lines().next().unwrap_or_default().trim_end_matches(". Attempted:")),
+            // The chain's message goes on to list every provider it tried.
+            format!("none found ({})", fleetsync::source::error_chain(&e).split(". Attempted:").next().unwrap_or_default()),
             "set AWS_PROFILE (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), run `aws sso login`, or run where an instance role applies",
         ),
     }

@@ -491,6 +491,14 @@ impl FleetArgs {
         AgentCall { dest: self.dest.clone(), state_dir: self.state_dir.clone(), ..AgentCall::new(action) }
     }
 
+    /// The AWS configuration (read once) and an S3 client on it.
+    async fn clients(&self) -> (aws_types::SdkConfig, fleetsync::source::S3Client) {
+        let opts = self.aws.client_options();
+        let sdk = fleetsync::source::sdk_config(&opts).await;
+        let s3 = fleetsync::source::s3_client_with(&sdk, opts.path_style);
+        (sdk, s3)
+    }
+
     /// How to reach the nodes.
     fn transport(&self, sdk: &aws_types::SdkConfig, verb: &str) -> trigger::Transport {
         match self.via() {
@@ -759,9 +767,7 @@ struct How {
 async fn deploy_and_print(args: &FleetArgs, call: AgentCall, how: How) -> anyhow::Result<i32> {
     let How { verb, rejoin, dry_run, releases, rollback_on_failure } = how;
     let source = S3Url::parse(args.source())?;
-    let client_opts = args.aws.client_options();
-    let sdk = fleetsync::source::sdk_config(&client_opts).await;
-    let s3 = fleetsync::source::s3_client(&client_opts).await;
+    let (sdk, s3) = args.clients().await;
     let d = Deploy {
         verb,
         asg: args.asg().to_string(),
@@ -827,9 +833,7 @@ async fn deploy_and_print(args: &FleetArgs, call: AgentCall, how: How) -> anyhow
 /// `status`: every node's live release, drift flagged (see `status`).
 async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let f = &args.fleet;
-    let client_opts = f.aws.client_options();
-    let sdk = fleetsync::source::sdk_config(&client_opts).await;
-    let s3 = fleetsync::source::s3_client(&client_opts).await;
+    let (sdk, s3) = f.clients().await;
     let st = status::Status {
         asg: f.asg().to_string(),
         source: f.source.as_deref().map(S3Url::parse).transpose()?,
@@ -854,9 +858,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
 /// check failed.
 async fn doctor(args: StatusArgs) -> anyhow::Result<i32> {
     let f = &args.fleet;
-    let client_opts = f.aws.client_options();
-    let sdk = fleetsync::source::sdk_config(&client_opts).await;
-    let s3 = fleetsync::source::s3_client(&client_opts).await;
+    let (sdk, s3) = f.clients().await;
     let d = doctor::Doctor {
         asg: f.asg().to_string(),
         source: f.source.as_deref().map(S3Url::parse).transpose()?,

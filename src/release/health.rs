@@ -77,7 +77,7 @@ pub async fn check(url: &str, within: Duration) -> HealthReport {
                 }
                 report.error = Some(format!("HTTP {}", status.as_u16()));
             }
-            Ok(Err(e)) => report.error = Some(crate::error::one_line(&e)),
+            Ok(Err(e)) => report.error = Some(crate::source::error_chain(&e)),
             Err(_) => report.error = Some(format!("no answer within {} ms", REQUEST_TIMEOUT.min(left).as_millis())),
         }
         if t0.elapsed() + PAUSE >= within {

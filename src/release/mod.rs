@@ -373,60 +373,47 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     };
     release.id = id.clone();
 
-    // A pull that finds its release live already still asks it: a re-run
-    // of a deploy whose health check failed (and did not roll back) must
-    // not report the node healthy.
-    if !release.switched && release.held.is_none() {
-        if let Some(url) = &opts.health_url {
-            if layout.current()?.as_deref() == Some(id.as_str()) {
-                let health = health::check(url, opts.health_timeout).await;
-                if !health.ok {
-                    report.exit_code = crate::exit::PARTIAL;
-                    report.status = crate::report::PullStatus::Failed;
-                    report.set_error(format!(
-                        "the health check of {url} failed ({}) on release {id}, live already",
-                        health.error.as_deref().unwrap_or("no answer")
-                    ));
+    // What must hold once the release is live: its after-switch command ran
+    // (after a switch), and it serves. A pull that finds its release live
+    // already asks it too: a re-run of a deploy whose health check failed
+    // (and did not roll back) must not report the node healthy. The first
+    // that fails fails the pull; only a switch is switched back.
+    let live_already =
+        !release.switched && release.held.is_none() && opts.health_url.is_some() && layout.current()?.as_deref() == Some(id.as_str());
+    let mut failed = None;
+    if let (true, Some(cmd)) = (release.switched, &opts.after_switch) {
+        let hook = hook::run(cmd, &layout, &id, release.previous.as_deref(), opts.hook_timeout).await;
+        if !hook.ok {
+            failed = Some("the after-switch command failed".to_string());
+        }
+        release.after_switch = Some(hook);
+    }
+    if let (true, None, Some(url)) = (release.switched || live_already, &failed, &opts.health_url) {
+        let health = health::check(url, opts.health_timeout).await;
+        if !health.ok {
+            failed = Some(format!("the health check of {url} failed ({})", health.error.as_deref().unwrap_or("no answer")));
+        }
+        release.health = Some(health);
+    }
+    if let Some(what) = failed {
+        let already = if live_already { ", live already" } else { "" };
+        report.exit_code = crate::exit::PARTIAL;
+        report.status = crate::report::PullStatus::Failed;
+        report.set_error(format!("{what} on release {id}{already}"));
+        if release.switched && opts.rollback_on_failure {
+            if let Some(prev) = release.previous.clone().filter(|prev| registry.get(prev).is_some()) {
+                if let Some(r) = registry.releases.iter_mut().find(|r| r.id == id) {
+                    r.rolled_back = true;
                 }
-                release.health = Some(health);
+                layout.save(&registry)?;
+                releases.switch_to(&prev)?;
+                release.rolled_back = true;
+                report.set_error(format!("{what} on release {id}; {prev} is live again"));
             }
         }
     }
 
     if release.switched {
-        // What must hold once the release is live: its after-switch command
-        // ran, and it serves. The first that fails fails the pull.
-        let mut failed = None;
-        if let Some(cmd) = &opts.after_switch {
-            let hook = hook::run(cmd, &layout, &id, release.previous.as_deref(), opts.hook_timeout).await;
-            if !hook.ok {
-                failed = Some("the after-switch command failed".to_string());
-            }
-            release.after_switch = Some(hook);
-        }
-        if let (None, Some(url)) = (&failed, &opts.health_url) {
-            let health = health::check(url, opts.health_timeout).await;
-            if !health.ok {
-                failed = Some(format!("the health check of {url} failed ({})", health.error.as_deref().unwrap_or("no answer")));
-            }
-            release.health = Some(health);
-        }
-        if let Some(what) = failed {
-            report.exit_code = crate::exit::PARTIAL;
-            report.status = crate::report::PullStatus::Failed;
-            report.set_error(format!("{what} on release {id}"));
-            if opts.rollback_on_failure {
-                if let Some(prev) = release.previous.clone().filter(|prev| registry.get(prev).is_some()) {
-                    if let Some(r) = registry.releases.iter_mut().find(|r| r.id == id) {
-                        r.rolled_back = true;
-                    }
-                    layout.save(&registry)?;
-                    releases.switch_to(&prev)?;
-                    release.rolled_back = true;
-                    report.set_error(format!("{what} on release {id}; {prev} is live again"));
-                }
-            }
-        }
         // Unregistered first, then deleted: a kill in between leaves an
         // unregistered directory, which the next pull sweeps, never a
         // half-deleted release the registry calls complete.
