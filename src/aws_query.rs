@@ -7,8 +7,8 @@
 //! answer's error XML are written here; callers read their answer's XML.
 //! Not carried over: the SDK's user-agent and invocation-id headers.
 //!
-//! Two callers, each with one or two operations of a huge generated SDK
-//! crate: the bastion's EC2 DescribeInstances (aws-sdk-ec2 alone compiled
+//! Three callers, each with one or two operations of a huge generated SDK
+//! crate: the bastion's EC2 DescribeInstances and CloudWatch DescribeAlarms (aws-sdk-ec2 alone compiled
 //! for 270 s at the end of a 9 min 52 s cold build; BENCHMARKS.md, "Build
 //! cost"), and the agent's launch lifecycle calls, so that an instance
 //! boots without the AWS CLI (aws-sdk-autoscaling must stay out of the
@@ -52,6 +52,8 @@ pub struct Service {
 pub const EC2: Service = Service { id: "EC2", signing_name: "ec2", version: "2016-11-15" };
 /// Amazon EC2 Auto Scaling.
 pub const AUTOSCALING: Service = Service { id: "Auto Scaling", signing_name: "autoscaling", version: "2011-01-01" };
+/// CloudWatch (its alarms, which a deploy watches).
+pub const CLOUDWATCH: Service = Service { id: "CloudWatch", signing_name: "monitoring", version: "2010-08-01" };
 
 /// A service's answer to a failed call: its code (`Throttling`,
 /// `ValidationError`, `InvalidInstanceID.NotFound`, ...) and message, as

@@ -394,3 +394,85 @@ async fn a_release_that_fails_its_health_check_fails_its_nodes_and_the_fleet_goe
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--health-url") && stderr.lines().count() == 1, "{stderr}");
 }
+
+/// CloudWatch (moto's) through the library's Query API client: what the
+/// alarm test needs to make an alarm and move its state.
+async fn cloudwatch(action: &str, params: &[(&str, &str)]) {
+    let sdk = fleetsync::source::sdk_config(&fleetsync::ClientOptions::default()).await;
+    let client = fleetsync::aws_query::Client::new(&sdk, &fleetsync::aws_query::CLOUDWATCH);
+    client.call(action, params).await.unwrap_or_else(|e| panic!("{action}: {e:?}"));
+}
+
+/// `sync --batch 1 --bake 30s --alarm NAME --rollback-on-failure`: an alarm
+/// that goes into ALARM once the first node runs r2 ends the bake early,
+/// no other node starts, the report names the alarm, and the fleet ends on
+/// r1. An unknown alarm, one already in ALARM, and a bake with no batch
+/// are each refused before anything is locked.
+#[tokio::test]
+async fn an_alarm_that_fires_during_the_bake_stops_the_deploy_and_the_fleet_goes_back() {
+    let g = OnR1::new("alarm", 2).await;
+    let base = g.base();
+    let alarm = format!("{}-5xx", g.asg);
+    cloudwatch(
+        "PutMetricAlarm",
+        &[
+            ("AlarmName", &alarm),
+            ("MetricName", "HTTPCode_Target_5XX_Count"),
+            ("Namespace", "AWS/ApplicationELB"),
+            ("Statistic", "Sum"),
+            ("Period", "60"),
+            ("EvaluationPeriods", "1"),
+            ("Threshold", "1"),
+            ("ComparisonOperator", "GreaterThanThreshold"),
+        ],
+    )
+    .await;
+    cloudwatch("SetAlarmState", &[("AlarmName", &alarm), ("StateValue", "OK"), ("StateReason", "quiet")]).await;
+
+    // Refused at start, each in one line, nothing locked or deployed.
+    for (extra, says) in [
+        (vec!["--alarm", "no-such-alarm"], "no alarm named no-such-alarm"),
+        (vec!["--bake", "5s", "--alarm", &alarm], "--bake waits between batches"),
+    ] {
+        let (code, _, stderr) = fleetsync(&[&["sync", "--releases"][..], &extra, &base].concat(), &g.nodes);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(says) && stderr.trim().lines().count() == 1, "{stderr}");
+    }
+
+    // The alarm fires as soon as a node runs r2 (the site's 5xx rose).
+    let roots: Vec<std::path::PathBuf> = g.nodes.list().into_iter().map(|(_, root)| root).collect();
+    let fire = tokio::spawn({
+        let (roots, alarm) = (roots.clone(), alarm.clone());
+        async move {
+            while !roots.iter().any(|r| std::fs::read_link(r.join("www/current")).is_ok_and(|l| l.ends_with("r2"))) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            cloudwatch("SetAlarmState", &[("AlarmName", &alarm), ("StateValue", "ALARM"), ("StateReason", "5xx above 1")]).await;
+        }
+    });
+    let args = [&["sync", "--releases", "--rollback-on-failure", "--batch", "1", "--bake", "30s", "--alarm", &alarm][..], &base].concat();
+    let started = Instant::now();
+    let mut deploy = fleetsync_command(&args, &g.nodes);
+    let (code, r, stderr) = tokio::task::spawn_blocking(move || common::run_report(&mut deploy)).await.unwrap();
+    fire.await.unwrap();
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    assert!(stderr.contains("batch 1 of 2 done; baking 30 s"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(25), "the bake ended when the alarm fired: {:?}", started.elapsed());
+    let said = r["alarm"].as_str().unwrap_or_default();
+    assert!(said.contains(&format!("alarm {alarm} is in ALARM: 5xx above 1")), "{r}");
+    assert_eq!(r["totals"]["ok"], 1, "{r}");
+    assert_eq!(r["totals"]["not_attempted"], 1, "the second batch never started: {r}");
+    assert_eq!((r["rolled_back"]["to"].as_str(), r["rolled_back"]["nodes"].as_u64()), (Some("r1"), Some(1)), "{r}");
+    for root in &roots {
+        assert_eq!(live(root), "releases/r1", "the fleet ends on one release");
+    }
+    common::check_fleet_schema(&r);
+
+    // Still in ALARM: the next deploy that watches it does not start.
+    let (code, _, stderr) = fleetsync(&[&["sync", "--releases", "--alarm", &alarm][..], &base].concat(), &g.nodes);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("is in ALARM: 5xx above 1") && stderr.contains("wait until it is OK"), "{stderr}");
+    for root in &roots {
+        assert_eq!(live(root), "releases/r1");
+    }
+}

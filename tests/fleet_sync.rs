@@ -455,20 +455,11 @@ async fn json_reports_match_their_schema_and_ci_gets_a_job_summary() {
     let ids = ids(&asg);
     fleet(&["health", &ids[2], "Unhealthy"]);
     let summary = tempfile::NamedTempFile::new().unwrap();
-    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/fleet-report.schema.json");
     for (source, want) in [(b.url("app"), 0), (b.url("nothing-here"), 1)] {
-        let out = deploy_command(&asg, &source, "/srv/www", &nodes, "ssh").env("GITHUB_STEP_SUMMARY", summary.path()).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(want), "{stderr}");
-        let report = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(report.path(), &out.stdout).unwrap();
-        let check = Command::new("python3")
-            .args(["-c", "import json, sys, jsonschema; jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2])))"])
-            .arg(report.path())
-            .arg(schema)
-            .output()
-            .unwrap();
-        assert!(check.status.success(), "{}\n{}", String::from_utf8_lossy(&check.stderr), String::from_utf8_lossy(&out.stdout));
+        let (code, report, stderr) =
+            common::run_report(deploy_command(&asg, &source, "/srv/www", &nodes, "ssh").env("GITHUB_STEP_SUMMARY", summary.path()));
+        assert_eq!(code, want, "{stderr}");
+        common::check_fleet_schema(&report);
     }
     let md = std::fs::read_to_string(summary.path()).unwrap();
     assert!(md.contains(&format!("### fleetsync sync of `{asg}` succeeded")), "{md}");

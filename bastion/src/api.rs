@@ -35,6 +35,8 @@ fn service_of(call: &str) -> (&'static str, &'static str) {
         ("SSM", "ssm")
     } else if call == "DescribeInstances" {
         ("EC2", "ec2")
+    } else if call == "DescribeAlarms" {
+        ("CLOUDWATCH", "monitoring")
     } else {
         ("AUTO_SCALING", "autoscaling")
     }

@@ -43,6 +43,7 @@ pub struct FileConfig {
     pub address: Option<AddressChoice>,
     pub ssh_user: Option<String>,
     pub ssh_config: Option<String>,
+    #[serde(alias = "ssh-option")]
     pub ssh_options: Option<Vec<String>>,
     pub ssh_accept_new_host_keys: Option<bool>,
     /// `sync` in release mode on the nodes.
@@ -55,6 +56,10 @@ pub struct FileConfig {
     pub health_url: Option<String>,
     pub health_timeout: Option<fleetsync::duration::Seconds>,
     pub rollback_on_failure: Option<bool>,
+    pub bake: Option<Seconds>,
+    /// `--alarm`, repeatable: `alarms = ["web-5xx"]` (`alarm` too).
+    #[serde(alias = "alarm")]
+    pub alarms: Option<Vec<String>>,
 }
 
 /// The bastion's config file, looked for in the working directory.

@@ -7,7 +7,11 @@
 //! - target (a published source, [`crate::target`]): the release the group
 //!   moves to, and its deployed pointer set to `deploying`;
 //! - trigger and collect: canaries first, then the rest in `--batch`es,
-//!   each node's agent report turned into a result; once the pass is over,
+//!   each node's agent report turned into a result. With `--bake`, each
+//!   batch (the canaries too) ends before the next starts, and the deploy
+//!   waits that long after it; the `--alarm`s ([`crate::alarms`]) are
+//!   watched from the first node to the end of the last bake, and one in
+//!   ALARM stops and fails the deploy. Once the pass is over,
 //!   the group is listed again, and instances that joined during the
 //!   deploy are synced too. When a deploy of a published source fails and
 //!   `--rollback-on-failure` is given, every node not known to run the
@@ -32,6 +36,7 @@ use fleetsync::store::fence;
 use fleetsync::store::history::{DeployRecord, NodeOutcome};
 use fleetsync::store::pointer::{self, DeployState};
 
+use crate::alarms::{self, Alarms};
 use crate::collect::{NodeResult, NodeStatus};
 use crate::discover::{self, Node};
 use crate::progress::{log, Progress};
@@ -67,6 +72,11 @@ pub struct Deploy {
     /// A failed deploy of a published source switches the fleet back to
     /// the group's previous release (see `not_on`).
     pub rollback_on_failure: bool,
+    /// `--bake`: how long to wait after each batch, watching, before the
+    /// next (zero: batches roll on as places free up).
+    pub bake: Duration,
+    /// `--alarm`: the CloudWatch alarms that fail the deploy.
+    pub alarms: Vec<String>,
 }
 
 /// What a deploy asks of a release store.
@@ -105,6 +115,9 @@ pub async fn dry_run(d: &Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> a
     d.transport.check(&d.call)?;
     let (targets, skipped) = targets(sdk, &d.asg, d.verb).await?;
     fleetsync::source::check_source(s3, &d.source).await?;
+    if !d.alarms.is_empty() {
+        Alarms::new(sdk, d.alarms.clone()).check().await?;
+    }
     let mut out = format!("would run on {} nodes over {}: {}\n", targets.len(), d.transport.name(), d.call.command_line());
     for n in &targets {
         let address = trigger::address(n, d.address).unwrap_or_else(|| "(no address)".into());
@@ -130,6 +143,10 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
     let (targets, skipped) = targets(sdk, &d.asg, d.verb).await?;
 
     fleetsync::source::check_source(s3, &d.source).await?;
+    let alarms = Alarms::new(sdk, d.alarms.clone());
+    if !d.alarms.is_empty() {
+        alarms.check().await?;
+    }
     let info = fleet_lock::LockInfo::for_this_process(&d.command, d.lease);
     let held = match fleet_lock::acquire(s3, &d.lock, info, d.lease, d.lock_wait).await {
         Ok(h) => h,
@@ -165,12 +182,15 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
     // scale-in) is failed at once, not waited for until SSM expires it.
     let watch = discover::watch(sdk, &d.asg, &targets);
     fleet.leaving = watch.leaving.clone();
+    let alarm_watch = (!d.alarms.is_empty()).then(|| alarms.watch());
+    fleet.alarm = alarm_watch.as_ref().map(alarms::Watch::fired);
     progress.note(&format!("{}: {} nodes of {} over {}", d.verb, targets.len(), d.asg, fleet.transport.name()));
 
     // Listening from here to the end: a signal during the switch back of a
     // failed deploy must cancel it too, not wait for the whole pass.
     let mut signals = Signals::listen();
-    let pass = trigger_and_collect(&fleet, sdk, &d.asg, &targets, d.canary, d.rejoin && !held.lost(), &progress);
+    let phases = Phases { canary: d.canary, bake: d.bake, rejoin: d.rejoin && !held.lost() };
+    let pass = trigger_and_collect(&fleet, sdk, &d.asg, &targets, phases, &progress);
     let Pass { results, joined, rejoin_error } = tokio::select! {
         done = pass => done,
         signal = signals.next() => {
@@ -179,10 +199,20 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
             return Ok(Ended::Interrupted);
         }
     };
+    // One last read: a deploy shorter than a poll is watched too.
+    let alarm = match alarm_watch {
+        Some(w) => w.read_now().await,
+        None => None,
+    };
+    if let Some(a) = &alarm {
+        progress.note(&format!("the deploy failed: {a}"));
+    }
+    // The switch back is not stopped by the alarm that asked for it.
+    fleet.alarm = None;
     let mut rolled_back = None;
     let mut pointer_error = None;
     if let Some(t) = target.as_mut().filter(|_| !held.lost()) {
-        let failed = results.iter().any(|r| !r.status.counts_as_done());
+        let failed = alarm.is_some() || results.iter().any(|r| !r.status.counts_as_done());
         let ended = if !failed {
             t.end(s3, DeployState::Done, false).await
         } else if t.settled_on.as_deref() == Some(t.release.as_str()) {
@@ -253,6 +283,10 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
         // Another deploy may have run meanwhile: this one cannot vouch for
         // the fleet, whatever its nodes said.
         report.lock_lost = true;
+        report.exit_code = report.exit_code.max(exit::PARTIAL);
+    }
+    if alarm.is_some() {
+        report.alarm = alarm;
         report.exit_code = report.exit_code.max(exit::PARTIAL);
     }
     if let Some(e) = pointer_error {
@@ -467,8 +501,16 @@ fn canaries(targets: &[Node], n: usize) -> (Vec<Node>, Vec<Node>) {
     (first, rest)
 }
 
+/// How the pass is split up.
+struct Phases {
+    canary: usize,
+    bake: Duration,
+    rejoin: bool,
+}
+
 /// Canaries first, then the rest; then the instances that joined during
-/// the deploy.
+/// the deploy. With a bake, the rest go in whole batches, each followed by
+/// the bake.
 ///
 /// The group is listed again only once the pass is over, never with a
 /// listing started earlier: every instance InService when the last node
@@ -480,10 +522,10 @@ async fn trigger_and_collect(
     sdk: &aws_types::SdkConfig,
     asg: &str,
     targets: &[Node],
-    canary: usize,
-    rejoin: bool,
+    phases: Phases,
     progress: &Progress,
 ) -> Pass {
+    let Phases { canary, bake, rejoin } = phases;
     let (first, rest) = canaries(targets, canary);
     let mut results = fleet.run(&first).await;
     let mut joined = Vec::new();
@@ -492,7 +534,18 @@ async fn trigger_and_collect(
         results.extend(rest.iter().map(|n| fleet.not_attempted(n, "a canary failed")));
         return Pass { results, joined, rejoin_error: None };
     }
-    results.extend(fleet.run(&rest).await);
+    if !first.is_empty() {
+        bake_after(fleet, bake, "the canaries").await;
+    }
+    if bake.is_zero() {
+        results.extend(fleet.run(&rest).await);
+    } else {
+        let batches: Vec<&[Node]> = rest.chunks(fleet.batch_size(rest.len())).collect();
+        for (i, batch) in batches.iter().enumerate() {
+            results.extend(fleet.run(batch).await);
+            bake_after(fleet, bake, &format!("batch {} of {}", i + 1, batches.len())).await;
+        }
+    }
     if !rejoin {
         return Pass { results, joined, rejoin_error: None };
     }
@@ -520,6 +573,25 @@ async fn trigger_and_collect(
         joined.extend(new);
     }
     Pass { results, joined, rejoin_error: None }
+}
+
+/// `--bake`: the wait after a batch, ended early once the deploy stops
+/// (an alarm, a lost lock, --max-errors). The alarms are watched all
+/// along; what a bake adds is the time for a release's harm to show on
+/// them before more nodes take it.
+async fn bake_after(fleet: &Fleet<'_>, bake: Duration, batch: &str) {
+    if bake.is_zero() || fleet.stop_reason().is_some() {
+        return;
+    }
+    fleet.progress.note(&format!("{batch} done; baking {} s before going on", bake.as_secs()));
+    let end = Instant::now() + bake;
+    while fleet.stop_reason().is_none() {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(Duration::from_millis(250))).await;
+    }
 }
 
 /// An interrupted deploy stops: no more nodes, what was sent is cancelled,

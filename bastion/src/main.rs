@@ -7,6 +7,7 @@
 //! (`config`).
 
 mod agent_dist;
+mod alarms;
 mod api;
 mod collect;
 mod config;
@@ -233,6 +234,17 @@ struct SyncArgs {
     /// release.
     #[arg(long)]
     rollback_on_failure: bool,
+    /// After each batch (the canaries too), wait this long before the next,
+    /// watching the --alarms: 90s, 5m. Batches then go one whole batch at a
+    /// time. Needs --batch or --canary.
+    #[arg(long, value_name = "DURATION")]
+    bake: Option<Seconds>,
+    /// A CloudWatch alarm that fails the deploy when it goes into ALARM
+    /// during the deploy or a bake (no more nodes start; with
+    /// --rollback-on-failure the fleet goes back); repeatable. Each must
+    /// exist and not be in ALARM when the deploy starts.
+    #[arg(long, value_name = "NAME")]
+    alarm: Vec<String>,
     /// Let an empty source wipe the nodes' trees (refused by default: it is
     /// usually a wrong prefix or a build not yet published).
     #[arg(long)]
@@ -532,6 +544,19 @@ impl SyncArgs {
         self.health_url = self.health_url.take().or(file.health_url.clone());
         self.health_timeout = self.health_timeout.or(file.health_timeout);
         self.rollback_on_failure |= file.rollback_on_failure.unwrap_or(false);
+        self.bake = self.bake.or(file.bake);
+        if self.alarm.is_empty() {
+            self.alarm = file.alarms.clone().unwrap_or_default();
+        }
+        if self.bake.is_some() && self.fleet.batch.is_none() && self.fleet.canary.unwrap_or(0) == 0 {
+            return Err(fleetsync::Error::Config(
+                "--bake waits between batches, and this deploy has one: give --batch N|N% (or --canary N) too".into(),
+            )
+            .into());
+        }
+        if let Some(bad) = self.alarm.iter().find(|a| a.trim().is_empty() || a.len() > 255) {
+            return Err(fleetsync::Error::Config(format!("--alarm {bad:?}: give a CloudWatch alarm's name (1 to 255 characters)")).into());
+        }
         let release_only = [
             self.release_id.is_some(),
             self.keep.is_some(),
@@ -733,6 +758,8 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
         dry_run: args.dry_run,
         releases: if args.releases { Releases::Sync(args.release_id.clone()) } else { Releases::None },
         rollback_on_failure: args.rollback_on_failure,
+        bake: args.bake.map_or(Duration::ZERO, |b| b.0),
+        alarms: args.alarm.clone(),
     };
     deploy_and_print(&args.fleet, args.agent_call(), how).await
 }
@@ -750,6 +777,8 @@ async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
         dry_run: args.dry_run,
         releases: Releases::Rollback(args.to.clone()),
         rollback_on_failure: false,
+        bake: Duration::ZERO,
+        alarms: Vec::new(),
     };
     deploy_and_print(&args.fleet, call, how).await
 }
@@ -761,11 +790,13 @@ struct How {
     dry_run: bool,
     releases: Releases,
     rollback_on_failure: bool,
+    bake: Duration,
+    alarms: Vec<String>,
 }
 
 /// Runs a deploy (or its dry run) and prints what it gave.
 async fn deploy_and_print(args: &FleetArgs, call: AgentCall, how: How) -> anyhow::Result<i32> {
-    let How { verb, rejoin, dry_run, releases, rollback_on_failure } = how;
+    let How { verb, rejoin, dry_run, releases, rollback_on_failure, bake, alarms } = how;
     let source = S3Url::parse(args.source())?;
     let (sdk, s3) = args.clients().await;
     let d = Deploy {
@@ -789,6 +820,8 @@ async fn deploy_and_print(args: &FleetArgs, call: AgentCall, how: How) -> anyhow
         rejoin,
         releases,
         rollback_on_failure,
+        bake,
+        alarms,
     };
     if dry_run {
         let (text, code) = deploy::dry_run(&d, &sdk, &s3).await?;

@@ -33,6 +33,11 @@ pub struct FleetReport {
     /// what to run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pointer_error: Option<String>,
+    /// A watched alarm (`--alarm`) went into ALARM, or could not be read,
+    /// during the deploy or its bake: which, and CloudWatch's reason. The
+    /// deploy failed on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alarm: Option<String>,
     /// A deploy of a published source: the release the group was moved to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub release: Option<String>,
@@ -102,6 +107,7 @@ impl FleetReport {
             lock_lost: false,
             rejoin_error: None,
             pointer_error: None,
+            alarm: None,
             release: None,
             rolled_back: None,
             deploy: None,
@@ -134,6 +140,9 @@ impl FleetReport {
             t.downloaded,
             fleetsync::report::human_bytes(t.bytes)
         ));
+        if let Some(a) = &self.alarm {
+            out.push_str(&format!("\nThe deploy failed on an alarm: {a}.\n"));
+        }
         if let Some(r) = &self.rolled_back {
             out.push_str(&format!("\nThe fleet was switched back to **{}** ({} nodes).\n", r.to, r.nodes));
         }
@@ -185,6 +194,9 @@ impl FleetReport {
         }
         if let Some(e) = &self.rejoin_error {
             out.push_str(&format!("\nwarning: {e}"));
+        }
+        if let Some(a) = &self.alarm {
+            out.push_str(&format!("\nthe deploy failed on an alarm: {a}"));
         }
         if let Some(r) = &self.rolled_back {
             out.push_str(&format!("\nthe deploy failed: the fleet was switched back to {} ({} nodes switched)", r.to, r.nodes));

@@ -188,7 +188,7 @@ moto_up() {
   echo $! > "$dir/moto.pid"
   disown
   export FLEETSYNC_MOTO="http://127.0.0.1:$port"
-  export AWS_ENDPOINT_URL_EC2=$FLEETSYNC_MOTO AWS_ENDPOINT_URL_AUTO_SCALING=$FLEETSYNC_MOTO
+  export AWS_ENDPOINT_URL_EC2=$FLEETSYNC_MOTO AWS_ENDPOINT_URL_AUTO_SCALING=$FLEETSYNC_MOTO AWS_ENDPOINT_URL_CLOUDWATCH=$FLEETSYNC_MOTO
   # The port every simulated instance's sshd listens on, at its own address.
   FLEETSYNC_SSH_PORT=$(free_port)
   export FLEETSYNC_SSH_PORT

@@ -254,6 +254,26 @@ pub fn run_report(cmd: &mut Command) -> (i32, serde_json::Value, String) {
     (out.status.code().unwrap(), json, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Checks a fleet report against docs/fleet-report.schema.json (with
+/// python's jsonschema, from the world's venv).
+pub fn check_fleet_schema(report: &serde_json::Value) {
+    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/fleet-report.schema.json");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), report.to_string()).unwrap();
+    let check = Command::new("python3")
+        .args(["-c", "import json, sys, jsonschema; jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2])))"])
+        .arg(file.path())
+        .arg(schema)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}
+{report}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
 /// Runs a command and parses the JSON report it printed on stdout.
 pub fn run_json(cmd: &mut Command) -> (i32, serde_json::Value, String) {
     let out = cmd.output().expect("agent runs");

@@ -202,6 +202,10 @@ pub struct Fleet<'a> {
     /// Instances that left the group during the deploy: the transport
     /// stops waiting for them (empty unless a deploy watches its group).
     pub leaving: crate::discover::Leaving,
+    /// Set once a watched alarm is in ALARM (`--alarm`): no further node
+    /// starts. `None` when no alarm is watched, and for the switch back of
+    /// a failed deploy, which the alarm must not stop.
+    pub alarm: Option<crate::alarms::Fired>,
 }
 
 impl<'a> Fleet<'a> {
@@ -227,6 +231,7 @@ impl<'a> Fleet<'a> {
             progress,
             failures: AtomicUsize::new(0),
             leaving: crate::discover::Leaving::default(),
+            alarm: None,
         }
     }
 }
@@ -261,6 +266,8 @@ impl Fleet<'_> {
             Some("the fleet lock was lost; no new nodes are started")
         } else if self.error_budget().is_some_and(|m| self.failures.load(SeqCst) > m) {
             Some("--max-errors was reached")
+        } else if self.alarm.as_ref().is_some_and(|a| a.get().is_some()) {
+            Some("a watched alarm went into ALARM; no new nodes are started")
         } else {
             None
         }
