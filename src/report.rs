@@ -71,6 +71,11 @@ pub struct Counts {
 pub struct Durations {
     pub lock_wait_ms: u64,
     pub total_ms: u64,
+    /// Release mode: from the pull's start to the switch of `current`
+    /// (what a deploy's visitors wait for); what follows it (the hooks, the
+    /// drift check of the new release, staging the next one) is not in it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub live_after_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,6 +303,10 @@ pub struct ReleaseReport {
     /// Assets of the release before carried into this one (`--keep-assets`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub kept_assets: u64,
+    /// Built from the copy of the live release staged after its switch:
+    /// only what changed was written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub staged: bool,
 }
 
 /// How the health check after a switch went (`--health-url`).

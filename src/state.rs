@@ -101,6 +101,28 @@ impl StateStore {
         Ok((store, placed))
     }
 
+    /// [`StateStore::open`] for a store whose records are at hand already
+    /// (read while something else was waited for): when it has no journal
+    /// to replay, the records are not read again.
+    pub(crate) fn open_loaded(
+        state_dir: &Path,
+        dest: &Path,
+        placed: HashMap<RelPath, Placed>,
+    ) -> Result<(StateStore, HashMap<RelPath, Placed>)> {
+        let dir = StateStore::dir_for(state_dir, dest);
+        let journal = dir.join("journal.jsonl");
+        if journal.metadata().is_ok_and(|m| m.len() > 0) || !dir.join("placed.jsonl").exists() {
+            return StateStore::open(state_dir, dest);
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&journal)
+            .map_err(|e| Error::io(format!("opening {}", journal.display()), e))?;
+        let interrupted = dir.join(IN_PROGRESS).exists();
+        Ok((StateStore { dir, journal: Mutex::new(file), dirty: Default::default(), interrupted }, placed))
+    }
+
     /// Whether the previous pull into this DEST was killed before the end.
     /// The store's directory for `dest`: one per DEST (and per release).
     pub(crate) fn dir_for(state_dir: &Path, dest: &Path) -> PathBuf {

@@ -236,7 +236,8 @@ async fn a_before_switch_command_gates_the_switch_and_what_it_writes_stays() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!((r["counts"]["deleted"].as_u64(), r["counts"]["downloaded"].as_u64()), (Some(0), Some(0)), "{r}");
     std::fs::write(live.join("public/index.php"), "tampered").unwrap();
-    let (code, r, stderr) = pull(&node, &source, &["--release-id", "r2", "--shared", "storage"]);
+    // (A full check on this pull: the last was within --verify-every.)
+    let (code, r, stderr) = pull(&node, &source, &["--release-id", "r2", "--shared", "storage", "--verify-every", "0"]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(r["counts"]["downloaded"], 1, "{r}");
     assert_eq!(read(&live.join("public/index.php")), "<?php echo 2;");

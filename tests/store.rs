@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -100,6 +101,12 @@ fn pull(node: &Node, source: &str) -> (i32, serde_json::Value, String) {
     run_json(node.agent(source).arg("--releases"))
 }
 
+/// A pull that checks the live release in full, however recent the last
+/// check (`--verify-every 0`): what the drift tests run.
+fn pull_checked(node: &Node, source: &str) -> (i32, serde_json::Value, String) {
+    run_json(node.agent(source).args(["--releases", "--verify-every", "0"]))
+}
+
 #[tokio::test]
 async fn a_no_op_pull_is_one_request_and_a_small_change_a_few() {
     let b = Bucket::new("storeops").await;
@@ -142,7 +149,10 @@ async fn a_no_op_pull_is_one_request_and_a_small_change_a_few() {
     let (code, r, stderr) = pull(&node, &b.url("app"));
     let after = b.requests();
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!((r["counts"]["downloaded"].as_u64(), r["release"]["linked"].as_u64()), (Some(5), Some(396)), "{r}");
+    // The 396 others were staged by the no-op (hard links made then): this
+    // pull wrote the 5 alone.
+    let (down, kept, staged) = (r["counts"]["downloaded"].as_u64(), r["counts"]["unchanged"].as_u64(), r["release"]["staged"].as_bool());
+    assert_eq!((down, kept, staged), (Some(5), Some(396), Some(true)), "{r}");
     let requests = (after.get + after.list + after.head) - (before.get + before.list + before.head);
     assert!(requests <= 5 + 3, "{requests} requests for 5 changed files");
     assert_eq!(after.list, before.list, "a store pull lists nothing");
@@ -1057,7 +1067,7 @@ async fn extra_files_a_removed_empty_directory_and_a_changed_symlink_in_the_live
     std::fs::remove_file(live.join("link")).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", live.join("link")).unwrap();
 
-    let (code, r, stderr) = pull(&node, &source);
+    let (code, r, stderr) = pull_checked(&node, &source);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(r["counts"]["deleted"], 3, "the planted file and two directories, each once: {r}");
     assert!(!live.join("planted.php").exists() && !live.join("junk").exists() && !live.join("junk2").exists());
@@ -1066,7 +1076,7 @@ async fn extra_files_a_removed_empty_directory_and_a_changed_symlink_in_the_live
     assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"));
 
     // Whole again: the next pull finds nothing to do.
-    let (code, r, stderr) = pull(&node, &source);
+    let (code, r, stderr) = pull_checked(&node, &source);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!((r["counts"]["deleted"].as_u64(), r["counts"]["downloaded"].as_u64()), (Some(0), Some(0)), "{r}");
 
@@ -1075,7 +1085,7 @@ async fn extra_files_a_removed_empty_directory_and_a_changed_symlink_in_the_live
     use std::os::unix::ffi::OsStrExt;
     let odd = live.join(std::ffi::OsStr::from_bytes(b"odd-\xff.php"));
     std::fs::write(&odd, b"?").unwrap();
-    let (code, r, _) = pull(&node, &source);
+    let (code, r, _) = pull_checked(&node, &source);
     assert_eq!((code, r["counts"]["deleted"].as_u64()), (1, Some(0)), "{r}");
     assert!(r["errors"][0]["error"].as_str().unwrap_or_default().contains("not UTF-8"), "{r}");
     std::fs::remove_file(&odd).unwrap();
@@ -1116,4 +1126,147 @@ async fn a_publish_whose_marker_was_taken_learns_it_from_the_renewal_and_never_r
         }
         marker.remove(&b.client, &store).await;
     }
+}
+
+/// Everything under `root` as a listing: each file with its mode and
+/// content, each directory (empty ones too), each symlink with its target;
+/// nothing followed.
+fn listing(root: &Path) -> BTreeMap<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let what = if md.file_type().is_symlink() {
+                format!("link -> {}", std::fs::read_link(&p).unwrap().display())
+            } else if md.is_dir() {
+                todo.push(p.clone());
+                "dir".to_string()
+            } else {
+                format!("file {:o} {}", md.mode() & 0o7777, String::from_utf8_lossy(&std::fs::read(&p).unwrap()))
+            };
+            out.insert(rel, what);
+        }
+    }
+    out
+}
+
+/// Work proportional to the change: after a switch the live release is
+/// checked and copied (hard links) into `releases/.next`, and the next
+/// release is built from that copy, writing only what changed: here every
+/// kind of change at once (content, mode, a file deleted, a directory
+/// gone, an empty directory gone, a symlink retargeted, a file that
+/// becomes a directory and a directory that becomes a file). The new
+/// release is exactly what was published, and the release before it keeps
+/// every byte and mode it had.
+#[tokio::test]
+async fn a_release_built_from_the_staged_copy_is_exactly_the_new_one_and_leaves_the_old_one_whole() {
+    let b = Bucket::new("storestaged").await;
+    let source = b.url("app");
+    let v1 = tempfile::tempdir().unwrap();
+    let w = |rel: &str, body: &str| {
+        let p = v1.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    };
+    for (rel, body) in [
+        ("same.php", "same"),
+        ("changed.php", "old body"),
+        ("chmod.sh", "#!/bin/sh"),
+        ("deleted.php", "gone next"),
+        ("dir/inner.php", "inner"),
+        ("x", "a file, then a directory"),
+        ("z/under.php", "a directory, then a file"),
+        ("moved-from.php", "content that moves"),
+    ] {
+        w(rel, body);
+    }
+    std::fs::create_dir_all(v1.path().join("empty")).unwrap();
+    std::os::unix::fs::symlink("same.php", v1.path().join("link")).unwrap();
+    let before = listing(v1.path());
+    assert_eq!(publish(v1.path(), &source, &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    let (code, r, stderr) = pull(&node, &source);
+    assert_eq!((code, r["release"]["switched"].as_bool()), (0, Some(true)), "{stderr}");
+    assert!(!node.dest.join("releases/.next").exists(), "not staged by the deploy");
+    let (code, _, stderr) = pull(&node, &source);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(node.dest.join("releases/.next").is_dir(), "r1 was staged by the (timer's) pull that found it live");
+
+    let v2 = tempfile::tempdir().unwrap();
+    for (rel, body) in [
+        ("same.php", "same"),
+        ("changed.php", "new body"),
+        ("chmod.sh", "#!/bin/sh"),
+        ("x/y.php", "now under a directory"),
+        ("z", "now a file"),
+        ("moved-to.php", "content that moves"),
+    ] {
+        let p = v2.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    std::fs::set_permissions(v2.path().join("chmod.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("changed.php", v2.path().join("link")).unwrap();
+    assert_eq!(publish(v2.path(), &source, &["--release-id", "r2"]).0, 0);
+    let (code, r, stderr) = pull(&node, &source);
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    assert_eq!(r["release"]["staged"], true, "built from the staged copy: {r}");
+    // Kept as staged: same.php; linked from r1: the moved content; copied
+    // (a new inode for the new mode): chmod.sh; fetched: changed.php,
+    // x/y.php and z; deleted: the five files r2 lacks.
+    let counts = |k: &str| r["counts"][k].as_u64().unwrap();
+    assert_eq!((counts("unchanged"), counts("downloaded"), counts("deleted")), (3, 3, 5), "{r}");
+    assert_eq!((r["release"]["linked"].as_u64(), r["release"]["copied"].as_u64()), (Some(1), Some(1)), "{r}");
+    assert_eq!(listing(&node.dest.join("current")), listing(v2.path()), "r2 is exactly what was published");
+    assert_eq!(listing(&node.dest.join("releases/r1")), before, "r1 keeps every byte and mode it had");
+    // And r2 is staged in turn, for the deploy after it, once checked.
+    assert_eq!(pull(&node, &source).0, 0);
+    assert!(node.dest.join("releases/.next/x/y.php").is_file());
+}
+
+/// The drift check on a schedule: a no-op within --verify-every of the
+/// last full check trusts the live release (a file rewritten under it
+/// stays as it is), the first pull after it checks and repairs. A change
+/// made under the live release after it was staged reaches the release
+/// built from the staged copy (the files share inodes); the first pull
+/// after that switch checks it and repairs it, within --verify-every.
+#[tokio::test]
+async fn drift_is_repaired_by_the_first_pull_after_verify_every_and_after_a_staged_switch() {
+    let b = Bucket::new("storeverify").await;
+    let source = b.url("app");
+    let mut tree = versioned(20, 1);
+    let (first, last) = (tree.keys().next().unwrap().clone(), tree.keys().last().unwrap().clone());
+    assert_eq!(publish(build(&tree).path(), &source, &["--release-id", "r1"]).0, 0);
+    let node = Node::new();
+    let every = ["--releases", "--verify-every", "3s"];
+    assert_eq!(run_json(node.agent(&source).args(every)).0, 0);
+    let live = node.dest.join("current");
+
+    std::fs::write(live.join(&first), "tampered").unwrap();
+    let (code, r, _) = run_json(node.agent(&source).args(every));
+    assert_eq!((code, r["counts"]["downloaded"].as_u64()), (0, Some(0)), "trusted within --verify-every: {r}");
+    assert_eq!(std::fs::read(live.join(&first)).unwrap(), b"tampered");
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, r, _) = run_json(node.agent(&source).args(every));
+    assert_eq!((code, r["counts"]["downloaded"].as_u64()), (0, Some(1)), "checked and repaired: {r}");
+    assert_eq!(std::fs::read(live.join(&first)).unwrap(), tree[&first]);
+
+    // Staged again by the pull that found r1 whole; then a file is
+    // rewritten in place under r1, and r2 changes another one.
+    let (code, _, _) = run_json(node.agent(&source).args(["--releases", "--verify-every", "0"]));
+    assert_eq!(code, 0);
+    assert!(node.dest.join("releases/.next").is_dir());
+    std::fs::OpenOptions::new().append(true).open(live.join(&first)).unwrap().write_all(b" and more").unwrap();
+    tree.insert(last.clone(), b"r2".to_vec());
+    assert_eq!(publish(build(&tree).path(), &source, &["--release-id", "r2"]).0, 0);
+    let (code, r, stderr) = run_json(node.agent(&source).args(every));
+    assert_eq!((code, r["release"]["staged"].as_bool()), (0, Some(true)), "{stderr}\n{r}");
+    assert!(std::fs::read(live.join(&first)).unwrap().ends_with(b" and more"), "carried into r2 by the shared inode");
+    let (code, r, _) = run_json(node.agent(&source).args(every));
+    assert_eq!((code, r["counts"]["downloaded"].as_u64()), (0, Some(1)), "repaired by the next pull: {r}");
+    assert_eq!(read_tree(&live), tree);
 }

@@ -59,6 +59,8 @@ pub struct AgentConfig {
     /// Release mode: globs of the live release's assets carried into the
     /// next (`--keep-assets`, which adds to these).
     pub keep_assets: Option<Vec<String>>,
+    /// Release mode: how long a full drift check is trusted (`--verify-every`).
+    pub verify_every: Option<fleetsync::duration::Seconds>,
     /// `low` (default) or `normal`: the pull's CPU and I/O priority.
     pub priority: Option<fleetsync::priority::Priority>,
     /// Threads for downloads, decompression and hashing (default: one per core).

@@ -173,6 +173,12 @@ struct PullArgs {
     /// agent.toml. Store releases only.
     #[arg(long, value_name = "GLOB")]
     keep_assets: Vec<String>,
+    /// Release mode: how long a full check of the live release for drift
+    /// (a stat per file) is trusted; a pull within it costs one request
+    /// and no stat. Every switch is followed by a check. 0 checks on every
+    /// pull [default: 15m].
+    #[arg(long, value_name = "DURATION")]
+    verify_every: Option<fleetsync::duration::Seconds>,
     /// Print one JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -229,6 +235,7 @@ impl PullArgs {
         self.owner = self.owner.take().or(cfg.owner);
         self.shared.extend(cfg.shared.unwrap_or_default());
         self.keep_assets.extend(cfg.keep_assets.unwrap_or_default());
+        self.verify_every = self.verify_every.or(cfg.verify_every);
         self.path_style |= cfg.path_style.unwrap_or(false);
         // The unit sets FLEETSYNC_METRICS_FILE; set empty (a drop-in), it
         // turns the metrics off whatever agent.toml says.
@@ -258,6 +265,7 @@ impl PullArgs {
             ("--health-timeout", self.health_timeout.is_some()),
             ("--shared", !self.shared.is_empty()),
             ("--keep-assets", !self.keep_assets.is_empty()),
+            ("--verify-every", self.verify_every.is_some()),
         ];
         if let Some((flag, _)) = release_only.iter().find(|(_, set)| *set).filter(|_| !self.releases) {
             return Err(fleetsync::Error::Config(format!(
@@ -602,6 +610,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
             rollback_on_failure: args.rollback_on_failure,
             shared,
             keep_assets,
+            verify_every: args.verify_every.map_or(fleetsync::release::DEFAULT_VERIFY_EVERY, |t| t.0),
         };
         fleetsync::pull_release(&release, observer.clone()).await
     } else {

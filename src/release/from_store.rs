@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fetch::{parse_store_etag, store_etag, Failure, Fetcher};
 use super::layout::Layout;
-use super::{assets, shared, Ctx, Registry, ReleaseInfo, ReleaseOptions, Step};
+use super::{assets, next, shared, Ctx, Registry, ReleaseInfo, ReleaseOptions, Step};
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
 use crate::report::{PullReport, ReleaseReport};
@@ -348,7 +348,26 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         // repaired against it, then registered again.
         // (A hold reaches here only once its stats were found wrong.)
         let unregistered = live && known.is_none();
-        let (ok, files) = if unregistered || hold.is_some() { (false, 0) } else { intact(ctx, &id)? };
+        let key = next::key(ctx.opts);
+        let trusted = known.as_ref().filter(|_| live && next::verified_within(ctx.layout, &id, &key, ctx.opts.verify_every));
+        let (ok, files) = if unregistered || hold.is_some() {
+            (false, 0)
+        } else if let Some(k) = trusted {
+            // Checked whole within --verify-every: trusted without a stat
+            // (see super::next for how long drift can last).
+            (true, k.files)
+        } else {
+            let (ok, files) = intact(ctx, &id)?;
+            if ok && live {
+                next::mark_verified(ctx.layout, &id, &key);
+            }
+            (ok, files)
+        };
+        if !ok && live {
+            // Repaired below: the staged copy may share what drifted.
+            next::unmark_verified(ctx.layout);
+            next::discard(ctx.layout, ctx.releases)?;
+        }
         let mut register = relabel.clone();
         let report = if ok {
             let mut report = new_report(ctx);
@@ -359,7 +378,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
             let content = content_of(ctx, &id, &manifest)?;
             let layout = Shared::prepare(ctx, &id, &manifest)?;
             let files = layout.whole.header.files;
-            let built = build(ctx, &store, &id, &Arc::new(layout.build.clone()), true).await?;
+            let built = build(ctx, &store, &id, &layout.build, Build::Repair, None).await?;
             if !live && built.report.exit_code != crate::exit::OK {
                 return Ok(Step::Incomplete { report: built.report, id, linked: 0 });
             }
@@ -389,12 +408,32 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
             (None, None) => Step::Live { report, id, register },
         });
     }
+    // The staged copy's records (a hundred thousand lines for as many
+    // files), read while the manifest downloads.
+    let preload = ctx.current.as_deref().filter(|live| next::staged_from(ctx.layout, live)).map(|_| {
+        let (state_dir, path) = (p.state_dir.clone(), ctx.layout.dir(next::NEXT));
+        tokio::task::spawn_blocking(move || StateStore::load_read_only(&state_dir, &path))
+    });
     let (manifest, digest) = with_manifest(ctx, &store, &id, manifest, digest).await?;
     let content = content_of(ctx, &id, &manifest)?;
     ctx.check_not_empty(manifest.header.files)?;
     let layout = Shared::prepare(ctx, &id, &manifest)?;
     let files = layout.whole.header.files;
-    let built = build(ctx, &store, &id, &Arc::new(layout.build.clone()), false).await?;
+    // The live release's copy staged after its switch, when there is one
+    // and nothing is to be seeded from the new release.
+    let staged = match ctx.current.as_deref() {
+        Some(live) if layout.seeds.iter().all(|s| matches!(s, shared::Seed::Ready)) => {
+            next::take(ctx.layout, ctx.releases, &p.state_dir, live, &id, &next::key(ctx.opts))?
+        }
+        _ => false,
+    };
+    ctx.staged.store(staged, std::sync::atomic::Ordering::Relaxed);
+    let how = if staged { Build::Staged } else { Build::Fresh };
+    let loaded = match preload.filter(|_| staged) {
+        Some(read) => Some(read.await.expect("reading records does not panic")?),
+        None => None,
+    };
+    let built = build(ctx, &store, &id, &layout.build, how, loaded).await?;
     if built.report.exit_code != crate::exit::OK {
         return Ok(Step::Incomplete { report: built.report, id, linked: built.linked });
     }
@@ -409,7 +448,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
 struct Shared {
     /// What the build places: shared paths' content left out (but what
     /// is still to be seeded from it), their links in its place.
-    build: Manifest,
+    build: Arc<Manifest>,
     /// The release once settled: every shared path a link. What its shape
     /// and file count are.
     whole: Manifest,
@@ -430,7 +469,7 @@ impl Shared {
         let (build, skipped) = shared::filter(m, paths, &seeds);
         let (whole, _) = shared::filter(m, paths, &vec![shared::Seed::Ready; paths.len()]);
         ctx.shared_skipped.store(skipped, std::sync::atomic::Ordering::Relaxed);
-        Ok(Shared { build, whole, seeds })
+        Ok(Shared { build: Arc::new(build), whole, seeds })
     }
 
     /// Once release `id` is built: paths seeded from it moved and linked,
@@ -520,18 +559,19 @@ fn new_report(ctx: &Ctx<'_>) -> PullReport {
 /// there are. A state store that lost records (fewer than the registry
 /// counts) is not intact.
 fn intact(ctx: &Ctx<'_>, id: &str) -> Result<(bool, u64)> {
-    let placed = StateStore::load_read_only(&ctx.opts.pull.state_dir, &ctx.layout.dir(id))?;
-    let Some(dir) = ctx.releases.read(id)? else {
+    let (opts, layout, releases, registry) = (ctx.opts, ctx.layout, ctx.releases, ctx.registry);
+    let placed = StateStore::load_read_only(&opts.pull.state_dir, &layout.dir(id))?;
+    let Some(dir) = releases.read(id)? else {
         return Ok((false, 0));
     };
-    if ctx.registry.get(id).is_some_and(|r| r.files != placed.len() as u64) {
+    if registry.get(id).is_some_and(|r| r.files != placed.len() as u64) {
         return Ok((false, placed.len() as u64));
     }
     // Built before shapes were recorded: checked against its manifest once.
-    let Some(shape) = Shape::load(&ctx.opts.pull.state_dir, &ctx.layout.dir(id)) else {
+    let Some(shape) = Shape::load(&opts.pull.state_dir, &layout.dir(id)) else {
         return Ok((false, placed.len() as u64));
     };
-    if shape.shared != ctx.opts.shared.iter().map(spec).collect::<Vec<_>>() {
+    if shape.shared != opts.shared.iter().map(spec).collect::<Vec<_>>() {
         return Ok((false, placed.len() as u64));
     }
     // The stats are most of a no-op pull's time: on every core, beside
@@ -578,27 +618,54 @@ struct Built {
     copied: u64,
 }
 
-/// Builds release `id` from its manifest: beside the live release (hard
-/// links for what did not change), or with `repair`, in place of the live
-/// release's drifted files.
-async fn build(ctx: &Ctx<'_>, store: &Store, id: &str, manifest: &Arc<Manifest>, repair: bool) -> Result<Built> {
+/// How a build starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Build {
+    /// An empty directory beside the live release: what did not change is
+    /// hard-linked from it.
+    Fresh,
+    /// The staged copy of the live release ([`super::next`]): only what
+    /// changed is removed, linked or fetched.
+    Staged,
+    /// The release itself: its drifted files replaced, what it should not
+    /// hold removed.
+    Repair,
+}
+
+/// Builds release `id` from its manifest (see [`Build`]); `loaded`: its
+/// state store's records, when they were read already.
+async fn build(
+    ctx: &Ctx<'_>,
+    store: &Store,
+    id: &str,
+    manifest: &Arc<Manifest>,
+    how: Build,
+    loaded: Option<HashMap<RelPath, Placed>>,
+) -> Result<Built> {
+    let repair = how == Build::Repair;
     let p = &ctx.opts.pull;
     let path = ctx.layout.dir(id);
     let dst = ctx.releases.build(id)?;
-    let (state, existing) = StateStore::open(&p.state_dir, &path)?;
+    let (state, existing) = match loaded {
+        Some(records) => StateStore::open_loaded(&p.state_dir, &path, records)?,
+        None => StateStore::open(&p.state_dir, &path)?,
+    };
     if state.interrupted() {
         // A repair was killed: its temporary files are beside their paths.
         let swept = dst.sweep_temps().map_err(|e| Error::io(format!("removing temporary files left in {}", path.display()), e))?;
         tracing::info!(swept, "the previous pull was interrupted; removed its temporary files");
     }
     state.mark_in_progress()?;
-    let base = match (&ctx.current, repair) {
-        (Some(cur), false) => {
+    let base = match (&ctx.current, how) {
+        (Some(cur), Build::Fresh) => {
             let placed = StateStore::load_read_only(&p.state_dir, &ctx.layout.dir(cur))?;
             ctx.releases.read(cur)?.map(|dir| (dir, placed))
         }
+        // The staged copy's records are the live release's.
+        (Some(cur), Build::Staged) => ctx.releases.read(cur)?.map(|dir| (dir, HashMap::new())),
         _ => None,
     };
+    let old_shape = if how == Build::Staged { Shape::load(&p.state_dir, &path) } else { None };
     let fetcher = Arc::new(Fetcher {
         client: ctx.client.clone(),
         store: store.clone(),
@@ -614,8 +681,12 @@ async fn build(ctx: &Ctx<'_>, store: &Store, id: &str, manifest: &Arc<Manifest>,
     let (f2, m2) = (fetcher.clone(), manifest.clone());
     // What a before-switch command wrote stays through a repair.
     let made = if repair { Shape::load(&p.state_dir, &path).map(|s| s.made).unwrap_or_default() } else { Default::default() };
-    let planned =
-        tokio::task::spawn_blocking(move || plan(&f2, &m2, base, existing, made, repair)).await.expect("planning does not panic")?;
+    let planned = tokio::task::spawn_blocking(move || match (how, old_shape) {
+        (Build::Staged, Some(old)) => Ok(plan_staged(&f2, &m2, base, existing, old)),
+        _ => plan(&f2, &m2, base, existing, made, repair),
+    })
+    .await
+    .expect("planning does not panic")?;
     ctx.observer.listing_done(manifest.header.files);
     let fetched = fetcher.fetch(&manifest.header.packs, planned.fetch).await;
 
@@ -631,9 +702,14 @@ async fn build(ctx: &Ctx<'_>, store: &Store, id: &str, manifest: &Arc<Manifest>,
     }
     report.settle();
     // The state store ends like a pull's: snapshot written, marker cleared.
+    // A staged build leaves its few records in the journal, over the
+    // staged snapshot (the next open compacts them): rewriting the whole
+    // snapshot would cost what the staging saved.
     let state = &fetcher.state;
-    let records = StateStore::load_read_only(&p.state_dir, &path)?;
-    state.compact(&records)?;
+    if how != Build::Staged {
+        let records = StateStore::load_read_only(&p.state_dir, &path)?;
+        state.compact(&records)?;
+    }
     state.clear_in_progress();
     Ok(Built { report, linked: planned.linked, copied: planned.copied })
 }
@@ -725,6 +801,117 @@ fn plan(
     Ok(out)
 }
 
+/// Applies manifest `m` to the staged copy of the live release (see
+/// [`super::next`]; `existing`: its records, the live release's, and
+/// `old`: its shape): removes what the new release does not hold as it
+/// is, then makes what it adds or changed, linked from the live release
+/// when its content is there, else left to fetch. What did not change is
+/// trusted as staged: no stat, no link, no record. Blocking.
+fn plan_staged(
+    f: &Fetcher,
+    m: &Manifest,
+    base: Option<(DestDir, HashMap<RelPath, Placed>)>,
+    existing: HashMap<RelPath, Placed>,
+    old: Shape,
+) -> Planned {
+    use std::collections::HashSet;
+    let dst = &f.dest;
+    let mut out = Planned::default();
+    // One pass over the files: kept as staged, or to place. A changed
+    // file is placed as a new inode (renamed over the staged link), never
+    // written into the one the live release shares.
+    let mut kept: HashSet<&RelPath> = HashSet::with_capacity(existing.len());
+    let mut place: Vec<&FileEntry> = Vec::new();
+    for file in m.files() {
+        // Parsed, not formatted: a hundred thousand of these.
+        match existing.get(&file.path).and_then(|p| parse_store_etag(&p.etag)) {
+            Some((hash, mode)) if hash == file.hash && mode == file.mode => {
+                kept.insert(&file.path);
+            }
+            _ => place.push(file),
+        }
+    }
+    out.unchanged = kept.len() as u64;
+    let changed: HashSet<&RelPath> = place.iter().map(|file| &file.path).collect();
+    let remove = |path: &str, out: &mut Planned| -> bool {
+        let Some(rel) = RelPath::from_stored(path) else { return false };
+        match dst.remove_any(&rel) {
+            Ok(()) => true,
+            Err(e) => {
+                out.failed.push((path.to_string(), format!("removing what the new release does not hold: {e}")));
+                false
+            }
+        }
+    };
+    // What goes: files the new release does not have, symlinks gone or
+    // retargeted, directories gone (deepest first; what they held went
+    // first).
+    for path in existing.keys().filter(|p| !kept.contains(p) && !changed.contains(p)) {
+        if remove(path.as_str(), &mut out) {
+            let _ = f.state.record_deleted(path);
+            out.deleted += 1;
+        }
+    }
+    let new_dirs: HashSet<&str> = m.entries.iter().flat_map(|e| e.path().ancestors().chain(e.dir_path())).collect();
+    let new_links: HashMap<&str, &str> = m
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Symlink { path, target } => Some((path.as_str(), target.as_str())),
+            _ => None,
+        })
+        .collect();
+    for (path, target) in &old.symlinks {
+        if new_links.get(path.as_str()) != Some(&target.as_str()) && remove(path, &mut out) && !new_links.contains_key(path.as_str()) {
+            out.deleted += 1;
+        }
+    }
+    for d in old.dirs.iter().rev().filter(|d| !d.is_empty() && !new_dirs.contains(d.as_str())) {
+        remove(d, &mut out);
+    }
+    // What comes: directories and symlinks, then the files to place,
+    // linked from the live release when their content is there.
+    let old_dirs: HashSet<&str> = old.dirs.iter().map(String::as_str).collect();
+    let seq = || f.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for e in &m.entries {
+        let result = match e {
+            Entry::Dir { path } if !old_dirs.contains(path.as_str()) => {
+                dst.make_dir(path).map_err(|e| format!("creating directory {path}: {e}"))
+            }
+            Entry::Symlink { path, target } if old.symlinks.get(path.as_str()) != Some(target) => {
+                dst.symlink(path, target, seq()).map_err(|e| format!("making symlink {path}: {e}"))
+            }
+            _ => Ok(()),
+        };
+        if let Err(why) = result {
+            out.failed.push((e.path().to_string(), why));
+        }
+    }
+    // The live release's files with the content of one to place (a file
+    // moved, or content that was elsewhere): matched by the digest's text
+    // in each record, parsed only when it matches.
+    let wanted: HashSet<String> = place.iter().map(|file| file.hash.to_string()).collect();
+    let mut index: Index = HashMap::new();
+    for (path, p) in &existing {
+        let hex = p.etag.strip_prefix("sha256:").and_then(|rest| rest.split_once(':')).map(|(hex, _)| hex);
+        if let Some((hash, mode)) = hex.filter(|hex| wanted.contains(*hex)).and_then(|_| parse_store_etag(&p.etag)) {
+            index.entry(hash).or_default().push((path.clone(), mode, p.clone()));
+        }
+    }
+    let mut base_stats = base.as_ref().map(|(dir, _)| dir.lstats());
+    for file in place {
+        match reuse(f, base.as_ref().map(|(dir, _)| dir).zip(base_stats.as_mut()), &index, file) {
+            Some(Reused::Linked) => out.linked += 1,
+            Some(Reused::Copied) => out.copied += 1,
+            None => {
+                f.observer.planned(file.size);
+                out.fetch.push(file.clone());
+            }
+        }
+    }
+    out
+}
+
 /// Repairing a release in place: removes what is on disk and not in its
 /// manifest, or there as another kind (a file where a directory belongs,
 /// a directory for a symlink): extra files and directories, whatever was
@@ -791,26 +978,26 @@ fn remove_unwanted(
 /// (an extra file, an empty directory removed, a symlink changed) needs no
 /// request and no manifest.
 #[derive(Default, Serialize, Deserialize)]
-struct Shape {
-    dirs: Vec<String>,
-    symlinks: std::collections::BTreeMap<String, String>,
+pub(super) struct Shape {
+    pub(super) dirs: Vec<String>,
+    pub(super) symlinks: std::collections::BTreeMap<String, String>,
     /// The shared paths it was laid out with (`PATH` or `PATH=TARGET`):
     /// others given now mean laying it out again.
     #[serde(default)]
-    shared: Vec<String>,
+    pub(super) shared: Vec<String>,
     /// What was made on this node and never published: what the
     /// before-switch command wrote (a config cache, compiled views) and
     /// the assets kept from the release before (`--keep-assets`). Part of
     /// the release from then on, kept by a repair, but not required (a
     /// repair cannot make it again).
     #[serde(default)]
-    made: std::collections::BTreeMap<String, Made>,
+    pub(super) made: std::collections::BTreeMap<String, Made>,
 }
 
 /// One entry made on the node (see [`Shape::made`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-enum Made {
+pub(super) enum Made {
     Dir,
     File,
     Symlink(String),
@@ -880,7 +1067,7 @@ pub(super) fn adopt_made(layout: &Layout, state_dir: &std::path::Path, id: &str)
 }
 
 /// How a shared path is recorded in a shape.
-fn spec(s: &shared::Shared) -> String {
+pub(super) fn spec(s: &shared::Shared) -> String {
     match &s.target {
         Some(t) => format!("{}={}", s.path, t.display()),
         None => s.path.to_string(),
@@ -889,21 +1076,20 @@ fn spec(s: &shared::Shared) -> String {
 
 impl Shape {
     fn of(m: &Manifest, shared: &[shared::Shared]) -> Shape {
-        let mut dirs = std::collections::BTreeSet::new();
-        let mut symlinks = std::collections::BTreeMap::new();
-        for e in &m.entries {
-            dirs.extend(e.path().ancestors().map(str::to_string));
-            match e {
-                Entry::Dir { path } => {
-                    dirs.insert(path.to_string());
-                }
-                Entry::Symlink { path, target } => {
-                    symlinks.insert(path.to_string(), target.clone());
-                }
-                Entry::File(_) => {}
-            }
-        }
-        Shape { dirs: dirs.into_iter().collect(), symlinks, shared: shared.iter().map(spec).collect(), made: Default::default() }
+        // Borrowed while collected (a directory is named by every entry
+        // under it), owned once unique.
+        let dirs: std::collections::HashSet<&str> = m.entries.iter().flat_map(|e| e.path().ancestors().chain(e.dir_path())).collect();
+        let mut dirs: Vec<String> = dirs.into_iter().map(str::to_string).collect();
+        dirs.sort_unstable();
+        let symlinks = m
+            .entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Symlink { path, target } => Some((path.to_string(), target.clone())),
+                _ => None,
+            })
+            .collect();
+        Shape { dirs, symlinks, shared: shared.iter().map(spec).collect(), made: Default::default() }
     }
 
     fn path(state_dir: &std::path::Path, release: &std::path::Path) -> std::path::PathBuf {
@@ -912,11 +1098,11 @@ impl Shape {
 
     /// The release's shape; `None` when none was recorded or it cannot be
     /// read (the release is then checked against its manifest).
-    fn load(state_dir: &std::path::Path, release: &std::path::Path) -> Option<Shape> {
+    pub(super) fn load(state_dir: &std::path::Path, release: &std::path::Path) -> Option<Shape> {
         serde_json::from_slice(&std::fs::read(Self::path(state_dir, release)).ok()?).ok()
     }
 
-    fn save(&self, state_dir: &std::path::Path, release: &std::path::Path) -> Result<()> {
+    pub(super) fn save(&self, state_dir: &std::path::Path, release: &std::path::Path) -> Result<()> {
         crate::safe_fs::write_state_file(&Self::path(state_dir, release), &serde_json::to_vec(self).expect("a shape serializes"))
     }
 

@@ -159,6 +159,13 @@ impl Releases {
         Ok(names)
     }
 
+    /// Renames release directory `from` to `to` (in `releases/`, never
+    /// over an existing directory).
+    pub(super) fn rename(&self, from: &str, to: &str) -> Result<()> {
+        rustix::fs::renameat_with(&self.dir, from, &self.dir, to, rustix::fs::RenameFlags::NOREPLACE)
+            .map_err(|e| Error::io(format!("renaming {} to {}", self.path(from).display(), self.path(to).display()), e.into()))
+    }
+
     /// Removes a release's tree (never following a symlink in it).
     pub(super) fn remove(&self, id: &str) -> Result<()> {
         safe_fs::remove_tree_at(&self.dir, id).map_err(|e| Error::io(format!("removing release {}", self.path(id).display()), e))
@@ -184,6 +191,13 @@ impl Releases {
         rustix::fs::fsync(&self.root).map_err(err)
     }
 
+    /// Writes back what is pending on DEST's file system (after staging the
+    /// next release: the next switch's own sync then waits for what that
+    /// deploy wrote alone).
+    pub(super) fn sync(&self) -> Result<()> {
+        rustix::fs::syncfs(&self.root).map_err(|e| Error::io(format!("syncing {}", self.dest.display()), e.into()))
+    }
+
     /// Removes the temporary `current` links a switch killed between its
     /// symlink and its rename left in DEST (`.current.tmp-PID`).
     fn sweep_switch_leftovers(&self) -> Result<()> {
@@ -207,6 +221,10 @@ impl Releases {
     pub(super) fn sweep_incomplete(&self, layout: &Layout, registry: &Registry, current: Option<&str>) -> Result<()> {
         self.sweep_switch_leftovers()?;
         for name in self.names()? {
+            // The staged next release stays while it copies the live one.
+            if super::next::is_next(&name) && current.is_some_and(|c| super::next::staged_from(layout, c)) {
+                continue;
+            }
             if Some(name.as_str()) != current && registry.get(&name).is_none() {
                 tracing::info!(release = %name, "removing a release that never completed (or was pruned)");
                 match self.remove(&name) {

@@ -36,6 +36,7 @@ mod from_store;
 pub mod health;
 mod hook;
 mod layout;
+mod next;
 mod shared;
 
 use std::path::Path;
@@ -108,7 +109,16 @@ pub struct ReleaseOptions {
     /// Assets of the live release carried into the new one
     /// (`--keep-assets`): see [`KeepAssets`].
     pub keep_assets: KeepAssets,
+    /// How long a full check of the live release for drift is trusted: a
+    /// pull within it stats nothing (see [`next`]); zero checks on every
+    /// pull.
+    pub verify_every: std::time::Duration,
 }
+
+/// `--verify-every` when not given: with the timer's 5 minutes (and up to
+/// 1 minute of jitter), a file changed under the live release is repaired
+/// within 21 minutes.
+pub const DEFAULT_VERIFY_EVERY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// One complete release, as the registry remembers it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -216,6 +226,8 @@ struct Ctx<'a> {
     shared_skipped: std::sync::atomic::AtomicU64,
     /// Assets of the live release carried into the new one.
     kept_assets: std::sync::atomic::AtomicU64,
+    /// The new release was built from the staged copy ([`next`]).
+    staged: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx<'_> {
@@ -298,6 +310,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         t0,
         shared_skipped: std::sync::atomic::AtomicU64::new(0),
         kept_assets: std::sync::atomic::AtomicU64::new(0),
+        staged: std::sync::atomic::AtomicBool::new(false),
     };
     let lookup =
         from_store::Lookup { opts, layout: &layout, client: &ctx.client, current: current.as_deref(), registry: &registry, remember: true };
@@ -311,6 +324,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         store,
         shared_skipped: ctx.shared_skipped.load(std::sync::atomic::Ordering::Relaxed),
         kept_assets: ctx.kept_assets.load(std::sync::atomic::Ordering::Relaxed),
+        staged: ctx.staged.load(std::sync::atomic::Ordering::Relaxed),
         ..Default::default()
     };
     let (mut report, id) = match step {
@@ -334,6 +348,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
             registry.went_live(info);
             layout.save(&registry)?;
             releases.switch_to(&id)?;
+            report.durations.live_after_ms = t0.elapsed().as_millis() as u64;
             release.switched = true;
             (report, id)
         }
@@ -350,6 +365,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
             registry.went_live(info);
             layout.save(&registry)?;
             releases.switch_to(&id)?;
+            report.durations.live_after_ms = t0.elapsed().as_millis() as u64;
             (release.created, release.switched, release.linked, release.copied) = (true, true, linked, copied);
             (report, id)
         }
@@ -413,6 +429,9 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         }
     }
 
+    if store && !release.rolled_back {
+        after_store_pull(opts, &layout, &releases, &id, release.switched, release.staged);
+    }
     if release.switched {
         // Unregistered first, then deleted: a kill in between leaves an
         // unregistered directory, which the next pull sweeps, never a
@@ -436,6 +455,42 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     }
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
     report_with(report, release, lock_wait, &layout)
+}
+
+/// What follows a store release's pull, out of the deploy's way
+/// ([`next`]):
+/// - a release built fresh went live checked (each file it shares with
+///   the release before was stat-ed as it was linked, the rest is new),
+///   which is recorded; one built from the staged copy was not looked at
+///   before its switch, and the next pull checks it in full;
+/// - a pull that found its release live and checked (by this pull, or
+///   within `--verify-every`) stages the next release from it, once: at
+///   the pull's (low) priority, on the timer's pull after a deploy rather
+///   than in the deploy, whose nodes the bastion waits for.
+///
+/// Neither can fail the pull.
+fn after_store_pull(opts: &ReleaseOptions, layout: &Layout, releases: &Releases, id: &str, switched: bool, staged: bool) {
+    let key = next::key(opts);
+    if switched {
+        if staged {
+            next::unmark_verified(layout);
+        } else {
+            next::mark_verified(layout, id, &key);
+        }
+        return;
+    }
+    if next::staged_from(layout, id) || !next::verified_within(layout, id, &key, opts.verify_every.max(std::time::Duration::from_secs(60)))
+    {
+        return;
+    }
+    let t = Instant::now();
+    match next::prepare(layout, releases, &opts.pull.state_dir, id, &key) {
+        Ok(files) => tracing::info!(release = %id, files, ms = t.elapsed().as_millis() as u64, "staged the next release"),
+        Err(e) => {
+            tracing::warn!(release = %id, error = %e, "could not stage the next release; the next deploy links from the live one");
+            let _ = next::discard(layout, releases);
+        }
+    }
 }
 
 /// Runs the before-switch command, if any, on release `id` (complete, not
@@ -463,6 +518,8 @@ async fn before_switch(
             from_store::adopt_made(layout, &opts.pull.state_dir, id);
             return None;
         }
+        // The live release changed with them: checked in full next time.
+        next::unmark_verified(layout);
         format!(
             "the before-switch command rewrote published files in place ({}): they are hard links shared with the live release, which changed too (the next pull repairs it); write new files, or replace files by renaming a new one over them. Nothing switched, {still} is still live",
             rewritten.join(", ")

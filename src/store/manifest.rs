@@ -110,6 +110,14 @@ impl Entry {
             Entry::Symlink { path, .. } | Entry::Dir { path } => path,
         }
     }
+
+    /// Its path when it is a directory.
+    pub fn dir_path(&self) -> Option<&str> {
+        match self {
+            Entry::Dir { path } => Some(path.as_str()),
+            _ => None,
+        }
+    }
 }
 
 /// A parsed manifest.
@@ -358,25 +366,16 @@ impl Manifest {
             }
             entries.push(entry);
         }
-        // Nothing may be below a file, a symlink or an empty directory. The
-        // entries are sorted, so what is below `a` (every path starting
-        // `a/`) starts where `a/` would be: one binary search per entry, no
-        // memory beyond the entries.
-        for e in &entries {
-            let below = format!("{}/", e.path());
-            let at = entries.partition_point(|x| x.path().as_str() < below.as_str());
-            if let Some(child) = entries.get(at).map(Entry::path).filter(|c| c.as_str().starts_with(&below)) {
-                return Err(bad(
-                    what,
-                    &match e {
-                        Entry::Dir { path } => format!("{path} is listed as an empty directory but has entries below it ({child})"),
-                        _ => format!("{child} is below {}, which is not a directory", e.path()),
-                    },
-                ));
-            }
-        }
         let m = Manifest { header, entries };
-        m.check_header().map_err(|e| bad(what, &e))?;
+        // The header's sums and tree digest (a hash over every entry) on a
+        // thread of their own beside the check of what is below what: both
+        // read every entry, and a deploy waits for them.
+        let (header, below) = std::thread::scope(|scope| {
+            let header = scope.spawn(|| m.check_header());
+            let below = nothing_below_leaves(&m.entries);
+            (header.join().expect("checking a header does not panic"), below)
+        });
+        below.and(header).map_err(|e| bad(what, &e))?;
         Ok(m)
     }
 
@@ -401,6 +400,24 @@ impl Manifest {
     pub fn files(&self) -> impl Iterator<Item = &FileEntry> {
         self.entries.iter().filter_map(|e| if let Entry::File(f) = e { Some(f) } else { None })
     }
+}
+
+/// Nothing may be below a file, a symlink or an empty directory. The
+/// entries are sorted, so what is below `a` (every path starting `a/`)
+/// starts where `a/` would be: one binary search per entry, no memory
+/// beyond the entries.
+fn nothing_below_leaves(entries: &[Entry]) -> std::result::Result<(), String> {
+    for e in entries {
+        let below = format!("{}/", e.path());
+        let at = entries.partition_point(|x| x.path().as_str() < below.as_str());
+        if let Some(child) = entries.get(at).map(Entry::path).filter(|c| c.as_str().starts_with(&below)) {
+            return Err(match e {
+                Entry::Dir { path } => format!("{path} is listed as an empty directory but has entries below it ({child})"),
+                _ => format!("{child} is below {}, which is not a directory", e.path()),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
