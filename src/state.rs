@@ -91,14 +91,19 @@ impl StateStore {
             write_snapshot(&dir, &placed)?;
             std::fs::remove_file(&journal).map_err(|e| Error::io(format!("removing {}", journal.display()), e))?;
         }
+        Ok((StateStore::attach(dir)?, placed))
+    }
+
+    /// The store in `dir`, its journal open for appending.
+    fn attach(dir: PathBuf) -> Result<StateStore> {
+        let journal = dir.join("journal.jsonl");
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&journal)
             .map_err(|e| Error::io(format!("opening {}", journal.display()), e))?;
         let interrupted = dir.join(IN_PROGRESS).exists();
-        let store = StateStore { dir, journal: Mutex::new(file), dirty: Default::default(), interrupted };
-        Ok((store, placed))
+        Ok(StateStore { dir, journal: Mutex::new(file), dirty: Default::default(), interrupted })
     }
 
     /// [`StateStore::open`] for a store whose records are at hand already
@@ -110,17 +115,10 @@ impl StateStore {
         placed: HashMap<RelPath, Placed>,
     ) -> Result<(StateStore, HashMap<RelPath, Placed>)> {
         let dir = StateStore::dir_for(state_dir, dest);
-        let journal = dir.join("journal.jsonl");
-        if journal.metadata().is_ok_and(|m| m.len() > 0) || !dir.join("placed.jsonl").exists() {
+        if dir.join("journal.jsonl").metadata().is_ok_and(|m| m.len() > 0) || !dir.join("placed.jsonl").exists() {
             return StateStore::open(state_dir, dest);
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&journal)
-            .map_err(|e| Error::io(format!("opening {}", journal.display()), e))?;
-        let interrupted = dir.join(IN_PROGRESS).exists();
-        Ok((StateStore { dir, journal: Mutex::new(file), dirty: Default::default(), interrupted }, placed))
+        Ok((StateStore::attach(dir)?, placed))
     }
 
     /// Whether the previous pull into this DEST was killed before the end.

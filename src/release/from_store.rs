@@ -776,14 +776,7 @@ fn plan(
                     out.fetch.push(file.clone());
                     continue;
                 }
-                match reuse(f, base.as_ref().map(|(dir, _)| dir).zip(base_stats.as_mut()), &index, file) {
-                    Some(Reused::Linked) => out.linked += 1,
-                    Some(Reused::Copied) => out.copied += 1,
-                    None => {
-                        f.observer.planned(file.size);
-                        out.fetch.push(file.clone());
-                    }
-                }
+                link_or_fetch(f, base.as_ref().map(|(dir, _)| dir).zip(base_stats.as_mut()), &index, file, &mut out);
                 Ok(())
             }
         };
@@ -852,17 +845,10 @@ fn plan_staged(
             out.deleted += 1;
         }
     }
-    let new_dirs: HashSet<&str> = m.entries.iter().flat_map(|e| e.path().ancestors().chain(e.dir_path())).collect();
-    let new_links: HashMap<&str, &str> = m
-        .entries
-        .iter()
-        .filter_map(|e| match e {
-            Entry::Symlink { path, target } => Some((path.as_str(), target.as_str())),
-            _ => None,
-        })
-        .collect();
+    let new = Shape::of(m, &[]);
+    let new_dirs: HashSet<&str> = new.dirs.iter().map(String::as_str).collect();
     for (path, target) in &old.symlinks {
-        if new_links.get(path.as_str()) != Some(&target.as_str()) && remove(path, &mut out) && !new_links.contains_key(path.as_str()) {
+        if new.symlinks.get(path) != Some(target) && remove(path, &mut out) && !new.symlinks.contains_key(path) {
             out.deleted += 1;
         }
     }
@@ -900,14 +886,7 @@ fn plan_staged(
     }
     let mut base_stats = base.as_ref().map(|(dir, _)| dir.lstats());
     for file in place {
-        match reuse(f, base.as_ref().map(|(dir, _)| dir).zip(base_stats.as_mut()), &index, file) {
-            Some(Reused::Linked) => out.linked += 1,
-            Some(Reused::Copied) => out.copied += 1,
-            None => {
-                f.observer.planned(file.size);
-                out.fetch.push(file.clone());
-            }
-        }
+        link_or_fetch(f, base.as_ref().map(|(dir, _)| dir).zip(base_stats.as_mut()), &index, file, &mut out);
     }
     out
 }
@@ -1131,6 +1110,19 @@ impl Shape {
             }
         }
         seen_dirs == self.dirs.len() && seen_links == self.symlinks.len() && seen_files == files.len()
+    }
+}
+
+/// A file the new release needs: shared with the live release when its
+/// content is there ([`reuse`]), else left to fetch.
+fn link_or_fetch(f: &Fetcher, base: Option<(&DestDir, &mut Lstats<'_>)>, index: &Index, file: &FileEntry, out: &mut Planned) {
+    match reuse(f, base, index, file) {
+        Some(Reused::Linked) => out.linked += 1,
+        Some(Reused::Copied) => out.copied += 1,
+        None => {
+            f.observer.planned(file.size);
+            out.fetch.push(file.clone());
+        }
     }
 }
 
