@@ -20,6 +20,20 @@ fn status_refuses_the_flags_that_only_steer_a_deploy() {
     assert!(stderr.contains("--canary, --max-errors, --lock-wait mean nothing to it") && stderr.lines().count() == 1, "{stderr}");
 }
 
+/// A hook timeout of zero would kill every hook as it starts: refused in
+/// one line before anything is read or written.
+#[test]
+fn a_zero_hook_timeout_is_refused() {
+    let dest = tempfile::tempdir().unwrap();
+    let dest = dest.path().join("www");
+    let args =
+        ["pull", "s3://bucket/app", "--releases", "--dest", dest.to_str().unwrap(), "--before-switch", "true", "--hook-timeout", "0"];
+    let (code, _, stderr) = run(&common::agent_bin(), &args);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--hook-timeout 0") && stderr.trim().lines().count() == 1, "{stderr}");
+    assert!(!dest.exists(), "nothing written");
+}
+
 #[test]
 fn each_agent_command_lists_its_own_exit_codes_and_hides_internal_flags() {
     let agent = common::agent_bin();

@@ -175,8 +175,8 @@ struct PullArgs {
     keep_assets: Vec<String>,
     /// Release mode: how long a full check of the live release for drift
     /// (a stat per file) is trusted; a pull within it costs one request
-    /// and no stat. Every switch is followed by a check. 0 checks on every
-    /// pull [default: 15m].
+    /// and no stat. A release built from the staged copy is checked by the
+    /// first pull after its switch. 0 checks on every pull [default: 15m].
     #[arg(long, value_name = "DURATION")]
     verify_every: Option<fleetsync::duration::Seconds>,
     /// Print one JSON report on stdout.
@@ -271,6 +271,12 @@ impl PullArgs {
             return Err(fleetsync::Error::Config(format!(
                 "{flag} applies to release mode: add --releases (or mode = \"releases\" in agent.toml)"
             ))
+            .into());
+        }
+        if self.hook_timeout.is_some_and(|t| t.0.is_zero()) {
+            return Err(fleetsync::Error::Config(
+                "--hook-timeout 0 would kill every hook as it starts: give how long a hook may run, e.g. 2m".into(),
+            )
             .into());
         }
         if self.rollback_on_failure && self.after_switch.is_none() && self.health_url.is_none() {

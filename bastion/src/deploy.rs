@@ -153,6 +153,14 @@ pub async fn run(d: Deploy, sdk: &aws_types::SdkConfig, s3: &S3Client) -> anyhow
         Err(fleet_lock::LockError::Held { holder, .. }) => return Ok(Ended::Busy(holder.describe())),
         Err(fleet_lock::LockError::Other(e)) => return Err(e.into()),
     };
+    // Again once the lock is held: the wait for it may have been long,
+    // and an alarm that fired meanwhile is not this deploy's doing.
+    if !d.alarms.is_empty() {
+        if let Err(e) = alarms.check().await {
+            release(held).await;
+            return Err(e);
+        }
+    }
     let mut target = match resolve_target(&d, s3).await {
         Ok(t) => t,
         Err(e) => {

@@ -365,7 +365,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         };
         if !ok && live {
             // Repaired below: the staged copy may share what drifted.
-            next::unmark_verified(ctx.layout);
+            next::distrust(ctx.layout);
             next::discard(ctx.layout, ctx.releases)?;
         }
         let mut register = relabel.clone();
@@ -408,17 +408,18 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
             (None, None) => Step::Live { report, id, register },
         });
     }
-    // The staged copy's records (a hundred thousand lines for as many
-    // files), read while the manifest downloads.
-    let preload = ctx.current.as_deref().filter(|live| next::staged_from(ctx.layout, live)).map(|_| {
-        let (state_dir, path) = (p.state_dir.clone(), ctx.layout.dir(next::NEXT));
-        tokio::task::spawn_blocking(move || StateStore::load_read_only(&state_dir, &path))
-    });
+    let preload = ctx.staged_records.lock().unwrap_or_else(|p| p.into_inner()).take();
     let (manifest, digest) = with_manifest(ctx, &store, &id, manifest, digest).await?;
     let content = content_of(ctx, &id, &manifest)?;
     ctx.check_not_empty(manifest.header.files)?;
     let layout = Shared::prepare(ctx, &id, &manifest)?;
     let files = layout.whole.header.files;
+    // The preloaded records are awaited before `take` moves their
+    // directory (a read still under way would find nothing there).
+    let loaded = match preload {
+        Some(read) => Some(read.await.expect("reading records does not panic")?),
+        None => None,
+    };
     // The live release's copy staged after its switch, when there is one
     // and nothing is to be seeded from the new release.
     let staged = match ctx.current.as_deref() {
@@ -429,10 +430,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
     };
     ctx.staged.store(staged, std::sync::atomic::Ordering::Relaxed);
     let how = if staged { Build::Staged } else { Build::Fresh };
-    let loaded = match preload.filter(|_| staged) {
-        Some(read) => Some(read.await.expect("reading records does not panic")?),
-        None => None,
-    };
+    let loaded = loaded.filter(|_| staged);
     let built = build(ctx, &store, &id, &layout.build, how, loaded).await?;
     if built.report.exit_code != crate::exit::OK {
         return Ok(Step::Incomplete { report: built.report, id, linked: built.linked });

@@ -19,6 +19,9 @@ use crate::report::HookReport;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How much of a command's output the report keeps (its end).
 const TAIL: usize = 2_000;
+/// How much of it is held while it runs: the end of it, whatever a
+/// command prints (a chatty build step must not grow the agent's memory).
+const HELD: usize = 64 * 1024;
 
 /// Runs `cmd` with `sh -c` in release `id`'s directory.
 pub(super) async fn run(cmd: &str, layout: &Layout, id: &str, previous: Option<&str>, timeout: Duration) -> HookReport {
@@ -59,7 +62,12 @@ pub(super) async fn run(cmd: &str, layout: &Layout, id: &str, previous: Option<&
                 if n == 0 {
                     break;
                 }
-                output.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&buf[..n]);
+                let mut held = output.lock().unwrap_or_else(|p| p.into_inner());
+                held.extend_from_slice(&buf[..n]);
+                if held.len() > 2 * HELD {
+                    let cut = held.len() - HELD;
+                    held.drain(..cut);
+                }
             }
         })
     })

@@ -222,8 +222,11 @@ impl Releases {
         self.sweep_switch_leftovers()?;
         for name in self.names()? {
             // The staged next release stays while it copies the live one.
-            if super::next::is_next(&name) && current.is_some_and(|c| super::next::staged_from(layout, c)) {
-                continue;
+            if super::next::is_next(&name) {
+                if current.is_some_and(|c| super::next::staged_from(layout, c)) {
+                    continue;
+                }
+                super::next::drop_stamp(layout);
             }
             if Some(name.as_str()) != current && registry.get(&name).is_none() {
                 tracing::info!(release = %name, "removing a release that never completed (or was pruned)");

@@ -228,6 +228,10 @@ struct Ctx<'a> {
     kept_assets: std::sync::atomic::AtomicU64,
     /// The new release was built from the staged copy ([`next`]).
     staged: std::sync::atomic::AtomicBool,
+    /// The staged copy's records (a hundred thousand lines for as many
+    /// files), being read since the pull started: while the pointer and
+    /// the manifest download.
+    staged_records: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<next::Records>>>>,
 }
 
 impl Ctx<'_> {
@@ -311,6 +315,10 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         shared_skipped: std::sync::atomic::AtomicU64::new(0),
         kept_assets: std::sync::atomic::AtomicU64::new(0),
         staged: std::sync::atomic::AtomicBool::new(false),
+        staged_records: std::sync::Mutex::new(current.as_deref().filter(|c| next::staged_from(&layout, c)).map(|_| {
+            let (state_dir, path) = (p.state_dir.clone(), layout.dir(next::NEXT));
+            tokio::task::spawn_blocking(move || crate::state::StateStore::load_read_only(&state_dir, &path))
+        })),
     };
     let lookup =
         from_store::Lookup { opts, layout: &layout, client: &ctx.client, current: current.as_deref(), registry: &registry, remember: true };
@@ -473,7 +481,7 @@ fn after_store_pull(opts: &ReleaseOptions, layout: &Layout, releases: &Releases,
     let key = next::key(opts);
     if switched {
         if staged {
-            next::unmark_verified(layout);
+            next::distrust(layout);
         } else {
             next::mark_verified(layout, id, &key);
         }
@@ -519,7 +527,7 @@ async fn before_switch(
             return None;
         }
         // The live release changed with them: checked in full next time.
-        next::unmark_verified(layout);
+        next::distrust(layout);
         format!(
             "the before-switch command rewrote published files in place ({}): they are hard links shared with the live release, which changed too (the next pull repairs it); write new files, or replace files by renaming a new one over them. Nothing switched, {still} is still live",
             rewritten.join(", ")
@@ -609,6 +617,9 @@ pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, if_busy: 
         // Keep the going-live order: the target stays where it was, so a
         // second rollback goes further back.
         layout.save(&registry)?;
+        // What goes live was not checked by this command: the next pull
+        // checks it, and stages from it, before trusting it.
+        next::distrust(&layout);
         Releases::open(dest, None)?.switch_to(&target.id)?;
         release.switched = true;
     }

@@ -47,6 +47,9 @@ use crate::state::StateStore;
 /// a release id, which `check_release_id` keeps to other names).
 pub(super) const NEXT: &str = ".next";
 
+/// A state store's records, as loaded.
+pub(super) type Records = std::collections::HashMap<RelPath, crate::state::Placed>;
+
 /// `next.json`: the live release `.next` is a copy of, laid out as [`key`] says.
 #[derive(Serialize, Deserialize)]
 struct Stamp {
@@ -97,9 +100,17 @@ pub(super) fn mark_verified(layout: &Layout, id: &str, key: &str) {
     }
 }
 
-/// Forgets the last check: the next pull checks the live release in full.
-pub(super) fn unmark_verified(layout: &Layout) {
+/// Forgets the last check and the staged copy's stamp: the live release
+/// (and what was staged from it, which shares its inodes) changed or may
+/// have; the next pull checks it in full and stages again.
+pub(super) fn distrust(layout: &Layout) {
     let _ = std::fs::remove_file(verified_path(layout));
+    drop_stamp(layout);
+}
+
+/// Forgets what `.next` is a copy of (it is then never taken).
+pub(super) fn drop_stamp(layout: &Layout) {
+    let _ = std::fs::remove_file(stamp_path(layout));
 }
 
 /// Whether `name` in `releases/` is the staged release (which the sweep of
@@ -110,7 +121,7 @@ pub(super) fn is_next(name: &str) -> bool {
 
 /// Removes the staged release, its state store and its stamp, if any.
 pub(super) fn discard(layout: &Layout, releases: &Releases) -> Result<()> {
-    let _ = std::fs::remove_file(stamp_path(layout));
+    drop_stamp(layout);
     releases.remove(NEXT)?;
     layout.forget(NEXT);
     Ok(())
@@ -158,17 +169,20 @@ pub(super) fn prepare(layout: &Layout, releases: &Releases, state_dir: &Path, li
 /// otherwise drops whatever was staged. Whether it did.
 pub(super) fn take(layout: &Layout, releases: &Releases, state_dir: &Path, live: &str, id: &str, key: &str) -> Result<bool> {
     let stamp = std::fs::read(stamp_path(layout)).ok().and_then(|b| serde_json::from_slice::<Stamp>(&b).ok());
-    if stamp.is_none_or(|s| s.from != live || s.key != key) || releases.read(NEXT)?.is_none() {
+    let whole = Shape::load(state_dir, &layout.dir(NEXT)).is_some() && releases.read(NEXT)?.is_some();
+    if stamp.is_none_or(|s| s.from != live || s.key != key) || !whole {
         discard(layout, releases)?;
         return Ok(false);
     }
     // The stamp goes first: a kill after it leaves a `.next` that nothing
-    // trusts (the next pull's sweep removes it).
+    // trusts. The release directory next: a kill after it leaves an
+    // unregistered `releases/ID`, which the next pull's sweep removes with
+    // its state (none yet), while `.next`'s state stays `.next`'s.
     std::fs::remove_file(stamp_path(layout)).map_err(|e| Error::io(format!("removing {}", stamp_path(layout).display()), e))?;
     let (from, to) = (StateStore::dir_for(state_dir, &layout.dir(NEXT)), StateStore::dir_for(state_dir, &layout.dir(id)));
     let _ = std::fs::remove_dir_all(&to);
-    std::fs::rename(&from, &to).map_err(|e| Error::io(format!("moving {} to {}", from.display(), to.display()), e))?;
     releases.rename(NEXT, id)?;
+    std::fs::rename(&from, &to).map_err(|e| Error::io(format!("moving {} to {}", from.display(), to.display()), e))?;
     Ok(true)
 }
 

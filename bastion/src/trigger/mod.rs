@@ -267,7 +267,7 @@ impl Fleet<'_> {
         } else if self.error_budget().is_some_and(|m| self.failures.load(SeqCst) > m) {
             Some("--max-errors was reached")
         } else if self.alarm.as_ref().is_some_and(|a| a.get().is_some()) {
-            Some("a watched alarm went into ALARM; no new nodes are started")
+            Some("a watched alarm went into ALARM or could not be read (see the report's alarm); no new nodes are started")
         } else {
             None
         }
