@@ -426,11 +426,13 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         Some(live) if layout.seeds.iter().all(|s| matches!(s, shared::Seed::Ready)) => {
             next::take(ctx.layout, ctx.releases, &p.state_dir, live, &id, &next::key(ctx.opts))?
         }
-        _ => false,
+        _ => None,
     };
-    ctx.staged.store(staged, std::sync::atomic::Ordering::Relaxed);
-    let how = if staged { Build::Staged } else { Build::Fresh };
-    let loaded = loaded.filter(|_| staged);
+    ctx.staged.store(staged.is_some(), std::sync::atomic::Ordering::Relaxed);
+    let how = match staged {
+        Some(shape) => Build::Staged(shape),
+        None => Build::Fresh,
+    };
     let built = build(ctx, &store, &id, &layout.build, how, loaded).await?;
     if built.report.exit_code != crate::exit::OK {
         return Ok(Step::Incomplete { report: built.report, id, linked: built.linked });
@@ -557,19 +559,18 @@ fn new_report(ctx: &Ctx<'_>) -> PullReport {
 /// there are. A state store that lost records (fewer than the registry
 /// counts) is not intact.
 fn intact(ctx: &Ctx<'_>, id: &str) -> Result<(bool, u64)> {
-    let (opts, layout, releases, registry) = (ctx.opts, ctx.layout, ctx.releases, ctx.registry);
-    let placed = StateStore::load_read_only(&opts.pull.state_dir, &layout.dir(id))?;
-    let Some(dir) = releases.read(id)? else {
+    let placed = StateStore::load_read_only(&ctx.opts.pull.state_dir, &ctx.layout.dir(id))?;
+    let Some(dir) = ctx.releases.read(id)? else {
         return Ok((false, 0));
     };
-    if registry.get(id).is_some_and(|r| r.files != placed.len() as u64) {
+    if ctx.registry.get(id).is_some_and(|r| r.files != placed.len() as u64) {
         return Ok((false, placed.len() as u64));
     }
     // Built before shapes were recorded: checked against its manifest once.
-    let Some(shape) = Shape::load(&opts.pull.state_dir, &layout.dir(id)) else {
+    let Some(shape) = Shape::load(&ctx.opts.pull.state_dir, &ctx.layout.dir(id)) else {
         return Ok((false, placed.len() as u64));
     };
-    if shape.shared != opts.shared.iter().map(spec).collect::<Vec<_>>() {
+    if shape.shared != ctx.opts.shared.iter().map(spec).collect::<Vec<_>>() {
         return Ok((false, placed.len() as u64));
     }
     // The stats are most of a no-op pull's time: on every core, beside
@@ -617,21 +618,21 @@ struct Built {
 }
 
 /// How a build starts.
-#[derive(Clone, Copy, PartialEq, Eq)]
 enum Build {
     /// An empty directory beside the live release: what did not change is
     /// hard-linked from it.
     Fresh,
-    /// The staged copy of the live release ([`super::next`]): only what
-    /// changed is removed, linked or fetched.
-    Staged,
+    /// The staged copy of the live release ([`super::next`]), with its
+    /// shape: only what changed is removed, linked or fetched.
+    Staged(Shape),
     /// The release itself: its drifted files replaced, what it should not
     /// hold removed.
     Repair,
 }
 
-/// Builds release `id` from its manifest (see [`Build`]); `loaded`: its
-/// state store's records, when they were read already.
+/// Builds release `id` from its manifest (see [`Build`]); `loaded`: the
+/// staged copy's records, when they were read already (used only by a
+/// staged build, whose records they are).
 async fn build(
     ctx: &Ctx<'_>,
     store: &Store,
@@ -640,11 +641,12 @@ async fn build(
     how: Build,
     loaded: Option<HashMap<RelPath, Placed>>,
 ) -> Result<Built> {
-    let repair = how == Build::Repair;
+    let repair = matches!(how, Build::Repair);
+    let staged = matches!(how, Build::Staged(_));
     let p = &ctx.opts.pull;
     let path = ctx.layout.dir(id);
     let dst = ctx.releases.build(id)?;
-    let (state, existing) = match loaded {
+    let (state, existing) = match loaded.filter(|_| staged) {
         Some(records) => StateStore::open_loaded(&p.state_dir, &path, records)?,
         None => StateStore::open(&p.state_dir, &path)?,
     };
@@ -654,16 +656,15 @@ async fn build(
         tracing::info!(swept, "the previous pull was interrupted; removed its temporary files");
     }
     state.mark_in_progress()?;
-    let base = match (&ctx.current, how) {
+    let base = match (&ctx.current, &how) {
         (Some(cur), Build::Fresh) => {
             let placed = StateStore::load_read_only(&p.state_dir, &ctx.layout.dir(cur))?;
             ctx.releases.read(cur)?.map(|dir| (dir, placed))
         }
         // The staged copy's records are the live release's.
-        (Some(cur), Build::Staged) => ctx.releases.read(cur)?.map(|dir| (dir, HashMap::new())),
+        (Some(cur), Build::Staged(_)) => ctx.releases.read(cur)?.map(|dir| (dir, HashMap::new())),
         _ => None,
     };
-    let old_shape = if how == Build::Staged { Shape::load(&p.state_dir, &path) } else { None };
     let fetcher = Arc::new(Fetcher {
         client: ctx.client.clone(),
         store: store.clone(),
@@ -679,9 +680,9 @@ async fn build(
     let (f2, m2) = (fetcher.clone(), manifest.clone());
     // What a before-switch command wrote stays through a repair.
     let made = if repair { Shape::load(&p.state_dir, &path).map(|s| s.made).unwrap_or_default() } else { Default::default() };
-    let planned = tokio::task::spawn_blocking(move || match (how, old_shape) {
-        (Build::Staged, Some(old)) => Ok(plan_staged(&f2, &m2, base, existing, old)),
-        _ => plan(&f2, &m2, base, existing, made, repair),
+    let planned = tokio::task::spawn_blocking(move || match how {
+        Build::Staged(old) => Ok(plan_staged(&f2, &m2, base, existing, old)),
+        Build::Fresh | Build::Repair => plan(&f2, &m2, base, existing, made, repair),
     })
     .await
     .expect("planning does not panic")?;
@@ -704,7 +705,7 @@ async fn build(
     // staged snapshot (the next open compacts them): rewriting the whole
     // snapshot would cost what the staging saved.
     let state = &fetcher.state;
-    if how != Build::Staged {
+    if !staged {
         let records = StateStore::load_read_only(&p.state_dir, &path)?;
         state.compact(&records)?;
     }

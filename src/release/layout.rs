@@ -222,7 +222,7 @@ impl Releases {
         self.sweep_switch_leftovers()?;
         for name in self.names()? {
             // The staged next release stays while it copies the live one.
-            if super::next::is_next(&name) {
+            if name == super::next::NEXT {
                 if current.is_some_and(|c| super::next::staged_from(layout, c)) {
                     continue;
                 }

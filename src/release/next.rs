@@ -113,12 +113,6 @@ pub(super) fn drop_stamp(layout: &Layout) {
     let _ = std::fs::remove_file(stamp_path(layout));
 }
 
-/// Whether `name` in `releases/` is the staged release (which the sweep of
-/// incomplete builds leaves to [`discard`] and [`take`]).
-pub(super) fn is_next(name: &str) -> bool {
-    name == NEXT
-}
-
 /// Removes the staged release, its state store and its stamp, if any.
 pub(super) fn discard(layout: &Layout, releases: &Releases) -> Result<()> {
     drop_stamp(layout);
@@ -166,14 +160,14 @@ pub(super) fn prepare(layout: &Layout, releases: &Releases, state_dir: &Path, li
 
 /// Makes the staged copy of live release `live` the build directory of
 /// release `id` (its state store and shape with it), if there is one;
-/// otherwise drops whatever was staged. Whether it did.
-pub(super) fn take(layout: &Layout, releases: &Releases, state_dir: &Path, live: &str, id: &str, key: &str) -> Result<bool> {
-    let stamp = std::fs::read(stamp_path(layout)).ok().and_then(|b| serde_json::from_slice::<Stamp>(&b).ok());
-    let whole = Shape::load(state_dir, &layout.dir(NEXT)).is_some() && releases.read(NEXT)?.is_some();
-    if stamp.is_none_or(|s| s.from != live || s.key != key) || !whole {
+/// otherwise drops whatever was staged. The staged copy's shape, when it
+/// did.
+pub(super) fn take(layout: &Layout, releases: &Releases, state_dir: &Path, live: &str, id: &str, key: &str) -> Result<Option<Shape>> {
+    let fits = stamp(layout).is_some_and(|s| s.from == live && s.key == key) && releases.read(NEXT)?.is_some();
+    let Some(shape) = Shape::load(state_dir, &layout.dir(NEXT)).filter(|_| fits) else {
         discard(layout, releases)?;
-        return Ok(false);
-    }
+        return Ok(None);
+    };
     // The stamp goes first: a kill after it leaves a `.next` that nothing
     // trusts. The release directory next: a kill after it leaves an
     // unregistered `releases/ID`, which the next pull's sweep removes with
@@ -183,10 +177,15 @@ pub(super) fn take(layout: &Layout, releases: &Releases, state_dir: &Path, live:
     let _ = std::fs::remove_dir_all(&to);
     releases.rename(NEXT, id)?;
     std::fs::rename(&from, &to).map_err(|e| Error::io(format!("moving {} to {}", from.display(), to.display()), e))?;
-    Ok(true)
+    Ok(Some(shape))
 }
 
 /// Whether a staged copy of `live` is waiting.
 pub(super) fn staged_from(layout: &Layout, live: &str) -> bool {
-    std::fs::read(stamp_path(layout)).ok().and_then(|b| serde_json::from_slice::<Stamp>(&b).ok()).is_some_and(|s| s.from == live)
+    stamp(layout).is_some_and(|s| s.from == live)
+}
+
+/// The staged copy's stamp, if there is one that can be read.
+fn stamp(layout: &Layout) -> Option<Stamp> {
+    serde_json::from_slice(&std::fs::read(stamp_path(layout)).ok()?).ok()
 }
