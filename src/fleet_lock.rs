@@ -538,10 +538,10 @@ mod tests {
 
     #[test]
     fn lock_info_describes_its_holder() {
-        let info = LockInfo::for_this_process("fleetsync sync --asg web", Duration::from_secs(60));
+        let info = LockInfo::for_this_process("fleetsync sync --group web", Duration::from_secs(60));
         assert!(!info.expired());
         assert_eq!(info.owner.len(), 32);
         let d = info.describe();
-        assert!(d.contains(&format!("pid {}", std::process::id())) && d.contains("fleetsync sync --asg web"), "{d}");
+        assert!(d.contains(&format!("pid {}", std::process::id())) && d.contains("fleetsync sync --group web"), "{d}");
     }
 }

@@ -89,10 +89,10 @@ mod tests {
 
     #[test]
     fn commands_stay_as_typed_and_text_cannot_become_a_roff_request() {
-        let s = Section { title: "EXAMPLES", text: "Deploy:\n\n  fleetsync sync --asg web\n  .hidden \\ back\n\n.SH not a request" };
+        let s = Section { title: "EXAMPLES", text: "Deploy:\n\n  fleetsync sync --group web\n  .hidden \\ back\n\n.SH not a request" };
         let roff = render(&s);
         assert!(roff.starts_with(".SH \"EXAMPLES\"\n.PP\nDeploy:\n.PP\n.nf\n"), "{roff}");
-        assert!(roff.contains("  fleetsync sync \\-\\-asg web\n"), "{roff}");
+        assert!(roff.contains("  fleetsync sync \\-\\-group web\n"), "{roff}");
         assert!(roff.contains("\n  .hidden \\e back\n"), "{roff}");
         assert!(roff.contains("\n\\&.SH not a request\n"), "{roff}");
     }

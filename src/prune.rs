@@ -1,4 +1,4 @@
-//! PRUNE: `fleetsync prune s3://BUCKET/PREFIX --keep N`: removes what the
+//! PRUNE: `fleetsync prune --source s3://BUCKET/PREFIX --keep N`: removes what the
 //! release store no longer needs, without a lock against publishes.
 //!
 //! Mark and sweep:

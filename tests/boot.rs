@@ -252,6 +252,22 @@ async fn an_image_without_the_aws_cli_or_a_signing_curl_boots_and_answers_its_la
     let found = Command::new("bash").arg("-c").arg("command -v aws || true").env("PATH", &path).output().unwrap();
     assert!(found.stdout.is_empty(), "no AWS CLI on the image's PATH");
 
+    // The template's HealthUrl: a web server on the node that records
+    // what it was asked.
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let health_url = format!("http://{}/health", web.local_addr().unwrap());
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = asked.clone();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for mut conn in web.incoming().flatten() {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(&conn).read_line(&mut line);
+            seen.lock().unwrap().push(line.trim().to_string());
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+
     let root = tempfile::tempdir().unwrap();
     let dest = root.path().join("var/www/app");
     let out = user_data(&b, &proxy, root.path())
@@ -265,10 +281,15 @@ async fn an_image_without_the_aws_cli_or_a_signing_curl_boots_and_answers_its_la
         // passes them (a command with double quotes and a backslash).
         .env("FLEETSYNC_SHARED", "storage,cache")
         .env("FLEETSYNC_BEFORE_SWITCH", r#"printf '%s\n' "warmed \o/" > "$FLEETSYNC_RELEASE_DIR/warmed""#)
+        .env("FLEETSYNC_HEALTH_URL", &health_url)
+        .env("FLEETSYNC_KEEP_ASSETS", "public/build/**,*.css")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let config = std::fs::read_to_string(root.path().join("etc/fleetsync/agent.toml")).unwrap();
+    assert!(config.contains(r#"keep-assets = ["public/build/**", "*.css"]"#), "{config}");
+    assert_eq!(*asked.lock().unwrap(), ["GET /health HTTP/1.1"], "the first pull asks the release's health URL once");
     let current = dest.join("current");
     assert_eq!(std::fs::read_link(current.join("storage")).unwrap(), Path::new("../../shared/storage"));
     assert_eq!(std::fs::read_link(current.join("cache")).unwrap(), Path::new("../../shared/cache"));

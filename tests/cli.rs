@@ -17,7 +17,9 @@ fn status_refuses_the_flags_that_only_steer_a_deploy() {
     let fleetsync = common::bin("fleetsync-bastion", "fleetsync");
     let (code, _, stderr) = run(&fleetsync, &["status", "--asg", "web", "--canary", "3", "--lock-wait", "5m", "--max-errors", "2"]);
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("--canary, --max-errors, --lock-wait mean nothing to it") && stderr.lines().count() == 1, "{stderr}");
+    assert!(stderr.contains("--canary, --max-errors, --lock-wait mean nothing to it") && stderr.lines().count() == 2, "{stderr}");
+    // --asg, the old spelling of --group, still works and says so once.
+    assert!(stderr.contains("fleetsync: --asg is deprecated, use --group"), "{stderr}");
 }
 
 /// A hook timeout of zero would kill every hook as it starts: refused in
@@ -188,7 +190,7 @@ fn the_store_commands_take_the_source_as_the_fleet_commands_do() {
     let empty = tempfile::tempdir().unwrap();
     let (code, _, stderr) = run(&fleetsync, &["releases"]);
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("as an argument or --source"), "{stderr}");
+    assert!(stderr.contains("give --source s3://BUCKET[/PREFIX]") && stderr.lines().count() == 1, "{stderr}");
     for args in [
         &["releases", "--source", "s3://bucket-x/app"][..],
         &["history", "--source", "s3://bucket-x/app"],
@@ -197,6 +199,14 @@ fn the_store_commands_take_the_source_as_the_fleet_commands_do() {
     ] {
         let (_, _, stderr) = run(&fleetsync, args);
         assert!(!stderr.contains("unexpected argument") && !stderr.contains("missing"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("deprecated"), "{args:?}: {stderr}");
+    }
+    // The old spelling, the source as an argument, still works, with a
+    // line that names the new one.
+    for args in [&["releases", "s3://bucket-x/app"][..], &["publish", empty.path().to_str().unwrap(), "s3://bucket-x/app", "--dry-run"]] {
+        let (_, _, stderr) = run(&fleetsync, args);
+        assert!(!stderr.contains("missing"), "{args:?}: {stderr}");
+        assert!(stderr.contains("is deprecated, use --source"), "{args:?}: {stderr}");
     }
     let (code, _, stderr) = run(&fleetsync, &["history", "s3://a/p", "--source", "s3://b/p"]);
     assert_eq!(code, Some(2), "one source, not two: {stderr}");

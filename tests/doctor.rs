@@ -13,7 +13,7 @@ use common::{build_dir, ids, publish, Bucket, Nodes};
 /// `fleetsync doctor --json` for `asg`: (exit code, check name -> (verdict, detail, fix)), stderr.
 fn doctor(asg: &str, extra: &[&str], env: &[(&str, &str)]) -> (i32, serde_json::Value, String) {
     let mut c = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
-    c.args(["doctor", "--asg", asg, "--dest", "/srv/www", "--state-dir", "/srv/state", "--json"]).args(extra).envs(env.iter().copied());
+    c.args(["doctor", "--group", asg, "--dest", "/srv/www", "--state-dir", "/srv/state", "--json"]).args(extra).envs(env.iter().copied());
     common::run_json(&mut c)
 }
 
@@ -70,12 +70,36 @@ async fn a_group_ready_to_deploy_passes_and_each_missing_piece_fails_its_own_che
     assert_eq!(written.key_count(), Some(0), "doctor took no fleet lock");
     // The text form: one line per check, and the verdict at the end.
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["doctor", "--asg", &asg, "--source", &source, "--dest", "/srv/www", "--state-dir", "/srv/state"])
+        .args(["doctor", "--group", &asg, "--source", &source, "--dest", "/srv/www", "--state-dir", "/srv/state"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("ok    launch-hook") && text.trim_end().ends_with("ready to deploy"), "{text}");
+
+    // An agent older than this fleetsync drives, on one node (the node's
+    // own install, /srv/bin, comes first on its PATH): failed, naming the
+    // node and the version.
+    let bin = nodes.dir.path().join(&ids[0]).join("srv/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let old = bin.join("fleetsync-agent");
+    std::fs::write(
+        &old,
+        format!(
+            "#!/bin/bash\nset -o pipefail\n{:?} \"$@\" | sed 's/\"agent_version\":\"[^\"]*\"/\"agent_version\":\"0.0.9 (old)\"/'\n",
+            common::agent_bin()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (code, report, _) = doctor(&asg, &["--source", &source], &[]);
+    assert_eq!(code, 1, "{report}");
+    let nodes_check = check(&report, "nodes");
+    let detail = nodes_check["detail"].as_str().unwrap();
+    assert!(nodes_check["verdict"] == "failed" && detail.contains(&ids[0]) && detail.contains("agent 0.0.9 (old) is not one"), "{report}");
+    assert!(!detail.contains(&ids[1]), "the other node's agent is this one's: {report}");
+    assert!(nodes_check["fix"].as_str().unwrap().contains("Upgrading the agent"), "{report}");
+    std::fs::remove_file(&old).unwrap();
 
     // A node without the agent, and one SSM no longer manages: both named.
     let node_json = nodes.dir.path().join(&ids[0]).join("node.json");
@@ -125,7 +149,7 @@ fn no_group_no_credentials_and_a_bucket_that_is_not_there_each_fail_with_one_cle
     assert_eq!(code, 1, "{stderr}");
     let group = check(&report, "group");
     assert!(group["verdict"] == "failed" && group["detail"].as_str().unwrap().contains("no-such-group-doctor"), "{report}");
-    assert!(group["fix"].as_str().unwrap().contains("--asg"), "{report}");
+    assert!(group["fix"].as_str().unwrap().contains("--group"), "{report}");
     assert_eq!(check(&report, "launch-hook")["verdict"], "skipped", "{report}");
     let store = check(&report, "store");
     assert!(store["verdict"] == "failed" && store["detail"].as_str().unwrap().contains("doctor-no-such-bucket"), "{report}");

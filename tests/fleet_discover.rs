@@ -20,7 +20,7 @@ fn list_shows_the_targets_and_why_the_others_are_skipped() {
     fleet(&["health", &ids[0], "Unhealthy"]);
     fleet(&["standby", &asg, &ids[1]]);
 
-    let (code, out, err) = list(&["--asg", &asg, "--json"]);
+    let (code, out, err) = list(&["--group", &asg, "--json"]);
     assert_eq!(code, 0, "{err}");
     let nodes: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(nodes.len(), 4, "{out}");
@@ -36,7 +36,7 @@ fn list_shows_the_targets_and_why_the_others_are_skipped() {
     // Targets first.
     assert!(nodes[0]["skipped"].is_null() && nodes[1]["skipped"].is_null() && !nodes[2]["skipped"].is_null());
 
-    let (code, table, _) = list(&["--asg", &asg]);
+    let (code, table, _) = list(&["--group", &asg]);
     assert_eq!(code, 0);
     assert!(table.starts_with("INSTANCE"), "{table}");
     assert!(table.contains("2 of 4 instances would be synced"), "{table}");
@@ -45,14 +45,14 @@ fn list_shows_the_targets_and_why_the_others_are_skipped() {
 
 #[test]
 fn an_unknown_or_empty_group_is_a_configuration_error() {
-    let (code, out, err) = list(&["--asg", "no-such-group"]);
+    let (code, out, err) = list(&["--group", "no-such-group"]);
     assert_eq!(code, 2, "{out}{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("\"no-such-group\" not found") && err.contains("--region"), "{err}");
 
     let asg = unique("empty");
     fleet(&["create", &asg, "--size", "0"]);
-    let (code, _, err) = list(&["--asg", &asg]);
+    let (code, _, err) = list(&["--group", &asg]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("has no instances"), "{err}");
 }
@@ -61,7 +61,7 @@ fn an_unknown_or_empty_group_is_a_configuration_error() {
 fn a_large_group_is_listed_whole() {
     let asg = unique("big");
     fleet(&["create", &asg, "--size", "60"]);
-    let (code, out, err) = list(&["--asg", &asg, "--json"]);
+    let (code, out, err) = list(&["--group", &asg, "--json"]);
     assert_eq!(code, 0, "{err}");
     let nodes: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(nodes.len(), 60);
@@ -73,7 +73,7 @@ fn a_large_group_is_listed_whole() {
 #[test]
 fn an_unreachable_api_is_a_configuration_error() {
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["list", "--asg", "web"])
+        .args(["list", "--group", "web"])
         .env("AWS_ENDPOINT_URL_AUTO_SCALING", "http://127.0.0.1:1")
         .output()
         .unwrap();
@@ -92,7 +92,7 @@ fn the_group_and_its_instances_are_described_with_requests_signed_as_aws_checks_
     fleet(&["create", &asg, "--size", "3"]);
     let aws = common::FaultProxy::start(&common::moto(), &["--api", "--rate", "0", "--verify-sigv4"]);
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["list", "--asg", &asg, "--json"])
+        .args(["list", "--group", &asg, "--json"])
         .env("AWS_ENDPOINT_URL_AUTO_SCALING", &aws.url)
         .env("AWS_ENDPOINT_URL_EC2", &aws.url)
         .output()

@@ -119,27 +119,27 @@ async fn the_bastion_shows_and_breaks_the_lock() {
         (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
 
-    let (code, out, _) = run(&["lock", "show", "--asg", "web", "--source", &source]);
+    let (code, out, _) = run(&["lock", "show", "--group", "web", "--source", &source]);
     assert_eq!((code, out.trim()), (0, format!("{obj}: not held").as_str()));
 
-    let held = fleet_lock::acquire(&b.client, &obj, LockInfo::for_this_process("fleetsync sync --asg web", LEASE), LEASE, Duration::ZERO)
+    let held = fleet_lock::acquire(&b.client, &obj, LockInfo::for_this_process("fleetsync sync --group web", LEASE), LEASE, Duration::ZERO)
         .await
         .unwrap();
-    let (code, out, _) = run(&["lock", "show", "--asg", "web", "--source", &source, "--json"]);
+    let (code, out, _) = run(&["lock", "show", "--group", "web", "--source", &source, "--json"]);
     assert_eq!(code, 0);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["held"], true);
-    assert_eq!(json["holder"]["command"], "fleetsync sync --asg web");
+    assert_eq!(json["holder"]["command"], "fleetsync sync --group web");
     assert_eq!(json["holder"]["pid"], std::process::id());
 
     let (code, out, _) = run(&["lock", "break", "--lock", &obj.to_string()]);
     assert_eq!(code, 0);
-    assert!(out.contains("broke the lock of") && out.contains("fleetsync sync --asg web"), "{out}");
+    assert!(out.contains("broke the lock of") && out.contains("fleetsync sync --group web"), "{out}");
     assert!(fleet_lock::read(&b.client, &obj).await.unwrap().is_none());
     tokio::time::sleep(LEASE / 3 + Duration::from_millis(500)).await;
     assert!(held.lost(), "the holder notices at its next renewal");
 
-    let (code, _, err) = run(&["lock", "show", "--asg", "a/b", "--source", &source]);
+    let (code, _, err) = run(&["lock", "show", "--group", "a/b", "--source", &source]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--lock"), "{err}");
 }
@@ -233,7 +233,7 @@ async fn a_deploy_role_restricted_as_the_template_restricts_it_reads_a_free_lock
         c
     };
     let source = b.url("app");
-    let lock_args = ["--asg", asg.as_str(), "--source", source.as_str()];
+    let lock_args = ["--group", asg.as_str(), "--source", source.as_str()];
 
     let out = deployer(&as_template, &[&["lock", "show"][..], &lock_args].concat()).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -241,12 +241,12 @@ async fn a_deploy_role_restricted_as_the_template_restricts_it_reads_a_free_lock
     let out = deployer(&as_template, &[&["lock", "break"][..], &lock_args].concat()).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let (code, _, stderr) = common::run_report(
-        deployer(&as_template, &["sync", "--via", "ssh", "--asg", &asg, "--source", &source, "--dest", "/srv/www", "--dry-run"])
+        deployer(&as_template, &["sync", "--via", "ssh", "--group", &asg, "--source", &source, "--dest", "/srv/www", "--dry-run"])
             .args(["--ssh-config", &nodes.ssh_config()]),
     );
     assert_eq!(code, 0, "{stderr}");
     let (code, report, stderr) = common::run_report(
-        deployer(&as_template, &["sync", "--via", "ssh", "--asg", &asg, "--source", &source, "--dest", "/srv/www", "--json"])
+        deployer(&as_template, &["sync", "--via", "ssh", "--group", &asg, "--source", &source, "--dest", "/srv/www", "--json"])
             .args(["--ssh-config", &nodes.ssh_config()]),
     );
     assert_eq!(code, 0, "{stderr}\n{report}");

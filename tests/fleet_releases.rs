@@ -52,7 +52,7 @@ async fn publishing_is_not_deploying_and_rollback_moves_the_group_between_releas
     let (v1, v2) = (common::build_dir(10, "v1"), common::build_dir(10, "v2"));
     let (asg, nodes) = Nodes::group("rel", 3);
     let source = b.url("app");
-    let base = ["--asg", asg.as_str(), "--source", source.as_str(), "--dest", "/srv/www"];
+    let base = ["--group", asg.as_str(), "--source", source.as_str(), "--dest", "/srv/www"];
     let on_every_node = |release: &str, tree: &Path| {
         for (_, root) in nodes.list() {
             assert_eq!(live(&root), format!("releases/{release}"));
@@ -111,7 +111,7 @@ async fn publishing_is_not_deploying_and_rollback_moves_the_group_between_releas
     assert!(stderr.contains("release r9 is not in the release store"), "{stderr}");
 
     // What happened, oldest first; and the store's catalogue.
-    let history = store_command(&["history", &source, "--asg", &asg]);
+    let history = store_command(&["history", "--source", &source, "--group", &asg]);
     let rows: Vec<(&str, &str, &str)> = history
         .as_array()
         .unwrap()
@@ -120,7 +120,7 @@ async fn publishing_is_not_deploying_and_rollback_moves_the_group_between_releas
         .collect();
     assert_eq!(rows, [("sync", "r1", "ok"), ("sync", "r2", "ok"), ("rollback", "r1", "ok"), ("rollback", "r2", "ok")], "{history}");
     assert_eq!((history[2]["previous"].as_str(), history[3]["nodes"].as_array().unwrap().len()), (Some("r2"), 3), "{history}");
-    let catalog = store_command(&["releases", &source]);
+    let catalog = store_command(&["releases", "--source", &source]);
     let r2 = catalog["releases"].as_array().unwrap().iter().find(|r| r["id"] == "r2").unwrap_or_else(|| panic!("{catalog}"));
     assert_eq!((r2["latest"].as_bool(), r2["deployed"][0].as_str()), (Some(true), Some(asg.as_str())), "{catalog}");
 }
@@ -131,7 +131,7 @@ async fn boots_and_timers_follow_the_deployed_release_and_a_failed_deploy_rolls_
     let (v1, v2) = (common::build_dir(10, "v1"), common::build_dir(10, "v2"));
     let (asg, nodes) = Nodes::group("rob", 3);
     let source = b.url("app");
-    let base = ["--asg", asg.as_str(), "--source", source.as_str(), "--dest", "/srv/www", "--via", "ssh"];
+    let base = ["--group", asg.as_str(), "--source", source.as_str(), "--dest", "/srv/www", "--via", "ssh"];
     let pull = |node: &Node| common::run_json(node.agent(&source).args(["--releases", "--group", &asg]));
 
     // Before the group's first deploy, an instance with no release boots
@@ -185,7 +185,7 @@ async fn boots_and_timers_follow_the_deployed_release_and_a_failed_deploy_rolls_
     }
     let pointer = deployed(&b, &asg).await.unwrap();
     assert_eq!((pointer["release"].as_str(), pointer["state"].as_str()), (Some("r1"), Some("done")), "{pointer}");
-    let history = store_command(&["history", &source, "--asg", &asg, "-n", "1"]);
+    let history = store_command(&["history", "--source", &source, "--group", &asg, "-n", "1"]);
     assert_eq!((history[0]["outcome"].as_str(), history[0]["rolled_back_to"].as_str()), (Some("rolled-back"), Some("r1")), "{history}");
 
     // A booting instance now takes r1 too; after a good deploy, r2.
@@ -271,7 +271,7 @@ async fn an_interrupt_during_the_switch_back_stops_the_deploy_at_once() {
     assert!(interrupted.elapsed() < Duration::from_secs(10), "stopped at once, not after the switch back: {:?}", interrupted.elapsed());
     let pointer = deployed(b, asg).await.unwrap();
     assert_eq!(pointer["state"].as_str(), Some("failed"), "{pointer}");
-    let lock = store_command(&["lock", "show", "--asg", asg, "--source", source]);
+    let lock = store_command(&["lock", "show", "--group", asg, "--source", source]);
     assert_eq!(lock["held"], false, "the fleet lock was released: {lock}");
 }
 
@@ -336,7 +336,7 @@ impl OnR1 {
 
     /// The group, source and transport arguments of every command.
     fn base(&self) -> [&str; 8] {
-        ["--asg", &self.asg, "--source", &self.source, "--dest", "/srv/www", "--via", "ssh"]
+        ["--group", &self.asg, "--source", &self.source, "--dest", "/srv/www", "--via", "ssh"]
     }
 }
 

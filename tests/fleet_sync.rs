@@ -167,7 +167,7 @@ async fn dry_run_names_the_nodes_the_command_and_the_lock_and_changes_nothing() 
     let (asg, nodes) = Nodes::group("dry", 2);
     let dry_run = |verb: &str| {
         let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-            .args([verb, "--via", "ssh", "--asg", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--dry-run"])
+            .args([verb, "--via", "ssh", "--group", &asg, "--source", &b.url("app"), "--dest", "/srv/www", "--dry-run"])
             .output()
             .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
@@ -250,7 +250,7 @@ async fn a_deploy_whose_lock_is_broken_starts_no_more_nodes() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["lock", "break", "--asg", &asg, "--source", &b.url("app")])
+        .args(["lock", "break", "--group", &asg, "--source", &b.url("app")])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("broke the lock"), "{out:?}");
@@ -276,7 +276,7 @@ async fn fleetsync_toml_supplies_the_flags_and_flags_override_it() {
     std::fs::write(
         dir.path().join("fleetsync.toml"),
         format!(
-            "asg = '{asg}'\nsource = '{}'\ndest = '/srv/www'\nvia = 'ssh'\nbatch = '50%'\nssh-config = '{}'\n",
+            "group = '{asg}'\nsource = '{}'\ndest = '/srv/www'\nvia = 'ssh'\nbatch = '50%'\nssh-config = '{}'\n",
             b.url("app"),
             nodes.ssh_config()
         ),

@@ -25,12 +25,16 @@ async fn a_published_build_reaches_nodes_whole_with_modes_and_a_second_publish_u
         write(build.path(), &format!("app/src/f{i}.php"), format!("<?php // {i}").as_bytes(), 0o644);
     }
     write(build.path(), "bin/console", b"#!/bin/sh\necho hi\n", 0o755);
+    // A group-writable file keeps its group write bit; a world-writable
+    // one does not (any local user could change the site's code).
+    write(build.path(), "storage/cache.json", b"{}", 0o664);
+    write(build.path(), "public/open.txt", b"open", 0o666);
     let big: Vec<u8> = (0..9 * 1024 * 1024 + 17).map(|i| (i % 253) as u8).collect();
     write(build.path(), "public/video.mp4", &big, 0o644);
 
     let (code, r, stderr) = publish(build.path(), &b.url("app"), &["--release-id", "build-7"]);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!((r["uploaded_files"].as_u64(), r["files"].as_u64(), r["blobs_uploaded"].as_u64()), (Some(32), Some(32), Some(1)), "{r}");
+    assert_eq!((r["uploaded_files"].as_u64(), r["files"].as_u64(), r["blobs_uploaded"].as_u64()), (Some(34), Some(34), Some(1)), "{r}");
 
     let node = Node::new();
     let (code, pulled, stderr) = run_json(node.agent(&b.url("app")).arg("--releases"));
@@ -40,18 +44,20 @@ async fn a_published_build_reaches_nodes_whole_with_modes_and_a_second_publish_u
     assert_eq!(read_tree(&live), read_tree(build.path()), "byte-identical, and the pointer is not part of the tree");
     let mode = std::fs::metadata(live.join("bin/console")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o755, "the script stays executable");
+    let mode = |rel: &str| std::fs::metadata(live.join(rel)).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode("storage/cache.json"), mode("public/open.txt")), (0o664, 0o664), "others' write bit dropped");
 
     // The same tree again under another id: nothing to upload (the blob included).
     let (code, r, _) = publish(build.path(), &b.url("app"), &[]);
     assert_eq!(code, 0);
-    assert_eq!((r["uploaded_files"].as_u64(), r["reused_files"].as_u64()), (Some(0), Some(32)), "{r}");
+    assert_eq!((r["uploaded_files"].as_u64(), r["reused_files"].as_u64()), (Some(0), Some(34)), "{r}");
 
     // A change and a deletion: one upload, and the node follows.
     write(build.path(), "app/src/f0.php", b"<?php // changed", 0o644);
     std::fs::remove_file(build.path().join("app/src/f1.php")).unwrap();
     let (code, r, _) = publish(build.path(), &b.url("app"), &["--release-id", "build-8"]);
     assert_eq!(code, 0);
-    assert_eq!((r["uploaded_files"].as_u64(), r["files"].as_u64()), (Some(1), Some(31)), "{r}");
+    assert_eq!((r["uploaded_files"].as_u64(), r["files"].as_u64()), (Some(1), Some(33)), "{r}");
     let (code, pulled, _) = run_json(node.agent(&b.url("app")).arg("--releases"));
     assert_eq!((code, pulled["release"]["id"].as_str()), (0, Some("build-8")), "{pulled}");
     assert_eq!(pulled["counts"]["downloaded"], 1, "{pulled}");

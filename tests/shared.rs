@@ -182,6 +182,41 @@ async fn bad_shared_paths_are_refused_before_anything_is_touched() {
     }
 }
 
+/// `--shared-file`: a file that outlives releases (`.env`) is linked, never
+/// made up: with no copy on the node and none published, the pull fails
+/// naming it and nothing goes live; once the file is there, every release
+/// links to it; a release that publishes the path as a directory is
+/// refused and the live release keeps serving.
+#[tokio::test]
+async fn a_shared_file_is_linked_and_never_made_up() {
+    let b = Bucket::new("sharedfile").await;
+    let source = b.url("app");
+    assert_eq!(publish(build(&[("index.php", "v1")]).path(), &source, &["--release-id", "r1"]).0, 0);
+    assert_eq!(publish(build(&[("index.php", "v2"), (".env/x", "a directory")]).path(), &source, &["--release-id", "r2"]).0, 0);
+    let node = Node::new();
+
+    let (code, r, stderr) = pull(&node, &source, &["--shared-file", ".env", "--release-id", "r1"]);
+    assert_eq!(code, 2, "{stderr}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("shared file .env") && error.contains("publishes none"), "{r}");
+    assert!(!node.dest.join("current").exists(), "nothing went live");
+    assert!(!node.dest.join("shared/.env").exists(), "no file was made up");
+
+    std::fs::create_dir_all(node.dest.join("shared")).unwrap();
+    std::fs::write(node.dest.join("shared/.env"), "APP_KEY=secret\n").unwrap();
+    let (code, r, stderr) = pull(&node, &source, &["--shared-file", ".env", "--release-id", "r1"]);
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    let live = node.dest.join("current");
+    assert_eq!(std::fs::read_link(live.join(".env")).unwrap(), Path::new("../../shared/.env"));
+    assert_eq!(read(&live.join(".env")), "APP_KEY=secret\n");
+
+    let (code, r, stderr) = pull(&node, &source, &["--shared-file", ".env", "--release-id", "r2"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(r["error"].as_str().unwrap_or_default().contains("shared file .env is published as a directory in release r2"), "{r}");
+    assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"), "the live release keeps serving");
+    assert_eq!(read(&live.join(".env")), "APP_KEY=secret\n");
+}
+
 /// `--before-switch`: a command that fails leaves the live release serving,
 /// untouched, and says why; one that succeeds ran in the new release's
 /// directory, complete with its shared links, before `current` moved, and
@@ -396,6 +431,26 @@ async fn a_release_that_fails_its_health_check_fails_the_pull_and_is_rolled_back
     assert_eq!(r["release"]["health"]["status"], 404, "{r}");
     assert!(r["error"].as_str().unwrap().contains("live already"), "{r}");
     assert_eq!(std::fs::read_link(node.dest.join("current")).unwrap(), Path::new("releases/good"), "nothing switched");
+
+    // A rollback asks the release it makes live too: to the broken one,
+    // which stays live (it was asked for) and is reported failing; back to
+    // the good one, which answers.
+    let rollback = |to: &str| {
+        run_json(
+            std::process::Command::new(common::agent_bin())
+                .args(["rollback", "--to", to, "--health-url", &url, "--health-timeout", "1s", "--json", "--dest"])
+                .arg(&node.dest)
+                .arg("--state-dir")
+                .arg(&node.state),
+        )
+    };
+    let (code, r, stderr) = rollback("bad");
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    assert_eq!((r["release"]["id"].as_str(), r["release"]["health"]["status"].as_u64()), (Some("bad"), Some(500)), "{r}");
+    assert!(stderr.contains("release bad is live, but the health check"), "{stderr}");
+    let (code, r, stderr) = rollback("good");
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    assert_eq!(r["release"]["health"]["ok"], true, "{r}");
     server.stop();
 
     // Nothing answers at all: refused connections, named.

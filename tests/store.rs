@@ -91,6 +91,7 @@ fn publish_through(proxy: &FaultProxy, tree: &BTreeMap<String, Vec<u8>>, target:
         Command::new(common::bin("fleetsync-bastion", "fleetsync"))
             .arg("publish")
             .arg(dir.path())
+            .arg("--source")
             .arg(target)
             .args(["--release-id", id, "--json"])
             .env("AWS_ENDPOINT_URL_S3", &proxy.url),
@@ -331,7 +332,7 @@ async fn a_publish_killed_at_any_moment_leaves_a_complete_latest_release_and_is_
     // How long a whole publish of new content takes here: kills land within it.
     let timed = build(&versioned(1000, 1000));
     let t = std::time::Instant::now();
-    let out = Command::new(&fleetsync).arg("publish").arg(timed.path()).arg(b.url("app")).output().unwrap();
+    let out = Command::new(&fleetsync).arg("publish").arg(timed.path()).arg("--source").arg(b.url("app")).output().unwrap();
     assert!(out.status.success());
     let whole = t.elapsed().as_millis() as u64;
     let mut rng = 0x5EED_u64;
@@ -344,6 +345,7 @@ async fn a_publish_killed_at_any_moment_leaves_a_complete_latest_release_and_is_
         let mut child = Command::new(&fleetsync)
             .arg("publish")
             .arg(dir.path())
+            .arg("--source")
             .arg(b.url("app"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -392,6 +394,7 @@ async fn of_two_concurrent_publishes_exactly_one_pointer_write_wins() {
             Command::new(common::bin("fleetsync-bastion", "fleetsync"))
                 .arg("publish")
                 .arg(dir)
+                .arg("--source")
                 .arg(b.url("app"))
                 .args(["--release-id", id, "--json"])
                 .stdout(std::process::Stdio::piped())
@@ -430,6 +433,7 @@ async fn of_two_concurrent_publishes_exactly_one_pointer_write_wins() {
         let mut first = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
             .arg("publish")
             .arg(dir.path())
+            .arg("--source")
             .arg(b.url("app"))
             .args(["--release-id", id, "--json"])
             .env("AWS_ENDPOINT_URL_S3", &slow.url)
@@ -464,7 +468,7 @@ async fn a_pointer_write_that_landed_but_whose_answer_was_lost_is_known_as_ours(
     let lost = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--put-fault", "lost:latest.json:0:1"]);
     let dir = build(&versioned(5, 1));
     let mut cmd = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
-    cmd.arg("publish").arg(dir.path()).arg(b.url("app")).args(["--release-id", "mine", "--json"]);
+    cmd.arg("publish").arg(dir.path()).arg("--source").arg(b.url("app")).args(["--release-id", "mine", "--json"]);
     let (code, r, stderr) = common::run_report(cmd.env("AWS_ENDPOINT_URL_S3", &lost.url));
     assert_eq!((code, r["latest"].as_str()), (0, Some("mine")), "{stderr}");
     assert_eq!(lost.stats()["lost"], 1, "the answer was lost once");
@@ -481,7 +485,7 @@ async fn releases_under_sse_kms_whose_etags_are_not_md5s_publish_and_pull() {
         cmd.env("AWS_ENDPOINT_URL_S3", &kms.url);
     };
     let mut p = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
-    p.arg("publish").arg(dir.path()).arg(b.url("app")).args(["--release-id", "k1", "--json"]);
+    p.arg("publish").arg(dir.path()).arg("--source").arg(b.url("app")).args(["--release-id", "k1", "--json"]);
     via(&mut p);
     let (code, _, stderr) = common::run_report(&mut p);
     assert_eq!(code, 0, "{stderr}");
@@ -502,7 +506,7 @@ async fn releases_under_sse_kms_whose_etags_are_not_md5s_publish_and_pull() {
     // A second publish swaps the pointer with If-Match on an opaque ETag.
     std::fs::write(dir.path().join("index.php"), b"<?php // k2").unwrap();
     let mut p = Command::new(common::bin("fleetsync-bastion", "fleetsync"));
-    p.arg("publish").arg(dir.path()).arg(b.url("app")).args(["--release-id", "k2", "--json"]);
+    p.arg("publish").arg(dir.path()).arg("--source").arg(b.url("app")).args(["--release-id", "k2", "--json"]);
     via(&mut p);
     let (code, r, stderr) = common::run_report(&mut p);
     assert_eq!((code, r["uploaded_files"].as_u64()), (0, Some(1)), "{stderr}");
@@ -546,7 +550,7 @@ async fn prune_racing_publishes_deletes_nothing_a_remaining_release_needs() {
     assert_eq!(publish(build(&base).path(), &b.url("app"), &["--release-id", "p0"]).0, 0);
     let prune = |grace: &str| {
         let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-            .args(["prune", &b.url("app"), "--keep", "1", "--grace", grace, "--json"])
+            .args(["prune", "--source", &b.url("app"), "--keep", "1", "--grace", grace, "--json"])
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -574,6 +578,7 @@ async fn prune_racing_publishes_deletes_nothing_a_remaining_release_needs() {
                     Command::new(common::bin("fleetsync-bastion", "fleetsync"))
                         .arg("publish")
                         .arg(dir.path())
+                        .arg("--source")
                         .arg(&url)
                         .args(["--release-id", &format!("p{round}"), "--json"])
                         .env("AWS_ENDPOINT_URL_S3", &proxy),
@@ -639,6 +644,7 @@ async fn a_publish_waits_for_a_prune_under_way_and_a_prune_removes_nothing_while
     let mut publisher = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
         .arg("publish")
         .arg(dir.path())
+        .arg("--source")
         .arg(b.url("app"))
         .args(["--release-id", "big-again", "--json"])
         .stdout(std::process::Stdio::piped())
@@ -831,7 +837,7 @@ async fn a_pruned_release_id_is_never_given_other_content() {
         assert_eq!(publish(build(&versioned(6, v)).path(), &source, &["--release-id", &format!("r{v}")]).0, 0);
     }
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["prune", &source, "--keep", "1", "--grace", "0s", "--json"])
+        .args(["prune", "--source", &source, "--keep", "1", "--grace", "0s", "--json"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -880,7 +886,7 @@ async fn a_held_node_still_has_drift_in_the_release_it_keeps_repaired() {
         assert_eq!(publish(build(&versioned(8, v)).path(), &source, &["--release-id", &format!("r{v}")]).0, 0);
     }
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["prune", &source, "--keep", "1", "--grace", "0s"])
+        .args(["prune", "--source", &source, "--keep", "1", "--grace", "0s"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -910,6 +916,7 @@ async fn a_publisher_with_a_fast_clock_still_waits_for_a_prune_under_way() {
         .arg(common::bin("fleetsync-bastion", "fleetsync"))
         .arg("publish")
         .arg(dir.path())
+        .arg("--source")
         .arg(&source)
         .args(["--release-id", "r2", "--json"])
         // tokio's timers keep the real monotonic clock.
@@ -969,7 +976,7 @@ async fn prune_keeps_the_newest_deploy_records_and_removes_the_rest() {
         b.put(&key(t), b"{}").await;
     }
     let out = Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-        .args(["prune", &source, "--keep", "1", "--keep-history", "2", "--json"])
+        .args(["prune", "--source", &source, "--keep", "1", "--keep-history", "2", "--json"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

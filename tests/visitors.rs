@@ -60,12 +60,14 @@ struct Deployed {
     returned: f64,
 }
 
-/// 21 deploys under load: the first cold (every file new), then 1%
-/// changes, with a rollback after every fourth. Not one visitor gets an
-/// error, a page of two releases, or the old release once the pull has
-/// returned and a second has passed.
+/// 24 deploys under load: the first cold (every file new), then 1%
+/// changes, with a rollback after every fourth, one whose before-switch
+/// command fails (nothing switches), and some built from the staged next
+/// release (a timer's pull between deploys stages it). Not one visitor
+/// gets an error, a page of two releases, or the old release once the
+/// pull has returned and a second has passed.
 #[tokio::test]
-async fn visitors_get_no_error_no_mix_and_no_stale_page_across_21_deploys() {
+async fn visitors_get_no_error_no_mix_and_no_stale_page_across_24_deploys() {
     let b = Bucket::new("visitors").await;
     let source = b.url("app");
     let ids: Vec<String> = (0..=19).map(|i| format!("v{i:02}")).collect();
@@ -78,10 +80,12 @@ async fn visitors_get_no_error_no_mix_and_no_stale_page_across_21_deploys() {
         assert_eq!(code, 0, "{stderr}");
     }
     let node = Node::new();
-    let pull = |id: &str| {
+    let mut staged = 0;
+    let mut pull = |id: &str| {
         let started = now();
         let (code, r, stderr) = run_json(node.agent(&source).args(["--releases", "--release-id", id]));
         assert_eq!(code, 0, "{stderr}\n{r}");
+        staged += usize::from(r["release"]["staged"] == true);
         Deployed { id: id.to_string(), started, returned: now() }
     };
     pull(&ids[0]);
@@ -97,8 +101,22 @@ async fn visitors_get_no_error_no_mix_and_no_stale_page_across_21_deploys() {
 
     let mut deployed = vec![Deployed { id: ids[0].clone(), started: 0.0, returned: 0.0 }];
     for (n, id) in ids.iter().enumerate().skip(1) {
+        if n == 10 {
+            // A before-switch command that fails: the pull exits 1 and the
+            // release before stays live.
+            let started = now();
+            let (code, r, stderr) = run_json(node.agent(&source).args(["--releases", "--release-id", id, "--before-switch", "exit 3"]));
+            assert_eq!(code, 1, "{stderr}\n{r}");
+            deployed.push(Deployed { id: ids[n - 1].clone(), started, returned: now() });
+            std::thread::sleep(Duration::from_millis(1300));
+        }
         deployed.push(pull(id));
         std::thread::sleep(Duration::from_millis(1300));
+        if n % 4 == 2 {
+            // The timer's pull of the live release, which stages the next
+            // one: the deploy after it is built from that.
+            pull(id);
+        }
         if n % 4 == 0 {
             // Back to the release before: the agent's rollback.
             let started = now();
@@ -118,6 +136,7 @@ async fn visitors_get_no_error_no_mix_and_no_stale_page_across_21_deploys() {
     }
     visitors.stop();
     server.stop();
+    assert!(staged >= 4, "{staged} deploys were built from a staged next release");
 
     let responses: Vec<Response> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let failed: Vec<&Response> = responses.iter().filter(|r| r.status != 200).collect();

@@ -56,6 +56,9 @@ pub struct AgentConfig {
     /// Release mode: paths that outlive a release, `PATH` or `PATH=TARGET`
     /// (`--shared`, which adds to these).
     pub shared: Option<Vec<String>>,
+    /// Release mode: files that outlive a release, `PATH` or `PATH=TARGET`
+    /// (`--shared-file`, which adds to these).
+    pub shared_files: Option<Vec<String>>,
     /// Release mode: globs of the live release's assets carried into the
     /// next (`--keep-assets`, which adds to these).
     pub keep_assets: Option<Vec<String>>,

@@ -166,6 +166,12 @@ struct PullArgs {
     /// Repeatable; adds to `shared` in agent.toml. Store releases only.
     #[arg(long, value_name = "PATH[=TARGET]")]
     shared: Vec<String>,
+    /// Release mode: a file that outlives releases (.env, wp-config.php),
+    /// linked as --shared links a directory; seeded once from the live
+    /// release or the new one, never made empty: with neither, the pull
+    /// fails naming it. Repeatable; adds to `shared-files` in agent.toml.
+    #[arg(long, value_name = "PATH[=TARGET]")]
+    shared_file: Vec<String>,
     /// Release mode: files of the live release matching GLOB (e.g.
     /// 'public/build/**') that the new release lacks are hard-linked into
     /// it, so that pages of either release find their assets on every node
@@ -234,6 +240,7 @@ impl PullArgs {
         self.region = self.region.take().or(cfg.region);
         self.owner = self.owner.take().or(cfg.owner);
         self.shared.extend(cfg.shared.unwrap_or_default());
+        self.shared_file.extend(cfg.shared_files.unwrap_or_default());
         self.keep_assets.extend(cfg.keep_assets.unwrap_or_default());
         self.verify_every = self.verify_every.or(cfg.verify_every);
         self.path_style |= cfg.path_style.unwrap_or(false);
@@ -264,6 +271,7 @@ impl PullArgs {
             ("--health-url", self.health_url.is_some()),
             ("--health-timeout", self.health_timeout.is_some()),
             ("--shared", !self.shared.is_empty()),
+            ("--shared-file", !self.shared_file.is_empty()),
             ("--keep-assets", !self.keep_assets.is_empty()),
             ("--verify-every", self.verify_every.is_some()),
         ];
@@ -320,6 +328,22 @@ struct RollbackArgs {
     /// The release to make live (default: the one live before the current one).
     #[arg(long)]
     to: Option<String>,
+    /// A command run once the release is live, as after a pull's switch
+    /// (default: `after-switch` in agent.toml): a Node app restarted into
+    /// the release made live. Failing, exit 1; the release stays live.
+    #[arg(long, value_name = "CMD")]
+    after_switch: Option<String>,
+    /// How long --after-switch may run [default: 10m].
+    #[arg(long, value_name = "DURATION")]
+    hook_timeout: Option<fleetsync::duration::Seconds>,
+    /// A URL the release made live must answer with 2xx, as after a pull
+    /// (default: `health-url` in agent.toml); failing, exit 1, the
+    /// release stays live.
+    #[arg(long, value_name = "URL")]
+    health_url: Option<String>,
+    /// How long the release has to answer --health-url [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    health_timeout: Option<fleetsync::duration::Seconds>,
     #[arg(long, env = "FLEETSYNC_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Print one JSON report on stdout.
@@ -342,6 +366,7 @@ struct StatusArgs {
 const ROLLBACK_EXIT_CODES: &str = "\
 Exit codes:
   0  the release is live
+  1  the release is live, but its --after-switch command failed or it did not answer --health-url with 2xx
   2  usage or configuration error (no such release, nothing to roll back to); nothing changed
   3  busy: another pull holds the node lock";
 
@@ -470,6 +495,10 @@ fn try_main() -> anyhow::Result<i32> {
         }
         Command::Rollback(mut args) => {
             args.dest = args.dest.take().or(cfg.dest.clone());
+            args.after_switch = args.after_switch.take().or(cfg.after_switch.clone());
+            args.hook_timeout = args.hook_timeout.or(cfg.hook_timeout);
+            args.health_url = args.health_url.take().or(cfg.health_url.clone());
+            args.health_timeout = args.health_timeout.or(cfg.health_timeout);
             args.state_dir = Some(state_dir(args.state_dir.take(), &cfg));
             runtime.block_on(rollback(args))
         }
@@ -577,7 +606,9 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
         Ok(owner) => owner,
         Err(e) => return Ok(fail_pull(&args, source.to_string(), dest_label, e)),
     };
-    let shared = match args.shared.iter().map(|s| fleetsync::release::Shared::parse(s)).collect::<fleetsync::Result<Vec<_>>>() {
+    let dirs = args.shared.iter().map(|s| fleetsync::release::Shared::parse(s));
+    let files = args.shared_file.iter().map(|s| fleetsync::release::Shared::parse_file(s));
+    let shared = match dirs.chain(files).collect::<fleetsync::Result<Vec<_>>>() {
         Ok(shared) => shared,
         Err(e) => return Ok(fail_pull(&args, source.to_string(), dest_label, e)),
     };
@@ -651,11 +682,29 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
 async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
     let dest = args.dest.clone().ok_or_else(|| missing("--dest", "dest"))?;
     let state_dir = args.state_dir.clone().expect("resolved in try_main");
-    let report = fleetsync::release::rollback(&dest, &state_dir, args.to.as_deref(), IfBusy::Wait).await?;
+    if let Some(url) = &args.health_url {
+        fleetsync::release::health::parse(url)?;
+    }
+    if args.hook_timeout.is_some_and(|t| t.0.is_zero()) {
+        return Err(fleetsync::Error::Config(
+            "--hook-timeout 0 would kill every hook as it starts: give how long a hook may run, e.g. 2m".into(),
+        )
+        .into());
+    }
+    let then = fleetsync::release::AfterRollback {
+        after_switch: args.after_switch.clone(),
+        hook_timeout: args.hook_timeout.map_or(fleetsync::release::DEFAULT_HOOK_TIMEOUT, |t| t.0),
+        health_url: args.health_url.clone(),
+        health_timeout: args.health_timeout.map_or(fleetsync::release::health::DEFAULT_TIMEOUT, |t| t.0),
+    };
+    let report = fleetsync::release::rollback(&dest, &state_dir, args.to.as_deref(), &then, IfBusy::Wait).await?;
     let release = report.release.as_ref().expect("a rollback report names its release");
     match (&release.previous, release.switched) {
         (Some(from), true) => eprintln!("rolled back {} from {from} to {}", dest.display(), release.id),
         _ => eprintln!("{} is live in {} already", release.id, dest.display()),
+    }
+    if let Some(e) = &report.error {
+        eprintln!("fleetsync-agent: {e}");
     }
     if args.json {
         print_stdout(&serde_json::to_string(&report)?);

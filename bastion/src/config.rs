@@ -22,9 +22,10 @@ pub enum Mode {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
-    /// The Auto Scaling Group (`group` too, as agent.toml names it).
-    #[serde(alias = "group")]
-    pub asg: Option<String>,
+    /// The Auto Scaling Group, as agent.toml names it.
+    pub group: Option<String>,
+    /// Deprecated: `group` (see `upgrade`).
+    asg: Option<String>,
     pub source: Option<String>,
     pub dest: Option<String>,
     pub state_dir: Option<String>,
@@ -46,10 +47,9 @@ pub struct FileConfig {
     #[serde(alias = "ssh-option")]
     pub ssh_options: Option<Vec<String>>,
     pub ssh_accept_new_host_keys: Option<bool>,
-    /// `sync` in release mode on the nodes.
-    pub releases: Option<bool>,
-    /// `releases` or `in-place`, as agent.toml says it (`releases = true`
-    /// is the same as `mode = "releases"`).
+    /// Deprecated: `mode = "releases"` (see `upgrade`).
+    releases: Option<bool>,
+    /// `releases` or `in-place`, as agent.toml says it.
     pub mode: Option<Mode>,
     pub keep: Option<usize>,
     pub after_switch: Option<String>,
@@ -60,6 +60,22 @@ pub struct FileConfig {
     /// `--alarm`, repeatable: `alarms = ["web-5xx"]` (`alarm` too).
     #[serde(alias = "alarm")]
     pub alarms: Option<Vec<String>>,
+}
+
+impl FileConfig {
+    /// The deprecated keys' values under their new names, with a line on
+    /// stderr for each (a new key wins over its old spelling).
+    pub fn upgrade(mut self) -> FileConfig {
+        if let Some(group) = self.asg.take() {
+            crate::deprecated::warn("`asg` in fleetsync.toml", "`group`");
+            self.group = self.group.or(Some(group));
+        }
+        if let Some(releases) = self.releases.take() {
+            crate::deprecated::warn("`releases = true|false` in fleetsync.toml", "`mode = \"releases\"|\"in-place\"`");
+            self.mode = self.mode.or(Some(if releases { Mode::Releases } else { Mode::InPlace }));
+        }
+        self
+    }
 }
 
 /// The bastion's config file, looked for in the working directory.
@@ -74,15 +90,24 @@ mod tests {
     fn reads_every_value_type_and_refuses_unknown_keys() {
         let parse = |text: &str| FILE.parse::<FileConfig>(text, std::path::Path::new("fleetsync.toml"));
         let c = parse(
-            "asg = 'web'\nsource = 's3://b/app'\nvia = 'ssh'\nbatch = '25%'\nmax-errors = 2\nlock-wait = '5m'\naddress = 'private-dns'\nssh-options = ['Port=2222']",
+            "group = 'web'\nsource = 's3://b/app'\nvia = 'ssh'\nbatch = '25%'\nmax-errors = 2\nlock-wait = '5m'\naddress = 'private-dns'\nssh-options = ['Port=2222']",
         )
         .unwrap();
-        assert_eq!(c.asg.as_deref(), Some("web"));
+        assert_eq!(c.group.as_deref(), Some("web"));
         assert_eq!(c.batch, Some(Limit::Percent(25)));
         assert_eq!(c.max_errors, Some(Limit::Count(2)));
         assert_eq!(c.lock_wait, Some(Seconds(std::time::Duration::from_secs(300))));
         assert!(matches!(c.via, Some(Via::Ssh)));
         assert!(parse("max_errors = 2").is_err(), "a misspelt key is refused");
         assert!(parse("batch = '150%'").is_err());
+    }
+
+    #[test]
+    fn old_keys_still_work_under_their_new_names() {
+        let parse = |text: &str| FILE.parse::<FileConfig>(text, std::path::Path::new("fleetsync.toml")).unwrap().upgrade();
+        let c = parse("asg = 'web'\nreleases = true");
+        assert_eq!((c.group.as_deref(), c.mode), (Some("web"), Some(Mode::Releases)));
+        let c = parse("asg = 'old'\ngroup = 'new'\nreleases = true\nmode = 'in-place'");
+        assert_eq!((c.group.as_deref(), c.mode), (Some("new"), Some(Mode::InPlace)), "the new key wins");
     }
 }

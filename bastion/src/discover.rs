@@ -166,7 +166,7 @@ async fn list(sdk: &aws_types::SdkConfig, asg: &str, known: &std::collections::H
     }
     if !found {
         return Err(fleetsync::Error::Config(format!(
-            "Auto Scaling Group {asg:?} not found in region {region} (check --asg and --region)"
+            "Auto Scaling Group {asg:?} not found in region {region} (check --group and --region)"
         ))
         .into());
     }

@@ -216,7 +216,7 @@ async fn group(checks: &mut Checks, sdk: &aws_types::SdkConfig, asg: &str) -> Ve
                 "group",
                 Verdict::Failed,
                 format!("{e:#}"),
-                "check --asg and --region (`aws autoscaling describe-auto-scaling-groups`), and that the role may call autoscaling:DescribeAutoScalingGroups and ec2:DescribeInstances",
+                "check --group and --region (`aws autoscaling describe-auto-scaling-groups`), and that the role may call autoscaling:DescribeAutoScalingGroups and ec2:DescribeInstances",
             );
             Vec::new()
         }
@@ -261,18 +261,47 @@ async fn document(checks: &mut Checks, ssm: &aws_sdk_ssm::Client, name: &str) {
     }
 }
 
+/// The oldest agent this bastion drives: the first that reports its
+/// version and takes the manifest digest from the environment.
+const OLDEST_AGENT: [u64; 3] = [0, 1, 0];
+
+/// Whether this bastion drives an agent that says it is `version`
+/// (`0.1.0 (abc1234)`): not older than [`OLDEST_AGENT`], and not of a
+/// newer minor (or major) version than the bastion itself, whose reports
+/// and flags it may not know.
+fn agent_supported(version: &str) -> bool {
+    let parse = |v: &str| -> Option<[u64; 3]> {
+        let mut parts = v.split_whitespace().next()?.splitn(3, '.').map(|p| p.parse::<u64>().ok());
+        Some([parts.next()??, parts.next()??, parts.next()??])
+    };
+    match (parse(version), parse(fleetsync::VERSION)) {
+        (Some(agent), Some(ours)) => agent >= OLDEST_AGENT && agent[..2] <= ours[..2],
+        _ => false,
+    }
+}
+
 /// Every node reachable (online in SSM, or over SSH) with an agent that
-/// answers `status`; returns those that answered.
+/// answers `status` and that this bastion drives; returns those that
+/// answered.
 async fn nodes(checks: &mut Checks, fleet: &Fleet<'_>, targets: &[Node]) -> Vec<Node> {
     let results = fleet.run(targets).await;
     let mut versions = std::collections::BTreeMap::<String, usize>::new();
     let (mut answered, mut bad) = (Vec::new(), Vec::new());
     for (node, r) in targets.iter().zip(&results) {
-        if agent_answered(r) {
-            *versions.entry(r.agent_version.clone().unwrap_or_else(|| "unknown".into())).or_default() += 1;
-            answered.push(node.clone());
-        } else {
+        let version = r.agent_version.clone().unwrap_or_else(|| "unknown".into());
+        if !agent_answered(r) {
             bad.push(format!("{}: {}", r.instance_id, r.error.as_deref().unwrap_or("no answer")));
+        } else if !agent_supported(&version) {
+            bad.push(format!(
+                "{}: agent {version} is not one this fleetsync ({}) drives (from {} to {}.x)",
+                r.instance_id,
+                fleetsync::VERSION,
+                OLDEST_AGENT.map(|n| n.to_string()).join("."),
+                fleetsync::VERSION.rsplit_once('.').map_or(fleetsync::VERSION, |(minor, _)| minor)
+            ));
+        } else {
+            *versions.entry(version).or_default() += 1;
+            answered.push(node.clone());
         }
     }
     let versions: Vec<String> = versions.iter().map(|(v, n)| format!("{v} on {n}")).collect();
@@ -292,7 +321,7 @@ async fn nodes(checks: &mut Checks, fleet: &Fleet<'_>, targets: &[Node]) -> Vec<
             "nodes",
             Verdict::Failed,
             format!("{} of {} nodes did not answer: {}", bad.len(), targets.len(), bad.join("; ")),
-            "SSM agent offline: start it, and give the instance role AmazonSSMManagedInstanceCore (or GrantSsm=true) and a route to ssm, ssmmessages and ec2messages; agent not installed: docs/existing-group.md, step 3",
+            "SSM agent offline: start it, and give the instance role AmazonSSMManagedInstanceCore (or GrantSsm=true) and a route to ssm, ssmmessages and ec2messages; agent not installed: docs/existing-group.md, step 3; an agent of another version: install this fleetsync's (docs/install.md, \"Upgrading the agent\")",
         );
     }
     answered
@@ -331,7 +360,7 @@ async fn store(checks: &mut Checks, s3: &fleetsync::source::S3Client, source: &S
             "store",
             Verdict::Failed,
             format!("{source}: nothing published yet (no {})", store.latest_key()),
-            format!("publish a build: fleetsync publish BUILD_DIR {source} --release-id ID"),
+            format!("publish a build: fleetsync publish BUILD_DIR --source {source} --release-id ID"),
         ),
         (Err(e), _) | (_, Err(e)) => checks.bad(
             "store",
@@ -430,5 +459,19 @@ async fn launch_hook(checks: &mut Checks, sdk: &aws_types::SdkConfig, asg: &str)
             format!("DescribeLifecycleHooks: {}", ApiFailure::from_sdk(&e).message),
             "the bastion needs autoscaling:DescribeLifecycleHooks (the stacks' DeployPolicy grants it)",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn agents_from_the_oldest_supported_to_this_minor_version_are_driven() {
+        let ours = fleetsync::VERSION;
+        assert!(super::agent_supported(&format!("{ours} (abc1234)")));
+        assert!(super::agent_supported("0.1.0"));
+        for old in ["0.0.9 (old)", "unknown", "", "1", "x.y.z"] {
+            assert!(!super::agent_supported(old), "{old}");
+        }
+        assert!(!super::agent_supported("99.0.0 (future)"), "a newer agent than the bastion knows");
     }
 }

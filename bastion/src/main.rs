@@ -12,6 +12,7 @@ mod api;
 mod collect;
 mod config;
 mod deploy;
+mod deprecated;
 mod discover;
 mod doctor;
 mod ec2;
@@ -104,8 +105,8 @@ enum Command {
 /// from the file and then the defaults.
 #[derive(Args)]
 struct FleetArgs {
-    /// The Auto Scaling Group (also --group, as the agent names it).
-    #[arg(long, visible_alias = "group")]
+    /// The Auto Scaling Group (`group` in fleetsync.toml).
+    #[arg(long = "group", value_name = "GROUP")]
     asg: Option<String>,
     /// The source, s3://BUCKET[/PREFIX].
     #[arg(long)]
@@ -261,6 +262,13 @@ struct RollbackArgs {
     /// The release to make live on every node (default: each node's previous one).
     #[arg(long)]
     to: Option<String>,
+    /// A URL each node asks the release it made live for (on the node, as
+    /// after a sync): a node whose release does not answer 2xx failed.
+    #[arg(long, value_name = "URL")]
+    health_url: Option<String>,
+    /// How long each node's release has to answer --health-url [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    health_timeout: Option<fleetsync::duration::Seconds>,
 }
 
 #[derive(Args)]
@@ -271,8 +279,8 @@ struct StatusArgs {
 
 #[derive(Args)]
 struct ListArgs {
-    /// The Auto Scaling Group (also --group, as the agent names it).
-    #[arg(long, visible_alias = "group")]
+    /// The Auto Scaling Group (`group` in fleetsync.toml).
+    #[arg(long = "group", value_name = "GROUP")]
     asg: Option<String>,
     /// Print JSON on stdout.
     #[arg(long)]
@@ -285,12 +293,13 @@ struct ListArgs {
 struct PublishArgs {
     /// The build directory.
     dir: PathBuf,
-    /// Where to publish it, s3://BUCKET[/PREFIX] (the deploy's --source;
-    /// or --source here too, or `source` in fleetsync.toml).
-    #[arg(value_name = "SOURCE")]
+    /// Where to publish it, s3://BUCKET[/PREFIX]: the deploy's --source
+    /// (default: `source` in fleetsync.toml).
+    #[arg(long = "source", value_name = "SOURCE")]
     target: Option<String>,
-    #[arg(long = "source", value_name = "SOURCE", conflicts_with = "target", hide_short_help = true)]
-    source_flag: Option<String>,
+    /// Deprecated: the source after DIR (give --source).
+    #[arg(value_name = "SOURCE", conflicts_with = "target", hide = true)]
+    source_arg: Option<String>,
     /// The release's name (a CI build number or git sha); default: a hash of the content.
     #[arg(long)]
     release_id: Option<String>,
@@ -310,12 +319,13 @@ struct PublishArgs {
 /// A release store (a published source).
 #[derive(Args)]
 struct StoreArgs {
-    /// The source, s3://BUCKET[/PREFIX] (or --source, as the fleet commands
-    /// take it, or `source` in fleetsync.toml).
-    #[arg(value_name = "SOURCE")]
+    /// The store, s3://BUCKET[/PREFIX]: the deploy's --source (default:
+    /// `source` in fleetsync.toml).
+    #[arg(long = "source", value_name = "SOURCE")]
     source: Option<String>,
-    #[arg(long = "source", value_name = "SOURCE", conflicts_with = "source", hide_short_help = true)]
-    source_flag: Option<String>,
+    /// Deprecated: the source as an argument (give --source).
+    #[arg(value_name = "SOURCE", conflicts_with = "source", hide = true)]
+    source_arg: Option<String>,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -345,8 +355,8 @@ struct PruneArgs {
 struct HistoryArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// Only this group's deploys (default: `asg` in fleetsync.toml, else every group's; also --group).
-    #[arg(long, visible_alias = "group")]
+    /// Only this group's deploys (default: `group` in fleetsync.toml, else every group's).
+    #[arg(long = "group", value_name = "GROUP")]
     asg: Option<String>,
     /// How many deploys [default: 10].
     #[arg(short = 'n', long)]
@@ -386,8 +396,8 @@ struct AgentDistArgs {
 
 #[derive(Args)]
 struct LockArgs {
-    /// The Auto Scaling Group (also --group, as the agent names it).
-    #[arg(long, visible_alias = "group")]
+    /// The Auto Scaling Group (`group` in fleetsync.toml).
+    #[arg(long = "group", value_name = "GROUP")]
     asg: Option<String>,
     /// The deploy's source; the lock lives in its bucket by default.
     #[arg(long)]
@@ -425,7 +435,7 @@ impl FleetArgs {
     /// every command that takes the lock needs it).
     fn apply(&mut self, file: &FileConfig, need_source: bool) -> anyhow::Result<()> {
         self.aws.apply(file);
-        self.asg = self.asg.take().or(file.asg.clone());
+        self.asg = self.asg.take().or(file.group.clone());
         self.source = self.source.take().or(file.source.clone());
         self.dest = self.dest.take().or(file.dest.clone());
         self.state_dir = self.state_dir.take().or(file.state_dir.clone());
@@ -447,7 +457,7 @@ impl FleetArgs {
         }
         self.ssh_accept_new_host_keys |= file.ssh_accept_new_host_keys.unwrap_or(false);
         if self.asg.is_none() {
-            return Err(missing("asg"));
+            return Err(missing("group"));
         }
         if need_source && self.source.is_none() {
             return Err(missing("source"));
@@ -519,7 +529,7 @@ impl FleetArgs {
                 document: self.ssm_document.clone().unwrap_or_else(|| format!("fleetsync-agent-{}", self.asg())),
                 timeout: self.timeout(),
                 delivery_timeout: self.delivery_timeout(),
-                comment: format!("fleetsync {verb} --asg {}", self.asg()),
+                comment: format!("fleetsync {verb} --group {}", self.asg()),
                 sent: Default::default(),
                 sending: Default::default(),
             }),
@@ -538,7 +548,7 @@ impl FleetArgs {
 impl SyncArgs {
     fn apply(&mut self, file: &FileConfig) -> anyhow::Result<()> {
         self.fleet.apply(file, true)?;
-        self.releases |= file.releases.unwrap_or(false) || file.mode == Some(config::Mode::Releases);
+        self.releases |= file.mode == Some(config::Mode::Releases);
         self.keep = self.keep.or(file.keep);
         self.after_switch = self.after_switch.take().or(file.after_switch.clone());
         self.health_url = self.health_url.take().or(file.health_url.clone());
@@ -621,7 +631,7 @@ fn main() -> ExitCode {
 }
 
 fn try_main() -> anyhow::Result<i32> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(deprecated::args(std::env::args_os()));
     fleetsync::logging::init(cli.verbose, "fleetsync");
     // Before the config file: a broken fleetsync.toml must not stop these.
     match &cli.command {
@@ -629,7 +639,7 @@ fn try_main() -> anyhow::Result<i32> {
         Command::Man { dir } => return man(dir),
         _ => {}
     }
-    let file: FileConfig = config::FILE.load(cli.config.as_deref())?;
+    let file = config::FILE.load::<FileConfig>(cli.config.as_deref())?.upgrade();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     match cli.command {
         Command::Sync(mut args) => {
@@ -638,6 +648,11 @@ fn try_main() -> anyhow::Result<i32> {
         }
         Command::Rollback(mut args) => {
             args.fleet.apply(&file, true)?;
+            args.health_url = args.health_url.take().or(file.health_url.clone());
+            args.health_timeout = args.health_timeout.or(file.health_timeout);
+            if let Some(url) = &args.health_url {
+                fleetsync::release::health::parse(url)?;
+            }
             runtime.block_on(rollback(args))
         }
         Command::Status(mut args) => {
@@ -653,12 +668,16 @@ fn try_main() -> anyhow::Result<i32> {
         }
         Command::List(mut args) => {
             args.aws.apply(&file);
-            args.asg = args.asg.or(file.asg);
+            args.asg = args.asg.or(file.group);
             runtime.block_on(list(args))
         }
         Command::Publish(mut args) => {
             args.aws.apply(&file);
-            args.target = args.target.take().or(args.source_flag.take()).or(file.source.clone());
+            if let Some(given) = args.source_arg.take() {
+                deprecated::warn("the source after DIR", "--source");
+                args.target = Some(given);
+            }
+            args.target = args.target.take().or(file.source.clone());
             runtime.block_on(publish(args))
         }
         Command::Releases(mut args) => {
@@ -671,7 +690,7 @@ fn try_main() -> anyhow::Result<i32> {
         }
         Command::History(mut args) => {
             args.store.apply(&file);
-            args.asg = args.asg.take().or(file.asg.clone());
+            args.asg = args.asg.take().or(file.group.clone());
             runtime.block_on(history(args))
         }
         Command::Lock(LockCommand::Show(mut args)) => {
@@ -720,11 +739,11 @@ fn completions(shell: clap_complete::Shell) -> anyhow::Result<i32> {
 const MAN_EXAMPLES: &str = "\
 Check what a deploy needs, publish a build, deploy it a canary first, look, roll back:
 
-  fleetsync doctor --asg web --source s3://code/app
-  fleetsync publish build/ s3://code/app --release-id \"$GIT_SHA\"
-  fleetsync sync --asg web --source s3://code/app --releases --canary 1 --batch 25% --rollback-on-failure
-  fleetsync status --asg web --source s3://code/app
-  fleetsync rollback --asg web --source s3://code/app
+  fleetsync doctor --group web --source s3://code/app
+  fleetsync publish build/ --source s3://code/app --release-id \"$GIT_SHA\"
+  fleetsync sync --group web --source s3://code/app --releases --canary 1 --batch 25% --rollback-on-failure
+  fleetsync status --group web --source s3://code/app
+  fleetsync rollback --group web --source s3://code/app
 
 From CI, with the settings in ./fleetsync.toml and a report for the job:
 
@@ -770,7 +789,12 @@ async fn sync(args: SyncArgs) -> anyhow::Result<i32> {
 /// previous release live again (an instance that joins meanwhile booted on
 /// the source: it has nothing to roll back, so there is no second pass).
 async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
-    let call = AgentCall { release: args.to.clone(), ..args.fleet.agent_call(Action::Rollback) };
+    let call = AgentCall {
+        release: args.to.clone(),
+        health_url: args.health_url.clone(),
+        health_timeout: args.health_timeout.map(|t| t.0),
+        ..args.fleet.agent_call(Action::Rollback)
+    };
     let how = How {
         verb: "rollback",
         rejoin: false,
@@ -910,7 +934,7 @@ async fn doctor(args: StatusArgs) -> anyhow::Result<i32> {
 
 /// `list`: the discover step on its own, as a table or JSON.
 async fn list(args: ListArgs) -> anyhow::Result<i32> {
-    let asg = args.asg.as_deref().ok_or_else(|| missing("asg"))?;
+    let asg = args.asg.as_deref().ok_or_else(|| missing("group"))?;
     let sdk = fleetsync::source::sdk_config(&args.aws.client_options()).await;
     let nodes = discover::discover(&sdk, asg).await?;
     if args.json {
@@ -939,7 +963,7 @@ async fn list(args: ListArgs) -> anyhow::Result<i32> {
 impl LockArgs {
     fn apply(&mut self, file: FileConfig) {
         self.aws.apply(&file);
-        self.asg = self.asg.take().or(file.asg);
+        self.asg = self.asg.take().or(file.group);
         self.source = self.source.take().or(file.source);
         self.lock = self.lock.take().or(file.lock);
     }
@@ -952,7 +976,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
         dir: args.dir.clone(),
         dest: S3Url::parse(args.target.as_deref().ok_or_else(|| {
             fleetsync::Error::Config(
-                "missing where to publish: give s3://BUCKET[/PREFIX] after DIR, or --source, or `source = ...` in fleetsync.toml".into(),
+                "missing where to publish: give --source s3://BUCKET[/PREFIX], or `source = ...` in fleetsync.toml".into(),
             )
         })?)?,
         release_id: args.release_id.clone(),
@@ -993,15 +1017,17 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
 impl StoreArgs {
     fn apply(&mut self, file: &FileConfig) {
         self.aws.apply(file);
-        self.source = self.source.take().or(self.source_flag.take()).or(file.source.clone());
+        if let Some(given) = self.source_arg.take() {
+            deprecated::warn("the source as an argument", "--source");
+            self.source = Some(given);
+        }
+        self.source = self.source.take().or(file.source.clone());
     }
 
     /// The store's source URL and an S3 client.
     async fn open(&self) -> anyhow::Result<(S3Url, S3Client)> {
         let given = self.source.as_deref().ok_or_else(|| {
-            fleetsync::Error::Config(
-                "missing the source: give s3://BUCKET[/PREFIX] as an argument or --source, or `source = ...` in fleetsync.toml".into(),
-            )
+            fleetsync::Error::Config("missing the source: give --source s3://BUCKET[/PREFIX], or `source = ...` in fleetsync.toml".into())
         })?;
         let source = S3Url::parse(given)?;
         Ok((source, fleetsync::source::s3_client(&self.aws.client_options()).await))

@@ -91,7 +91,7 @@ pub async fn for_rollback(s3: &S3Client, source: &S3Url, group: &str, to: Option
         (None, Some(prev)) => (prev.release, prev.manifest),
         (None, None) => {
             return Err(fleetsync::Error::Config(format!(
-                "nothing to roll group {group} back to: no release was deployed to it before the current one; name one with --to ID (`fleetsync releases {source}` lists them)"
+                "nothing to roll group {group} back to: no release was deployed to it before the current one; name one with --to ID (`fleetsync releases --source {source}` lists them)"
             ))
             .into())
         }

@@ -6,16 +6,11 @@
 #    complete the launch hook (CONTINUE), so an instance never enters
 #    service without the code. Any failure: ABANDON, the group replaces it.
 #
-# Needs bash, systemd, curl (IMDSv2 only) and python3, which every
-# cloud-init image has (RHEL 8: platform-python): it signs the first
-# requests with SigV4 and the instance role's credentials, so neither the
-# AWS CLI nor a recent curl is needed; without python3 the AWS CLI is used.
-# Once installed, the agent makes the lifecycle calls. A 5 s connect
-# timeout: no route to S3 or Auto Scaling fails fast, naming the endpoint.
-#
-# fleetsync.yaml embeds this file verbatim after an exports line
-# (infra/aws/check compares them). tests/boot.rs runs it against the local
-# world with stand-ins for the lifecycle API, systemctl and an old curl.
+# Needs bash, systemd, curl (IMDSv2 only) and python3 (RHEL 8:
+# platform-python), which signs the first requests (SigV4): no AWS CLI or
+# recent curl needed. Then the agent makes the lifecycle calls.
+# fleetsync.yaml embeds this file after an exports line (infra/aws/check
+# compares them); tests/boot.rs runs it against the local world.
 set -euo pipefail
 
 : "${FLEETSYNC_BUCKET:?the source bucket}"
@@ -242,29 +237,31 @@ install_agent
 
 install -d -m 0755 "$ROOT/etc/fleetsync" "$FLEETSYNC_DEST"
 cat > "$ROOT/etc/fleetsync/agent.toml" <<TOML
-# Written at boot by the fleetsync user-data; see infra/systemd/agent.toml.example.
+# Written by the fleetsync user-data; see infra/systemd/agent.toml.example.
 source = "s3://$FLEETSYNC_BUCKET/$FLEETSYNC_PREFIX"
 dest = "$FLEETSYNC_DEST"
 mode = "releases"
-# Follow the release fleetsync sync deployed to this group, not merely the latest published.
+# The release fleetsync sync deployed to this group, not the latest published.
 group = "$FLEETSYNC_GROUP"
-# The path the unit's FLEETSYNC_METRICS_FILE names: the pulls fleetsync sync
-# starts through SSM run outside the unit, so without this line a deploy
-# would never reach the metrics.
+# The unit's FLEETSYNC_METRICS_FILE, for the pulls SSM runs outside the unit.
 metrics-file = "/var/lib/prometheus/node-exporter/fleetsync.prom"
 TOML
 # FilesOwner: who owns the files placed in DEST (the web server's user).
 [[ -z ${FLEETSYNC_OWNER:-} ]] || printf 'owner = "%s"\n' "$FLEETSYNC_OWNER" >> "$ROOT/etc/fleetsync/agent.toml"
-# SharedPaths (PATH[=TARGET],...), BeforeSwitch, AfterSwitch: as TOML strings.
+# BeforeSwitch, AfterSwitch, HealthUrl: as TOML strings.
 toml() { local v=${1//\\/\\\\}; printf '"%s"' "${v//\"/\\\"}"; }
 [[ -z ${FLEETSYNC_BEFORE_SWITCH:-} ]] || echo "before-switch = $(toml "$FLEETSYNC_BEFORE_SWITCH")" >> "$ROOT/etc/fleetsync/agent.toml"
 [[ -z ${FLEETSYNC_AFTER_SWITCH:-} ]] || echo "after-switch = $(toml "$FLEETSYNC_AFTER_SWITCH")" >> "$ROOT/etc/fleetsync/agent.toml"
-if [[ -n ${FLEETSYNC_SHARED:-} ]]; then
-  IFS=, read -ra paths <<<"$FLEETSYNC_SHARED"
-  list=''
+[[ -z ${FLEETSYNC_HEALTH_URL:-} ]] || echo "health-url = $(toml "$FLEETSYNC_HEALTH_URL")" >> "$ROOT/etc/fleetsync/agent.toml"
+# SharedPaths and KeepAssets (comma-separated): as TOML lists.
+toml_list() {
+  local list='' p paths
+  IFS=, read -ra paths <<<"$2"
   for p in "${paths[@]}"; do list+="${list:+, }$(toml "$p")"; done
-  echo "shared = [$list]" >> "$ROOT/etc/fleetsync/agent.toml"
-fi
+  echo "$1 = [$list]" >> "$ROOT/etc/fleetsync/agent.toml"
+}
+[[ -z ${FLEETSYNC_SHARED:-} ]] || toml_list shared "$FLEETSYNC_SHARED"
+[[ -z ${FLEETSYNC_KEEP_ASSETS:-} ]] || toml_list keep-assets "$FLEETSYNC_KEEP_ASSETS"
 
 systemctl daemon-reload
 systemctl enable fleetsync-agent.service fleetsync-agent.timer

@@ -67,7 +67,7 @@ def main():
     src, dest = os.path.join(a.work, "src"), os.path.join(a.work, "dest")
     gentree.generate(src, a.files, a.big, seed=1)
     subprocess.run(["aws", "--endpoint-url", EP, "s3", "mb", f"s3://{BUCKET}"], check=True, stdout=subprocess.DEVNULL)
-    run([BASTION, "publish", src, f"s3://{BUCKET}/app", "--release-id", "r0", "--json"])
+    run([BASTION, "publish", src, "--source", f"s3://{BUCKET}/app", "--release-id", "r0", "--json"])
     cold, _ = pull(dest)
     pull(dest)
     print(f"tree: {a.files} files; cold pull {cold:.2f} s; {a.runs} rounds", flush=True)
@@ -76,7 +76,7 @@ def main():
     staged = []
     for r in range(a.runs):
         changed = gentree.mutate(src, max(2, a.files // 100), seed=100 + r)
-        run([BASTION, "publish", src, f"s3://{BUCKET}/app", "--release-id", f"r{r + 1}", "--json"])
+        run([BASTION, "publish", src, "--source", f"s3://{BUCKET}/app", "--release-id", f"r{r + 1}", "--json"])
         seconds, rep = pull(dest)
         rows["live"].append(rep["durations"].get("live_after_ms", 0) / 1000)
         rows["exit"].append(seconds)

@@ -114,7 +114,7 @@ def main():
                                 if entry != "etc":
                                     shutil.rmtree(os.path.join(srv, entry))
                     code, out, err, t0, wall, ru, rss = timed([
-                        bastion, "sync", "--asg", group, "--source", "s3://fleetbench/app", "--dest", "/srv/www",
+                        bastion, "sync", "--group", group, "--source", "s3://fleetbench/app", "--dest", "/srv/www",
                         "--via", via, "--ssh-config", os.path.join(nodes, "ssh_config"), "--json",
                     ], a.work)
                     if code != 0:
@@ -170,7 +170,7 @@ def simulate(a, bastion, env, group, n, nodes):
         ssm_call("FleetsyncEmulatorConfigure", {"RateLimit": a.ssm_rate})
         before = ssm_call("FleetsyncEmulatorStats", {})
         code, out, err, t0, wall, ru, rss = timed([
-            bastion, "sync", "--asg", group, "--source", "s3://fleetbench/app", "--dest", "/srv/www", "--via", "ssm", "--json",
+            bastion, "sync", "--group", group, "--source", "s3://fleetbench/app", "--dest", "/srv/www", "--via", "ssm", "--json",
         ], a.work)
         after = ssm_call("FleetsyncEmulatorStats", {})
     finally:

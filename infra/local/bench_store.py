@@ -80,7 +80,7 @@ S5CMD = ["s5cmd", "--endpoint-url", EP, "--numworkers", "64", "--log", "error"]
 
 
 def publish(src, prefix, release=None):
-    argv = [BASTION, "publish", src, f"s3://{STORE}/{prefix}", "--json"]
+    argv = [BASTION, "publish", src, "--source", f"s3://{STORE}/{prefix}", "--json"]
     return Measure(argv + (["--release-id", release] if release else []), bucket=STORE)
 
 

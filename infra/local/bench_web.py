@@ -39,7 +39,7 @@ def run(cmd, **kw):
 
 
 def publish(src, source, rid):
-    run([os.environ["FLEETSYNC_BASTION"], "publish", src, source, "--release-id", rid])
+    run([os.environ["FLEETSYNC_BASTION"], "publish", src, "--source", source, "--release-id", rid])
 
 
 def pull(dest, state, source, rid, priority):

@@ -59,6 +59,8 @@ ensure_tools() {
   # nginx and PHP-FPM with OPcache, started on loopback by the test.
   command -v nginx >/dev/null || missing+=(nginx)
   compgen -G '/usr/sbin/php-fpm*' >/dev/null || missing+=(php-fpm) # (its OPcache comes with it)
+  # The Node/PM2 recipe's test: PM2 comes from the npm registry (below).
+  command -v npm >/dev/null || missing+=(npm)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     # Their scripts must not start the servers they install (nginx would
@@ -79,6 +81,14 @@ ensure_tools() {
     python3 -m venv "$FLEETSYNC_VENV"
     "$FLEETSYNC_VENV/bin/pip" install -q --disable-pip-version-check "${FLEETSYNC_PY_PACKAGES[@]}"
     echo "${FLEETSYNC_PY_PACKAGES[*]}" > "$FLEETSYNC_VENV/.fleetsync-packages"
+  fi
+  # PM2 for tests/recipes.rs, pinned, linked into the venv's bin (on PATH).
+  local pm2=pm2@6.0.14 npm_dir=$FLEETSYNC_CACHE/npm
+  if [[ ! -x $FLEETSYNC_VENV/bin/pm2 || "$(cat "$npm_dir/.fleetsync-packages" 2>/dev/null)" != "$pm2" ]]; then
+    log "installing $pm2 into $npm_dir"
+    npm install --prefix "$npm_dir" --no-audit --no-fund --silent "$pm2" >/dev/null
+    echo "$pm2" > "$npm_dir/.fleetsync-packages"
+    ln -sf "$npm_dir/node_modules/.bin/pm2" "$FLEETSYNC_VENV/bin/pm2"
   fi
   export PATH=$FLEETSYNC_VENV/bin:$PATH
 }

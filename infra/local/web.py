@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """A real nginx and PHP-FPM with OPcache for the local world, serving a
 node's DEST, and clients that record what each visitor got. The server
-uses the shipped recipe (infra/web/nginx-php-fpm.conf: only its lines
-marked `fleetsync:` are replaced) and OPcache settings
-(infra/web/php-opcache.ini).
+uses the shipped recipe (infra/web/nginx-php-fpm.conf, or --recipe
+nginx-static.conf without PHP: only its lines marked `fleetsync:` are
+replaced) and OPcache settings (infra/web/php-opcache.ini).
 
     web.py serve --dir DIR --root WEBROOT          # prints "ready PORT"; runs until stdin closes
     web.py visit --url URL --clients N --out FILE  # until stdin closes: one JSON line per response
+    web.py balance --dir DIR --upstream HOST:PORT...  # a load balancer; prints "ready PORT"
+    web.py browse --url URL --clients N --out FILE # until stdin closes: one JSON line per page and its assets
 
 `serve` listens on 127.0.0.1 (a free port) and runs PHP-FPM on a Unix
 socket in DIR; both are stopped when stdin closes or on SIGTERM. nginx runs
@@ -18,6 +20,16 @@ connection (a new one after an error), and writes per response:
 {"start": epoch s, "end": epoch s, "status": HTTP status or 0 for a
 transport error, "ids": the distinct release ids the page named, "error"}.
 A page names ids as `release=ID` words.
+
+`balance` is an nginx load balancer in front of the nodes' servers, as an
+ALB with target-group stickiness is: each visitor (a `visitor` cookie)
+stays on one node, the visitors spread over all of them.
+
+`browse` runs N clients that each, in a loop, are a new visitor: load URL,
+wait --think seconds (a browser fetching a lazily loaded chunk, or a tab
+left open), then request every `src="/..."` or `href="/..."` asset the
+page named, all with the visitor's cookie. Per page:
+{"start", "status", "ids", "assets": {"/path": HTTP status}}.
 """
 import argparse
 import glob
@@ -51,37 +63,46 @@ def php_fpm():
     return found[-1]
 
 
+def nginx_conf(d, name, workers, http):
+    """Writes d/NAME.conf: an nginx run as root from the test's private
+    directory d (its pid, logs and temporary files there), with `http` in
+    its http block; returns its path."""
+    conf = os.path.join(d, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(f"""user root;
+worker_processes {workers};
+pid {d}/{name}.pid;
+error_log {d}/{name}-error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    fastcgi_temp_path {d}/fastcgi;
+    proxy_temp_path {d}/proxy;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+{http}
+}}
+""")
+    return conf
+
+
 def serve(a):
     os.makedirs(a.dir, exist_ok=True)
     port = free_port()
     sock = os.path.join(a.dir, "php-fpm.sock")
-    recipe = open(os.path.join(RECIPES, "nginx-php-fpm.conf")).read()
+    recipe = open(os.path.join(RECIPES, a.recipe)).read()
+    php = "fastcgi_pass" in recipe
     server, n = re.subn(r"^(\s*)listen .*# fleetsync: listen$", rf"\1listen 127.0.0.1:{port};", recipe, flags=re.M)
     server, m = re.subn(r"^(\s*)root .*# fleetsync: root$", rf"\1root {a.root};", server, flags=re.M)
     server, k = re.subn(r"^(\s*)fastcgi_pass .*# fleetsync: fastcgi_pass$", rf"\1fastcgi_pass unix:{sock};", server, flags=re.M)
-    if (n, m, k) != (1, 1, 1):
-        sys.exit("web.py: infra/web/nginx-php-fpm.conf lost a line marked `fleetsync:` (listen, root, fastcgi_pass)")
+    if (n, m, k) != (1, 1, int(php)):
+        sys.exit(f"web.py: infra/web/{a.recipe} lost a line marked `fleetsync:` (listen, root, fastcgi_pass)")
     shutil.copy("/etc/nginx/fastcgi_params", os.path.join(a.dir, "fastcgi_params"))
     shutil.copy("/etc/nginx/mime.types", os.path.join(a.dir, "mime.types"))
-    conf = os.path.join(a.dir, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""user root;
-worker_processes 2;
-pid {a.dir}/nginx.pid;
-error_log {a.dir}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-    include mime.types;
-    access_log off;
-    client_body_temp_path {a.dir}/body;
-    fastcgi_temp_path {a.dir}/fastcgi;
-    proxy_temp_path {a.dir}/proxy;
-    uwsgi_temp_path {a.dir}/uwsgi;
-    scgi_temp_path {a.dir}/scgi;
+    conf = nginx_conf(a.dir, "nginx", 2, f"""    include mime.types;
     keepalive_requests 100000;
-{server}
-}}
-""")
+{server}""")
     opcache = []
     for line in open(os.path.join(RECIPES, "php-opcache.ini")):
         line = line.split(";", 1)[0].strip()
@@ -105,14 +126,22 @@ catch_workers_output = yes
 """)
     # Both die with this process, however it ends (a test killed mid-run
     # must not leave servers behind).
-    fpm = subprocess.Popen([php_fpm(), "-F", "-R", "-y", fpm_conf], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    servers = [subprocess.Popen([php_fpm(), "-F", "-R", "-y", fpm_conf], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)] if php else []
     nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    servers.append(nginx)
+    run(servers, lambda: (os.path.exists(sock) or not php) and port_open(port), port, f"nginx or php-fpm (see {a.dir})")
+
+
+def run(servers, ready, port, what):
+    """Prints "ready PORT" once `ready()` holds, then runs until stdin
+    closes (the test ended or died) or SIGTERM, and stops `servers`
+    however it ends."""
 
     def stop(*_, code=0):
-        for p in (nginx, fpm):
+        for p in servers:
             if p.poll() is None:
                 p.terminate()
-        for p in (nginx, fpm):
+        for p in servers:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -122,13 +151,13 @@ catch_workers_output = yes
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     deadline = time.time() + 30
-    while not (os.path.exists(sock) and port_open(port)):
-        if time.time() > deadline or nginx.poll() is not None or fpm.poll() is not None:
-            print(f"web.py: nginx or php-fpm did not start (see {a.dir})", file=sys.stderr)
+    while not ready():
+        if time.time() > deadline or any(p.poll() is not None for p in servers):
+            print(f"web.py: {what} did not start", file=sys.stderr)
             stop(code=1)
         time.sleep(0.05)
     print(f"ready {port}", flush=True)
-    sys.stdin.read()  # until the test closes it (or dies)
+    sys.stdin.read()
     stop()
 
 
@@ -179,14 +208,79 @@ def visit(a):
             with lock:
                 out.write(line + "\n")
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(a.clients)]
+    clients(client, a.clients, stopping, "visiting")
+
+
+def clients(client, n, stopping, word):
+    """Runs `client` on n threads until stdin closes, then sets `stopping`
+    and waits for each to finish what it was doing."""
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
-    print("visiting", flush=True)
+    print(word, flush=True)
     sys.stdin.read()
     stopping.set()
     for t in threads:
         t.join(timeout=15)
+
+
+def balance(a):
+    os.makedirs(a.dir, exist_ok=True)
+    port = free_port()
+    servers = "\n".join(f"        server {u};" for u in a.upstream)
+    conf = nginx_conf(a.dir, "balancer", 1, f"""    upstream nodes {{
+        hash $cookie_visitor consistent;
+{servers}
+        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://nodes;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}""")
+    nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    run([nginx], lambda: port_open(port), port, f"the balancer (see {a.dir})")
+
+
+ASSETS = re.compile(rb'(?:src|href)="(/[^"]+)"')
+
+
+def browse(a):
+    u = urllib.parse.urlsplit(a.url)
+    out = open(a.out, "a", buffering=1)
+    lock = threading.Lock()
+    stopping = threading.Event()
+
+    def get(conn, path, cookie):
+        conn.request("GET", path, headers={"Cookie": f"visitor={cookie}"})
+        r = conn.getresponse()
+        return r.status, r.read()
+
+    def client():
+        while not stopping.is_set():
+            visitor = os.urandom(8).hex()
+            start = time.time()
+            line = {"start": start, "status": 0, "ids": [], "assets": {}, "error": None}
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+            try:
+                status, body = get(conn, u.path or "/", visitor)
+                line["status"] = status
+                line["ids"] = sorted({m.decode() for m in IDS.findall(body)})
+                assets = sorted({m.decode() for m in ASSETS.findall(body)})
+                stopping.wait(a.think)
+                for path in assets:
+                    line["assets"][path], _ = get(conn, path, visitor)
+            except (OSError, http.client.HTTPException) as e:
+                line["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                conn.close()
+            with lock:
+                out.write(json.dumps(line) + "\n")
+
+    clients(client, a.clients, stopping, "browsing")
 
 
 def main():
@@ -196,12 +290,21 @@ def main():
     s.add_argument("--dir", required=True)
     s.add_argument("--root", required=True)
     s.add_argument("--children", type=int, default=8)
+    s.add_argument("--recipe", default="nginx-php-fpm.conf", help="a file of infra/web/")
     v = sub.add_parser("visit")
     v.add_argument("--url", required=True)
     v.add_argument("--clients", type=int, default=8)
     v.add_argument("--out", required=True)
+    lb = sub.add_parser("balance")
+    lb.add_argument("--dir", required=True)
+    lb.add_argument("--upstream", action="append", required=True)
+    br = sub.add_parser("browse")
+    br.add_argument("--url", required=True)
+    br.add_argument("--clients", type=int, default=8)
+    br.add_argument("--think", type=float, default=1.0)
+    br.add_argument("--out", required=True)
     a = ap.parse_args()
-    serve(a) if a.cmd == "serve" else visit(a)
+    {"serve": serve, "visit": visit, "balance": balance, "browse": browse}[a.cmd](a)
 
 
 if __name__ == "__main__":

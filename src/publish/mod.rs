@@ -1,5 +1,5 @@
 //! PUBLISH: a build directory becomes a release in the store (the CI side
-//! of a deploy: `fleetsync publish build/ s3://code/app`).
+//! of a deploy: `fleetsync publish build/ --source s3://code/app`).
 //!
 //! walk -> hash -> diff -> upload -> manifest -> pointer:
 //! - [`walk`]: the build's files, symlinks and empty directories, every

@@ -91,7 +91,7 @@ pub(crate) fn walk(dir: &Path, follow: bool) -> Result<Vec<Item>> {
             if meta.is_dir() {
                 stack.push((full, rel_path, depth + 1));
             } else if meta.is_file() {
-                let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
+                let mode = crate::store::manifest::file_mode(meta.permissions().mode());
                 items.push(Item::File(LocalFile { path: path_of(&rel_path)?, full, size: meta.len(), mode, hash: None }));
             } else {
                 return Err(Error::Config(format!(

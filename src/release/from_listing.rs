@@ -41,7 +41,7 @@ pub(crate) fn content_id(objects: &[RemoteObject], prefix: &str) -> String {
 pub(super) async fn run(ctx: &Ctx<'_>) -> Result<Step> {
     if !ctx.opts.shared.is_empty() || !ctx.opts.keep_assets.is_empty() {
         return Err(Error::Config(format!(
-            "--shared and --keep-assets need a release store: publish the build with `fleetsync publish DIR {}` (a plain prefix's releases support neither)",
+            "--shared and --keep-assets need a release store: publish the build with `fleetsync publish DIR --source {}` (a plain prefix's releases support neither)",
             ctx.opts.pull.source
         )));
     }

@@ -199,7 +199,7 @@ async fn resolve_id(l: &Lookup<'_>, store: &Store, id: &str) -> Result<Option<Ta
         Err(Error::NotInStore(_)) => match pointer::read::<serde_json::Value>(l.client, store, &store.latest_key(), None).await? {
             Found::Absent => Ok(None),
             _ => Err(Error::Config(format!(
-                "release {id} is not in the release store at {} (`fleetsync releases {}` lists what is)",
+                "release {id} is not in the release store at {} (`fleetsync releases --source {}` lists what is)",
                 store.url(&store.root),
                 l.opts.pull.source
             ))),

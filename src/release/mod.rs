@@ -588,7 +588,12 @@ fn register_live(registry: &mut Registry, layout: &Layout, register: Option<Rele
 /// `rollback`: makes `to` (default: the release before the live one) live
 /// again, under the node lock. The release rolled back from is kept but is
 /// never "previous" again.
-pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, if_busy: IfBusy) -> Result<PullReport> {
+///
+/// What `then` names follows, as after a pull's switch: the after-switch
+/// command (a Node app restarted into the release made live) and the
+/// health check. A release that fails either stays live (it is what was
+/// asked for) and the report says so, exit 1.
+pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, then: &AfterRollback, if_busy: IfBusy) -> Result<PullReport> {
     let layout = Layout::new(dest, state_dir);
     let (_lock, lock_wait) = NodeLock::acquire(state_dir, if_busy).await?;
     let mut registry = layout.load(true)?;
@@ -624,7 +629,40 @@ pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, if_busy: 
         release.switched = true;
     }
     report.counts.unchanged = target.files;
+    let mut failed = None;
+    if let (true, Some(cmd)) = (release.switched, &then.after_switch) {
+        let hook = hook::run(cmd, &layout, &target.id, current.as_deref(), then.hook_timeout).await;
+        if !hook.ok {
+            failed = Some("the after-switch command failed".to_string());
+        }
+        release.after_switch = Some(hook);
+    }
+    if let (None, Some(url)) = (&failed, &then.health_url) {
+        let answer = health::check(url, then.health_timeout).await;
+        if !answer.ok {
+            failed = Some(format!("the health check of {url} failed ({})", answer.error.as_deref().unwrap_or("no answer")));
+        }
+        release.health = Some(answer);
+    }
+    if let Some(what) = failed {
+        report.exit_code = crate::exit::PARTIAL;
+        report.status = crate::report::PullStatus::Failed;
+        report.set_error(format!("release {} is live, but {what}: roll back to another release, or fix it and deploy", target.id));
+    }
     report_with(report, release, lock_wait, &layout)
+}
+
+/// What a rollback runs once the release it made live is live, as a pull
+/// does after its switch (see [`rollback`]).
+#[derive(Debug, Clone, Default)]
+pub struct AfterRollback {
+    /// The after-switch command (`--after-switch`, `after-switch` in
+    /// agent.toml), run only when the rollback switched.
+    pub after_switch: Option<String>,
+    pub hook_timeout: std::time::Duration,
+    /// A URL the release must answer with 2xx (`--health-url`).
+    pub health_url: Option<String>,
+    pub health_timeout: std::time::Duration,
 }
 
 /// `status`: the live release, the one before it, every kept release and

@@ -36,13 +36,29 @@ pub struct Shared {
     pub path: RelPath,
     /// What the link points at: `None` for `DEST/shared/PATH`.
     pub target: Option<PathBuf>,
+    /// A file (`.env`, `wp-config.php`: `--shared-file`), not a directory:
+    /// never made empty, so a pull that finds no copy and a release that
+    /// publishes none fails naming it instead of linking to an empty
+    /// directory.
+    pub file: bool,
 }
 
 impl Shared {
-    /// `PATH` or `PATH=TARGET`, as `--shared` and agent.toml's `shared`
-    /// give it.
+    /// `PATH` or `PATH=TARGET`, a directory, as `--shared` and agent.toml's
+    /// `shared` give it.
     pub fn parse(spec: &str) -> Result<Shared> {
-        let bad = |why: &str| Error::Config(format!("--shared {spec:?}: {why}"));
+        Shared::parse_as(spec, false)
+    }
+
+    /// `PATH` or `PATH=TARGET`, a file, as `--shared-file` and agent.toml's
+    /// `shared-files` give it.
+    pub fn parse_file(spec: &str) -> Result<Shared> {
+        Shared::parse_as(spec, true)
+    }
+
+    fn parse_as(spec: &str, file: bool) -> Result<Shared> {
+        let flag = if file { "--shared-file" } else { "--shared" };
+        let bad = |why: &str| Error::Config(format!("{flag} {spec:?}: {why}"));
         let (path, target) = match spec.split_once('=') {
             Some((p, t)) => (p, Some(t)),
             None => (spec, None),
@@ -64,7 +80,7 @@ impl Shared {
                 Some(t.to_path_buf())
             }
         };
-        Ok(Shared { path, target })
+        Ok(Shared { path, target, file })
     }
 
     /// The symlink's target, as written in the release.
@@ -177,6 +193,19 @@ pub(super) fn prepare(
             }
         };
         let shared_at = || s.target.clone().unwrap_or_else(|| dest.join(SHARED).join(s.path.as_str()));
+        if s.file {
+            if let Some(dir) = [&there, &publishes].into_iter().flatten().find(|k| **k == OnDisk::Dir) {
+                let (what, at) = if there.as_ref() == Some(dir) {
+                    ("is", shared_at().display().to_string())
+                } else {
+                    ("is published as", format!("release {id}"))
+                };
+                return Err(Error::Config(format!(
+                    "shared file {} {what} a directory in {at}: nothing went live; share it with --shared, or make it a file",
+                    s.path
+                )));
+            }
+        }
         // The live release still holds the path itself: what is shared
         // there is older than what the application writes now (a pull that
         // seeded it never went live, or a copy made by hand). Set aside,
@@ -222,6 +251,12 @@ pub(super) fn prepare(
             seeds.push(Seed::Ready);
         } else if matches!(publishes, Some(OnDisk::Dir | OnDisk::File)) {
             seeds.push(Seed::FromRelease);
+        } else if s.file {
+            return Err(Error::Config(format!(
+                "shared file {}: {} does not exist and release {id} publishes none: nothing went live; put the file there first (the instance's user-data or configuration management writes it), or publish a default",
+                s.path,
+                shared_at().display()
+            )));
         } else {
             store.make_dir(&s.path).map_err(|e| Error::io(format!("creating {}", shared_at().display()), e))?;
             seeds.push(Seed::Ready);
@@ -297,6 +332,8 @@ mod tests {
         assert_eq!((s.path.as_str(), s.link()), ("public/uploads", "../../../shared/public/uploads".to_string()));
         assert_eq!(Shared::parse("storage/").unwrap().link(), "../../shared/storage");
         assert_eq!(Shared::parse("media=/mnt/efs/media").unwrap().link(), "/mnt/efs/media");
+        assert!(Shared::parse_file(".env").unwrap().file && !Shared::parse(".env").unwrap().file);
+        assert!(Shared::parse_file("../.env").unwrap_err().to_string().contains("--shared-file"));
         for bad in ["", "/etc", "../x", "a//b", "a/./b", "a/../b", ".fleetsync.tmp/x", "x=relative", "x=/mnt/../etc"] {
             assert!(Shared::parse(bad).is_err(), "{bad}");
         }

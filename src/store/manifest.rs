@@ -87,7 +87,8 @@ pub enum Entry {
 pub struct FileEntry {
     pub path: RelPath,
     pub size: u64,
-    /// 0o644 or 0o755: the execute bit is all the store keeps.
+    /// 0o644 or 0o755, with the group write bit when the build had it
+    /// ([`file_mode`]).
     pub mode: u32,
     pub hash: Digest,
     pub at: Location,
@@ -227,11 +228,22 @@ impl Line {
             }
             _ => return Err("a file that is neither in a pack nor a blob".into()),
         };
-        // Modes are capped as for objects: executable or not, nothing else.
-        let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
-        Ok(Entry::File(FileEntry { path: path()?, size, mode, hash, at }))
+        Ok(Entry::File(FileEntry { path: path()?, size, mode: file_mode(mode), hash, at }))
     }
 }
+
+/// The mode a file of the build keeps in a release: executable or not,
+/// and writable by its group or not (a `storage/` an application's group
+/// writes), nothing else. Never writable by others: any local user could
+/// change the site's code.
+pub fn file_mode(mode: u32) -> u32 {
+    let base = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
+    base | (mode & GROUP_WRITE)
+}
+
+/// The group write bit, which [`tree_digest`] leaves out: agents before it
+/// was kept read it as 0o644 or 0o755, and must still find the digest.
+const GROUP_WRITE: u32 = 0o020;
 
 /// Checks that a symlink at `path` pointing at `target` stays inside the
 /// release, whatever else the release holds: the target is relative, its
@@ -275,7 +287,7 @@ pub fn tree_digest(entries: &[Entry]) -> Digest {
     let mut h = Hasher::new();
     for e in entries {
         match e {
-            Entry::File(f) => h.update(format!("F\0{}\0{:o}\0{}\0{}\n", f.path, f.mode, f.size, f.hash).as_bytes()),
+            Entry::File(f) => h.update(format!("F\0{}\0{:o}\0{}\0{}\n", f.path, f.mode & !GROUP_WRITE, f.size, f.hash).as_bytes()),
             Entry::Symlink { path, target } => h.update(format!("L\0{path}\0{target}\n").as_bytes()),
             Entry::Dir { path } => h.update(format!("D\0{path}\n").as_bytes()),
         }

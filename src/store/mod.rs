@@ -258,7 +258,7 @@ pub fn check_release_id(id: &str) -> crate::Result<()> {
     }
 }
 
-/// A group name usable in a key (the bastion's `--asg`).
+/// A group name usable in a key (the bastion's `--group`).
 pub fn check_group(group: &str) -> crate::Result<()> {
     // An Auto Scaling Group's name: 1 to 255 characters, almost any.
     if !group.is_empty() && group.chars().count() <= 255 && !group.chars().any(char::is_control) {

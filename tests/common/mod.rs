@@ -443,7 +443,8 @@ impl Drop for Nodes {
 /// group's nodes (their state dir is /srv/state, inside each node's root).
 pub fn deploy_command(asg: &str, source: &str, dest: &str, nodes: &Nodes, via: &str) -> Command {
     let mut c = Command::new(bin("fleetsync-bastion", "fleetsync"));
-    c.args(["sync", "--via", via, "--asg", asg, "--source", source, "--dest", dest, "--json"]).args(["--ssh-config", &nodes.ssh_config()]);
+    c.args(["sync", "--via", via, "--group", asg, "--source", source, "--dest", dest, "--json"])
+        .args(["--ssh-config", &nodes.ssh_config()]);
     c
 }
 
@@ -492,9 +493,9 @@ pub fn build_dir(files: usize, tag: &str) -> tempfile::TempDir {
     dir
 }
 
-/// `fleetsync publish DIR TARGET --json` plus `extra`: (exit code, JSON report or Null, stderr).
+/// `fleetsync publish DIR --source TARGET --json` plus `extra`: (exit code, JSON report or Null, stderr).
 pub fn publish(dir: &Path, target: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
-    run_report(Command::new(bin("fleetsync-bastion", "fleetsync")).arg("publish").arg(dir).arg(target).arg("--json").args(extra))
+    run_report(Command::new(bin("fleetsync-bastion", "fleetsync")).arg("publish").arg(dir).args(["--source", target, "--json"]).args(extra))
 }
 
 /// infra/local/faultproxy.py on a free loopback port in front of

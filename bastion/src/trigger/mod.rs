@@ -357,6 +357,8 @@ mod tests {
         assert_eq!(words, ["fleetsync-agent", "pull", hostile[0], "--dest", hostile[1], "--state-dir", hostile[2], "--json"]);
         let rollback = AgentCall { release: Some("r1".into()), ..AgentCall::new(Action::Rollback) };
         assert_eq!(rollback.words(), ["rollback", "--to", "r1", "--json"]);
+        let checked = AgentCall { health_url: Some("http://127.0.0.1/up".into()), ..rollback };
+        assert_eq!(checked.words(), ["rollback", "--to", "r1", "--health-url", "http://127.0.0.1/up", "--json"]);
     }
 
     #[test]

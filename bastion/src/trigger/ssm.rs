@@ -213,7 +213,7 @@ impl Ssm {
         put("dest", "--dest", call.dest.clone(), path)?;
         put("stateDir", "--state-dir", call.state_dir.clone(), path)?;
         put("release", if call.action == Action::Rollback { "--to" } else { "--release-id" }, call.release.clone(), word)?;
-        put("group", "--asg", call.group.clone(), group)?;
+        put("group", "--group", call.group.clone(), group)?;
         put("manifest", "--manifest-digest", call.manifest.map(|d| d.to_string()), |v| v.len() == 64)?;
         put("keep", "--keep", call.keep.map(|k| k.to_string()), |v| v.len() <= 4)?;
         let url = |v: &str| {
