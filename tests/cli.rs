@@ -22,6 +22,28 @@ fn status_refuses_the_flags_that_only_steer_a_deploy() {
     assert!(stderr.contains("fleetsync: --asg is deprecated, use --group"), "{stderr}");
 }
 
+/// `--release ID` (the bastion) and `--release-id ID` (the agent) mean
+/// release mode: no "add --releases" for the flag one letter away. Both
+/// then fail on the endpoint, which refuses connections.
+#[test]
+fn a_release_id_implies_release_mode() {
+    let dest = tempfile::tempdir().unwrap();
+    let dest = dest.path().join("www");
+    let agent = ["pull", "s3://bucket-x/app", "--dest", dest.to_str().unwrap(), "--release-id", "r1", "--json"];
+    let bastion = ["sync", "--group", "web", "--source", "s3://bucket-x/app", "--release", "r1", "--keep", "3", "--dry-run"];
+    for (bin, args) in [(common::agent_bin(), &agent[..]), (common::bin("fleetsync-bastion", "fleetsync"), &bastion[..])] {
+        let out = Command::new(bin)
+            .args(args)
+            .envs(["", "_S3", "_EC2", "_AUTO_SCALING", "_SSM"].map(|s| (format!("AWS_ENDPOINT_URL{s}"), "http://127.0.0.1:9")))
+            .env("AWS_ACCESS_KEY_ID", "x")
+            .env("AWS_SECRET_ACCESS_KEY", "x")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("release mode") && stderr.contains("127.0.0.1:9"), "{args:?}: {stderr}");
+    }
+}
+
 /// A hook timeout of zero would kill every hook as it starts: refused in
 /// one line before anything is read or written.
 #[test]

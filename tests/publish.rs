@@ -62,6 +62,15 @@ async fn a_published_build_reaches_nodes_whole_with_modes_and_a_second_publish_u
     assert_eq!((code, pulled["release"]["id"].as_str()), (0, Some("build-8")), "{pulled}");
     assert_eq!(pulled["counts"]["downloaded"], 1, "{pulled}");
     assert_eq!(read_tree(&live), read_tree(build.path()));
+
+    // Only a file's group write bit changes: another release (not
+    // "unchanged"), and the node makes it live with the bit.
+    std::fs::set_permissions(build.path().join("app/src/f2.php"), std::fs::Permissions::from_mode(0o664)).unwrap();
+    let (code, r, _) = publish(build.path(), &b.url("app"), &[]);
+    assert_eq!((code, r["unchanged"].as_bool()), (0, Some(false)), "{r}");
+    let (code, pulled, _) = run_json(node.agent(&b.url("app")).arg("--releases"));
+    assert_eq!((code, pulled["release"]["id"].as_str()), (0, r["release_id"].as_str()), "{pulled}");
+    assert_eq!(std::fs::metadata(live.join("app/src/f2.php")).unwrap().permissions().mode() & 0o777, 0o664);
 }
 
 #[tokio::test]

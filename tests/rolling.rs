@@ -39,8 +39,9 @@ fn release(id: &str) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// Rolls the group from its live release to `id` with visitors browsing
-/// through the balancer at `url`; returns the pages they loaded.
-fn roll(asg: &str, source: &str, nodes: &Nodes, url: &str, id: &str) -> Vec<Visit> {
+/// through the balancer at `url`; returns the pages they loaded and the
+/// assets each node carried from the release before (`kept_assets`).
+fn roll(asg: &str, source: &str, nodes: &Nodes, url: &str, id: &str) -> (Vec<Visit>, Vec<u64>) {
     let log = tempfile::NamedTempFile::new().unwrap();
     let out = log.path().display().to_string();
     let (browsers, _) = Web::start(&["browse", "--url", url, "--clients", "8", "--think", "1", "--out", &out]);
@@ -50,7 +51,8 @@ fn roll(asg: &str, source: &str, nodes: &Nodes, url: &str, id: &str) -> Vec<Visi
     assert_eq!(code, 0, "{stderr}\n{report}");
     std::thread::sleep(std::time::Duration::from_millis(2500));
     browsers.stop();
-    std::fs::read_to_string(log.path()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let kept = report["nodes"].as_array().unwrap().iter().map(|n| n["agent"]["release"]["kept_assets"].as_u64().unwrap_or(0)).collect();
+    (std::fs::read_to_string(log.path()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect(), kept)
 }
 
 /// Asset requests answered 404, after checking that every page loaded.
@@ -94,12 +96,16 @@ async fn a_rolling_deploy_serves_every_pages_assets_with_keep_assets_and_404s_wi
     let url = format!("http://127.0.0.1:{}/", ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py balance said {ready:?}")));
 
     // a -> b as the nodes are: the assets leave with their release.
-    let without = asset_404s(&roll(&asg, &source, &nodes, &url, "b"));
+    let (visits, kept) = roll(&asg, &source, &nodes, &url, "b");
+    assert_eq!(kept, [0, 0], "nothing kept without keep-assets");
+    let without = asset_404s(&visits);
     // b -> c with keep-assets in every node's agent.toml.
     for (_, root) in nodes.list() {
         std::fs::write(root.join("etc/fleetsync/agent.toml"), "keep-assets = [\"public/build/**\"]\n").unwrap();
     }
-    let with = asset_404s(&roll(&asg, &source, &nodes, &url, "c"));
+    let (visits, kept) = roll(&asg, &source, &nodes, &url, "c");
+    assert_eq!(kept, [2, 2], "each node carried b's two assets into c");
+    let with = asset_404s(&visits);
     eprintln!("asset 404s during a rolling deploy: {without} without keep-assets, {with} with");
 
     balancer.stop();

@@ -251,7 +251,9 @@ impl PullArgs {
             Some(path) => Some(path),
             None => cfg.metrics_file,
         };
-        if !self.in_place && cfg.mode == Some(Mode::Releases) {
+        // A release id means release mode: `--release-id ID` without
+        // `--releases` is not an error.
+        if !self.in_place && (cfg.mode == Some(Mode::Releases) || self.release_id.is_some()) {
             self.releases = true;
         }
         if self.source.is_none() {

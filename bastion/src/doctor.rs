@@ -271,7 +271,9 @@ const OLDEST_AGENT: [u64; 3] = [0, 1, 0];
 /// and flags it may not know.
 fn agent_supported(version: &str) -> bool {
     let parse = |v: &str| -> Option<[u64; 3]> {
-        let mut parts = v.split_whitespace().next()?.splitn(3, '.').map(|p| p.parse::<u64>().ok());
+        // 0.2.0, 0.2.0 (abc1234), 0.2.0-rc.1: a pre-release is its version.
+        let core = v.split_whitespace().next()?.split(['-', '+']).next()?;
+        let mut parts = core.splitn(3, '.').map(|p| p.parse::<u64>().ok());
         Some([parts.next()??, parts.next()??, parts.next()??])
     };
     match (parse(version), parse(fleetsync::VERSION)) {
@@ -469,6 +471,7 @@ mod tests {
         let ours = fleetsync::VERSION;
         assert!(super::agent_supported(&format!("{ours} (abc1234)")));
         assert!(super::agent_supported("0.1.0"));
+        assert!(super::agent_supported("0.1.1-rc.1 (abc1234)"));
         for old in ["0.0.9 (old)", "unknown", "", "1", "x.y.z"] {
             assert!(!super::agent_supported(old), "{old}");
         }

@@ -209,9 +209,10 @@ struct SyncArgs {
     /// beside the live one and switches DEST/current atomically.
     #[arg(long)]
     releases: bool,
-    /// Release mode: the release to deploy, any one in the store (`fleetsync
-    /// releases` lists them); default: the latest published (for a plain
-    /// prefix: the name of its release, default a content hash).
+    /// Release mode (implies --releases): the release to deploy, any one in
+    /// the store (`fleetsync releases` lists them); default: the latest
+    /// published (for a plain prefix: the name of its release, default a
+    /// content hash).
     #[arg(long, visible_alias = "release", value_name = "ID")]
     release_id: Option<String>,
     /// Release mode: releases kept on each node besides the live one and the one before it.
@@ -548,7 +549,9 @@ impl FleetArgs {
 impl SyncArgs {
     fn apply(&mut self, file: &FileConfig) -> anyhow::Result<()> {
         self.fleet.apply(file, true)?;
-        self.releases |= file.mode == Some(config::Mode::Releases);
+        // A release id means release mode: `--release ID` without the
+        // `--releases` one letter away is not an error.
+        self.releases |= file.mode == Some(config::Mode::Releases) || self.release_id.is_some();
         self.keep = self.keep.or(file.keep);
         self.after_switch = self.after_switch.take().or(file.after_switch.clone());
         self.health_url = self.health_url.take().or(file.health_url.clone());
@@ -751,7 +754,7 @@ From CI, with the settings in ./fleetsync.toml and a report for the job:
 
 /// The man page's FILES.
 const MAN_FILES: &str = "\
-./fleetsync.toml (or --config FILE, FLEETSYNC_CONFIG): any sync flag by its long name, e.g. asg, source, releases, batch; flags override it.
+./fleetsync.toml (or --config FILE, FLEETSYNC_CONFIG): any sync flag by its long name, e.g. group, source, mode, batch; flags override it.
 
 s3://BUCKET/.fleetsync/locks/GROUP.json: the fleet lock (fleetsync lock show).
 
@@ -1131,7 +1134,7 @@ async fn lock_target(args: &LockArgs) -> anyhow::Result<(S3Client, LockObject)> 
     let object = match (&args.lock, &args.asg, &args.source) {
         (Some(lock), _, _) => LockObject::parse(lock)?,
         (None, Some(asg), Some(source)) => LockObject::for_group(&S3Url::parse(source)?, asg)?,
-        (None, None, _) => return Err(missing("asg")),
+        (None, None, _) => return Err(missing("group")),
         (None, Some(_), None) => return Err(missing("source")),
     };
     let client = fleetsync::source::s3_client(&args.aws.client_options()).await;

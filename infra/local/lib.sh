@@ -59,6 +59,8 @@ ensure_tools() {
   # nginx and PHP-FPM with OPcache, started on loopback by the test.
   command -v nginx >/dev/null || missing+=(nginx)
   compgen -G '/usr/sbin/php-fpm*' >/dev/null || missing+=(php-fpm) # (its OPcache comes with it)
+  # The Apache + PHP-FPM recipe's test (tests/recipes.rs).
+  [[ -x /usr/sbin/apache2 ]] || missing+=(apache2)
   # The Node/PM2 recipe's test: PM2 comes from the npm registry (below).
   command -v npm >/dev/null || missing+=(npm)
   if ((${#missing[@]})); then

@@ -92,6 +92,17 @@ def serve(a):
     port = free_port()
     sock = os.path.join(a.dir, "php-fpm.sock")
     recipe = open(os.path.join(RECIPES, a.recipe)).read()
+    web, php = (apache if a.recipe.startswith("apache") else nginx)(a, recipe, port, sock)
+    # Both die with this process, however it ends (a test killed mid-run
+    # must not leave servers behind).
+    servers = [php_fpm_server(a, sock)] if php else []
+    servers.append(subprocess.Popen(web, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent))
+    run(servers, lambda: (os.path.exists(sock) or not php) and port_open(port), port, f"the web server or php-fpm (see {a.dir})")
+
+
+def nginx(a, recipe, port, sock):
+    """nginx with an infra/web/nginx-*.conf recipe: its command line, and
+    whether it needs PHP-FPM."""
     php = "fastcgi_pass" in recipe
     server, n = re.subn(r"^(\s*)listen .*# fleetsync: listen$", rf"\1listen 127.0.0.1:{port};", recipe, flags=re.M)
     server, m = re.subn(r"^(\s*)root .*# fleetsync: root$", rf"\1root {a.root};", server, flags=re.M)
@@ -103,6 +114,55 @@ def serve(a):
     conf = nginx_conf(a.dir, "nginx", 2, f"""    include mime.types;
     keepalive_requests 100000;
 {server}""")
+    return ["nginx", "-c", conf, "-g", "daemon off;"], php
+
+
+def apache(a, recipe, port, sock):
+    """Apache with infra/web/apache-php-fpm.conf, the line after each
+    `# fleetsync:` mark replaced: the live release's file is DIR/live.conf
+    (what the recipe's after-switch command writes), DEST/releases is
+    --root. Its workers run as www-data (Apache serves nothing as root):
+    the test makes DEST readable to them."""
+    marks = {
+        "live": f"IncludeOptional {a.dir}/live.conf",
+        "listen": f"<VirtualHost 127.0.0.1:{port}>",
+        "releases": f"<Directory {a.root}>",
+        "fastcgi": f'SetHandler "proxy:unix:{sock}|fcgi://localhost"',
+    }
+    lines, done = recipe.split("\n"), set()
+    for i, line in enumerate(lines[:-1]):
+        mark = re.match(r"^(\s*)# fleetsync: (\w+)$", line)
+        if mark and mark.group(2) in marks:
+            lines[i + 1] = mark.group(1) + marks[mark.group(2)]
+            done.add(mark.group(2))
+    if done != set(marks):
+        sys.exit(f"web.py: infra/web/{a.recipe} lost a `# fleetsync:` mark ({', '.join(sorted(set(marks) - done))})")
+    with open(os.path.join(a.dir, "site.conf"), "w") as f:
+        f.write("\n".join(lines))
+    modules = "\n".join(
+        f"LoadModule {m}_module /usr/lib/apache2/modules/mod_{m}.so" for m in ["mpm_event", "authz_core", "dir", "mime", "proxy", "proxy_fcgi"]
+    )
+    conf = os.path.join(a.dir, "apache.conf")
+    with open(conf, "w") as f:
+        f.write(f"""ServerName localhost
+ServerRoot {a.dir}
+DefaultRuntimeDir {a.dir}
+PidFile {a.dir}/apache.pid
+ErrorLog {a.dir}/apache-error.log
+Mutex file:{a.dir}
+Listen 127.0.0.1:{port}
+User www-data
+Group www-data
+{modules}
+TypesConfig /etc/mime.types
+Include {a.dir}/site.conf
+""")
+    return ["apache2", "-f", conf, "-DFOREGROUND"], True
+
+
+def php_fpm_server(a, sock):
+    """PHP-FPM on a Unix socket (any local user may connect: Apache's
+    workers are not root) with the shipped OPcache settings."""
     opcache = []
     for line in open(os.path.join(RECIPES, "php-opcache.ini")):
         line = line.split(";", 1)[0].strip()
@@ -119,17 +179,13 @@ daemonize = no
 user = root
 group = root
 listen = {sock}
+listen.mode = 0666
 pm = static
 pm.max_children = {a.children}
 catch_workers_output = yes
 {chr(10).join(opcache)}
 """)
-    # Both die with this process, however it ends (a test killed mid-run
-    # must not leave servers behind).
-    servers = [subprocess.Popen([php_fpm(), "-F", "-R", "-y", fpm_conf], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)] if php else []
-    nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-    servers.append(nginx)
-    run(servers, lambda: (os.path.exists(sock) or not php) and port_open(port), port, f"nginx or php-fpm (see {a.dir})")
+    return subprocess.Popen([php_fpm(), "-F", "-R", "-y", fpm_conf], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
 
 def run(servers, ready, port, what):

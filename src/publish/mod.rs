@@ -115,12 +115,17 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
     for item in items {
         plan.add(item);
     }
-    let tree = crate::store::manifest::tree_digest(&{
+    let sorted = {
         let mut e = plan.entries.clone();
         e.sort_by(|a, b| a.path().cmp(b.path()));
         e
-    });
-    let id = opts.release_id.clone().unwrap_or_else(|| format!("c{}", &tree.to_string()[..16]));
+    };
+    let tree = crate::store::manifest::tree_digest(&sorted);
+    let modes = crate::store::manifest::modes_digest(&sorted);
+    // The content's name: its tree, and which files are group-writable
+    // when any is (a build that only changes that is another release).
+    let content = modes.map_or(tree, |m| Digest::of(format!("{tree}{m}").as_bytes()));
+    let id = opts.release_id.clone().unwrap_or_else(|| format!("c{}", &content.to_string()[..16]));
     let mut report = PublishReport {
         source: opts.dir.display().to_string(),
         dest: opts.dest.to_string(),
@@ -137,7 +142,9 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
     };
     // The latest release has this content: nothing to publish (under its
     // id, unless another one was asked for).
-    if let Some(l) = latest.as_ref().filter(|l| l.tree == tree && opts.release_id.as_ref().is_none_or(|id| *id == l.release)) {
+    if let Some(l) =
+        latest.as_ref().filter(|l| (l.tree, l.modes) == (tree, modes) && opts.release_id.as_ref().is_none_or(|id| *id == l.release))
+    {
         report.release_id = l.release.clone();
         report.unchanged = true;
         report.duration_ms = t0.elapsed().as_millis() as u64;
@@ -207,7 +214,7 @@ async fn write(
     let key = store.manifest_key(id);
     if !pointer::put_once(client, store, &key, bytes, "application/zstd").await? {
         let existing = fetch_manifest(client, store, id, None).await?;
-        if existing.header.tree != tree {
+        if (existing.header.tree, existing.header.modes) != (manifest.header.tree, manifest.header.modes) {
             return Err(Error::Config(format!(
                 "release {id} already exists in {} with other content: give this build a new --release-id (in CI, include the run attempt: ${{{{ github.sha }}}}-${{{{ github.run_attempt }}}})",
                 store.url(&key)
@@ -236,6 +243,7 @@ async fn point_latest(
         release: h.id.clone(),
         manifest: digest,
         tree: h.tree,
+        modes: h.modes,
         files: h.files,
         bytes: h.bytes,
         published_at_ms: crate::store::now_ms(),

@@ -39,7 +39,8 @@ pub(crate) struct LocalFile {
     pub path: RelPath,
     pub full: PathBuf,
     pub size: u64,
-    /// 0o644 or 0o755.
+    /// 0o644 or 0o755, with the group write bit when the build has it
+    /// ([`crate::store::manifest::file_mode`]).
     pub mode: u32,
     /// Filled by [`hash_all`].
     pub hash: Option<Digest>,

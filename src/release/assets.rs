@@ -63,7 +63,8 @@ impl KeepAssets {
                 let path = s.path.as_str();
                 if under(literal.trim_end_matches('/'), path) || (!dir.is_empty() && under(path, dir)) {
                     return Err(Error::Config(format!(
-                        "--keep-assets {spec:?} and --shared {path} overlap: a path is either shared or kept"
+                        "--keep-assets {spec:?} and {} {path} overlap: a path is either shared or kept",
+                        s.flag()
                     )));
                 }
             }

@@ -44,7 +44,8 @@ use crate::store::{fetch_manifest, fetch_manifest_digest, Digest, Store};
 pub(super) enum Target {
     /// This release: its manifest's digest when known (from a pointer, the
     /// bastion, or the manifest at hand, which `digest` then is of).
-    Release { id: String, digest: Option<Digest>, manifest: Option<Manifest> },
+    /// (Boxed: a manifest header is large beside a reason.)
+    Release { id: String, digest: Option<Digest>, manifest: Option<Box<Manifest>> },
     /// Keep the live release: why.
     Hold { reason: String },
 }
@@ -195,7 +196,7 @@ async fn resolve_id(l: &Lookup<'_>, store: &Store, id: &str) -> Result<Option<Ta
         return Ok(Some(Target::Release { id: id.to_string(), digest: l.opts.manifest, manifest: None }));
     }
     match fetch_manifest_digest(l.client, store, id, l.opts.manifest.as_ref()).await {
-        Ok((m, digest)) => Ok(Some(Target::Release { id: id.to_string(), digest: Some(digest), manifest: Some(m) })),
+        Ok((m, digest)) => Ok(Some(Target::Release { id: id.to_string(), digest: Some(digest), manifest: Some(Box::new(m)) })),
         Err(Error::NotInStore(_)) => match pointer::read::<serde_json::Value>(l.client, store, &store.latest_key(), None).await? {
             Found::Absent => Ok(None),
             _ => Err(Error::Config(format!(
@@ -234,7 +235,7 @@ pub(super) async fn dry_run(l: &Lookup<'_>) -> Result<Option<PullReport>> {
         Target::Release { id, digest, manifest } => (id, digest, manifest),
     };
     let manifest = match manifest {
-        Some(m) => m,
+        Some(m) => *m,
         None => fetch_manifest(l.client, &Store::of(&p.source), &id, digest.as_ref()).await?,
     };
     let on_node = l.current == Some(id.as_str()) || l.registry.get(&id).is_some();
@@ -312,7 +313,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
                 }
             }
         }
-        Target::Release { id, digest, manifest } => (id, digest, manifest, None),
+        Target::Release { id, digest, manifest } => (id, digest, manifest.map(|m| *m), None),
     };
     // A release this node has already: the store's (a release built from
     // a listing may carry the same name), and intact: its hard-linked files

@@ -432,7 +432,17 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
                 layout.save(&registry)?;
                 releases.switch_to(&prev)?;
                 release.rolled_back = true;
-                report.set_error(format!("{what} on release {id}; {prev} is live again"));
+                // What the after-switch command did (an app restarted into
+                // this release, a web server pointed at it) is undone by
+                // running it again for the release live again.
+                let again = match &opts.after_switch {
+                    Some(cmd) => match hook::run(cmd, &layout, &prev, Some(&id), opts.hook_timeout).await {
+                        back if back.ok => String::new(),
+                        back => format!(" (its after-switch command failed too: {})", back.stderr.lines().last().unwrap_or("no output")),
+                    },
+                    None => String::new(),
+                };
+                report.set_error(format!("{what} on release {id}; {prev} is live again{again}"));
             }
         }
     }

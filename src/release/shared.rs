@@ -63,6 +63,9 @@ impl Shared {
             Some((p, t)) => (p, Some(t)),
             None => (spec, None),
         };
+        if file && path.ends_with('/') {
+            return Err(bad("PATH names a file: no trailing `/` (e.g. .env)"));
+        }
         let trimmed = path.trim_end_matches('/');
         if trimmed.is_empty() || trimmed.starts_with('/') || trimmed.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
             return Err(bad(
@@ -81,6 +84,15 @@ impl Shared {
             }
         };
         Ok(Shared { path, target, file })
+    }
+
+    /// The flag that names it: `--shared` or `--shared-file`.
+    pub(crate) fn flag(&self) -> &'static str {
+        if self.file {
+            "--shared-file"
+        } else {
+            "--shared"
+        }
     }
 
     /// The symlink's target, as written in the release.
@@ -107,14 +119,15 @@ pub(crate) fn check(shared: &[Shared], dest: &Path) -> Result<()> {
     for (i, a) in shared.iter().enumerate() {
         for b in &shared[i + 1..] {
             if a.covers(&b.path) || b.covers(&a.path) {
-                return Err(Error::Config(format!("--shared {} and {} overlap: share one or the other", a.path, b.path)));
+                return Err(Error::Config(format!("{} {} and {} {} overlap: share one or the other", a.flag(), a.path, b.flag(), b.path)));
             }
         }
         if let Some(t) = &a.target {
             let resolved = std::fs::canonicalize(t).unwrap_or_else(|_| t.clone());
             if t.starts_with(&dest) || resolved.starts_with(&dest) {
                 return Err(Error::Config(format!(
-                    "--shared {}={}: TARGET must be outside {} (a release's files go away with it)",
+                    "{} {}={}: TARGET must be outside {} (a release's files go away with it)",
+                    a.flag(),
                     a.path,
                     t.display(),
                     dest.display()
@@ -175,7 +188,8 @@ pub(super) fn prepare(
                 Ok(_) => OnDisk::File,
                 Err(e) => {
                     return Err(Error::Config(format!(
-                        "--shared {}={}: {e}: mount or create it before the pull (TARGET is never created)",
+                        "{} {}={}: {e}: mount or create it before the pull (TARGET is never created)",
+                        s.flag(),
                         s.path,
                         t.display()
                     )))

@@ -67,6 +67,10 @@ pub struct Header {
     pub tree: Digest,
     /// The packs the entries' `k` indexes name.
     pub packs: Vec<Digest>,
+    /// Which files keep the group write bit ([`modes_digest`]); absent when
+    /// none does, and in manifests from before the bit was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modes: Option<Digest>,
 }
 
 /// One path of the release.
@@ -243,7 +247,24 @@ pub fn file_mode(mode: u32) -> u32 {
 
 /// The group write bit, which [`tree_digest`] leaves out: agents before it
 /// was kept read it as 0o644 or 0o755, and must still find the digest.
+/// [`modes_digest`] covers it instead.
 const GROUP_WRITE: u32 = 0o020;
+
+/// The digest of which files keep the group write bit, or `None` when no
+/// file does. Beside [`tree_digest`], which leaves the bit out, it makes a
+/// build that only changes the bit another content for `publish` (a new
+/// release, not "unchanged"); agents before it ignore the header field.
+pub fn modes_digest(entries: &[Entry]) -> Option<Digest> {
+    let mut h = Hasher::new();
+    let mut any = false;
+    for f in entries.iter().filter_map(|e| if let Entry::File(f) = e { Some(f) } else { None }) {
+        if f.mode & GROUP_WRITE != 0 {
+            any = true;
+            h.update(format!("W\0{}\n", f.path).as_bytes());
+        }
+    }
+    any.then(|| h.finish())
+}
 
 /// Checks that a symlink at `path` pointing at `target` stays inside the
 /// release, whatever else the release holds: the target is relative, its
@@ -311,6 +332,7 @@ impl Manifest {
             bytes,
             tree: tree_digest(&entries),
             packs,
+            modes: modes_digest(&entries),
         };
         Manifest { header, entries }
     }
@@ -405,6 +427,9 @@ impl Manifest {
         }
         if tree_digest(&self.entries) != self.header.tree {
             return Err("its tree digest does not match its entries".into());
+        }
+        if modes_digest(&self.entries) != self.header.modes {
+            return Err("its modes digest does not match its entries".into());
         }
         Ok(())
     }

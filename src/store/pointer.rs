@@ -30,6 +30,10 @@ pub struct Latest {
     pub manifest: Digest,
     /// The release's tree digest (its content).
     pub tree: Digest,
+    /// Which of its files keep the group write bit (the manifest header's
+    /// `modes`), absent when none does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modes: Option<Digest>,
     pub files: u64,
     pub bytes: u64,
     pub published_at_ms: u64,
