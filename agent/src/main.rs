@@ -283,12 +283,7 @@ impl PullArgs {
             ))
             .into());
         }
-        if self.hook_timeout.is_some_and(|t| t.0.is_zero()) {
-            return Err(fleetsync::Error::Config(
-                "--hook-timeout 0 would kill every hook as it starts: give how long a hook may run, e.g. 2m".into(),
-            )
-            .into());
-        }
+        check_hook_timeout(self.hook_timeout)?;
         if self.rollback_on_failure && self.after_switch.is_none() && self.health_url.is_none() {
             return Err(fleetsync::Error::Config("--rollback-on-failure needs --after-switch CMD or --health-url URL".into()).into());
         }
@@ -681,19 +676,26 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
 }
 
 /// `rollback`: makes an earlier release live again.
+/// A hook timeout of zero would kill every hook as it starts (pull's and
+/// rollback's alike).
+fn check_hook_timeout(timeout: Option<fleetsync::duration::Seconds>) -> anyhow::Result<()> {
+    if timeout.is_some_and(|t| t.0.is_zero()) {
+        return Err(fleetsync::Error::Config(
+            "--hook-timeout 0 would kill every hook as it starts: give how long a hook may run, e.g. 2m".into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
     let dest = args.dest.clone().ok_or_else(|| missing("--dest", "dest"))?;
     let state_dir = args.state_dir.clone().expect("resolved in try_main");
     if let Some(url) = &args.health_url {
         fleetsync::release::health::parse(url)?;
     }
-    if args.hook_timeout.is_some_and(|t| t.0.is_zero()) {
-        return Err(fleetsync::Error::Config(
-            "--hook-timeout 0 would kill every hook as it starts: give how long a hook may run, e.g. 2m".into(),
-        )
-        .into());
-    }
-    let then = fleetsync::release::AfterRollback {
+    check_hook_timeout(args.hook_timeout)?;
+    let then = fleetsync::release::AfterLive {
         after_switch: args.after_switch.clone(),
         hook_timeout: args.hook_timeout.map_or(fleetsync::release::DEFAULT_HOOK_TIMEOUT, |t| t.0),
         health_url: args.health_url.clone(),

@@ -13,6 +13,19 @@ pub(crate) fn warn(old: &str, new: &str) {
     eprintln!("fleetsync: {old} is deprecated, use {new} (the old spelling goes in the next release)");
 }
 
+/// The store's URL: `flag` (`--source`), or the one given the old way, as
+/// an argument (`old` says where), with a line. Clap lets only one be
+/// given.
+pub(crate) fn source(flag: Option<String>, argument: Option<String>, old: &str) -> Option<String> {
+    match argument {
+        Some(given) => {
+            warn(old, "--source");
+            Some(given)
+        }
+        None => flag,
+    }
+}
+
 /// The command line with `--asg` spelled `--group`. Only whole words
 /// before a `--` are flags: a value that looks like one is given as
 /// `--flag=VALUE`, which this leaves alone.

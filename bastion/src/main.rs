@@ -676,11 +676,7 @@ fn try_main() -> anyhow::Result<i32> {
         }
         Command::Publish(mut args) => {
             args.aws.apply(&file);
-            if let Some(given) = args.source_arg.take() {
-                deprecated::warn("the source after DIR", "--source");
-                args.target = Some(given);
-            }
-            args.target = args.target.take().or(file.source.clone());
+            args.target = deprecated::source(args.target.take(), args.source_arg.take(), "the source after DIR").or(file.source.clone());
             runtime.block_on(publish(args))
         }
         Command::Releases(mut args) => {
@@ -1020,11 +1016,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
 impl StoreArgs {
     fn apply(&mut self, file: &FileConfig) {
         self.aws.apply(file);
-        if let Some(given) = self.source_arg.take() {
-            deprecated::warn("the source as an argument", "--source");
-            self.source = Some(given);
-        }
-        self.source = self.source.take().or(file.source.clone());
+        self.source = deprecated::source(self.source.take(), self.source_arg.take(), "the source as an argument").or(file.source.clone());
     }
 
     /// The store's source URL and an S3 client.

@@ -404,21 +404,9 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
     // that fails fails the pull; only a switch is switched back.
     let live_already =
         !release.switched && release.held.is_none() && opts.health_url.is_some() && layout.current()?.as_deref() == Some(id.as_str());
-    let mut failed = None;
-    if let (true, Some(cmd)) = (release.switched, &opts.after_switch) {
-        let hook = hook::run(cmd, &layout, &id, release.previous.as_deref(), opts.hook_timeout).await;
-        if !hook.ok {
-            failed = Some("the after-switch command failed".to_string());
-        }
-        release.after_switch = Some(hook);
-    }
-    if let (true, None, Some(url)) = (release.switched || live_already, &failed, &opts.health_url) {
-        let health = health::check(url, opts.health_timeout).await;
-        if !health.ok {
-            failed = Some(format!("the health check of {url} failed ({})", health.error.as_deref().unwrap_or("no answer")));
-        }
-        release.health = Some(health);
-    }
+    let previous = release.previous.clone();
+    let failed =
+        AfterLive::of(opts).run(&layout, &id, previous.as_deref(), release.switched, release.switched || live_already, &mut release).await;
     if let Some(what) = failed {
         let already = if live_already { ", live already" } else { "" };
         report.exit_code = crate::exit::PARTIAL;
@@ -603,7 +591,7 @@ fn register_live(registry: &mut Registry, layout: &Layout, register: Option<Rele
 /// command (a Node app restarted into the release made live) and the
 /// health check. A release that fails either stays live (it is what was
 /// asked for) and the report says so, exit 1.
-pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, then: &AfterRollback, if_busy: IfBusy) -> Result<PullReport> {
+pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, then: &AfterLive, if_busy: IfBusy) -> Result<PullReport> {
     let layout = Layout::new(dest, state_dir);
     let (_lock, lock_wait) = NodeLock::acquire(state_dir, if_busy).await?;
     let mut registry = layout.load(true)?;
@@ -639,22 +627,7 @@ pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, then: &Af
         release.switched = true;
     }
     report.counts.unchanged = target.files;
-    let mut failed = None;
-    if let (true, Some(cmd)) = (release.switched, &then.after_switch) {
-        let hook = hook::run(cmd, &layout, &target.id, current.as_deref(), then.hook_timeout).await;
-        if !hook.ok {
-            failed = Some("the after-switch command failed".to_string());
-        }
-        release.after_switch = Some(hook);
-    }
-    if let (None, Some(url)) = (&failed, &then.health_url) {
-        let answer = health::check(url, then.health_timeout).await;
-        if !answer.ok {
-            failed = Some(format!("the health check of {url} failed ({})", answer.error.as_deref().unwrap_or("no answer")));
-        }
-        release.health = Some(answer);
-    }
-    if let Some(what) = failed {
+    if let Some(what) = then.run(&layout, &target.id, current.as_deref(), release.switched, true, &mut release).await {
         report.exit_code = crate::exit::PARTIAL;
         report.status = crate::report::PullStatus::Failed;
         report.set_error(format!("release {} is live, but {what}: roll back to another release, or fix it and deploy", target.id));
@@ -662,17 +635,57 @@ pub async fn rollback(dest: &Path, state_dir: &Path, to: Option<&str>, then: &Af
     report_with(report, release, lock_wait, &layout)
 }
 
-/// What a rollback runs once the release it made live is live, as a pull
-/// does after its switch (see [`rollback`]).
+/// What must hold once a release is live, after a pull's switch and a
+/// rollback's alike: its after-switch command ran, and it answers its
+/// health URL.
 #[derive(Debug, Clone, Default)]
-pub struct AfterRollback {
+pub struct AfterLive {
     /// The after-switch command (`--after-switch`, `after-switch` in
-    /// agent.toml), run only when the rollback switched.
+    /// agent.toml), run only when the release was just switched to.
     pub after_switch: Option<String>,
     pub hook_timeout: std::time::Duration,
     /// A URL the release must answer with 2xx (`--health-url`).
     pub health_url: Option<String>,
     pub health_timeout: std::time::Duration,
+}
+
+impl AfterLive {
+    /// A pull's, from its options.
+    fn of(opts: &ReleaseOptions) -> AfterLive {
+        AfterLive {
+            after_switch: opts.after_switch.clone(),
+            hook_timeout: opts.hook_timeout,
+            health_url: opts.health_url.clone(),
+            health_timeout: opts.health_timeout,
+        }
+    }
+
+    /// Runs the after-switch command on release `id` when it was just
+    /// `switched` to, then, when that passed and `ask`, the health check;
+    /// records both in `release`. What failed, if anything.
+    async fn run(
+        &self,
+        layout: &Layout,
+        id: &str,
+        previous: Option<&str>,
+        switched: bool,
+        ask: bool,
+        release: &mut ReleaseReport,
+    ) -> Option<String> {
+        if let (true, Some(cmd)) = (switched, &self.after_switch) {
+            let hook = hook::run(cmd, layout, id, previous, self.hook_timeout).await;
+            let ok = hook.ok;
+            release.after_switch = Some(hook);
+            if !ok {
+                return Some("the after-switch command failed".to_string());
+            }
+        }
+        let url = self.health_url.as_ref().filter(|_| ask)?;
+        let health = health::check(url, self.health_timeout).await;
+        let failed = (!health.ok).then(|| format!("the health check of {url} failed ({})", health.error.as_deref().unwrap_or("no answer")));
+        release.health = Some(health);
+        failed
+    }
 }
 
 /// `status`: the live release, the one before it, every kept release and
