@@ -157,18 +157,17 @@ async fn a_release_that_cannot_be_pruned_is_unregistered_first_and_never_rolled_
         b.put("app/index.php", format!("<?php // {i}").as_bytes()).await;
         b.put(&format!("app/file{i}.php"), b"x").await;
         if *id == "r3" {
-            // r1 is pruned now (keep 0, neither live nor previous): one of
-            // its files cannot be removed, so its removal stops half-way.
-            let stuck = node.dest.join("releases/r1/file0.php");
-            assert!(Command::new("chattr").arg("+i").arg(&stuck).status().unwrap().success());
+            // r1 goes now (keep 0, neither live nor previous), but it can
+            // be neither set aside nor removed: it stays on disk.
+            assert!(Command::new("chattr").arg("+i").arg(node.dest.join("releases/r1")).status().unwrap().success());
         }
         let (code, json, stderr) = pull(id);
         if *id == "r3" {
-            assert!(Command::new("chattr").arg("-i").arg(node.dest.join("releases/r1/file0.php")).status().unwrap().success());
+            assert!(Command::new("chattr").arg("-i").arg(node.dest.join("releases/r1")).status().unwrap().success());
         }
         assert_eq!(code, 0, "{id}: {stderr}\n{json}");
     }
-    // r1 is half-deleted on disk, and no longer a complete release.
+    // r1 is still on disk, and no longer a complete release.
     let status = |args: &[&str]| {
         let mut c = Command::new(common::agent_bin());
         c.args(args).arg("--dest").arg(&node.dest).arg("--state-dir").arg(&node.state);
@@ -184,11 +183,55 @@ async fn a_release_that_cannot_be_pruned_is_unregistered_first_and_never_rolled_
         .arg(&node.state)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "a half-deleted release is never made live again");
-    // The next pull sweeps what is left of it.
+    assert_eq!(out.status.code(), Some(2), "a release that is no longer registered is never made live again");
+    // The next pull sweeps it.
     let (code, _, stderr) = pull("r3");
     assert_eq!(code, 0, "{stderr}");
     assert!(!node.dest.join("releases/r1").exists());
+    assert_eq!(set_aside(&node), Vec::<String>::new(), "removed by the pull after the deploy");
+}
+
+/// The releases a deploy set aside, not yet removed.
+fn set_aside(node: &Node) -> Vec<String> {
+    let names = std::fs::read_dir(node.dest.join("releases")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
+    names.filter(|n| n.starts_with(".retired-")).collect()
+}
+
+#[tokio::test]
+async fn a_deploy_sets_old_releases_aside_and_the_next_pull_removes_them() {
+    // Unlinking an old release's files (seconds for a large tree) is not
+    // the deploy's work: its pull renames the release aside, and the pull
+    // after it (the timer's) removes it, even when it cannot at first.
+    let b = Bucket::new("relaside").await;
+    let node = Node::new();
+    let pull = |id: &str| run_json(node.agent(&b.url("app")).args(["--releases", "--keep", "0", "--release-id", id]));
+    for (i, id) in ["r1", "r2", "r3"].iter().enumerate() {
+        b.put("app/index.php", format!("<?php // {i}").as_bytes()).await;
+        let (code, json, stderr) = pull(id);
+        assert_eq!(code, 0, "{id}: {stderr}\n{json}");
+        if *id == "r3" {
+            assert_eq!(json["release"]["removed"], serde_json::json!(["r1"]), "{json}");
+        }
+    }
+    let aside = set_aside(&node);
+    assert_eq!(aside.len(), 1, "r1 set aside by the deploy of r3, not removed yet: {aside:?}");
+    assert!(!node.dest.join("releases/r1").exists());
+    let stuck = node.dest.join("releases").join(&aside[0]).join("index.php");
+    assert!(std::fs::read_to_string(&stuck).unwrap().contains("// 0"), "r1's files, untouched");
+    // A pull that cannot remove it leaves it for the next one.
+    assert!(Command::new("chattr").arg("+i").arg(&stuck).status().unwrap().success());
+    let (code, _, stderr) = pull("r3");
+    assert!(Command::new("chattr").arg("-i").arg(&stuck).status().unwrap().success());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(set_aside(&node), aside, "still there: {stderr}");
+    let (code, _, stderr) = pull("r3");
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(set_aside(&node), Vec::<String>::new());
+    let (_, st, _) = run_json(
+        Command::new(common::agent_bin()).args(["status", "--json", "--dest"]).arg(&node.dest).arg("--state-dir").arg(&node.state),
+    );
+    let known: Vec<&str> = st["releases"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(known, ["r2", "r3"], "{st}");
 }
 
 #[tokio::test]

@@ -51,7 +51,7 @@ pub(crate) fn store_etag(hash: &Digest, mode: u32) -> String {
 /// The digest and mode a [`store_etag`] holds.
 pub(crate) fn parse_store_etag(etag: &str) -> Option<(Digest, u32)> {
     let (hash, mode) = etag.strip_prefix("sha256:")?.split_once(':')?;
-    Some((hash.parse().ok()?, u32::from_str_radix(mode, 8).ok()?))
+    Some((Digest::from_hex(hash.as_bytes())?, u32::from_str_radix(mode, 8).ok()?))
 }
 
 /// What fetching gave.

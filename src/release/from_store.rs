@@ -377,7 +377,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
         } else {
             let (manifest, digest) = with_manifest(ctx, &store, &id, manifest, digest).await?;
             let content = content_of(ctx, &id, &manifest)?;
-            let layout = Shared::prepare(ctx, &id, &manifest)?;
+            let layout = Shared::prepare(ctx, &id, manifest)?;
             let files = layout.whole.header.files;
             let built = build(ctx, &store, &id, &layout.build, Build::Repair, None).await?;
             if !live && built.report.exit_code != crate::exit::OK {
@@ -409,11 +409,11 @@ pub(super) async fn run(ctx: &Ctx<'_>, target: Target) -> Result<Step> {
             (None, None) => Step::Live { report, id, register },
         });
     }
-    let preload = ctx.staged_records.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let preload = ctx.current.as_deref().and_then(|live| next::preload(ctx.layout, &p.state_dir, live));
     let (manifest, digest) = with_manifest(ctx, &store, &id, manifest, digest).await?;
     let content = content_of(ctx, &id, &manifest)?;
     ctx.check_not_empty(manifest.header.files)?;
-    let layout = Shared::prepare(ctx, &id, &manifest)?;
+    let layout = Shared::prepare(ctx, &id, manifest)?;
     let files = layout.whole.header.files;
     // The preloaded records are awaited before `take` moves their
     // directory (a read still under way would find nothing there).
@@ -451,14 +451,16 @@ struct Shared {
     /// is still to be seeded from it), their links in its place.
     build: Arc<Manifest>,
     /// The release once settled: every shared path a link. What its shape
-    /// and file count are.
-    whole: Manifest,
+    /// and file count are. The same manifest as `build` unless a shared
+    /// path is seeded from the release (no copy of a hundred thousand
+    /// entries for nothing).
+    whole: Arc<Manifest>,
     seeds: Vec<shared::Seed>,
 }
 
 impl Shared {
     /// Makes each shared path's place ready (see [`shared::prepare`]).
-    fn prepare(ctx: &Ctx<'_>, id: &str, m: &Manifest) -> Result<Shared> {
+    fn prepare(ctx: &Ctx<'_>, id: &str, m: Manifest) -> Result<Shared> {
         let paths = &ctx.opts.shared;
         let live = match ctx.current.as_deref().filter(|c| *c != id) {
             Some(c) => ctx.releases.read(c)?,
@@ -466,11 +468,19 @@ impl Shared {
             None if ctx.current.as_deref() == Some(id) => ctx.releases.read(id)?,
             None => None,
         };
-        let seeds = shared::prepare(paths, ctx.releases, &ctx.layout.dest, live.as_ref(), m, id)?;
-        let (build, skipped) = shared::filter(m, paths, &seeds);
-        let (whole, _) = shared::filter(m, paths, &vec![shared::Seed::Ready; paths.len()]);
+        let seeds = shared::prepare(paths, ctx.releases, &ctx.layout.dest, live.as_ref(), &m, id)?;
+        if paths.is_empty() {
+            let m = Arc::new(m);
+            return Ok(Shared { build: m.clone(), whole: m, seeds });
+        }
+        let (build, skipped) = shared::filter(&m, paths, &seeds);
         ctx.shared_skipped.store(skipped, std::sync::atomic::Ordering::Relaxed);
-        Ok(Shared { build: Arc::new(build), whole, seeds })
+        let build = Arc::new(build);
+        let whole = match seeds.iter().all(|s| *s == shared::Seed::Ready) {
+            true => build.clone(),
+            false => Arc::new(shared::filter(&m, paths, &vec![shared::Seed::Ready; paths.len()]).0),
+        };
+        Ok(Shared { build, whole, seeds })
     }
 
     /// Once release `id` is built: paths seeded from it moved and linked,
@@ -813,19 +823,22 @@ fn plan_staged(
     // One pass over the files: kept as staged, or to place. A changed
     // file is placed as a new inode (renamed over the staged link), never
     // written into the one the live release shares.
-    let mut kept: HashSet<&RelPath> = HashSet::with_capacity(existing.len());
+    // Paths are unique in a manifest: the staged files it names are those
+    // kept and those replaced, and when they are all of them, none goes.
+    let (mut kept, mut replaced) = (0, 0);
     let mut place: Vec<&FileEntry> = Vec::new();
     for file in m.files() {
         // Parsed, not formatted: a hundred thousand of these.
-        match existing.get(&file.path).and_then(|p| parse_store_etag(&p.etag)) {
-            Some((hash, mode)) if hash == file.hash && mode == file.mode => {
-                kept.insert(&file.path);
+        match existing.get(&file.path).map(|p| parse_store_etag(&p.etag)) {
+            Some(Some((hash, mode))) if hash == file.hash && mode == file.mode => kept += 1,
+            Some(_) => {
+                replaced += 1;
+                place.push(file);
             }
-            _ => place.push(file),
+            None => place.push(file),
         }
     }
-    out.unchanged = kept.len() as u64;
-    let changed: HashSet<&RelPath> = place.iter().map(|file| &file.path).collect();
+    out.unchanged = kept;
     let remove = |path: &str, out: &mut Planned| -> bool {
         let Some(rel) = RelPath::from_stored(path) else { return false };
         match dst.remove_any(&rel) {
@@ -839,10 +852,13 @@ fn plan_staged(
     // What goes: files the new release does not have, symlinks gone or
     // retargeted, directories gone (deepest first; what they held went
     // first).
-    for path in existing.keys().filter(|p| !kept.contains(p) && !changed.contains(p)) {
-        if remove(path.as_str(), &mut out) {
-            let _ = f.state.record_deleted(path);
-            out.deleted += 1;
+    if kept + replaced < existing.len() as u64 {
+        let named: HashSet<&RelPath> = m.files().map(|file| &file.path).collect();
+        for path in existing.keys().filter(|p| !named.contains(p)) {
+            if remove(path.as_str(), &mut out) {
+                let _ = f.state.record_deleted(path);
+                out.deleted += 1;
+            }
         }
     }
     let new = Shape::of(m, &[]);
@@ -874,13 +890,19 @@ fn plan_staged(
         }
     }
     // The live release's files with the content of one to place (a file
-    // moved, or content that was elsewhere): matched by the digest's text
-    // in each record, parsed only when it matches.
-    let wanted: HashSet<String> = place.iter().map(|file| file.hash.to_string()).collect();
+    // moved, or content that was elsewhere): each record matched first by
+    // its digest's first 8 bytes (a binary search of integers among the
+    // few wanted), and parsed only then.
+    let wanted: HashSet<Digest> = place.iter().map(|file| file.hash).collect();
+    let mut prefixes: Vec<u64> = wanted.iter().map(Digest::prefix).collect();
+    prefixes.sort_unstable();
+    let in_wanted = |etag: &str| {
+        let digits = etag.strip_prefix("sha256:").and_then(|hex| hex.as_bytes().get(..16));
+        digits.and_then(Digest::prefix_from_hex).is_some_and(|p| prefixes.binary_search(&p).is_ok())
+    };
     let mut index: Index = HashMap::new();
-    for (path, p) in &existing {
-        let hex = p.etag.strip_prefix("sha256:").and_then(|rest| rest.split_once(':')).map(|(hex, _)| hex);
-        if let Some((hash, mode)) = hex.filter(|hex| wanted.contains(*hex)).and_then(|_| parse_store_etag(&p.etag)) {
+    for (path, p) in existing.iter().filter(|(_, p)| in_wanted(&p.etag)) {
+        if let Some((hash, mode)) = parse_store_etag(&p.etag).filter(|(hash, _)| wanted.contains(hash)) {
             index.entry(hash).or_default().push((path.clone(), mode, p.clone()));
         }
     }
@@ -1055,11 +1077,24 @@ pub(super) fn spec(s: &shared::Shared) -> String {
 
 impl Shape {
     fn of(m: &Manifest, shared: &[shared::Shared]) -> Shape {
-        // Borrowed while collected (a directory is named by every entry
-        // under it), owned once unique.
-        let dirs: std::collections::HashSet<&str> = m.entries.iter().flat_map(|e| e.path().ancestors().chain(e.dir_path())).collect();
-        let mut dirs: Vec<String> = dirs.into_iter().map(str::to_string).collect();
+        // A directory is named by every entry under it, and the entries
+        // under it are next to each other (they are sorted): one the entry
+        // before does not start with is new. A hundred thousand entries
+        // name a few thousand directories.
+        let mut dirs: Vec<String> = Vec::new();
+        let mut prev = "";
+        for e in &m.entries {
+            let path = e.path().as_str();
+            for dir in e.path().ancestors() {
+                if !(prev.starts_with(dir) && prev.as_bytes().get(dir.len()) == Some(&b'/')) {
+                    dirs.push(dir.to_string());
+                }
+            }
+            dirs.extend(e.dir_path().map(str::to_string));
+            prev = path;
+        }
         dirs.sort_unstable();
+        dirs.dedup();
         let symlinks = m
             .entries
             .iter()

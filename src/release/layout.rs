@@ -96,6 +96,10 @@ impl Layout {
     }
 }
 
+/// The name a release removed by a deploy waits under, in `releases/`,
+/// until a pull that does not switch removes it ([`Releases::retire`]).
+const RETIRED: &str = ".retired-";
+
 /// DEST and `DEST/releases/`, held open: every change release mode makes
 /// on disk goes through these descriptors, and `releases` (and everything
 /// in it) is reached without following a symlink, so a link planted at
@@ -171,6 +175,30 @@ impl Releases {
         safe_fs::remove_tree_at(&self.dir, id).map_err(|e| Error::io(format!("removing release {}", self.path(id).display()), e))
     }
 
+    /// Sets release `id` (unregistered already) aside under a hidden name,
+    /// for [`Releases::remove_retired`]: one rename, where removing it
+    /// would unlink every file it holds (seconds for a hundred thousand)
+    /// while a deploy waits for this pull.
+    pub(super) fn retire(&self, id: &str) -> Result<()> {
+        self.rename(id, &format!("{RETIRED}{}-{id}", crate::store::now_ms()))
+    }
+
+    /// Removes the releases [`Releases::retire`] set aside: by a pull that
+    /// did not switch (the timer's, at its low priority), out of any
+    /// deploy's way. Best effort: what cannot be removed is tried again by
+    /// the next such pull.
+    pub(super) fn remove_retired(&self) {
+        let Ok(names) = self.names() else { return };
+        for name in names.iter().filter(|n| n.starts_with(RETIRED)) {
+            match safe_fs::remove_tree_at(&self.dir, name) {
+                Ok(()) => tracing::info!(dir = %name, "removed a release set aside by a deploy"),
+                Err(e) => {
+                    tracing::warn!(dir = %self.path(name).display(), error = %e, "could not remove a release set aside by a deploy; the next pull tries again")
+                }
+            }
+        }
+    }
+
     /// Points `current` at the release `id` atomically: a new symlink under
     /// a temporary name, renamed over the old one. A reader resolving
     /// `current` sees the old release or the new one, never neither.
@@ -221,6 +249,10 @@ impl Releases {
     pub(super) fn sweep_incomplete(&self, layout: &Layout, registry: &Registry, current: Option<&str>) -> Result<()> {
         self.sweep_switch_leftovers()?;
         for name in self.names()? {
+            // Removed after a pull that does not switch, never before a build.
+            if name.starts_with(RETIRED) {
+                continue;
+            }
             // The staged next release stays while it copies the live one.
             if name == super::next::NEXT {
                 if current.is_some_and(|c| super::next::staged_from(layout, c)) {

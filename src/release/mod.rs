@@ -228,10 +228,6 @@ struct Ctx<'a> {
     kept_assets: std::sync::atomic::AtomicU64,
     /// The new release was built from the staged copy ([`next`]).
     staged: std::sync::atomic::AtomicBool,
-    /// The staged copy's records (a hundred thousand lines for as many
-    /// files), being read since the pull started: while the pointer and
-    /// the manifest download.
-    staged_records: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<next::Records>>>>,
 }
 
 impl Ctx<'_> {
@@ -315,10 +311,6 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         shared_skipped: std::sync::atomic::AtomicU64::new(0),
         kept_assets: std::sync::atomic::AtomicU64::new(0),
         staged: std::sync::atomic::AtomicBool::new(false),
-        staged_records: std::sync::Mutex::new(current.as_deref().filter(|c| next::staged_from(&layout, c)).map(|_| {
-            let (state_dir, path) = (p.state_dir.clone(), layout.dir(next::NEXT));
-            tokio::task::spawn_blocking(move || crate::state::StateStore::load_read_only(&state_dir, &path))
-        })),
     };
     let lookup =
         from_store::Lookup { opts, layout: &layout, client: &ctx.client, current: current.as_deref(), registry: &registry, remember: true };
@@ -439,25 +431,29 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         after_store_pull(opts, &layout, &releases, &id, release.switched, release.staged);
     }
     if release.switched {
-        // Unregistered first, then deleted: a kill in between leaves an
+        // Unregistered first, then set aside: a kill in between leaves an
         // unregistered directory, which the next pull sweeps, never a
-        // half-deleted release the registry calls complete.
+        // half-deleted release the registry calls complete. Its files are
+        // unlinked by the next pull that does not switch (the timer's),
+        // not by this one, which a deploy waits for.
         let live = layout.current()?;
         let old = registry.beyond(opts.keep, live.as_deref());
         registry.releases.retain(|r| !old.contains(&r.id));
         layout.save(&registry)?;
         for id in old {
-            // A release that cannot be removed is already unregistered: the
-            // next pull's sweep tries again. Not a reason to fail a pull
+            // A release that cannot be set aside is already unregistered:
+            // the next pull's sweep removes it. Not a reason to fail a pull
             // that went live.
-            match releases.remove(&id) {
+            match releases.retire(&id) {
                 Ok(()) => {
                     layout.forget(&id);
                     release.removed.push(id);
                 }
-                Err(e) => tracing::warn!(release = %id, error = %e, "could not remove an old release; the next pull tries again"),
+                Err(e) => tracing::warn!(release = %id, error = %e, "could not set an old release aside; the next pull removes it"),
             }
         }
+    } else {
+        releases.remove_retired();
     }
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
     report_with(report, release, lock_wait, &layout)

@@ -180,6 +180,18 @@ pub(super) fn take(layout: &Layout, releases: &Releases, state_dir: &Path, live:
     Ok(Some(shape))
 }
 
+/// Starts reading the records of the staged copy of `live`, when there
+/// is one: a hundred thousand lines for as many files, read while the
+/// manifest downloads. Only a pull that builds a new release asks: a
+/// no-op would wait for the read at exit (a runtime's blocking tasks
+/// cannot be cancelled) and use none of it.
+pub(super) fn preload(layout: &Layout, state_dir: &Path, live: &str) -> Option<tokio::task::JoinHandle<Result<Records>>> {
+    staged_from(layout, live).then(|| {
+        let (state_dir, path) = (state_dir.to_path_buf(), layout.dir(NEXT));
+        tokio::task::spawn_blocking(move || StateStore::load_read_only(&state_dir, &path))
+    })
+}
+
 /// Whether a staged copy of `live` is waiting.
 pub(super) fn staged_from(layout: &Layout, live: &str) -> bool {
     stamp(layout).is_some_and(|s| s.from == live)

@@ -57,9 +57,73 @@ impl Default for Hasher {
     }
 }
 
+impl Digest {
+    /// The 64 hex digits, without allocating: what a manifest's tree digest
+    /// hashes once per file.
+    pub fn hex(&self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        hex::encode_to_slice(self.0, &mut out).expect("64 digits for 32 bytes");
+        out
+    }
+
+    /// Parses 64 lowercase hex digits; `None` for anything else. A table
+    /// lookup per digit: a manifest or a node's records hold one digest per
+    /// file, a hundred thousand of them read before a deploy's switch.
+    pub fn from_hex(s: &[u8]) -> Option<Digest> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        decode(s, &mut out)?;
+        Some(Digest(out))
+    }
+
+    /// Its first 8 bytes, as a big-endian integer (see
+    /// [`Digest::prefix_from_hex`]).
+    pub fn prefix(&self) -> u64 {
+        u64::from_be_bytes(self.0[..8].try_into().expect("8 bytes"))
+    }
+
+    /// [`Digest::prefix`] from a digest's first 16 hex digits: a cheap
+    /// first match before a whole parse.
+    pub fn prefix_from_hex(s: &[u8]) -> Option<u64> {
+        let mut out = [0u8; 8];
+        (s.len() == 16).then_some(())?;
+        decode(s, &mut out)?;
+        Some(u64::from_be_bytes(out))
+    }
+}
+
+/// Lowercase hex digits into `out` (twice as many digits as bytes).
+fn decode(s: &[u8], out: &mut [u8]) -> Option<()> {
+    const fn table() -> [u8; 256] {
+        let mut t = [0xff; 256];
+        let mut i = 0;
+        while i < 10 {
+            t[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            t[b'a' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        t
+    }
+    const VALUE: [u8; 256] = table();
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        let (hi, lo) = (VALUE[pair[0] as usize], VALUE[pair[1] as usize]);
+        if (hi | lo) & 0xf0 != 0 {
+            return None;
+        }
+        *o = hi << 4 | lo;
+    }
+    Some(())
+}
+
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
+        f.write_str(std::str::from_utf8(&self.hex()).expect("hex digits are ASCII"))
     }
 }
 
@@ -73,12 +137,7 @@ impl FromStr for Digest {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Digest, String> {
-        let mut out = [0u8; 32];
-        if s.len() != 64 || s.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(format!("{s:?} is not a SHA-256 digest (64 lowercase hex digits)"));
-        }
-        hex::decode_to_slice(s, &mut out).map_err(|_| format!("{s:?} is not a SHA-256 digest (64 lowercase hex digits)"))?;
-        Ok(Digest(out))
+        Digest::from_hex(s.as_bytes()).ok_or_else(|| format!("{s:?} is not a SHA-256 digest (64 lowercase hex digits)"))
     }
 }
 
@@ -107,5 +166,17 @@ mod tests {
         assert_eq!(Digest::of_reader(&b"abc"[..]).unwrap(), d);
         assert!("BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD".parse::<Digest>().is_err());
         assert!("abc".parse::<Digest>().is_err());
+        // Every byte that is not a lowercase hex digit, at either place of
+        // a pair.
+        for b in (0..=255u8).filter(|b| !b"0123456789abcdef".contains(b)) {
+            for at in [0, 1, 63] {
+                let mut s = *b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+                s[at] = b;
+                assert_eq!(Digest::from_hex(&s), None, "byte {b} at {at}");
+            }
+        }
+        assert_eq!(Digest::from_hex(&d.hex()), Some(d));
+        assert_eq!(Digest::prefix_from_hex(&d.hex()[..16]), Some(d.prefix()));
+        assert_eq!(d.prefix(), 0xba7816bf8f01cfea);
     }
 }
