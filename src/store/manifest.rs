@@ -406,25 +406,73 @@ impl Manifest {
         let mut lines = Lines { r: BufReader::with_capacity(256 * 1024, r), buf: Vec::new() };
         let first = lines.next().map_err(|e| bad(what, &e))?.ok_or_else(|| bad(what, "it is empty"))?;
         let header = parse_header(first).map_err(|e| bad(what, &e))?;
-        let mut entries: Vec<Entry> = Vec::new();
-        let (mut n, mut names) = (1, 0usize);
-        while let Some(line) = lines.next().map_err(|e| bad(what, &e))? {
-            n += 1;
-            if entries.len() >= MAX_ENTRIES {
-                return Err(bad(what, &format!("it has more than {MAX_ENTRIES} entries")));
+        let packs = header.packs.len();
+        // This thread decompresses and splits lines into batches; parsers
+        // on threads of their own turn them into entries (a deploy waits for
+        // a hundred thousand). At most two batches wait, and the bytes of
+        // names parsed so far are counted as they are parsed, so a hostile
+        // manifest is refused before it is held.
+        let names = std::sync::atomic::AtomicUsize::new(0);
+        // Set by a parser that refused a line: reading stops there.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (to_parse, batches) = std::sync::mpsc::sync_channel::<Batch>(2);
+        let batches = std::sync::Mutex::new(batches);
+        let (to_join, parsed) = std::sync::mpsc::channel();
+        let (batches, names, stop) = (&batches, &names, &stop);
+        let entries = std::thread::scope(move |scope| -> Result<Vec<Entry>> {
+            for _ in 0..PARSERS {
+                let to_join = to_join.clone();
+                scope.spawn(move || loop {
+                    let Ok(batch) = batches.lock().unwrap_or_else(|p| p.into_inner()).recv() else { return };
+                    let parsed = batch.parse(packs, names, max_names);
+                    stop.fetch_or(parsed.is_err(), std::sync::atomic::Ordering::Relaxed);
+                    if to_join.send((batch.first_line, parsed)).is_err() {
+                        return;
+                    }
+                });
             }
-            let at_line = |e: String| bad(what, &format!("line {n}: {e}"));
-            let raw: Line = serde_json::from_slice(line).map_err(|e| at_line(e.to_string()))?;
-            let entry = raw.into_entry(header.packs.len()).map_err(at_line)?;
-            let path = entry.path();
-            names += path.as_str().len() + if let Entry::Symlink { target, .. } = &entry { target.len() } else { 0 };
-            if names > max_names {
-                return Err(bad(what, &format!("its paths and targets hold more than {max_names} bytes")));
+            drop(to_join);
+            let (mut count, mut batch, mut refused) = (0usize, Batch::starting_at(2), None);
+            loop {
+                let line = match lines.next() {
+                    Ok(Some(line)) => line,
+                    Ok(None) => break,
+                    Err(e) => {
+                        refused = Some(bad(what, &e));
+                        break;
+                    }
+                };
+                count += 1;
+                if count > MAX_ENTRIES {
+                    refused = Some(bad(what, &format!("it has more than {MAX_ENTRIES} entries")));
+                    break;
+                }
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break; // the parser that refused a line says why
+                }
+                batch.push(line);
+                if batch.text.len() >= BATCH_BYTES {
+                    let next = Batch::starting_at(batch.first_line + batch.ends.len());
+                    let _ = to_parse.send(std::mem::replace(&mut batch, next));
+                }
             }
-            if entries.last().is_some_and(|prev| prev.path() >= path) {
-                return Err(at_line(format!("{path} is out of order or repeated")));
+            if !batch.ends.is_empty() {
+                let _ = to_parse.send(batch);
             }
-            entries.push(entry);
+            drop(to_parse);
+            // The first line refused is named: a parser's come before the
+            // line this thread stopped at.
+            let mut parts: Vec<(usize, Parsed)> = parsed.iter().collect();
+            parts.sort_unstable_by_key(|(first, _)| *first);
+            let mut entries = Vec::with_capacity(count);
+            for (_, part) in parts {
+                let part = part.map_err(|(n, e)| bad(what, &if n == 0 { e } else { format!("line {n}: {e}") }))?;
+                entries.extend(part);
+            }
+            refused.map_or(Ok(entries), Err)
+        })?;
+        if let Some(i) = (1..entries.len()).find(|&i| entries[i - 1].path() >= entries[i].path()) {
+            return Err(bad(what, &format!("line {}: {} is out of order or repeated", i + 2, entries[i].path())));
         }
         let m = Manifest { header, entries };
         // The header's sums and tree digest (a hash over every entry) on a
@@ -510,6 +558,54 @@ fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
 
 fn bad(what: &str, why: &str) -> Error {
     Error::S3(format!("the manifest {what} is not valid: {why}"))
+}
+
+/// Threads that parse a manifest's lines beside the one that reads them.
+const PARSERS: usize = 2;
+/// Bytes of lines a parser takes at once.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// A batch's entries, or the number of the line that is not one and why
+/// (0 when no line is to blame).
+type Parsed = std::result::Result<Vec<Entry>, (usize, String)>;
+
+/// Consecutive lines of a manifest, parsed together.
+struct Batch {
+    /// The number of its first line in the manifest (the header is 1).
+    first_line: usize,
+    text: Vec<u8>,
+    /// Where each line ends in `text`.
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    fn starting_at(first_line: usize) -> Batch {
+        Batch { first_line, text: Vec::with_capacity(BATCH_BYTES + MAX_LINE), ends: Vec::new() }
+    }
+
+    fn push(&mut self, line: &[u8]) {
+        self.text.extend_from_slice(line);
+        self.ends.push(self.text.len());
+    }
+
+    /// Its entries. Adds the bytes of their names to `names`, and fails
+    /// once that passes `max_names`.
+    fn parse(&self, packs: usize, names: &std::sync::atomic::AtomicUsize, max_names: usize) -> Parsed {
+        let mut entries = Vec::with_capacity(self.ends.len());
+        let mut start = 0;
+        for (i, &end) in self.ends.iter().enumerate() {
+            let n = self.first_line + i;
+            let raw: Line = serde_json::from_slice(&self.text[start..end]).map_err(|e| (n, e.to_string()))?;
+            let entry = raw.into_entry(packs).map_err(|e| (n, e))?;
+            let len = entry.path().as_str().len() + if let Entry::Symlink { target, .. } = &entry { target.len() } else { 0 };
+            if names.fetch_add(len, std::sync::atomic::Ordering::Relaxed) + len > max_names {
+                return Err((0, format!("its paths and targets hold more than {max_names} bytes")));
+            }
+            entries.push(entry);
+            start = end;
+        }
+        Ok(entries)
+    }
 }
 
 /// Lines of at most [`MAX_LINE`] bytes, refused before a longer one is
@@ -601,6 +697,29 @@ mod tests {
             f.at = Location::Pack { pack: 0, offset: 99, len: 3, compressed: false };
         }
         assert_eq!(tree_digest(&moved), m.header.tree);
+    }
+
+    #[test]
+    fn a_manifest_of_many_batches_parses_in_order_and_errors_name_their_line() {
+        // 30,000 entries: about twenty batches for the parsers.
+        let entries: Vec<Entry> = (0..30_000u64).map(|i| file(&format!("d{}/f{i:05}.php", i % 7), &i.to_le_bytes(), 0, i * 8)).collect();
+        let m = Manifest::new("r1".into(), "ci@host".into(), vec![Digest::of(b"pack")], entries);
+        let bytes = m.to_bytes();
+        assert_eq!(Manifest::parse(&bytes, "test").unwrap(), m);
+        let mut decoded = String::new();
+        zstd::stream::Decoder::new(&bytes[..]).unwrap().read_to_string(&mut decoded).unwrap();
+        let lines: Vec<String> = decoded.lines().map(str::to_string).collect();
+        // A line that is not an entry, deep in the manifest.
+        let mut broken = lines.clone();
+        broken[25_001] = "{\"p\":\"x\"".into();
+        let e = parse_text(&broken.iter().map(String::as_str).collect::<Vec<_>>()).unwrap_err();
+        assert!(e.contains("line 25002: "), "{e}");
+        // Two entries swapped across batches: the first line found lower
+        // than the one before it is named.
+        let mut swapped = lines.clone();
+        swapped.swap(3, 20_000);
+        let e = parse_text(&swapped.iter().map(String::as_str).collect::<Vec<_>>()).unwrap_err();
+        assert!(e.contains("line 5: ") && e.contains("out of order"), "{e}");
     }
 
     fn text(lines: &[&str]) -> Vec<u8> {
