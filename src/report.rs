@@ -293,7 +293,9 @@ pub struct ReleaseReport {
     /// The after-switch command or the health check failed and the
     /// previous release is live again.
     pub rolled_back: bool,
-    /// Old releases removed (`--keep`).
+    /// Old releases removed (`--keep`): unregistered and set aside by a
+    /// deploy's pull, their files unlinked after it (see
+    /// `release::layout`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<String>,
     /// Files the release publishes under its shared paths (`--shared`),

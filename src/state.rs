@@ -214,10 +214,12 @@ fn replay(path: &Path, placed: &mut HashMap<RelPath, Placed>) -> Result<()> {
                     (Some(etag), Some(size), Some(file_size), Some(mtime_ns)) => {
                         placed.insert(rel, Placed { etag, size, file_size, mtime_ns });
                     }
-                    (None, None, None, None) => {
+                    // A deletion, or a record of another shape: the path
+                    // is then unknown (as before records were read field
+                    // by field).
+                    _ => {
                         placed.remove(&rel);
                     }
-                    _ => {}
                 }
             }
         }

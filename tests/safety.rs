@@ -191,6 +191,23 @@ async fn a_release_that_cannot_be_pruned_is_unregistered_first_and_never_rolled_
     assert_eq!(set_aside(&node), Vec::<String>::new(), "removed by the pull after the deploy");
 }
 
+#[tokio::test]
+async fn a_switch_killed_between_its_link_and_its_rename_leaves_nothing_after_the_next_pull() {
+    // The switch makes `.current.tmp-PID` and renames it over `current`;
+    // a kill in between leaves the link, which the next pull removes.
+    let b = Bucket::new("relswitchtmp").await;
+    b.put("app/index.php", b"<?php // 1").await;
+    let node = Node::new();
+    let pull = || run_json(node.agent(&b.url("app")).args(["--releases"]));
+    assert_eq!(pull().0, 0);
+    let left = node.dest.join(".current.tmp-4242");
+    std::os::unix::fs::symlink("releases/gone", &left).unwrap();
+    let (code, _, stderr) = pull();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(left.symlink_metadata().is_err(), "the killed switch's link is gone");
+    assert!(node.dest.join("current").join("index.php").exists());
+}
+
 /// The releases a deploy set aside, not yet removed.
 fn set_aside(node: &Node) -> Vec<String> {
     let names = std::fs::read_dir(node.dest.join("releases")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
@@ -227,11 +244,20 @@ async fn a_deploy_sets_old_releases_aside_and_the_next_pull_removes_them() {
     let (code, _, stderr) = pull("r3");
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(set_aside(&node), Vec::<String>::new());
+    // A node whose pulls all switch (no timer): a deploy removes what
+    // waits beyond two, the oldest first.
+    for (i, id) in ["r4", "r5", "r6", "r7"].iter().enumerate() {
+        b.put("app/index.php", format!("<?php // {}", i + 4).as_bytes()).await;
+        assert_eq!(pull(id).0, 0, "{id}");
+    }
+    let aside = set_aside(&node);
+    assert_eq!(aside.len(), 2, "{aside:?}");
+    assert!(aside.iter().all(|n| n.ends_with("-r4") || n.ends_with("-r5")), "the newest two wait: {aside:?}");
     let (_, st, _) = run_json(
         Command::new(common::agent_bin()).args(["status", "--json", "--dest"]).arg(&node.dest).arg("--state-dir").arg(&node.state),
     );
     let known: Vec<&str> = st["releases"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(known, ["r2", "r3"], "{st}");
+    assert_eq!(known, ["r6", "r7"], "{st}");
 }
 
 #[tokio::test]

@@ -858,6 +858,48 @@ async fn a_pruned_release_id_is_never_given_other_content() {
     assert_live_is(&b, "app", &node, "r1").await;
 }
 
+/// A prune deletes the doomed manifests first, in requests of their own,
+/// and checks every key's answer: when S3 refuses to delete a manifest
+/// (a DeleteObjects answered 200 with a per-key error), the prune fails
+/// naming it and deletes no content, so no manifest is left naming packs
+/// that are gone. Run again with the right to delete, it finishes.
+#[tokio::test]
+async fn a_manifest_the_prune_cannot_delete_fails_the_prune_before_any_content_goes() {
+    let b = Bucket::new("storedelerr").await;
+    let source = b.url("app");
+    for v in 1..=3u64 {
+        assert_eq!(publish(build(&versioned(6, v)).path(), &source, &["--release-id", &format!("r{v}")]).0, 0);
+    }
+    let store = store_of(&b, "app");
+    let keys = || async {
+        fleetsync::store::list_objects(&b.client, &store, &store.root).await.unwrap().into_iter().map(|o| o.key).collect::<Vec<_>>()
+    };
+    let packs = |keys: &[String]| keys.iter().filter(|k| k.contains("/packs/")).count();
+    let before = keys().await;
+    let prune = |endpoint: &str| {
+        Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+            .args(["prune", "--source", &source, "--keep", "1", "--grace", "0s", "--json"])
+            .env("AWS_ENDPOINT_URL_S3", endpoint)
+            .output()
+            .unwrap()
+    };
+    let proxy = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--delete-fault", "manifests/"]);
+    let out = prune(&proxy.url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("manifests/r1.jsonl.zst") && stderr.contains("Access Denied"), "{stderr}");
+    let stats = proxy.stats();
+    assert_eq!((&stats["delete"], &stats["delete-others"]), (&1.into(), &0.into()), "one request of manifests alone, refused: {stats}");
+    let after = keys().await;
+    assert_eq!(packs(&after), packs(&before), "no content deleted: {after:?}");
+    assert!(after.iter().any(|k| k.ends_with("manifests/r1.jsonl.zst")));
+
+    let out = prune(&common::endpoint());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let done = keys().await;
+    assert!(!done.iter().any(|k| k.ends_with("manifests/r1.jsonl.zst")) && packs(&done) < packs(&before), "{done:?}");
+}
+
 /// A node that holds its release (its group's deploy is under way, failed,
 /// or has not happened) still has drift in that release repaired: a hold
 /// keeps the release, not what was written over it.

@@ -55,6 +55,12 @@ AWS behaviours the local S3 server is kinder about:
   S3's answer when it sheds load; the PUT never reaches the server),
   `lost` (the PUT reaches the server, then the connection drops before its
   answer) or `slow` (the answer is held back `--slow` seconds).
+- `--delete-fault TEXT`: a DeleteObjects (POST ?delete) naming a key that
+  contains TEXT deletes nothing and is answered 200 with a per-key
+  AccessDenied error for each key it names, as S3 answers a batch whose
+  keys the caller may not delete: the call succeeds, its keys do not.
+  Its stats count such batches (`delete`) and their keys without TEXT
+  (`delete-others`).
 
 Requests are forwarded unchanged (the Host header too, so SigV4 signatures
 stay valid), one upstream connection per request, asking for HTTP/1.0 so
@@ -64,6 +70,7 @@ that bodies come whole, not chunked. Counts per fault are rewritten to
 import argparse
 import asyncio
 import hashlib
+import html
 import json
 import os
 import random
@@ -211,12 +218,13 @@ class Proxy:
             kind, text, skip, count = spec.split(":")
             self.put_faults.append({"kind": kind, "text": text, "skip": int(skip), "count": int(count), "seen": 0})
         self.slow, self.slow_op = a.slow, a.slow_op
+        self.delete_fault = a.delete_fault
         self.kms = a.kms
         self.verify_sigv4 = a.verify_sigv4
         self.count = a.count
         self.opaque = {}  # opaque ETag -> the server's
         self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, "not-found": 0, "fail-op": 0, "denied": 0,
-                       "409": 0, "lost": 0, "slow": 0, "no-content-sha256": 0, "bad-signature": 0, "signed": 0, **{f: 0 for f in BODY_FAULTS}}
+                       "409": 0, "lost": 0, "slow": 0, "delete": 0, "delete-others": 0, "no-content-sha256": 0, "bad-signature": 0, "signed": 0, **{f: 0 for f in BODY_FAULTS}}
 
     def record(self, fault):
         self.counts["faults"] += 1
@@ -298,6 +306,19 @@ class Proxy:
                     writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {len(msg)}\r\n\r\n".encode() + msg)
                     await writer.drain()
                     continue
+                if not self.api and self.delete_fault and method == "POST" and "delete" in query.split("&"):
+                    keys = [html.unescape(k) for k in re.findall(r"<Key>(.*?)</Key>", body.decode("utf-8"))]
+                    if any(self.delete_fault in k for k in keys):
+                        # Keys of the refused batch that do not match: a
+                        # test sees whether matching keys went alone.
+                        self.counts["delete-others"] += sum(self.delete_fault not in k for k in keys)
+                        self.record("delete")
+                        errors = "".join(f"<Error><Key>{html.escape(k)}</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                                         for k in keys)
+                        msg = f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult>{errors}</DeleteResult>'.encode()
+                        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
+                        await writer.drain()
+                        continue
                 if self.kms:
                     unmasked = [self.unmask(h) for h in headers]
                     if unmasked != headers:
@@ -477,6 +498,7 @@ async def main():
     ap.add_argument("--template-param", action="append", metavar="K=V", help="a template parameter's value, for --list-prefixes-from")
     ap.add_argument("--put-fault", action="append", help="S3: KIND:TEXT:SKIP:COUNT, KIND one of 409, 503, lost, slow; TEXT 'POST ...' for POSTs")
     ap.add_argument("--slow", type=float, default=1.0, help="seconds a `slow` PUT's (or --slow-op's) answer is held back")
+    ap.add_argument("--delete-fault", metavar="TEXT", help="S3: a DeleteObjects naming a key containing TEXT deletes nothing, each key answered AccessDenied")
     ap.add_argument("--slow-op", help="with --api: the operation whose answers are held back --slow seconds")
     ap.add_argument("--count", action="store_true", help="keep --stats' request count current (written after every request)")
     ap.add_argument("--verify-sigv4", action="store_true", help="with --api: answer 403 SignatureDoesNotMatch to a request whose SigV4 signature is wrong")

@@ -183,13 +183,18 @@ impl Releases {
         self.rename(id, &format!("{RETIRED}{}-{id}", crate::store::now_ms()))
     }
 
-    /// Removes the releases [`Releases::retire`] set aside: by a pull that
-    /// did not switch (the timer's, at its low priority), out of any
-    /// deploy's way. Best effort: what cannot be removed is tried again by
-    /// the next such pull.
-    pub(super) fn remove_retired(&self) {
+    /// Removes the releases [`Releases::retire`] set aside but the newest
+    /// `leave`: by a pull that did not switch (the timer's, at its low
+    /// priority), after it let go of the node lock, out of any deploy's
+    /// way. Best effort: what cannot be removed is tried again by the next
+    /// pull.
+    pub(super) fn remove_retired(&self, leave: usize) {
         let Ok(names) = self.names() else { return };
-        for name in names.iter().filter(|n| n.starts_with(RETIRED)) {
+        // `.retired-<ms>-<id>`: the oldest first.
+        let mut retired: Vec<(u64, &String)> =
+            names.iter().filter_map(|n| Some((n.strip_prefix(RETIRED)?.split_once('-')?.0.parse().ok()?, n))).collect();
+        retired.sort_unstable();
+        for (_, name) in &retired[..retired.len().saturating_sub(leave)] {
             match safe_fs::remove_tree_at(&self.dir, name) {
                 Ok(()) => tracing::info!(dir = %name, "removed a release set aside by a deploy"),
                 Err(e) => {

@@ -293,7 +293,7 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
         return pull::pull(&PullOptions { dest, ..p.clone() }, observer).await;
     }
     let client = s3_client(&p.client).await;
-    let (_lock, lock_wait) = NodeLock::acquire(&p.state_dir, p.if_busy).await?;
+    let (lock, lock_wait) = NodeLock::acquire(&p.state_dir, p.if_busy).await?;
     let releases = Releases::open(&p.dest, p.owner)?;
     let mut registry = layout.load(true)?;
     let current = layout.current()?;
@@ -452,12 +452,24 @@ pub async fn pull_release(opts: &ReleaseOptions, observer: Arc<dyn Observer>) ->
                 Err(e) => tracing::warn!(release = %id, error = %e, "could not set an old release aside; the next pull removes it"),
             }
         }
-    } else {
-        releases.remove_retired();
     }
     report.durations.total_ms = t0.elapsed().as_millis() as u64;
-    report_with(report, release, lock_wait, &layout)
+    let switched = release.switched;
+    let report = report_with(report, release, lock_wait, &layout);
+    // After the lock: a deploy that starts meanwhile does not wait for
+    // these unlinks (nothing else touches a release set aside). A pull
+    // that switched leaves them to the next one, unless more than a few
+    // wait (a node whose pulls all switch: no timer).
+    drop(lock);
+    releases.remove_retired(if switched { RETIRED_WAITING } else { 0 });
+    report
 }
+
+/// Releases set aside by deploys that a deploy's own pull leaves for the
+/// next pull that switches nothing (see [`Releases::retire`]); beyond
+/// them, the oldest are removed by the deploy itself, so a node whose
+/// pulls all switch does not fill its disk.
+const RETIRED_WAITING: usize = 2;
 
 /// What follows a store release's pull, out of the deploy's way
 /// ([`next`]):

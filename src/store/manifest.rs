@@ -416,12 +416,14 @@ impl Manifest {
         // Set by a parser that refused a line: reading stops there.
         let stop = std::sync::atomic::AtomicBool::new(false);
         let (to_parse, batches) = std::sync::mpsc::sync_channel::<Batch>(2);
-        let batches = std::sync::Mutex::new(batches);
         let (to_join, parsed) = std::sync::mpsc::channel();
-        let (batches, names, stop) = (&batches, &names, &stop);
+        let (names, stop) = (&names, &stop);
         let entries = std::thread::scope(move |scope| -> Result<Vec<Entry>> {
+            // Owned by the parsers alone: were they all gone (a panic), a
+            // send would fail instead of waiting for them forever.
+            let batches = std::sync::Arc::new(std::sync::Mutex::new(batches));
             for _ in 0..PARSERS {
-                let to_join = to_join.clone();
+                let (to_join, batches) = (to_join.clone(), batches.clone());
                 scope.spawn(move || loop {
                     let Ok(batch) = batches.lock().unwrap_or_else(|p| p.into_inner()).recv() else { return };
                     let parsed = batch.parse(packs, names, max_names);
@@ -431,7 +433,7 @@ impl Manifest {
                     }
                 });
             }
-            drop(to_join);
+            drop((to_join, batches));
             let (mut count, mut batch, mut refused) = (0usize, Batch::starting_at(2), None);
             loop {
                 let line = match lines.next() {
@@ -453,27 +455,33 @@ impl Manifest {
                 batch.push(line);
                 if batch.text.len() >= BATCH_BYTES {
                     let next = Batch::starting_at(batch.first_line + batch.ends.len());
-                    let _ = to_parse.send(std::mem::replace(&mut batch, next));
+                    if to_parse.send(std::mem::replace(&mut batch, next)).is_err() {
+                        break; // no parser left: the scope's join says why
+                    }
                 }
             }
             if !batch.ends.is_empty() {
                 let _ = to_parse.send(batch);
             }
             drop(to_parse);
-            // The first line refused is named: a parser's come before the
-            // line this thread stopped at.
+            // The first line refused is named, as when lines were parsed
+            // one after the other: batches in order, each checked inside
+            // and at its join with the one before; this thread's own
+            // refusal is of a line after all of them.
             let mut parts: Vec<(usize, Parsed)> = parsed.iter().collect();
             parts.sort_unstable_by_key(|(first, _)| *first);
-            let mut entries = Vec::with_capacity(count);
-            for (_, part) in parts {
+            let mut entries: Vec<Entry> = Vec::with_capacity(count);
+            for (first, part) in parts {
                 let part = part.map_err(|(n, e)| bad(what, &if n == 0 { e } else { format!("line {n}: {e}") }))?;
+                if let (Some(prev), Some(next)) = (entries.last(), part.first()) {
+                    if prev.path() >= next.path() {
+                        return Err(bad(what, &format!("line {first}: {} is out of order or repeated", next.path())));
+                    }
+                }
                 entries.extend(part);
             }
             refused.map_or(Ok(entries), Err)
         })?;
-        if let Some(i) = (1..entries.len()).find(|&i| entries[i - 1].path() >= entries[i].path()) {
-            return Err(bad(what, &format!("line {}: {} is out of order or repeated", i + 2, entries[i].path())));
-        }
         let m = Manifest { header, entries };
         // The header's sums and tree digest (a hash over every entry) on a
         // thread of their own beside the check of what is below what: both
@@ -597,6 +605,9 @@ impl Batch {
             let n = self.first_line + i;
             let raw: Line = serde_json::from_slice(&self.text[start..end]).map_err(|e| (n, e.to_string()))?;
             let entry = raw.into_entry(packs).map_err(|e| (n, e))?;
+            if entries.last().is_some_and(|prev: &Entry| prev.path() >= entry.path()) {
+                return Err((n, format!("{} is out of order or repeated", entry.path())));
+            }
             let len = entry.path().as_str().len() + if let Entry::Symlink { target, .. } = &entry { target.len() } else { 0 };
             if names.fetch_add(len, std::sync::atomic::Ordering::Relaxed) + len > max_names {
                 return Err((0, format!("its paths and targets hold more than {max_names} bytes")));
@@ -718,6 +729,10 @@ mod tests {
         // than the one before it is named.
         let mut swapped = lines.clone();
         swapped.swap(3, 20_000);
+        let e = parse_text(&swapped.iter().map(String::as_str).collect::<Vec<_>>()).unwrap_err();
+        assert!(e.contains("line 5: ") && e.contains("out of order"), "{e}");
+        // Both: the first is named.
+        swapped[25_001] = broken[25_001].clone();
         let e = parse_text(&swapped.iter().map(String::as_str).collect::<Vec<_>>()).unwrap_err();
         assert!(e.contains("line 5: ") && e.contains("out of order"), "{e}");
     }
