@@ -74,11 +74,17 @@ fn dist_dir() -> (tempfile::TempDir, Vec<u8>) {
 
 /// `fleetsync agent-dist upload DIR s3://BUCKET/dist`.
 fn upload(b: &common::Bucket, dir: &Path) -> std::process::Output {
+    upload_via(b, dir, &common::endpoint())
+}
+
+/// [`upload`] with S3 reached at `endpoint`.
+fn upload_via(b: &common::Bucket, dir: &Path, endpoint: &str) -> std::process::Output {
     Command::new(common::bin("fleetsync-bastion", "fleetsync"))
         .arg("agent-dist")
         .arg("upload")
         .arg(dir)
         .arg(b.url("dist"))
+        .env("AWS_ENDPOINT_URL_S3", endpoint)
         .output()
         .unwrap()
 }
@@ -164,8 +170,12 @@ async fn the_user_data_installs_the_uploaded_agent_and_refuses_a_corrupted_one()
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is damaged") && stderr.lines().count() == 1, "{stderr}");
 
-    let out = upload(&b, dist.path());
+    // The first upload, by a caller that may list only the source prefix:
+    // S3 answers the read of the SHA256SUMS not there yet 403, not 404.
+    let listing_app_only = common::FaultProxy::start(&common::endpoint(), &["--rate", "0", "--list-prefixes", "app/"]);
+    let out = upload_via(&b, dist.path(), &listing_app_only.url);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(listing_app_only.stats()["denied"], 1, "the missing SHA256SUMS was answered 403");
 
     let proxy = common::FaultProxy::start(&common::endpoint(), &["--rate", "0"]);
     let install = |root: &Path, extra: &[(&str, &str)]| {

@@ -41,6 +41,9 @@ fn a_release_id_implies_release_mode() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("release mode") && stderr.contains("127.0.0.1:9"), "{args:?}: {stderr}");
+        // A refused connection says so and names what it tried, not the
+        // credentials.
+        assert!(stderr.contains("cannot connect to") && !stderr.contains("check the AWS credentials"), "{args:?}: {stderr}");
     }
 }
 
