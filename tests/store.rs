@@ -771,6 +771,13 @@ async fn state_files_emptied_or_cut_short_by_a_power_loss_never_stop_the_next_pu
     }
 
     for torn in [&b""[..], b"{\"releases\":[{\"id\":\"r1\",\"con"] {
+        // Drift in the live release too: with its registry entry lost it
+        // is not trusted as intact, but checked and repaired.
+        let live = node.dest.join("current");
+        let edited = v1.keys().next().unwrap();
+        std::fs::remove_file(live.join(edited)).unwrap();
+        std::fs::write(live.join(edited), b"written over").unwrap();
+        std::fs::write(live.join("extra.php"), b"<?php // not published").unwrap();
         std::fs::write(state.join("releases.json"), torn).unwrap();
         let (code, r, stderr) = pull(&node, &source);
         assert_eq!(code, 0, "an unreadable registry is rebuilt, never fatal: {stderr}");
