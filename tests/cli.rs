@@ -30,7 +30,8 @@ fn a_release_id_implies_release_mode() {
     let dest = tempfile::tempdir().unwrap();
     let dest = dest.path().join("www");
     let agent = ["pull", "s3://bucket-x/app", "--dest", dest.to_str().unwrap(), "--release-id", "r1", "--json"];
-    let bastion = ["sync", "--group", "web", "--source", "s3://bucket-x/app", "--release", "r1", "--keep", "3", "--dry-run"];
+    // -v, as the agent takes it.
+    let bastion = ["-v", "sync", "--group", "web", "--source", "s3://bucket-x/app", "--release", "r1", "--keep", "3", "--dry-run"];
     for (bin, args) in [(common::agent_bin(), &agent[..]), (common::bin("fleetsync-bastion", "fleetsync"), &bastion[..])] {
         let out = Command::new(bin)
             .args(args)
