@@ -675,7 +675,6 @@ async fn pull(args: PullArgs) -> anyhow::Result<i32> {
     Ok(report.exit_code)
 }
 
-/// `rollback`: makes an earlier release live again.
 /// A hook timeout of zero would kill every hook as it starts (pull's and
 /// rollback's alike).
 fn check_hook_timeout(timeout: Option<fleetsync::duration::Seconds>) -> anyhow::Result<()> {
@@ -688,6 +687,7 @@ fn check_hook_timeout(timeout: Option<fleetsync::duration::Seconds>) -> anyhow::
     Ok(())
 }
 
+/// `rollback`: makes an earlier release live again.
 async fn rollback(args: RollbackArgs) -> anyhow::Result<i32> {
     let dest = args.dest.clone().ok_or_else(|| missing("--dest", "dest"))?;
     let state_dir = args.state_dir.clone().expect("resolved in try_main");

@@ -54,6 +54,12 @@ pub(crate) fn parse_store_etag(etag: &str) -> Option<(Digest, u32)> {
     Some((Digest::from_hex(hash.as_bytes())?, u32::from_str_radix(mode, 8).ok()?))
 }
 
+/// The [`Digest::prefix`] of the digest a [`store_etag`] holds, from its
+/// first 16 digits only: a cheap first match before [`parse_store_etag`].
+pub(crate) fn store_etag_prefix(etag: &str) -> Option<u64> {
+    Digest::prefix_from_hex(etag.strip_prefix("sha256:")?.as_bytes().get(..16)?)
+}
+
 /// What fetching gave.
 #[derive(Debug, Default)]
 pub(crate) struct Fetched {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::fetch::{parse_store_etag, store_etag, Failure, Fetcher};
+use super::fetch::{parse_store_etag, store_etag, store_etag_prefix, Failure, Fetcher};
 use super::layout::Layout;
 use super::{assets, next, shared, Ctx, Registry, ReleaseInfo, ReleaseOptions, Step};
 use crate::error::{Error, Result};
@@ -896,10 +896,7 @@ fn plan_staged(
     let wanted: HashSet<Digest> = place.iter().map(|file| file.hash).collect();
     let mut prefixes: Vec<u64> = wanted.iter().map(Digest::prefix).collect();
     prefixes.sort_unstable();
-    let in_wanted = |etag: &str| {
-        let digits = etag.strip_prefix("sha256:").and_then(|hex| hex.as_bytes().get(..16));
-        digits.and_then(Digest::prefix_from_hex).is_some_and(|p| prefixes.binary_search(&p).is_ok())
-    };
+    let in_wanted = |etag: &str| store_etag_prefix(etag).is_some_and(|p| prefixes.binary_search(&p).is_ok());
     let mut index: Index = HashMap::new();
     for (path, p) in existing.iter().filter(|(_, p)| in_wanted(&p.etag)) {
         if let Some((hash, mode)) = parse_store_etag(&p.etag).filter(|(hash, _)| wanted.contains(hash)) {

@@ -475,7 +475,7 @@ impl Manifest {
                 let part = part.map_err(|(n, e)| bad(what, &if n == 0 { e } else { format!("line {n}: {e}") }))?;
                 if let (Some(prev), Some(next)) = (entries.last(), part.first()) {
                     if prev.path() >= next.path() {
-                        return Err(bad(what, &format!("line {first}: {} is out of order or repeated", next.path())));
+                        return Err(bad(what, &format!("line {first}: {}", out_of_order(next.path()))));
                     }
                 }
                 entries.extend(part);
@@ -568,6 +568,11 @@ fn bad(what: &str, why: &str) -> Error {
     Error::S3(format!("the manifest {what} is not valid: {why}"))
 }
 
+/// Why a path that does not sort after the one before it is refused.
+fn out_of_order(path: &RelPath) -> String {
+    format!("{path} is out of order or repeated")
+}
+
 /// Threads that parse a manifest's lines beside the one that reads them.
 const PARSERS: usize = 2;
 /// Bytes of lines a parser takes at once.
@@ -606,7 +611,7 @@ impl Batch {
             let raw: Line = serde_json::from_slice(&self.text[start..end]).map_err(|e| (n, e.to_string()))?;
             let entry = raw.into_entry(packs).map_err(|e| (n, e))?;
             if entries.last().is_some_and(|prev: &Entry| prev.path() >= entry.path()) {
-                return Err((n, format!("{} is out of order or repeated", entry.path())));
+                return Err((n, out_of_order(entry.path())));
             }
             let len = entry.path().as_str().len() + if let Entry::Symlink { target, .. } = &entry { target.len() } else { 0 };
             if names.fetch_add(len, std::sync::atomic::Ordering::Relaxed) + len > max_names {
