@@ -873,38 +873,100 @@ async fn a_pruned_release_id_is_never_given_other_content() {
 #[tokio::test]
 async fn a_manifest_the_prune_cannot_delete_fails_the_prune_before_any_content_goes() {
     let b = Bucket::new("storedelerr").await;
-    let source = b.url("app");
-    for v in 1..=3u64 {
-        assert_eq!(publish(build(&versioned(6, v)).path(), &source, &["--release-id", &format!("r{v}")]).0, 0);
-    }
-    let store = store_of(&b, "app");
-    let keys = || async {
-        fleetsync::store::list_objects(&b.client, &store, &store.root).await.unwrap().into_iter().map(|o| o.key).collect::<Vec<_>>()
-    };
-    let packs = |keys: &[String]| keys.iter().filter(|k| k.contains("/packs/")).count();
-    let before = keys().await;
-    let prune = |endpoint: &str| {
-        Command::new(common::bin("fleetsync-bastion", "fleetsync"))
-            .args(["prune", "--source", &source, "--keep", "1", "--grace", "0s", "--json"])
-            .env("AWS_ENDPOINT_URL_S3", endpoint)
-            .output()
-            .unwrap()
-    };
+    let source = three_releases(&b).await;
+    let before = keys_under(&b, "app").await;
     let proxy = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--delete-fault", "manifests/"]);
-    let out = prune(&proxy.url);
+    let out = prune_keeping_one(&source, &proxy.url, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("manifests/r1.jsonl.zst") && stderr.contains("Access Denied"), "{stderr}");
     let stats = proxy.stats();
     assert_eq!((&stats["delete"], &stats["delete-others"]), (&1.into(), &0.into()), "one request of manifests alone, refused: {stats}");
-    let after = keys().await;
+    let after = keys_under(&b, "app").await;
     assert_eq!(packs(&after), packs(&before), "no content deleted: {after:?}");
     assert!(after.iter().any(|k| k.ends_with("manifests/r1.jsonl.zst")));
 
-    let out = prune(&common::endpoint());
+    let out = prune_keeping_one(&source, &common::endpoint(), &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    let done = keys().await;
+    let done = keys_under(&b, "app").await;
     assert!(!done.iter().any(|k| k.ends_with("manifests/r1.jsonl.zst")) && packs(&done) < packs(&before), "{done:?}");
+}
+
+/// Releases r1, r2 and r3 of six files each, published to `b`'s `app`.
+async fn three_releases(b: &Bucket) -> String {
+    let source = b.url("app");
+    for v in 1..=3u64 {
+        assert_eq!(publish(build(&versioned(6, v)).path(), &source, &["--release-id", &format!("r{v}")]).0, 0);
+    }
+    source
+}
+
+/// Every key under the store at `prefix`.
+async fn keys_under(b: &Bucket, prefix: &str) -> Vec<String> {
+    let store = store_of(b, prefix);
+    fleetsync::store::list_objects(&b.client, &store, &store.root).await.unwrap().into_iter().map(|o| o.key).collect()
+}
+
+fn packs(keys: &[String]) -> usize {
+    keys.iter().filter(|k| k.contains("/packs/")).count()
+}
+
+/// `fleetsync prune --keep 1 --grace 0s` of `source` through `endpoint`.
+fn prune_keeping_one(source: &str, endpoint: &str, env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+        .args(["prune", "--source", source, "--keep", "1", "--grace", "0s", "--json"])
+        .env("AWS_ENDPOINT_URL_S3", endpoint)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// The tests' prune lease (dev builds read it; see `store::fence`): 8 s
+/// instead of 10 minutes, so a prune's budget is 4 s.
+const SHORT_LEASE: (&str, &str) = ("FLEETSYNC_TEST_PRUNE_LEASE_MS", "8000");
+
+/// A killed prune leaves its `pruning/` marker behind. Once that marker is
+/// older than a prune's lease on S3's clock, the next prune removes it; the
+/// marker of a prune still under way stays.
+#[tokio::test]
+async fn a_killed_prunes_marker_is_removed_once_stale_and_a_live_prunes_is_kept() {
+    let b = Bucket::new("storestale").await;
+    let source = three_releases(&b).await;
+    let stale = "app/.fleetsync/pruning/00000000000000000000000000000001.json";
+    b.put(stale, br#"{"by":"a prune that was killed"}"#).await;
+    // S3 keeps whole seconds: 10 s is past the 8 s lease whatever the rounding.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let live = "app/.fleetsync/pruning/00000000000000000000000000000002.json";
+    b.put(live, br#"{"by":"a prune under way"}"#).await;
+
+    let out = prune_keeping_one(&source, &common::endpoint(), &[SHORT_LEASE]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = keys_under(&b, "app").await;
+    assert!(!after.iter().any(|k| k == stale), "the stale marker is gone: {after:?}");
+    assert!(after.iter().any(|k| k == live), "the live marker stays: {after:?}");
+}
+
+/// Every DeleteObjects call is bounded by what is left of the prune's
+/// budget (half its lease): a call that hangs (the SDK's retries can go on
+/// for minutes) stops the prune at the budget, naming it, and nothing after
+/// it is deleted, so a publish that waits out the lease never races it.
+#[tokio::test]
+async fn a_delete_call_that_hangs_stops_the_prune_at_its_budget() {
+    let b = Bucket::new("storehang").await;
+    let source = three_releases(&b).await;
+    let before = keys_under(&b, "app").await;
+    let proxy = FaultProxy::start(&common::endpoint(), &["--rate", "0", "--delete-slow", "manifests/", "--slow", "60"]);
+    let started = std::time::Instant::now();
+    let out = prune_keeping_one(&source, &proxy.url, &[SHORT_LEASE]);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("ran longer than 4 s and stopped before its lease ran out"), "{stderr}");
+    // Not a speed figure: the call is held 60 s, the budget is 4 s.
+    assert!(took < Duration::from_secs(30), "the prune waited for the held call: {took:?}");
+    let stats = proxy.stats();
+    assert_eq!(stats["delete-slow"], 1, "one call held, none after it: {stats}");
+    assert_eq!(packs(&keys_under(&b, "app").await), packs(&before), "no content deleted");
 }
 
 /// A node that holds its release (its group's deploy is under way, failed,

@@ -61,6 +61,9 @@ AWS behaviours the local S3 server is kinder about:
   keys the caller may not delete: the call succeeds, its keys do not.
   Its stats count such batches (`delete`) and their keys without TEXT
   (`delete-others`).
+- `--delete-slow TEXT`: a DeleteObjects naming a key that contains TEXT is
+  held back `--slow` seconds before it is forwarded, as one call whose
+  retries go on for minutes (stats: `delete-slow`).
 
 Requests are forwarded unchanged (the Host header too, so SigV4 signatures
 stay valid), one upstream connection per request, asking for HTTP/1.0 so
@@ -219,12 +222,13 @@ class Proxy:
             self.put_faults.append({"kind": kind, "text": text, "skip": int(skip), "count": int(count), "seen": 0})
         self.slow, self.slow_op = a.slow, a.slow_op
         self.delete_fault = a.delete_fault
+        self.delete_slow = a.delete_slow
         self.kms = a.kms
         self.verify_sigv4 = a.verify_sigv4
         self.count = a.count
         self.opaque = {}  # opaque ETag -> the server's
         self.counts = {"requests": 0, "faults": 0, "throttle": 0, "always": 0, "not-found": 0, "fail-op": 0, "denied": 0,
-                       "409": 0, "lost": 0, "slow": 0, "delete": 0, "delete-others": 0, "no-content-sha256": 0, "bad-signature": 0, "signed": 0, **{f: 0 for f in BODY_FAULTS}}
+                       "409": 0, "lost": 0, "slow": 0, "delete": 0, "delete-others": 0, "delete-slow": 0, "no-content-sha256": 0, "bad-signature": 0, "signed": 0, **{f: 0 for f in BODY_FAULTS}}
 
     def record(self, fault):
         self.counts["faults"] += 1
@@ -306,8 +310,12 @@ class Proxy:
                     writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {len(msg)}\r\n\r\n".encode() + msg)
                     await writer.drain()
                     continue
-                if not self.api and self.delete_fault and method == "POST" and "delete" in query.split("&"):
-                    keys = [html.unescape(k) for k in re.findall(r"<Key>(.*?)</Key>", body.decode("utf-8"))]
+                deletes = not self.api and method == "POST" and "delete" in query.split("&")
+                keys = [html.unescape(k) for k in re.findall(r"<Key>(.*?)</Key>", body.decode("utf-8"))] if deletes else []
+                if self.delete_slow and any(self.delete_slow in k for k in keys):
+                    self.record("delete-slow")
+                    await asyncio.sleep(self.slow)
+                if self.delete_fault and keys:
                     if any(self.delete_fault in k for k in keys):
                         # Keys of the refused batch that do not match: a
                         # test sees whether matching keys went alone.
@@ -499,6 +507,7 @@ async def main():
     ap.add_argument("--put-fault", action="append", help="S3: KIND:TEXT:SKIP:COUNT, KIND one of 409, 503, lost, slow; TEXT 'POST ...' for POSTs")
     ap.add_argument("--slow", type=float, default=1.0, help="seconds a `slow` PUT's (or --slow-op's) answer is held back")
     ap.add_argument("--delete-fault", metavar="TEXT", help="S3: a DeleteObjects naming a key containing TEXT deletes nothing, each key answered AccessDenied")
+    ap.add_argument("--delete-slow", metavar="TEXT", help="S3: a DeleteObjects naming a key containing TEXT is held back --slow seconds")
     ap.add_argument("--slow-op", help="with --api: the operation whose answers are held back --slow seconds")
     ap.add_argument("--count", action="store_true", help="keep --stats' request count current (written after every request)")
     ap.add_argument("--verify-sigv4", action="store_true", help="with --api: answer 403 SignatureDoesNotMatch to a request whose SigV4 signature is wrong")

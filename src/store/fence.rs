@@ -44,11 +44,24 @@ impl Side {
     /// How long a marker stands: a publish of a large build can take an
     /// hour; a prune is bounded by its own lease (see the module comment).
     pub fn lease(self) -> Duration {
-        match self {
+        let standard = match self {
             Side::Publishing => Duration::from_secs(6 * 3600),
             Side::Pruning => Duration::from_secs(10 * 60),
-        }
+        };
+        test_lease(self).unwrap_or(standard)
     }
+}
+
+/// A shorter prune lease for the tests (`FLEETSYNC_TEST_PRUNE_LEASE_MS`),
+/// so that a stale marker and a prune out of budget can be seen in seconds
+/// rather than 10 minutes: S3 cannot be asked to backdate an object. Read
+/// by dev builds only; a release build always uses the standard lease.
+fn test_lease(side: Side) -> Option<Duration> {
+    if !cfg!(debug_assertions) || side != Side::Pruning {
+        return None;
+    }
+    let ms = std::env::var("FLEETSYNC_TEST_PRUNE_LEASE_MS").ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms))
 }
 
 /// This process's marker, and S3's clock as it saw it.
