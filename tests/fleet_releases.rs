@@ -372,7 +372,8 @@ async fn a_failed_redeploy_of_the_release_the_group_runs_switches_nothing_back()
 /// `sync --health-url` through the SSM document (its healthUrl and
 /// healthTimeout parameters, run by the emulator as SSM runs them): a
 /// release whose nodes do not answer fails every node with the health
-/// check's reason, and `--rollback-on-failure` ends the fleet on r1.
+/// check's reason, and `--rollback-on-failure` ends the fleet on r1;
+/// `rollback --health-url` fails its nodes the same way.
 #[tokio::test]
 async fn a_release_that_fails_its_health_check_fails_its_nodes_and_the_fleet_goes_back() {
     let g = OnR1::new("health", 2).await;
@@ -388,6 +389,14 @@ async fn a_release_that_fails_its_health_check_fails_its_nodes_and_the_fleet_goe
     assert_eq!(r["rolled_back"]["to"], "r1", "{r}");
     for (_, root) in g.nodes.list() {
         assert_eq!(live(&root), "releases/r1", "the fleet ends on one release");
+    }
+    // `rollback --health-url` asks too, through the same document: a
+    // release rolled back to that does not answer fails every node.
+    let (code, r, stderr) = fleetsync(&[&["rollback", "--to", "r2"][..], &check, &ssm].concat(), &g.nodes);
+    assert_eq!(code, 1, "{stderr}\n{r}");
+    for n in r["nodes"].as_array().unwrap() {
+        let e = n["error"].as_str().unwrap_or_default();
+        assert!(n["status"] == "failed" && e.contains("health check of http://127.0.0.1:9/health failed"), "{n}");
     }
     // A URL the document would refuse (a quote) is one line before anything is sent.
     let (code, _, stderr) = fleetsync(&[&["sync", "--releases", "--health-url", "http://127.0.0.1/it's"][..], &ssm].concat(), &g.nodes);

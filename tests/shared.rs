@@ -186,7 +186,8 @@ async fn bad_shared_paths_are_refused_before_anything_is_touched() {
 /// made up: with no copy on the node and none published, the pull fails
 /// naming it and nothing goes live; once the file is there, every release
 /// links to it; a release that publishes the path as a directory is
-/// refused and the live release keeps serving.
+/// refused and the live release keeps serving. A node with no copy takes
+/// the first one a release publishes, and keeps it.
 #[tokio::test]
 async fn a_shared_file_is_linked_and_never_made_up() {
     let b = Bucket::new("sharedfile").await;
@@ -215,6 +216,19 @@ async fn a_shared_file_is_linked_and_never_made_up() {
     assert!(r["error"].as_str().unwrap_or_default().contains("shared file .env is published as a directory in release r2"), "{r}");
     assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases/r1"), "the live release keeps serving");
     assert_eq!(read(&live.join(".env")), "APP_KEY=secret\n");
+
+    // A release that publishes the file seeds a node that has none; a
+    // later release's copy never replaces what the node has.
+    assert_eq!(publish(build(&[("index.php", "v3"), (".env", "APP_KEY=from-build\n")]).path(), &source, &["--release-id", "r3"]).0, 0);
+    assert_eq!(publish(build(&[("index.php", "v4"), (".env", "APP_KEY=newer-build\n")]).path(), &source, &["--release-id", "r4"]).0, 0);
+    let fresh = Node::new();
+    for id in ["r3", "r4"] {
+        let (code, r, stderr) = pull(&fresh, &source, &["--shared-file", ".env", "--release-id", id]);
+        assert_eq!(code, 0, "{stderr}\n{r}");
+        let live = fresh.dest.join("current");
+        assert_eq!(std::fs::read_link(live.join(".env")).unwrap(), Path::new("../../shared/.env"));
+        assert_eq!(read(&live.join(".env")), "APP_KEY=from-build\n", "after {id}");
+    }
 }
 
 /// `--before-switch`: a command that fails leaves the live release serving,
