@@ -231,6 +231,107 @@ async fn a_shared_file_is_linked_and_never_made_up() {
     }
 }
 
+/// `fleetsync publish --shared DIR --shared-file FILE`: the release
+/// declares its shared paths, so a node with no shared setting of its own
+/// lays them out (a fleet deploy needs no per-node flag). What the
+/// application writes there outlives the next release and a rollback,
+/// published content never lands on it, a no-op stays a no-op, and a
+/// node's own TARGET for a declared path wins. A TARGET or a path that
+/// escapes is refused at publish, one line, nothing uploaded.
+#[tokio::test]
+async fn shared_paths_declared_at_publish_need_no_setting_on_the_node() {
+    let b = Bucket::new("shareddecl").await;
+    let source = b.url("app");
+    let declare = ["--shared", "storage/", "--shared-file", ".env"];
+    let r1 = build(&[("index.php", "v1"), ("storage/app/.gitignore", "*\n"), (".env", "APP_KEY=from-build\n")]);
+    let (code, r, stderr) = publish(r1.path(), &source, &[&["--release-id", "r1"][..], &declare].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(r["shared"], serde_json::json!({"dirs": ["storage"], "files": [".env"]}), "normalised: {r}");
+    let r2 = build(&[("index.php", "v2"), ("storage/app/.gitignore", "published over\n"), (".env", "APP_KEY=newer\n")]);
+    assert_eq!(publish(r2.path(), &source, &[&["--release-id", "r2"][..], &declare].concat()).0, 0);
+
+    // The node runs r0, which declared nothing: storage is a directory of
+    // the release, and the application has written into it. A timer's
+    // pull stages the next release from it.
+    let r0 = build(&[("index.php", "v0"), ("storage/app/.gitignore", "*\n"), (".env", "APP_KEY=from-build\n")]);
+    assert_eq!(publish(r0.path(), &source, &["--release-id", "r0"]).0, 0);
+    let node = Node::new();
+    let live = node.dest.join("current");
+    for _ in 0..2 {
+        let (code, r, stderr) = pull(&node, &source, &["--release-id", "r0"]);
+        assert_eq!(code, 0, "{stderr}\n{r}");
+    }
+    assert!(live.join("storage").is_dir() && node.dest.join("releases/.next").is_dir(), "staged from r0");
+    std::fs::write(live.join("storage/app/upload.txt"), "a visitor's upload").unwrap();
+
+    // r1 declares storage and .env: built from the staged copy (where
+    // they are r0's own), they become links, seeded from what r0 holds.
+    let (code, r, stderr) = pull(&node, &source, &["--release-id", "r1"]);
+    assert_eq!((code, &r["release"]["staged"]), (0, &true.into()), "{stderr}\n{r}");
+    assert_eq!(std::fs::read_link(live.join("storage")).unwrap(), Path::new("../../shared/storage"));
+    assert_eq!(std::fs::read_link(live.join(".env")).unwrap(), Path::new("../../shared/.env"));
+    assert_eq!(read(&live.join("storage/app/upload.txt")), "a visitor's upload");
+
+    for id in ["r2", "r1"] {
+        let (code, r, stderr) = pull(&node, &source, &["--release-id", id]);
+        assert_eq!(code, 0, "{stderr}\n{r}");
+        assert_eq!(std::fs::read_link(&live).unwrap(), Path::new("releases").join(id));
+        assert_eq!(read(&live.join("storage/app/upload.txt")), "a visitor's upload", "after {id}");
+        assert_eq!(read(&live.join("storage/app/.gitignore")), "*\n", "published content never lands on it ({id})");
+        assert_eq!(read(&live.join(".env")), "APP_KEY=from-build\n", "after {id}");
+    }
+    // A no-op, its full check included: the release is found intact as
+    // laid out, so no manifest is read.
+    let before = b.requests();
+    let (code, r, stderr) = pull(&node, &source, &["--release-id", "r1", "--verify-every", "0"]);
+    let after = b.requests();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((r["release"]["switched"].as_bool(), r["counts"]["downloaded"].as_u64()), (Some(false), Some(0)), "a no-op: {r}");
+    assert_eq!(after.get - before.get, 0, "{r}");
+
+    // A release that declares nothing lays storage out as its own again
+    // (from the staged copy of r1, where it is a link); the shared data
+    // stays where it was.
+    assert!(node.dest.join("releases/.next").is_dir(), "staged from r1");
+    assert_eq!(publish(r0.path(), &source, &["--release-id", "r3"]).0, 0);
+    let (code, r, stderr) = pull(&node, &source, &["--release-id", "r3"]);
+    assert_eq!((code, &r["release"]["staged"]), (0, &true.into()), "{stderr}\n{r}");
+    assert!(std::fs::symlink_metadata(live.join("storage")).unwrap().is_dir(), "{r}");
+    assert_eq!(read(&live.join("storage/app/.gitignore")), "*\n");
+    assert_eq!(read(&node.dest.join("shared/storage/app/upload.txt")), "a visitor's upload");
+
+    // A node's own setting for a declared path wins: its TARGET.
+    let other = Node::new();
+    let efs = tempfile::tempdir().unwrap();
+    let mine = format!("storage={}", efs.path().display());
+    let (code, r, stderr) = pull(&other, &source, &["--release-id", "r2", "--shared", &mine]);
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    assert_eq!(std::fs::read_link(other.dest.join("current/storage")).unwrap(), efs.path());
+
+    // The same tree declaring other shared paths is another release, not
+    // "unchanged" (latest, r3, declares none); fleetsync.toml declares
+    // them as the flags do.
+    let config = tempfile::tempdir().unwrap();
+    let toml = config.path().join("fleetsync.toml");
+    std::fs::write(&toml, "shared = [\"storage\"]\nshared-files = [\".env\"]\n").unwrap();
+    let (code, r, stderr) = common::run_report(
+        std::process::Command::new(common::bin("fleetsync-bastion", "fleetsync"))
+            .args(["publish", r0.path().to_str().unwrap(), "--source", &source, "--json"])
+            .env("FLEETSYNC_CONFIG", &toml),
+    );
+    assert_eq!((code, &r["unchanged"]), (0, &false.into()), "{stderr}\n{r}");
+    assert_ne!(r["release_id"], "r3", "{r}");
+    assert_eq!(r["shared"], serde_json::json!({"dirs": ["storage"], "files": [".env"]}), "{r}");
+
+    for (bad, named) in [(["--shared", "../up"], "--shared \"../up\""), (["--shared", "storage=/mnt/efs"], "TARGET")] {
+        let (code, _, stderr) = publish(r1.path(), &source, &[&["--release-id", "r9"][..], &bad].concat());
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(named) && stderr.trim().lines().count() == 1, "{stderr}");
+    }
+    let r9 = b.client.head_object().bucket(&b.name).key("app/.fleetsync/manifests/r9.jsonl.zst").send().await;
+    assert!(r9.is_err(), "nothing published");
+}
+
 /// `--before-switch`: a command that fails leaves the live release serving,
 /// untouched, and says why; one that succeeds ran in the new release's
 /// directory, complete with its shared links, before `current` moved, and

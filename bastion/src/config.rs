@@ -60,6 +60,10 @@ pub struct FileConfig {
     /// `--alarm`, repeatable: `alarms = ["web-5xx"]` (`alarm` too).
     #[serde(alias = "alarm")]
     pub alarms: Option<Vec<String>>,
+    /// `publish --shared`, repeatable: `shared = ["storage"]`.
+    pub shared: Option<Vec<String>>,
+    /// `publish --shared-file`, repeatable: `shared-files = [".env"]`.
+    pub shared_files: Option<Vec<String>>,
 }
 
 impl FileConfig {

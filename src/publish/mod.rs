@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::source::{s3_client, ClientOptions, S3Url};
 use crate::store::check_release_id;
-use crate::store::manifest::{Entry, FileEntry, Location, Manifest};
+use crate::store::manifest::{Entry, FileEntry, Location, Manifest, SharedPaths};
 use crate::store::pointer::{self, Expect, Found, Latest};
 use crate::store::{fence, fetch_bytes, fetch_manifest, Digest, Store};
 
@@ -48,6 +48,9 @@ pub struct PublishOptions {
     pub follow_symlinks: bool,
     pub dry_run: bool,
     pub client: ClientOptions,
+    /// Paths every node keeps outside its releases (`--shared`,
+    /// `--shared-file`), declared in the manifest.
+    pub shared: SharedPaths,
 }
 
 /// What a publish did.
@@ -73,6 +76,9 @@ pub struct PublishReport {
     pub dry_run: bool,
     /// The release `latest.json` names now.
     pub latest: String,
+    /// The shared paths the release declares.
+    #[serde(skip_serializing_if = "SharedPaths::is_empty")]
+    pub shared: SharedPaths,
     pub exit_code: i32,
     pub duration_ms: u64,
     pub hash_ms: u64,
@@ -84,6 +90,7 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
     if let Some(id) = &opts.release_id {
         check_release_id(id)?;
     }
+    let shared = declared(&opts.shared)?;
     let (dir, follow) = (opts.dir.clone(), opts.follow_symlinks);
     let items = tokio::task::spawn_blocking(move || -> Result<Vec<Item>> {
         let mut items = walk::walk(&dir, follow)?;
@@ -124,7 +131,13 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
     let modes = crate::store::manifest::modes_digest(&sorted);
     // The content's name: its tree, and which files are group-writable
     // when any is (a build that only changes that is another release).
-    let content = modes.map_or(tree, |m| Digest::of(format!("{tree}{m}").as_bytes()));
+    // And the shared paths it declares, when any (they change how nodes
+    // lay it out).
+    let declared = (!shared.is_empty()).then(|| serde_json::to_string(&shared).expect("serializes"));
+    let content = match (modes, declared) {
+        (None, None) => tree,
+        (m, d) => Digest::of(format!("{tree}{}{}", m.map(|m| m.to_string()).unwrap_or_default(), d.unwrap_or_default()).as_bytes()),
+    };
     let id = opts.release_id.clone().unwrap_or_else(|| format!("c{}", &content.to_string()[..16]));
     let mut report = PublishReport {
         source: opts.dir.display().to_string(),
@@ -137,14 +150,17 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
         uploaded_files: plan.new_files() as u64,
         dry_run: opts.dry_run,
         latest: latest.as_ref().map(|l| l.release.clone()).unwrap_or_default(),
+        shared: shared.clone(),
         hash_ms,
         ..Default::default()
     };
     // The latest release has this content: nothing to publish (under its
     // id, unless another one was asked for).
-    if let Some(l) =
-        latest.as_ref().filter(|l| (l.tree, l.modes) == (tree, modes) && opts.release_id.as_ref().is_none_or(|id| *id == l.release))
-    {
+    if let Some(l) = latest.as_ref().filter(|l| {
+        (l.tree, l.modes) == (tree, modes)
+            && known.as_ref().is_some_and(|k| k.header.shared == shared)
+            && opts.release_id.as_ref().is_none_or(|id| *id == l.release)
+    }) {
         report.release_id = l.release.clone();
         report.unchanged = true;
         report.duration_ms = t0.elapsed().as_millis() as u64;
@@ -176,11 +192,24 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
                 )));
             }
         }
-        write(&client, &store, &marker, &mut plan, (latest, latest_etag), &id, tree, report, t0).await
+        write(&client, &store, &marker, &mut plan, (latest, latest_etag), (&id, &shared), tree, report, t0).await
     }
     .await;
     marker.remove(&client, &store).await;
     written
+}
+
+/// The shared paths as the manifest declares them: checked as a node
+/// checks its own, normalised (`storage/` is `storage`) and sorted, so the
+/// flags' order does not make another release.
+fn declared(given: &SharedPaths) -> Result<SharedPaths> {
+    let mut out = SharedPaths::default();
+    for s in crate::release::Shared::declared(given)? {
+        if s.file { &mut out.files } else { &mut out.dirs }.push(s.path.to_string());
+    }
+    out.dirs.sort();
+    out.files.sort();
+    Ok(out)
 }
 
 /// Uploads the new content, then writes the manifest and the pointer.
@@ -191,7 +220,7 @@ async fn write(
     marker: &fence::Marker,
     plan: &mut Plan,
     latest: (Option<Latest>, Option<String>),
-    id: &str,
+    (id, shared): (&str, &SharedPaths),
     tree: Digest,
     mut report: PublishReport,
     t0: Instant,
@@ -208,13 +237,16 @@ async fn write(
     // Again inside the fence: a prune that ran between the first check
     // and this publish's marker may have retired the id since.
     crate::store::tombstone::check(client, store, id, tree).await?;
-    let manifest = Manifest::new(id.to_string(), crate::fleet_lock::user_at_host(), plan.packs.clone(), plan.entries.clone());
+    let manifest = Manifest::new(id.to_string(), crate::fleet_lock::user_at_host(), plan.packs.clone(), plan.entries.clone())
+        .with_shared(shared.clone());
     let bytes = manifest.to_bytes();
     let digest = Digest::of(&bytes);
     let key = store.manifest_key(id);
     if !pointer::put_once(client, store, &key, bytes, "application/zstd").await? {
         let existing = fetch_manifest(client, store, id, None).await?;
-        if (existing.header.tree, existing.header.modes) != (manifest.header.tree, manifest.header.modes) {
+        if (existing.header.tree, existing.header.modes, &existing.header.shared)
+            != (manifest.header.tree, manifest.header.modes, &manifest.header.shared)
+        {
             return Err(Error::Config(format!(
                 "release {id} already exists in {} with other content: give this build a new --release-id (in CI, include the run attempt: ${{{{ github.sha }}}}-${{{{ github.run_attempt }}}})",
                 store.url(&key)

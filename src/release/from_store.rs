@@ -36,7 +36,7 @@ use crate::keypath::RelPath;
 use crate::report::{PullReport, ReleaseReport};
 use crate::safe_fs::{DestDir, Lstats, OnDisk};
 use crate::state::{Placed, StateStore};
-use crate::store::manifest::{Entry, FileEntry, Manifest};
+use crate::store::manifest::{Entry, FileEntry, Manifest, SharedPaths};
 use crate::store::pointer::{self, DeployState, Deployed, Found, Latest};
 use crate::store::{fetch_manifest, fetch_manifest_digest, Digest, Store};
 
@@ -455,32 +455,40 @@ struct Shared {
     /// path is seeded from the release (no copy of a hundred thousand
     /// entries for nothing).
     whole: Arc<Manifest>,
+    /// The pull's shared paths: the node's, and those the release
+    /// declares ([`shared::effective`]).
+    paths: Vec<shared::Shared>,
+    /// What the release declares, recorded in its shape.
+    declared: SharedPaths,
     seeds: Vec<shared::Seed>,
 }
 
 impl Shared {
     /// Makes each shared path's place ready (see [`shared::prepare`]).
     fn prepare(ctx: &Ctx<'_>, id: &str, m: Manifest) -> Result<Shared> {
-        let paths = &ctx.opts.shared;
+        let declared = m.header.shared.clone();
+        let paths = shared::effective(&ctx.opts.shared, &declared, &ctx.layout.dest)
+            .and_then(|paths| ctx.opts.keep_assets.check(&paths).map(|()| paths))
+            .map_err(|e| Error::Config(format!("release {id} declares shared paths this node cannot use: {e}")))?;
         let live = match ctx.current.as_deref().filter(|c| *c != id) {
             Some(c) => ctx.releases.read(c)?,
             // A release repaired in place is its own "live release".
             None if ctx.current.as_deref() == Some(id) => ctx.releases.read(id)?,
             None => None,
         };
-        let seeds = shared::prepare(paths, ctx.releases, &ctx.layout.dest, live.as_ref(), &m, id)?;
+        let seeds = shared::prepare(&paths, ctx.releases, &ctx.layout.dest, live.as_ref(), &m, id)?;
         if paths.is_empty() {
             let m = Arc::new(m);
-            return Ok(Shared { build: m.clone(), whole: m, seeds });
+            return Ok(Shared { build: m.clone(), whole: m, paths, declared, seeds });
         }
-        let (build, skipped) = shared::filter(&m, paths, &seeds);
+        let (build, skipped) = shared::filter(&m, &paths, &seeds);
         ctx.shared_skipped.store(skipped, std::sync::atomic::Ordering::Relaxed);
         let build = Arc::new(build);
         let whole = match seeds.iter().all(|s| *s == shared::Seed::Ready) {
             true => build.clone(),
-            false => Arc::new(shared::filter(&m, paths, &vec![shared::Seed::Ready; paths.len()]).0),
+            false => Arc::new(shared::filter(&m, &paths, &vec![shared::Seed::Ready; paths.len()]).0),
         };
-        Ok(Shared { build, whole, seeds })
+        Ok(Shared { build, whole, paths, declared, seeds })
     }
 
     /// Once release `id` is built: paths seeded from it moved and linked,
@@ -489,7 +497,7 @@ impl Shared {
         let p = &ctx.opts.pull;
         let path = ctx.layout.dir(id);
         let dir = ctx.releases.build(id)?;
-        let moved = shared::finish(&ctx.opts.shared, &self.seeds, ctx.releases, &dir)?;
+        let moved = shared::finish(&self.paths, &self.seeds, ctx.releases, &dir)?;
         if !moved.is_empty() {
             let (state, records) = StateStore::open(&p.state_dir, &path)?;
             for gone in records.keys().filter(|k| shared::under(&moved, k)) {
@@ -497,7 +505,8 @@ impl Shared {
             }
             state.compact(&StateStore::load_read_only(&p.state_dir, &path)?)?;
         }
-        let mut shape = Shape::of(&self.whole, &ctx.opts.shared);
+        let mut shape = Shape::of(&self.whole, &self.paths);
+        shape.declared = self.declared.clone();
         // A repair keeps what a before-switch command made.
         shape.made = Shape::load(&p.state_dir, &path).map(|s| s.made).unwrap_or_default();
         shape.save(&p.state_dir, &path)
@@ -581,7 +590,10 @@ fn intact(ctx: &Ctx<'_>, id: &str) -> Result<(bool, u64)> {
     let Some(shape) = Shape::load(&ctx.opts.pull.state_dir, &ctx.layout.dir(id)) else {
         return Ok((false, placed.len() as u64));
     };
-    if shape.shared != ctx.opts.shared.iter().map(spec).collect::<Vec<_>>() {
+    // Laid out with the shared paths it would have now (the node's may
+    // have changed since; the release's own cannot).
+    let now = shared::effective(&ctx.opts.shared, &shape.declared, &ctx.layout.dest);
+    if now.map(|paths| paths.iter().map(spec).collect::<Vec<_>>()).ok().as_ref() != Some(&shape.shared) {
         return Ok((false, placed.len() as u64));
     }
     // The stats are most of a no-op pull's time: on every core, beside
@@ -983,6 +995,9 @@ pub(super) struct Shape {
     /// others given now mean laying it out again.
     #[serde(default)]
     pub(super) shared: Vec<String>,
+    /// The shared paths its manifest declares (part of `shared`).
+    #[serde(default, skip_serializing_if = "SharedPaths::is_empty")]
+    pub(super) declared: SharedPaths,
     /// What was made on this node and never published: what the
     /// before-switch command wrote (a config cache, compiled views) and
     /// the assets kept from the release before (`--keep-assets`). Part of
@@ -1100,7 +1115,7 @@ impl Shape {
                 _ => None,
             })
             .collect();
-        Shape { dirs, symlinks, shared: shared.iter().map(spec).collect(), made: Default::default() }
+        Shape { dirs, symlinks, shared: shared.iter().map(spec).collect(), declared: SharedPaths::default(), made: Default::default() }
     }
 
     fn path(state_dir: &std::path::Path, release: &std::path::Path) -> std::path::PathBuf {

@@ -14,6 +14,10 @@
 //! is built from its manifest without those entries and with the link in
 //! their place, so the drift check and its repair keep the link too.
 //!
+//! The paths come from the node (`--shared`, `--shared-file`, agent.toml)
+//! and from the release itself (`fleetsync publish --shared`: see
+//! [`SharedPaths`]); the node's own setting for a path wins ([`effective`]).
+//!
 //! Safety as for the rest of DEST: PATH is a relative path with no `..`
 //! or empty component; TARGET is absolute, normalised and outside
 //! `DEST/releases`; copies and links are made without following a symlink.
@@ -24,6 +28,7 @@ use super::layout::Releases;
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
 use crate::safe_fs::{DestDir, OnDisk};
+use crate::store::manifest::SharedPaths;
 use crate::store::manifest::{Entry, Manifest};
 
 /// Where shared paths live in DEST.
@@ -86,6 +91,26 @@ impl Shared {
         Ok(Shared { path, target, file })
     }
 
+    /// The paths a publish declares ([`SharedPaths`]), checked as the node's
+    /// are, none with a TARGET (where the data lives is each node's choice).
+    pub fn declared(paths: &SharedPaths) -> Result<Vec<Shared>> {
+        let shared = paths
+            .iter()
+            .map(|(p, file)| {
+                let s = Shared::parse_as(p, file)?;
+                match s.target {
+                    Some(_) => Err(Error::Config(format!(
+                        "{} {p:?}: a release declares PATH alone; a TARGET (an EFS mount) is each node's: set it in agent.toml's shared",
+                        s.flag()
+                    ))),
+                    None => Ok(s),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        overlaps(&shared)?;
+        Ok(shared)
+    }
+
     /// The flag that names it: `--shared` or `--shared-file`.
     pub(crate) fn flag(&self) -> &'static str {
         if self.file {
@@ -110,18 +135,38 @@ impl Shared {
     }
 }
 
-/// Checks the shared paths of a pull: no two the same or one inside
-/// another, no TARGET inside DEST (a release's files go away with it, and
-/// a TARGET under `current` would be a loop).
-pub(crate) fn check(shared: &[Shared], dest: &Path) -> Result<()> {
-    let dest = std::path::absolute(dest).map_err(|e| Error::io(format!("resolving {}", dest.display()), e))?;
-    let dest = std::fs::canonicalize(&dest).unwrap_or(dest);
+/// The shared paths of a pull of a release that declares `declared`: the
+/// node's own, then each declared path the node does not name (the
+/// node's setting for a path, a TARGET say, wins), checked together.
+pub(super) fn effective(node: &[Shared], declared: &SharedPaths, dest: &Path) -> Result<Vec<Shared>> {
+    if declared.is_empty() {
+        return Ok(node.to_vec());
+    }
+    let mut all = node.to_vec();
+    all.extend(Shared::declared(declared)?.into_iter().filter(|d| !node.iter().any(|n| n.path == d.path)));
+    check(&all, dest)?;
+    Ok(all)
+}
+
+fn overlaps(shared: &[Shared]) -> Result<()> {
     for (i, a) in shared.iter().enumerate() {
         for b in &shared[i + 1..] {
             if a.covers(&b.path) || b.covers(&a.path) {
                 return Err(Error::Config(format!("{} {} and {} {} overlap: share one or the other", a.flag(), a.path, b.flag(), b.path)));
             }
         }
+    }
+    Ok(())
+}
+
+/// Checks the shared paths of a pull: no two the same or one inside
+/// another, no TARGET inside DEST (a release's files go away with it, and
+/// a TARGET under `current` would be a loop).
+pub(crate) fn check(shared: &[Shared], dest: &Path) -> Result<()> {
+    let dest = std::path::absolute(dest).map_err(|e| Error::io(format!("resolving {}", dest.display()), e))?;
+    let dest = std::fs::canonicalize(&dest).unwrap_or(dest);
+    overlaps(shared)?;
+    for a in shared {
         if let Some(t) = &a.target {
             let resolved = std::fs::canonicalize(t).unwrap_or_else(|_| t.clone());
             if t.starts_with(&dest) || resolved.starts_with(&dest) {

@@ -32,8 +32,14 @@ use super::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
 use crate::keypath::{map_key, Entry as KeyEntry, RelPath};
 
-/// The manifest format this agent reads and this publish writes.
-pub const FORMAT: u32 = 1;
+/// The newest manifest format this agent reads. Format 2 adds the shared
+/// paths a release declares ([`SharedPaths`]); a publish writes it only for
+/// a release that declares some, so older agents (which read format 1
+/// alone) refuse such a release, naming the upgrade, rather than place its
+/// content over what must outlive it. Every other release stays format 1.
+pub const FORMAT: u32 = 2;
+/// The format of a manifest that declares no shared paths.
+const FORMAT_PLAIN: u32 = 1;
 /// Longest line accepted: a path and a target of at most 4,096 bytes each,
 /// JSON escapes and the other fields.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -72,6 +78,37 @@ pub struct Header {
     /// none does, and in manifests from before the bit was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modes: Option<Digest>,
+    /// Paths every node keeps outside its releases (format 2).
+    #[serde(default, skip_serializing_if = "SharedPaths::is_empty")]
+    pub shared: SharedPaths,
+}
+
+/// The paths a release declares shared (`fleetsync publish --shared`,
+/// `--shared-file`): part of the application's layout, so they travel with
+/// the build and a fleet needs no per-node setting. A node lays them out as
+/// if its agent.toml named them; its own setting for the same path (a
+/// TARGET such as an EFS mount) wins. Relative paths only: a TARGET is the
+/// node's to choose.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedPaths {
+    /// Directories (`storage`, `public/uploads`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<String>,
+    /// Files (`.env`, `wp-config.php`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+}
+
+impl SharedPaths {
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty() && self.files.is_empty()
+    }
+
+    /// Each path, and whether it is a file.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.dirs.iter().map(|p| (p.as_str(), false)).chain(self.files.iter().map(|p| (p.as_str(), true)))
+    }
 }
 
 /// One path of the release.
@@ -350,7 +387,7 @@ impl Manifest {
         let files = entries.iter().filter_map(|e| if let Entry::File(f) = e { Some(f.size) } else { None });
         let (count, bytes) = files.fold((0, 0), |(n, b), s| (n + 1, b + s));
         let header = Header {
-            format: FORMAT,
+            format: FORMAT_PLAIN,
             id,
             created_at_ms: super::now_ms(),
             publisher,
@@ -359,8 +396,16 @@ impl Manifest {
             tree: tree_digest(&entries),
             packs,
             modes: modes_digest(&entries),
+            shared: SharedPaths::default(),
         };
         Manifest { header, entries }
+    }
+
+    /// Declares `shared` ([`SharedPaths`]): format 2 when there are any.
+    pub fn with_shared(mut self, shared: SharedPaths) -> Manifest {
+        self.header.format = if shared.is_empty() { FORMAT_PLAIN } else { FORMAT };
+        self.header.shared = shared;
+        self
     }
 
     /// The compressed bytes to upload.
@@ -555,12 +600,20 @@ fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
     }
     let format: Format = serde_json::from_slice(line).map_err(|e| format!("the header is not JSON: {e}"))?;
     match format.fleetsync_manifest {
-        Some(FORMAT) => {}
-        Some(v) => return Err(format!("it is format {v}, this agent reads format {FORMAT}: upgrade fleetsync-agent")),
+        Some(FORMAT_PLAIN..=FORMAT) => {}
+        Some(v) => return Err(format!("it is format {v}, this agent reads formats up to {FORMAT}: upgrade fleetsync-agent")),
         None => return Err("its first line is not a fleetsync manifest header".into()),
     }
     let header: Header = serde_json::from_slice(line).map_err(|e| format!("the header: {e}"))?;
     super::check_release_id(&header.id).map_err(|e| e.to_string())?;
+    if header.shared.is_empty() != (header.format == FORMAT_PLAIN) {
+        return Err(format!("it is format {} and {} shared paths", header.format, header.shared.dirs.len() + header.shared.files.len()));
+    }
+    for (path, _) in header.shared.iter() {
+        if RelPath::from_stored(path).is_none_or(|p| p.as_str() != path) {
+            return Err(format!("shared path {path:?} is not a relative path inside the release"));
+        }
+    }
     Ok(header)
 }
 
@@ -713,6 +766,37 @@ mod tests {
             f.at = Location::Pack { pack: 0, offset: 99, len: 3, compressed: false };
         }
         assert_eq!(tree_digest(&moved), m.header.tree);
+    }
+
+    /// Format 2 only for a release that declares shared paths: older
+    /// agents, which read format 1 alone, refuse it rather than place
+    /// content over what must outlive a release; every other release
+    /// stays readable by them.
+    #[test]
+    fn shared_paths_make_format_2_and_a_header_that_disagrees_is_refused() {
+        assert_eq!(sample().header.format, 1);
+        let shared = SharedPaths { dirs: vec!["storage".into()], files: vec![".env".into()] };
+        let m = sample().with_shared(shared.clone());
+        assert_eq!(m.header.format, 2);
+        let back = Manifest::parse(&m.to_bytes(), "test").unwrap();
+        assert_eq!(back.header.shared, shared);
+        let mut lines: Vec<String> = {
+            let mut text = String::new();
+            zstd::stream::Decoder::new(&m.to_bytes()[..]).unwrap().read_to_string(&mut text).unwrap();
+            text.lines().map(str::to_string).collect()
+        };
+        let header = lines[0].clone();
+        for (from, to, why) in [
+            ("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":1", "format 1 and 2 shared paths"),
+            ("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":3", "upgrade fleetsync-agent"),
+            ("\"storage\"", "\"../up\"", "shared path \"../up\""),
+            ("\"storage\"", "\"storage/\"", "shared path \"storage/\""),
+        ] {
+            assert!(header.contains(from), "{header}");
+            lines[0] = header.replace(from, to);
+            let e = parse_text(&lines.iter().map(String::as_str).collect::<Vec<_>>()).unwrap_err();
+            assert!(e.contains(why), "{to}: {e}");
+        }
     }
 
     #[test]
