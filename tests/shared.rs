@@ -236,25 +236,29 @@ async fn a_shared_file_is_linked_and_never_made_up() {
 /// lays them out (a fleet deploy needs no per-node flag). What the
 /// application writes there outlives the next release and a rollback,
 /// published content never lands on it, a no-op stays a no-op, and a
-/// node's own TARGET for a declared path wins. A TARGET or a path that
-/// escapes is refused at publish, one line, nothing uploaded.
+/// node's own setting for a declared path (its TARGET, or a path inside
+/// it) wins. What the latest release declares stays declared until
+/// `--unshare` names it. A TARGET or a path that escapes is refused at
+/// publish, one line, nothing uploaded.
 #[tokio::test]
 async fn shared_paths_declared_at_publish_need_no_setting_on_the_node() {
     let b = Bucket::new("shareddecl").await;
     let source = b.url("app");
+    let both = serde_json::json!({"dirs": ["storage"], "files": [".env"]});
+    let r0 = build(&[("index.php", "v0"), ("storage/app/.gitignore", "*\n"), (".env", "APP_KEY=from-build\n")]);
+    assert_eq!(publish(r0.path(), &source, &["--release-id", "r0"]).0, 0);
     let declare = ["--shared", "storage/", "--shared-file", ".env"];
     let r1 = build(&[("index.php", "v1"), ("storage/app/.gitignore", "*\n"), (".env", "APP_KEY=from-build\n")]);
     let (code, r, stderr) = publish(r1.path(), &source, &[&["--release-id", "r1"][..], &declare].concat());
-    assert_eq!(code, 0, "{stderr}");
-    assert_eq!(r["shared"], serde_json::json!({"dirs": ["storage"], "files": [".env"]}), "normalised: {r}");
+    assert_eq!((code, &r["shared"]), (0, &both), "normalised: {stderr}\n{r}");
+    // A hotfix published without the flags declares them still.
     let r2 = build(&[("index.php", "v2"), ("storage/app/.gitignore", "published over\n"), (".env", "APP_KEY=newer\n")]);
-    assert_eq!(publish(r2.path(), &source, &[&["--release-id", "r2"][..], &declare].concat()).0, 0);
+    let (code, r, stderr) = publish(r2.path(), &source, &["--release-id", "r2"]);
+    assert_eq!((code, &r["shared"]), (0, &both), "inherited: {stderr}\n{r}");
 
     // The node runs r0, which declared nothing: storage is a directory of
     // the release, and the application has written into it. A timer's
     // pull stages the next release from it.
-    let r0 = build(&[("index.php", "v0"), ("storage/app/.gitignore", "*\n"), (".env", "APP_KEY=from-build\n")]);
-    assert_eq!(publish(r0.path(), &source, &["--release-id", "r0"]).0, 0);
     let node = Node::new();
     let live = node.dest.join("current");
     for _ in 0..2 {
@@ -293,7 +297,9 @@ async fn shared_paths_declared_at_publish_need_no_setting_on_the_node() {
     // (from the staged copy of r1, where it is a link); the shared data
     // stays where it was.
     assert!(node.dest.join("releases/.next").is_dir(), "staged from r1");
-    assert_eq!(publish(r0.path(), &source, &["--release-id", "r3"]).0, 0);
+    let unshare = ["--release-id", "r3", "--unshare", "storage", "--unshare", ".env"];
+    let (code, r, stderr) = publish(r0.path(), &source, &unshare);
+    assert_eq!((code, r.get("shared")), (0, None), "{stderr}\n{r}");
     let (code, r, stderr) = pull(&node, &source, &["--release-id", "r3"]);
     assert_eq!((code, &r["release"]["staged"]), (0, &true.into()), "{stderr}\n{r}");
     assert!(std::fs::symlink_metadata(live.join("storage")).unwrap().is_dir(), "{r}");
@@ -307,6 +313,13 @@ async fn shared_paths_declared_at_publish_need_no_setting_on_the_node() {
     let (code, r, stderr) = pull(&other, &source, &["--release-id", "r2", "--shared", &mine]);
     assert_eq!(code, 0, "{stderr}\n{r}");
     assert_eq!(std::fs::read_link(other.dest.join("current/storage")).unwrap(), efs.path());
+    // And a path of the node's inside a declared one: the node's alone.
+    let third = Node::new();
+    let (code, r, stderr) = pull(&third, &source, &["--release-id", "r2", "--shared", "storage/app"]);
+    assert_eq!(code, 0, "{stderr}\n{r}");
+    let live3 = third.dest.join("current");
+    assert!(std::fs::symlink_metadata(live3.join("storage")).unwrap().is_dir());
+    assert_eq!(std::fs::read_link(live3.join("storage/app")).unwrap(), Path::new("../../../shared/storage/app"));
 
     // The same tree declaring other shared paths is another release, not
     // "unchanged" (latest, r3, declares none); fleetsync.toml declares
@@ -323,7 +336,12 @@ async fn shared_paths_declared_at_publish_need_no_setting_on_the_node() {
     assert_ne!(r["release_id"], "r3", "{r}");
     assert_eq!(r["shared"], serde_json::json!({"dirs": ["storage"], "files": [".env"]}), "{r}");
 
-    for (bad, named) in [(["--shared", "../up"], "--shared \"../up\""), (["--shared", "storage=/mnt/efs"], "TARGET")] {
+    let refused = [
+        (["--shared", "../up"], "--shared \"../up\""),
+        (["--shared", "storage=/mnt/efs"], "TARGET"),
+        (["--unshare", "public"], "--unshare public: the latest release does not declare it"),
+    ];
+    for (bad, named) in refused {
         let (code, _, stderr) = publish(r1.path(), &source, &[&["--release-id", "r9"][..], &bad].concat());
         assert_eq!(code, 2, "{stderr}");
         assert!(stderr.contains(named) && stderr.trim().lines().count() == 1, "{stderr}");

@@ -310,13 +310,18 @@ struct PublishArgs {
     /// A directory every node keeps outside its releases (storage,
     /// public/uploads), declared in the release: each node links it to
     /// DEST/shared/PATH, or to the TARGET its agent.toml gives. Repeatable
-    /// (default: `shared` in fleetsync.toml).
+    /// (default: `shared` in fleetsync.toml). What the latest release
+    /// declares stays declared.
     #[arg(long, value_name = "PATH")]
     shared: Vec<String>,
     /// A file every node keeps outside its releases (.env), declared in the
     /// release as --shared is. Repeatable (default: `shared-files`).
     #[arg(long, value_name = "PATH")]
     shared_file: Vec<String>,
+    /// Stop declaring PATH, which the latest release declares shared: the
+    /// new release lays it out from its own content. Repeatable.
+    #[arg(long, value_name = "PATH")]
+    unshare: Vec<String>,
     /// Print what would be uploaded and deleted; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -687,8 +692,10 @@ fn try_main() -> anyhow::Result<i32> {
         Command::Publish(mut args) => {
             args.aws.apply(&file);
             args.target = deprecated::source(args.target.take(), args.source_arg.take(), "the source after DIR").or(file.source.clone());
-            if args.shared.is_empty() && args.shared_file.is_empty() {
+            if args.shared.is_empty() {
                 args.shared = file.shared.clone().unwrap_or_default();
+            }
+            if args.shared_file.is_empty() {
                 args.shared_file = file.shared_files.clone().unwrap_or_default();
             }
             runtime.block_on(publish(args))
@@ -997,6 +1004,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<i32> {
         dry_run: args.dry_run,
         client: args.aws.client_options(),
         shared: fleetsync::store::manifest::SharedPaths { dirs: args.shared.clone(), files: args.shared_file.clone() },
+        unshare: args.unshare.clone(),
     };
     let r = fleetsync::publish::publish(&opts).await?;
     if args.json {

@@ -62,8 +62,8 @@ AWS behaviours the local S3 server is kinder about:
   Its stats count such batches (`delete`) and their keys without TEXT
   (`delete-others`).
 - `--delete-slow TEXT`: a DeleteObjects naming a key that contains TEXT is
-  held back `--slow` seconds before it is forwarded, as one call whose
-  retries go on for minutes (stats: `delete-slow`).
+  held `--slow` seconds, as one call whose retries go on for minutes, then
+  its connection is closed; it is never forwarded (stats: `delete-slow`).
 
 Requests are forwarded unchanged (the Host header too, so SigV4 signatures
 stay valid), one upstream connection per request, asking for HTTP/1.0 so
@@ -315,6 +315,7 @@ class Proxy:
                 if self.delete_slow and any(self.delete_slow in k for k in keys):
                     self.record("delete-slow")
                     await asyncio.sleep(self.slow)
+                    return  # never forwarded: nothing lands after the test
                 if self.delete_fault and keys:
                     if any(self.delete_fault in k for k in keys):
                         # Keys of the refused batch that do not match: a

@@ -49,8 +49,12 @@ pub struct PublishOptions {
     pub dry_run: bool,
     pub client: ClientOptions,
     /// Paths every node keeps outside its releases (`--shared`,
-    /// `--shared-file`), declared in the manifest.
+    /// `--shared-file`), declared in the manifest, besides those the latest
+    /// release declares ([`inherit`]).
     pub shared: SharedPaths,
+    /// Paths the latest release declares that this one must not
+    /// (`--unshare`).
+    pub unshare: Vec<String>,
 }
 
 /// What a publish did.
@@ -90,7 +94,8 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
     if let Some(id) = &opts.release_id {
         check_release_id(id)?;
     }
-    let shared = declared(&opts.shared)?;
+    // Checked before the build is read: a bad path costs nothing.
+    declared(&opts.shared)?;
     let (dir, follow) = (opts.dir.clone(), opts.follow_symlinks);
     let items = tokio::task::spawn_blocking(move || -> Result<Vec<Item>> {
         let mut items = walk::walk(&dir, follow)?;
@@ -112,6 +117,7 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
         _ => (None, None, None),
     };
 
+    let shared = declared(&inherit(&opts.shared, known.as_ref().map(|k| &k.header.shared), &opts.unshare)?)?;
     let mut plan = Plan::new(known.as_ref());
     // In path order, whatever order the file system listed them in: which
     // of two identical files uploads the content, and so the packs' bytes,
@@ -209,6 +215,35 @@ fn declared(given: &SharedPaths) -> Result<SharedPaths> {
     }
     out.dirs.sort();
     out.files.sort();
+    Ok(out)
+}
+
+/// What a publish declares shared: what it was given, and what the latest
+/// release declares unless `unshare` names it. A path the application
+/// writes to must never stop being shared by accident (a hotfix published
+/// without the flags): its uploads would go into the release, and the next
+/// drift check would remove them. So stopping takes `--unshare PATH`.
+fn inherit(given: &SharedPaths, latest: Option<&SharedPaths>, unshare: &[String]) -> Result<SharedPaths> {
+    let latest = latest.cloned().unwrap_or_default();
+    let norm = |p: &str| p.trim_end_matches('/').to_string();
+    let given_paths: Vec<String> = given.iter().map(|(p, _)| norm(p)).collect();
+    for u in unshare.iter().map(|u| norm(u)) {
+        if given_paths.contains(&u) {
+            return Err(Error::Config(format!("--unshare {u}: this publish also declares it shared; give one or the other")));
+        }
+        if !latest.iter().any(|(p, _)| p == u) {
+            return Err(Error::Config(format!(
+                "--unshare {u}: the latest release does not declare it shared (it declares {}); nothing to stop",
+                if latest.is_empty() { "none".to_string() } else { latest.iter().map(|(p, _)| p).collect::<Vec<_>>().join(", ") }
+            )));
+        }
+    }
+    let mut out = given.clone();
+    for (p, file) in latest.iter() {
+        if !given_paths.iter().any(|g| g == p) && !unshare.iter().any(|u| norm(u) == p) {
+            if file { &mut out.files } else { &mut out.dirs }.push(p.to_string());
+        }
+    }
     Ok(out)
 }
 

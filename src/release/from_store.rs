@@ -553,7 +553,12 @@ fn content_of(ctx: &Ctx<'_>, id: &str, manifest: &Manifest) -> Result<String> {
     if manifest.header.id != id {
         return Err(Error::S3(format!("the manifest of release {id} says it is release {}; the store is damaged", manifest.header.id)));
     }
-    let content = format!("{STORE_CONTENT}{}", manifest.header.tree);
+    // With the shared paths it declares, when any: the same tree laid out
+    // with others is another release (as its publish named it).
+    let content = match &manifest.header.shared {
+        s if s.is_empty() => format!("{STORE_CONTENT}{}", manifest.header.tree),
+        s => format!("{STORE_CONTENT}{} shared:{}", manifest.header.tree, serde_json::to_string(s).expect("serializes")),
+    };
     match ctx.registry.get(id) {
         // Published twice under one id (reused after a prune, before prunes
         // left tombstones): the node's copy is not the store's release.

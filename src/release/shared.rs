@@ -28,8 +28,8 @@ use super::layout::Releases;
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
 use crate::safe_fs::{DestDir, OnDisk};
-use crate::store::manifest::SharedPaths;
 use crate::store::manifest::{Entry, Manifest};
+use crate::store::manifest::{SharedPaths, MAX_SHARED};
 
 /// Where shared paths live in DEST.
 pub const SHARED: &str = "shared";
@@ -46,6 +46,9 @@ pub struct Shared {
     /// publishes none fails naming it instead of linking to an empty
     /// directory.
     pub file: bool,
+    /// Declared by the release (`fleetsync publish --shared`), not set on
+    /// the node: what its messages name.
+    pub declared: bool,
 }
 
 impl Shared {
@@ -88,12 +91,18 @@ impl Shared {
                 Some(t.to_path_buf())
             }
         };
-        Ok(Shared { path, target, file })
+        Ok(Shared { path, target, file, declared: false })
     }
 
     /// The paths a publish declares ([`SharedPaths`]), checked as the node's
     /// are, none with a TARGET (where the data lives is each node's choice).
     pub fn declared(paths: &SharedPaths) -> Result<Vec<Shared>> {
+        let count = paths.dirs.len() + paths.files.len();
+        if count > MAX_SHARED {
+            return Err(Error::Config(format!(
+                "{count} shared paths declared, more than {MAX_SHARED}: share the directories that hold them"
+            )));
+        }
         let shared = paths
             .iter()
             .map(|(p, file)| {
@@ -111,12 +120,14 @@ impl Shared {
         Ok(shared)
     }
 
-    /// The flag that names it: `--shared` or `--shared-file`.
+    /// The flag that names it: `--shared` or `--shared-file`, of
+    /// `fleetsync publish` when the release declared it.
     pub(crate) fn flag(&self) -> &'static str {
-        if self.file {
-            "--shared-file"
-        } else {
-            "--shared"
+        match (self.declared, self.file) {
+            (false, false) => "--shared",
+            (false, true) => "--shared-file",
+            (true, false) => "the release's publish --shared",
+            (true, true) => "the release's publish --shared-file",
         }
     }
 
@@ -136,14 +147,20 @@ impl Shared {
 }
 
 /// The shared paths of a pull of a release that declares `declared`: the
-/// node's own, then each declared path the node does not name (the
-/// node's setting for a path, a TARGET say, wins), checked together.
+/// node's own, then each declared path that no path of the node's is, is
+/// inside or holds (the node's setting wins: `public=/mnt/efs/public` on
+/// the node covers a declared `public/uploads`), checked together.
 pub(super) fn effective(node: &[Shared], declared: &SharedPaths, dest: &Path) -> Result<Vec<Shared>> {
     if declared.is_empty() {
         return Ok(node.to_vec());
     }
     let mut all = node.to_vec();
-    all.extend(Shared::declared(declared)?.into_iter().filter(|d| !node.iter().any(|n| n.path == d.path)));
+    for mut d in Shared::declared(declared)? {
+        if !node.iter().any(|n| n.covers(&d.path) || d.covers(&n.path)) {
+            d.declared = true;
+            all.push(d);
+        }
+    }
     check(&all, dest)?;
     Ok(all)
 }

@@ -40,6 +40,9 @@ use crate::keypath::{map_key, Entry as KeyEntry, RelPath};
 pub const FORMAT: u32 = 2;
 /// The format of a manifest that declares no shared paths.
 const FORMAT_PLAIN: u32 = 1;
+/// Most shared paths a release may declare (a Magento site shares five):
+/// each is checked against every other on every pull that lays one out.
+pub const MAX_SHARED: usize = 64;
 /// Longest line accepted: a path and a target of at most 4,096 bytes each,
 /// JSON escapes and the other fields.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -601,7 +604,11 @@ fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
     let format: Format = serde_json::from_slice(line).map_err(|e| format!("the header is not JSON: {e}"))?;
     match format.fleetsync_manifest {
         Some(FORMAT_PLAIN..=FORMAT) => {}
-        Some(v) => return Err(format!("it is format {v}, this agent reads formats up to {FORMAT}: upgrade fleetsync-agent")),
+        Some(v) => {
+            return Err(format!(
+                "it is format {v}, this fleetsync reads formats up to {FORMAT}: upgrade it (fleetsync-agent on the nodes, fleetsync where you publish)"
+            ))
+        }
         None => return Err("its first line is not a fleetsync manifest header".into()),
     }
     let header: Header = serde_json::from_slice(line).map_err(|e| format!("the header: {e}"))?;
@@ -609,8 +616,12 @@ fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
     if header.shared.is_empty() != (header.format == FORMAT_PLAIN) {
         return Err(format!("it is format {} and {} shared paths", header.format, header.shared.dirs.len() + header.shared.files.len()));
     }
+    let count = header.shared.dirs.len() + header.shared.files.len();
+    if count > MAX_SHARED {
+        return Err(format!("it declares {count} shared paths, more than {MAX_SHARED}"));
+    }
     for (path, _) in header.shared.iter() {
-        if RelPath::from_stored(path).is_none_or(|p| p.as_str() != path) {
+        if path.contains('=') || RelPath::from_stored(path).is_none_or(|p| p.as_str() != path) {
             return Err(format!("shared path {path:?} is not a relative path inside the release"));
         }
     }
@@ -788,7 +799,7 @@ mod tests {
         let header = lines[0].clone();
         for (from, to, why) in [
             ("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":1", "format 1 and 2 shared paths"),
-            ("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":3", "upgrade fleetsync-agent"),
+            ("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":3", "reads formats up to 2: upgrade it"),
             ("\"storage\"", "\"../up\"", "shared path \"../up\""),
             ("\"storage\"", "\"storage/\"", "shared path \"storage/\""),
         ] {
@@ -840,7 +851,7 @@ mod tests {
         let header = serde_json::to_string(&m.header).unwrap();
         let h = Digest::of(b"x");
         let cases: Vec<(Vec<String>, &str)> = vec![
-            (vec![r#"{"fleetsync_manifest":2,"id":"r1"}"#.into()], "format 2"),
+            (vec![r#"{"fleetsync_manifest":3,"id":"r1"}"#.into()], "format 3"),
             (vec![header.clone(), format!(r#"{{"p":"../etc/passwd","s":1,"m":"644","h":"{h}","k":0,"o":0,"l":1,"z":0}}"#)], "'..'"),
             (vec![header.clone(), r#"{"p":"x","t":"/etc"}"#.into()], "absolute"),
             (vec![header.clone(), r#"{"p":"a/x","t":"../../etc"}"#.into()], "more `..`"),
