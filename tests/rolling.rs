@@ -1,14 +1,15 @@
 //! A rolling deploy as a site's visitors get it: two nodes of a group, each
 //! with a real nginx serving its `DEST/current`, behind an nginx load
-//! balancer that keeps each visitor on one node (as an ALB with stickiness
-//! does), deployed by `fleetsync sync --batch 1` through the SSM emulator
-//! while visitors load a page and, a second later, the hashed assets it
-//! names (a lazily loaded chunk, a tab left open).
+//! balancer, deployed by `fleetsync sync --batch 1` through the SSM
+//! emulator while visitors load a page and, a second later, the hashed
+//! assets it names (a lazily loaded chunk, a tab left open). Two
+//! balancers: one that keeps each visitor on one node (as an ALB with
+//! stickiness does), and the shipped round-robin recipe
+//! (infra/web/nginx-balancer.conf).
 //!
-//! A visitor whose page came from a node just before that node switched
-//! asks it for assets its new release does not have: a 404, unless the
-//! nodes keep the live release's assets for one deploy (`keep-assets` in
-//! agent.toml).
+//! A visitor whose page came from a release no node serves any more asks
+//! for assets no node has: a 404, unless the nodes keep the live release's
+//! assets for one deploy (`keep-assets` in agent.toml).
 
 mod common;
 
@@ -41,10 +42,10 @@ fn release(id: &str) -> BTreeMap<String, Vec<u8>> {
 /// Rolls the group from its live release to `id` with visitors browsing
 /// through the balancer at `url`; returns the pages they loaded and the
 /// assets each node carried from the release before (`kept_assets`).
-fn roll(asg: &str, source: &str, nodes: &Nodes, url: &str, id: &str) -> (Vec<Visit>, Vec<u64>) {
+fn roll(asg: &str, source: &str, nodes: &Nodes, url: &str, id: &str, think: &str) -> (Vec<Visit>, Vec<u64>) {
     let log = tempfile::NamedTempFile::new().unwrap();
     let out = log.path().display().to_string();
-    let (browsers, _) = Web::start(&["browse", "--url", url, "--clients", "8", "--think", "1", "--out", &out]);
+    let (browsers, _) = Web::start(&["browse", "--url", url, "--clients", "8", "--think", think, "--out", &out]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let (code, report, stderr) =
         common::deploy(asg, source, "/srv/www", nodes, "ssm", &["--releases", "--release-id", id, "--batch", "1", "--bake", "3s"]);
@@ -64,54 +65,113 @@ fn asset_404s(visits: &[Visit]) -> usize {
     visits.iter().flat_map(|v| v.assets.values()).filter(|s| **s == 404).count()
 }
 
+/// A group of two nodes on release `a` (b and c published), a web server
+/// per node, and a balancer (`balance` arguments) in front of them.
+struct Site {
+    asg: String,
+    source: String,
+    nodes: Nodes,
+    servers: Vec<Web>,
+    balancer: Web,
+    url: String,
+    /// Seconds a visitor waits between a page and its assets.
+    think: &'static str,
+    _dirs: tempfile::TempDir,
+}
+
+impl Site {
+    async fn new(name: &str, subnet: u32, balance: &[&str], think: &'static str) -> Site {
+        let b = Bucket::new(name).await;
+        let source = b.url("app");
+        for id in ["a", "b", "c"] {
+            let dir = common::tree_dir(release(id));
+            let (code, _, stderr) = publish(dir.path(), &source, &["--release-id", id]);
+            assert_eq!(code, 0, "{stderr}");
+        }
+        let (asg, nodes) = Nodes::group_ssm(name, 2, subnet);
+        let (code, report, stderr) = common::deploy(&asg, &source, "/srv/www", &nodes, "ssm", &["--releases", "--release-id", "a"]);
+        assert_eq!(code, 0, "{stderr}\n{report}");
+
+        let dirs = tempfile::tempdir().unwrap();
+        let mut servers = Vec::new();
+        let mut upstreams = Vec::new();
+        for (i, (_, root)) in nodes.list().iter().enumerate() {
+            let dir = dirs.path().join(format!("node{i}")).display().to_string();
+            let docroot = root.join("www/current/public").display().to_string();
+            let (server, ready) = Web::start(&["serve", "--dir", &dir, "--root", &docroot, "--children", "2"]);
+            let port = ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py serve said {ready:?}")).to_string();
+            upstreams.extend(["--upstream".to_string(), format!("127.0.0.1:{port}")]);
+            servers.push(server);
+        }
+        let lb_dir = dirs.path().join("balancer").display().to_string();
+        let mut args = vec!["balance", "--dir", lb_dir.as_str()];
+        args.extend(upstreams.iter().map(String::as_str));
+        args.extend(balance);
+        let (balancer, ready) = Web::start(&args);
+        let url = format!("http://127.0.0.1:{}/", ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py balance said {ready:?}")));
+        Site { asg, source, nodes, servers, balancer, url, think, _dirs: dirs }
+    }
+
+    /// Rolls to `id` (see [`roll`]).
+    fn roll(&self, id: &str) -> (Vec<Visit>, Vec<u64>) {
+        roll(&self.asg, &self.source, &self.nodes, &self.url, id, self.think)
+    }
+
+    fn keep_assets(&self) {
+        for (_, root) in self.nodes.list() {
+            std::fs::write(root.join("etc/fleetsync/agent.toml"), "keep-assets = [\"public/build/**\"]\n").unwrap();
+        }
+    }
+
+    fn stop(self) {
+        self.balancer.stop();
+        for s in self.servers {
+            s.stop();
+        }
+    }
+}
+
+/// Behind a balancer that keeps each visitor on one node (an ALB with
+/// stickiness): a page loaded just before its node switched misses its
+/// assets unless the nodes keep them.
 #[tokio::test]
 async fn a_rolling_deploy_serves_every_pages_assets_with_keep_assets_and_404s_without() {
-    let b = Bucket::new("rolling").await;
-    let source = b.url("app");
-    for id in ["a", "b", "c"] {
-        let dir = common::tree_dir(release(id));
-        let (code, _, stderr) = publish(dir.path(), &source, &["--release-id", id]);
-        assert_eq!(code, 0, "{stderr}");
-    }
-    let (asg, nodes) = Nodes::group_ssm("rolling", 2, 9);
-    let (code, report, stderr) = common::deploy(&asg, &source, "/srv/www", &nodes, "ssm", &["--releases", "--release-id", "a"]);
-    assert_eq!(code, 0, "{stderr}\n{report}");
-
-    // A web server per node, and the balancer in front of them.
-    let web = tempfile::tempdir().unwrap();
-    let mut servers = Vec::new();
-    let mut upstreams = Vec::new();
-    for (i, (_, root)) in nodes.list().iter().enumerate() {
-        let dir = web.path().join(format!("node{i}")).display().to_string();
-        let docroot = root.join("www/current/public").display().to_string();
-        let (server, ready) = Web::start(&["serve", "--dir", &dir, "--root", &docroot, "--children", "2"]);
-        let port = ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py serve said {ready:?}")).to_string();
-        upstreams.extend(["--upstream".to_string(), format!("127.0.0.1:{port}")]);
-        servers.push(server);
-    }
-    let lb_dir = web.path().join("balancer").display().to_string();
-    let mut args = vec!["balance", "--dir", lb_dir.as_str()];
-    args.extend(upstreams.iter().map(String::as_str));
-    let (balancer, ready) = Web::start(&args);
-    let url = format!("http://127.0.0.1:{}/", ready.strip_prefix("ready ").unwrap_or_else(|| panic!("web.py balance said {ready:?}")));
-
+    let site = Site::new("rolling", 9, &[], "1").await;
     // a -> b as the nodes are: the assets leave with their release.
-    let (visits, kept) = roll(&asg, &source, &nodes, &url, "b");
+    let (visits, kept) = site.roll("b");
     assert_eq!(kept, [0, 0], "nothing kept without keep-assets");
     let without = asset_404s(&visits);
     // b -> c with keep-assets in every node's agent.toml.
-    for (_, root) in nodes.list() {
-        std::fs::write(root.join("etc/fleetsync/agent.toml"), "keep-assets = [\"public/build/**\"]\n").unwrap();
-    }
-    let (visits, kept) = roll(&asg, &source, &nodes, &url, "c");
+    site.keep_assets();
+    let (visits, kept) = site.roll("c");
     assert_eq!(kept, [2, 2], "each node carried b's two assets into c");
     let with = asset_404s(&visits);
-    eprintln!("asset 404s during a rolling deploy: {without} without keep-assets, {with} with");
-
-    balancer.stop();
-    for s in servers {
-        s.stop();
-    }
+    eprintln!("asset 404s during a rolling deploy (sticky balancer): {without} without keep-assets, {with} with");
+    site.stop();
     assert!(without > 0, "without keep-assets, a page loaded just before its node switched misses its assets");
     assert_eq!(with, 0, "with keep-assets, every page finds its assets");
+}
+
+/// Behind a round-robin balancer (infra/web/nginx-balancer.conf): a page's
+/// assets go to any node, of either release, while the deploy rolls. The
+/// recipe asks the next node for an asset one answers 404, so pages of both
+/// releases find theirs while a node of each is left; an old page's assets
+/// after the last switch need keep-assets.
+#[tokio::test]
+async fn behind_the_round_robin_recipe_every_pages_assets_are_found_with_keep_assets() {
+    // Only pages loaded just before the last switch miss their assets
+    // here: visitors wait 2 s, so that there are always some.
+    let site = Site::new("roundrobin", 10, &["--recipe", "nginx-balancer.conf"], "2").await;
+    let (visits, _) = site.roll("b");
+    let without = asset_404s(&visits);
+    site.keep_assets();
+    let (visits, kept) = site.roll("c");
+    assert_eq!(kept, [2, 2], "each node carried b's two assets into c");
+    let with = asset_404s(&visits);
+    eprintln!(
+        "asset 404s during a rolling deploy (round robin, infra/web/nginx-balancer.conf): {without} without keep-assets, {with} with"
+    );
+    site.stop();
+    assert!(without > 0, "without keep-assets, a page loaded just before the last switch misses its assets");
+    assert_eq!(with, 0, "with keep-assets, every page finds its assets on some node");
 }

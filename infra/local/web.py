@@ -7,7 +7,7 @@ replaced) and OPcache settings (infra/web/php-opcache.ini).
 
     web.py serve --dir DIR --root WEBROOT          # prints "ready PORT"; runs until stdin closes
     web.py visit --url URL --clients N --out FILE  # until stdin closes: one JSON line per response
-    web.py balance --dir DIR --upstream HOST:PORT...  # a load balancer; prints "ready PORT"
+    web.py balance --dir DIR --upstream HOST:PORT... [--recipe FILE]  # a load balancer; prints "ready PORT"
     web.py browse --url URL --clients N --out FILE # until stdin closes: one JSON line per page and its assets
 
 `serve` listens on 127.0.0.1 (a free port) and runs PHP-FPM on a Unix
@@ -23,7 +23,9 @@ A page names ids as `release=ID` words.
 
 `balance` is an nginx load balancer in front of the nodes' servers, as an
 ALB with target-group stickiness is: each visitor (a `visitor` cookie)
-stays on one node, the visitors spread over all of them.
+stays on one node, the visitors spread over all of them. With `--recipe
+nginx-balancer.conf` it is that shipped recipe instead: round robin, a
+hashed asset one node answers 404 asked of the next.
 
 `browse` runs N clients that each, in a loop, are a new visitor: load URL,
 wait --think seconds (a browser fetching a lazily loaded chunk, or a tab
@@ -283,6 +285,11 @@ def clients(client, n, stopping, word):
 def balance(a):
     os.makedirs(a.dir, exist_ok=True)
     port = free_port()
+    if a.recipe:
+        conf = nginx_conf(a.dir, "balancer", 1, balancer_recipe(a, port))
+        nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        run([nginx], lambda: port_open(port), port, f"the balancer (see {a.dir})")
+        return
     servers = "\n".join(f"        server {u};" for u in a.upstream)
     conf = nginx_conf(a.dir, "balancer", 1, f"""    upstream nodes {{
         hash $cookie_visitor consistent;
@@ -299,6 +306,18 @@ def balance(a):
     }}""")
     nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     run([nginx], lambda: port_open(port), port, f"the balancer (see {a.dir})")
+
+
+def balancer_recipe(a, port):
+    """infra/web/`a.recipe` with its marked lines made this world's."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "web", a.recipe)) as f:
+        recipe = f.read()
+    servers = "".join(f"\\1server {u};\n" for u in a.upstream)
+    out, n = re.subn(r"^([ \t]*)server .*# fleetsync: servers\n", servers, recipe, flags=re.M)
+    out, m = re.subn(r"^([ \t]*)listen .*# fleetsync: listen$", rf"\1listen 127.0.0.1:{port};", out, flags=re.M)
+    if (n, m) != (1, 1):
+        sys.exit(f"web.py: infra/web/{a.recipe} lost a line marked `fleetsync:` (servers, listen)")
+    return out
 
 
 ASSETS = re.compile(rb'(?:src|href)="(/[^"]+)"')
@@ -354,6 +373,7 @@ def main():
     lb = sub.add_parser("balance")
     lb.add_argument("--dir", required=True)
     lb.add_argument("--upstream", action="append", required=True)
+    lb.add_argument("--recipe", help="a balancer recipe of infra/web/ (default: sticky, as an ALB)")
     br = sub.add_parser("browse")
     br.add_argument("--url", required=True)
     br.add_argument("--clients", type=int, default=8)
