@@ -185,6 +185,21 @@ impl DestDir {
         self.dir_fd(&parts, true).map(drop)
     }
 
+    /// Gives the directory `path` the group write bit (a release's
+    /// group-writable directory), through no symlink: `false` when there is
+    /// no directory there to give it to (a shared path's link).
+    pub(crate) fn add_group_write(&self, path: &RelPath) -> std::io::Result<bool> {
+        let parts: Vec<&str> = path.components().collect();
+        let dir = match self.dir_fd(&parts, false) {
+            Ok(dir) => dir,
+            Err(e) if is_absent(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let st = rfs::fstat(&*dir)?;
+        rfs::fchmod(&*dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o020))?;
+        Ok(true)
+    }
+
     /// `lstat` of `path`, without following any symlink on the way.
     /// `Ok(None)` when something on the way does not exist or is not a
     /// directory we may enter.

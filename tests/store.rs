@@ -190,6 +190,56 @@ async fn a_mode_only_change_reaches_the_node_and_the_previous_release_keeps_its_
     assert_live_is(&b, "app", &node, "r2").await;
 }
 
+/// A build's group-writable directories (a `storage/` the application's
+/// group writes into) keep the bit on every node, empty or not, through a
+/// build from the staged copy too, and a shared path seeded from the
+/// release keeps it; the write bit for others never. Such a release is
+/// manifest format 2.
+#[tokio::test]
+async fn group_writable_directories_keep_their_bit_on_the_node() {
+    let b = Bucket::new("storedirmode").await;
+    let source = b.url("app");
+    let tree = |v: &str| {
+        let dir = build(&BTreeMap::from([
+            ("index.php".to_string(), v.as_bytes().to_vec()),
+            ("storage/app/.gitignore".to_string(), b"*".to_vec()),
+            ("public/app.css".to_string(), b"body{}".to_vec()),
+        ]));
+        std::fs::create_dir_all(dir.path().join("storage/logs")).unwrap();
+        for (p, mode) in [("storage", 0o775), ("storage/logs", 0o775), ("storage/app", 0o755), ("public", 0o777)] {
+            std::fs::set_permissions(dir.path().join(p), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        dir
+    };
+    assert_eq!(publish(tree("v1").path(), &source, &["--release-id", "r1"]).0, 0);
+    let m = fleetsync::store::fetch_manifest(&b.client, &store_of(&b, "app"), "r1", None).await.unwrap();
+    assert_eq!(m.header.format, 2);
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    let expect = |root: &Path| {
+        for (p, want) in [("storage", 0o775), ("storage/logs", 0o775), ("storage/app", 0o755), ("public", 0o775)] {
+            assert_eq!(mode(&root.join(p)), want, "{p} in {}", root.display());
+        }
+    };
+
+    let node = Node::new();
+    for _ in 0..2 {
+        let (code, _, stderr) = run_json(node.agent(&source).args(["--releases", "--release-id", "r1"]));
+        assert_eq!(code, 0, "{stderr}");
+    }
+    expect(&node.dest.join("current"));
+    // r2 is built from the copy of r1 staged by the second pull.
+    assert_eq!(publish(tree("v2").path(), &source, &["--release-id", "r2"]).0, 0);
+    let (code, r, stderr) = run_json(node.agent(&source).args(["--releases", "--release-id", "r2"]));
+    assert_eq!((code, &r["release"]["staged"]), (0, &true.into()), "{stderr}\n{r}");
+    expect(&node.dest.join("current"));
+
+    let shared = Node::new();
+    let (code, _, stderr) = run_json(shared.agent(&source).args(["--releases", "--release-id", "r2", "--shared", "storage"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(mode(&shared.dest.join("shared/storage")), 0o775, "seeded from the release with its bit");
+    assert_eq!(mode(&shared.dest.join("shared/storage/logs")), 0o775);
+}
+
 #[tokio::test]
 async fn a_dry_run_names_the_release_and_what_its_build_would_fetch_and_writes_nothing() {
     let b = Bucket::new("storedry").await;

@@ -21,15 +21,25 @@ use crate::store::Digest;
 #[derive(Debug)]
 pub(crate) enum Item {
     File(LocalFile),
-    Symlink { path: RelPath, target: String },
-    Dir { path: RelPath },
+    Symlink {
+        path: RelPath,
+        target: String,
+    },
+    /// An empty directory.
+    Dir {
+        path: RelPath,
+    },
+    /// A directory, empty or not, writable by its group.
+    WritableDir {
+        path: RelPath,
+    },
 }
 
 impl Item {
     pub(crate) fn path(&self) -> &RelPath {
         match self {
             Item::File(f) => &f.path,
-            Item::Symlink { path, .. } | Item::Dir { path } => path,
+            Item::Symlink { path, .. } | Item::Dir { path } | Item::WritableDir { path } => path,
         }
     }
 }
@@ -53,8 +63,10 @@ pub(crate) fn walk(dir: &Path, follow: bool) -> Result<Vec<Item>> {
         return Err(Error::Config(format!("{} is not a directory: publish takes a build directory", dir.display())));
     }
     let mut items = Vec::new();
-    let mut stack = vec![(dir.to_path_buf(), String::new(), 0usize)];
-    while let Some((path, rel, depth)) = stack.pop() {
+    // Each directory, and whether its group may write to it (the build's
+    // own directory says nothing: it is DEST's).
+    let mut stack = vec![(dir.to_path_buf(), String::new(), 0usize, false)];
+    while let Some((path, rel, depth, writable)) = stack.pop() {
         if depth > 64 {
             return Err(Error::Config(format!("{} is nested more than 64 levels deep (a symlink loop?)", path.display())));
         }
@@ -90,7 +102,8 @@ pub(crate) fn walk(dir: &Path, follow: bool) -> Result<Vec<Item>> {
                 meta = std::fs::metadata(&full).map_err(|e| Error::Config(format!("{} is a broken symlink: {e}", full.display())))?;
             }
             if meta.is_dir() {
-                stack.push((full, rel_path, depth + 1));
+                let writable = meta.permissions().mode() & 0o020 != 0;
+                stack.push((full, rel_path, depth + 1, writable));
             } else if meta.is_file() {
                 let mode = crate::store::manifest::file_mode(meta.permissions().mode());
                 items.push(Item::File(LocalFile { path: path_of(&rel_path)?, full, size: meta.len(), mode, hash: None }));
@@ -101,7 +114,9 @@ pub(crate) fn walk(dir: &Path, follow: bool) -> Result<Vec<Item>> {
                 )));
             }
         }
-        if empty && depth > 0 {
+        if writable {
+            items.push(Item::WritableDir { path: path_of(&rel, &path)? });
+        } else if empty && depth > 0 {
             items.push(Item::Dir { path: path_of(&rel, &path)? });
         }
     }

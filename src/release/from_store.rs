@@ -497,6 +497,13 @@ impl Shared {
         let p = &ctx.opts.pull;
         let path = ctx.layout.dir(id);
         let dir = ctx.releases.build(id)?;
+        // Group-writable directories get their bit before a shared path
+        // seeded from the release moves out of it, so the seed keeps it;
+        // every build and repair sets it again (a staged copy's
+        // directories are made without it).
+        for path in self.build.entries.iter().filter_map(|e| if let Entry::WritableDir { path } = e { Some(path) } else { None }) {
+            dir.add_group_write(path).map_err(|e| Error::io(format!("giving {} its group write bit", path), e))?;
+        }
         let moved = shared::finish(&self.paths, &self.seeds, ctx.releases, &dir)?;
         if !moved.is_empty() {
             let (state, records) = StateStore::open(&p.state_dir, &path)?;
@@ -784,7 +791,7 @@ fn plan(
     for e in &m.entries {
         wanted.insert(e.path());
         let result = match e {
-            Entry::Dir { path } => dst.make_dir(path).map_err(|e| format!("creating directory {path}: {e}")),
+            Entry::Dir { path } | Entry::WritableDir { path } => dst.make_dir(path).map_err(|e| format!("creating directory {path}: {e}")),
             Entry::Symlink { path, target } => {
                 if dst.read_link(path).as_deref() == Some(target.as_str()) {
                     Ok(())
@@ -894,7 +901,7 @@ fn plan_staged(
     let seq = || f.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for e in &m.entries {
         let result = match e {
-            Entry::Dir { path } if !old_dirs.contains(path.as_str()) => {
+            Entry::Dir { path } | Entry::WritableDir { path } if !old_dirs.contains(path.as_str()) => {
                 dst.make_dir(path).map_err(|e| format!("creating directory {path}: {e}"))
             }
             Entry::Symlink { path, target } if old.symlinks.get(path.as_str()) != Some(target) => {

@@ -33,10 +33,12 @@ use crate::error::{Error, Result};
 use crate::keypath::{map_key, Entry as KeyEntry, RelPath};
 
 /// The newest manifest format this agent reads. Format 2 adds the shared
-/// paths a release declares ([`SharedPaths`]); a publish writes it only for
-/// a release that declares some, so older agents (which read format 1
-/// alone) refuse such a release, naming the upgrade, rather than place its
-/// content over what must outlive it. Every other release stays format 1.
+/// paths a release declares ([`SharedPaths`]) and group-writable
+/// directories ([`Entry::WritableDir`]); a publish writes it only for a
+/// release that has either, so older agents (which read format 1 alone)
+/// refuse such a release, naming the upgrade, rather than place its content
+/// over what must outlive it or without its modes. Every other release
+/// stays format 1.
 pub const FORMAT: u32 = 2;
 /// The format of a manifest that declares no shared paths.
 const FORMAT_PLAIN: u32 = 1;
@@ -126,6 +128,12 @@ pub enum Entry {
     Dir {
         path: RelPath,
     },
+    /// A directory, empty or not, that keeps the group write bit (a
+    /// `storage/` the application's group writes into): made, and given
+    /// the bit. Format 2.
+    WritableDir {
+        path: RelPath,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,14 +161,14 @@ impl Entry {
     pub fn path(&self) -> &RelPath {
         match self {
             Entry::File(f) => &f.path,
-            Entry::Symlink { path, .. } | Entry::Dir { path } => path,
+            Entry::Symlink { path, .. } | Entry::Dir { path } | Entry::WritableDir { path } => path,
         }
     }
 
     /// Its path when it is a directory.
     pub fn dir_path(&self) -> Option<&str> {
         match self {
-            Entry::Dir { path } => Some(path.as_str()),
+            Entry::Dir { path } | Entry::WritableDir { path } => Some(path.as_str()),
             _ => None,
         }
     }
@@ -226,6 +234,7 @@ impl<'a> Line<'a> {
             }
             Entry::Symlink { path, target } => Line { p: path.as_str().into(), t: Some(target.as_str().into()), ..Line::default() },
             Entry::Dir { path } => Line { p: path.as_str().into(), d: Some(1), ..Line::default() },
+            Entry::WritableDir { path } => Line { p: path.as_str().into(), d: Some(2), ..Line::default() },
         }
     }
 
@@ -243,11 +252,15 @@ impl<'a> Line<'a> {
             check_symlink_target(&path, target)?;
             return Ok(Entry::Symlink { path, target: target.to_string() });
         }
-        if self.d == Some(1) {
+        if let Some(d) = self.d {
             if self.s.is_some() || self.h.is_some() {
                 return Err("a directory with file fields".into());
             }
-            return Ok(Entry::Dir { path: path()? });
+            return match d {
+                1 => Ok(Entry::Dir { path: path()? }),
+                2 => Ok(Entry::WritableDir { path: path()? }),
+                _ => Err(format!("a directory of kind {d}")),
+            };
         }
         let (Some(size), Some(mode), Some(hash), Some(len)) = (self.s, self.m.as_deref(), self.h, self.l) else {
             return Err("a file without its size, mode, hash or stored length".into());
@@ -299,18 +312,20 @@ pub fn file_mode(mode: u32) -> u32 {
 /// [`modes_digest`] covers it instead.
 const GROUP_WRITE: u32 = 0o020;
 
-/// The digest of which files keep the group write bit, or `None` when no
-/// file does. Beside [`tree_digest`], which leaves the bit out, it makes a
+/// The digest of which files and directories keep the group write bit,
+/// or `None` when none does. Beside [`tree_digest`], which leaves the bit out, it makes a
 /// build that only changes the bit another content for `publish` (a new
 /// release, not "unchanged"); agents before it ignore the header field.
 pub fn modes_digest(entries: &[Entry]) -> Option<Digest> {
     let mut h = Hasher::new();
     let mut any = false;
-    for f in entries.iter().filter_map(|e| if let Entry::File(f) = e { Some(f) } else { None }) {
-        if f.mode & GROUP_WRITE != 0 {
-            any = true;
-            h.update(format!("W\0{}\n", f.path).as_bytes());
+    for e in entries {
+        match e {
+            Entry::File(f) if f.mode & GROUP_WRITE != 0 => h.update(format!("W\0{}\n", f.path).as_bytes()),
+            Entry::WritableDir { path } => h.update(format!("G\0{path}\n").as_bytes()),
+            _ => continue,
         }
+        any = true;
     }
     any.then(|| h.finish())
 }
@@ -368,6 +383,9 @@ pub fn tree_digest(entries: &[Entry]) -> Digest {
             }
             Entry::Symlink { path, target } => write!(buf, "L\0{path}\0{target}").expect("writing to a Vec"),
             Entry::Dir { path } => write!(buf, "D\0{path}").expect("writing to a Vec"),
+            // A directory's group write bit is [`modes_digest`]'s, as a
+            // file's is.
+            Entry::WritableDir { .. } => continue,
         }
         buf.push(b'\n');
         if buf.len() >= BATCH {
@@ -390,7 +408,7 @@ impl Manifest {
         let files = entries.iter().filter_map(|e| if let Entry::File(f) = e { Some(f.size) } else { None });
         let (count, bytes) = files.fold((0, 0), |(n, b), s| (n + 1, b + s));
         let header = Header {
-            format: FORMAT_PLAIN,
+            format: FORMAT_PLAIN, // set below
             id,
             created_at_ms: super::now_ms(),
             publisher,
@@ -401,14 +419,26 @@ impl Manifest {
             modes: modes_digest(&entries),
             shared: SharedPaths::default(),
         };
-        Manifest { header, entries }
+        let mut m = Manifest { header, entries };
+        m.header.format = m.format_needed();
+        m
     }
 
-    /// Declares `shared` ([`SharedPaths`]): format 2 when there are any.
+    /// Declares `shared` ([`SharedPaths`]).
     pub fn with_shared(mut self, shared: SharedPaths) -> Manifest {
-        self.header.format = if shared.is_empty() { FORMAT_PLAIN } else { FORMAT };
         self.header.shared = shared;
+        self.header.format = self.format_needed();
         self
+    }
+
+    /// Format 2 for what format 1 cannot say (see [`FORMAT`]), else 1.
+    fn format_needed(&self) -> u32 {
+        let writable = self.entries.iter().any(|e| matches!(e, Entry::WritableDir { .. }));
+        if writable || !self.header.shared.is_empty() {
+            FORMAT
+        } else {
+            FORMAT_PLAIN
+        }
     }
 
     /// The compressed bytes to upload.
@@ -561,6 +591,12 @@ impl Manifest {
         if modes_digest(&self.entries) != self.header.modes {
             return Err("its modes digest does not match its entries".into());
         }
+        if self.header.format < self.format_needed() {
+            return Err(format!(
+                "it is format {} but needs format {} (shared paths or group-writable directories)",
+                self.header.format, FORMAT
+            ));
+        }
         Ok(())
     }
 
@@ -577,7 +613,9 @@ impl Manifest {
 fn nothing_below_leaves(entries: &[Entry]) -> std::result::Result<(), String> {
     let mut below = String::new();
     for (i, e) in entries.iter().enumerate() {
-        if entries.get(i + 1).is_none_or(|next| !next.path().as_str().starts_with(e.path().as_str())) {
+        if matches!(e, Entry::WritableDir { .. })
+            || entries.get(i + 1).is_none_or(|next| !next.path().as_str().starts_with(e.path().as_str()))
+        {
             continue;
         }
         below.clear();
@@ -613,9 +651,6 @@ fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
     }
     let header: Header = serde_json::from_slice(line).map_err(|e| format!("the header: {e}"))?;
     super::check_release_id(&header.id).map_err(|e| e.to_string())?;
-    if header.shared.is_empty() != (header.format == FORMAT_PLAIN) {
-        return Err(format!("it is format {} and {} shared paths", header.format, header.shared.dirs.len() + header.shared.files.len()));
-    }
     let count = header.shared.dirs.len() + header.shared.files.len();
     if count > MAX_SHARED {
         return Err(format!("it declares {count} shared paths, more than {MAX_SHARED}"));
@@ -779,6 +814,26 @@ mod tests {
         assert_eq!(tree_digest(&moved), m.header.tree);
     }
 
+    /// A group-writable directory is an entry of its own, with entries
+    /// below it or not: its bit changes the modes digest, not the tree
+    /// digest (as a file's does), and only format 2 may carry it.
+    #[test]
+    fn a_group_writable_directory_needs_format_2_and_changes_only_the_modes_digest() {
+        let mut entries = sample().entries;
+        let plain = Manifest::new("r1".into(), "ci".into(), vec![Digest::of(b"pack")], entries.clone());
+        entries.push(Entry::WritableDir { path: rel("b") });
+        let m = Manifest::new("r1".into(), "ci".into(), vec![Digest::of(b"pack")], entries);
+        assert_eq!((plain.header.format, m.header.format), (1, 2));
+        assert_eq!(m.header.tree, plain.header.tree);
+        assert_ne!(m.header.modes, plain.header.modes);
+        assert_eq!(Manifest::parse(&m.to_bytes(), "test").unwrap(), m, "b/two.php below it is no error");
+        let mut text = String::new();
+        zstd::stream::Decoder::new(&m.to_bytes()[..]).unwrap().read_to_string(&mut text).unwrap();
+        let as_format_1: Vec<String> = text.lines().map(|l| l.replace("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":1")).collect();
+        let e = parse_text(&as_format_1.iter().map(String::as_str).collect::<Vec<_>>()).unwrap_err();
+        assert!(e.contains("it is format 1 but needs format 2"), "{e}");
+    }
+
     /// Format 2 only for a release that declares shared paths: older
     /// agents, which read format 1 alone, refuse it rather than place
     /// content over what must outlive a release; every other release
@@ -798,7 +853,7 @@ mod tests {
         };
         let header = lines[0].clone();
         for (from, to, why) in [
-            ("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":1", "format 1 and 2 shared paths"),
+            ("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":1", "it is format 1 but needs format 2"),
             ("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":3", "reads formats up to 2: upgrade it"),
             ("\"storage\"", "\"../up\"", "shared path \"../up\""),
             ("\"storage\"", "\"storage/\"", "shared path \"storage/\""),
@@ -906,6 +961,7 @@ mod tests {
                     Entry::File(f) => format!("F\0{}\0{:o}\0{}\0{}\n", f.path, f.mode & !GROUP_WRITE, f.size, f.hash),
                     Entry::Symlink { path, target } => format!("L\0{path}\0{target}\n"),
                     Entry::Dir { path } => format!("D\0{path}\n"),
+                    Entry::WritableDir { .. } => continue,
                 };
                 h.update(line.as_bytes());
             }
