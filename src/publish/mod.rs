@@ -385,9 +385,7 @@ impl Plan {
 
     fn add(&mut self, item: Item) {
         let f = match item {
-            Item::Symlink { path, target } => return self.entries.push(Entry::Symlink { path, target }),
-            Item::Dir { path } => return self.entries.push(Entry::Dir { path }),
-            Item::WritableDir { path } => return self.entries.push(Entry::WritableDir { path }),
+            Item::Other(e) => return self.entries.push(e),
             Item::File(f) => f,
         };
         let hash = f.hash.expect("files are hashed before planning");

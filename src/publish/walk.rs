@@ -14,32 +14,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::error::{Error, Result};
 use crate::keypath::{map_key, Entry as KeyEntry, RelPath};
 use crate::list::RESERVED_DIR;
-use crate::store::manifest::check_symlink_target;
+use crate::store::manifest::{check_symlink_target, Entry};
 use crate::store::Digest;
 
-/// One path of the build.
+/// One path of the build: a file still to hash and place in the store,
+/// or what goes into the manifest as it is (a symlink, an empty or a
+/// group-writable directory).
 #[derive(Debug)]
 pub(crate) enum Item {
     File(LocalFile),
-    Symlink {
-        path: RelPath,
-        target: String,
-    },
-    /// An empty directory.
-    Dir {
-        path: RelPath,
-    },
-    /// A directory, empty or not, writable by its group.
-    WritableDir {
-        path: RelPath,
-    },
+    Other(Entry),
 }
 
 impl Item {
     pub(crate) fn path(&self) -> &RelPath {
         match self {
             Item::File(f) => &f.path,
-            Item::Symlink { path, .. } | Item::Dir { path } | Item::WritableDir { path } => path,
+            Item::Other(e) => e.path(),
         }
     }
 }
@@ -95,7 +86,7 @@ pub(crate) fn walk(dir: &Path, follow: bool) -> Result<Vec<Item>> {
                         full.display()
                     ))
                 })?;
-                items.push(Item::Symlink { path, target: target.to_string() });
+                items.push(Item::Other(Entry::Symlink { path, target: target.to_string() }));
                 continue;
             }
             if meta.file_type().is_symlink() {
@@ -115,9 +106,9 @@ pub(crate) fn walk(dir: &Path, follow: bool) -> Result<Vec<Item>> {
             }
         }
         if writable {
-            items.push(Item::WritableDir { path: path_of(&rel, &path)? });
+            items.push(Item::Other(Entry::WritableDir { path: path_of(&rel, &path)? }));
         } else if empty && depth > 0 {
-            items.push(Item::Dir { path: path_of(&rel, &path)? });
+            items.push(Item::Other(Entry::Dir { path: path_of(&rel, &path)? }));
         }
     }
     Ok(items)
