@@ -186,8 +186,8 @@ impl DestDir {
     }
 
     /// Gives the directory `path` the group write bit (a release's
-    /// group-writable directory), through no symlink: `false` when there is
-    /// no directory there to give it to (a shared path's link).
+    /// group-writable directory), through no symlink (one on the way, or at
+    /// `path`, is an error): `false` when nothing is there.
     pub(crate) fn add_group_write(&self, path: &RelPath) -> std::io::Result<bool> {
         let parts: Vec<&str> = path.components().collect();
         let dir = match self.dir_fd(&parts, false) {

@@ -211,7 +211,10 @@ async fn group_writable_directories_keep_their_bit_on_the_node() {
         }
         dir
     };
-    assert_eq!(publish(tree("v1").path(), &source, &["--release-id", "r1"]).0, 0);
+    let (code, _, stderr) = publish(tree("v1").path(), &source, &["--release-id", "r1"]);
+    assert_eq!(code, 0, "{stderr}");
+    // Three of its four directories: said, as a build made under umask 002 would be.
+    assert!(stderr.contains("3 of the build's 4 directories are group-writable"), "{stderr}");
     let m = fleetsync::store::fetch_manifest(&b.client, &store_of(&b, "app"), "r1", None).await.unwrap();
     assert_eq!(m.header.format, 2);
     let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;

@@ -309,15 +309,18 @@ def balance(a):
 
 
 def balancer_recipe(a, port):
-    """infra/web/`a.recipe` with its marked lines made this world's."""
+    """infra/web/`a.recipe` with its marked lines made this world's, and
+    each request's upstream answers logged to DIR/upstream.log (`/build/x
+    404, 200`: asked of a node that lacked it, then of one that had it)."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "web", a.recipe)) as f:
         recipe = f.read()
     servers = "".join(f"\\1server {u};\n" for u in a.upstream)
     out, n = re.subn(r"^([ \t]*)server .*# fleetsync: servers\n", servers, recipe, flags=re.M)
-    out, m = re.subn(r"^([ \t]*)listen .*# fleetsync: listen$", rf"\1listen 127.0.0.1:{port};", out, flags=re.M)
+    log = os.path.join(a.dir, "upstream.log")
+    out, m = re.subn(r"^([ \t]*)listen .*# fleetsync: listen$", rf"\1listen 127.0.0.1:{port};\n\1access_log {log} upstream;", out, flags=re.M)
     if (n, m) != (1, 1):
         sys.exit(f"web.py: infra/web/{a.recipe} lost a line marked `fleetsync:` (servers, listen)")
-    return out
+    return "    log_format upstream '$uri $upstream_status';\n" + out
 
 
 ASSETS = re.compile(rb'(?:src|href)="(/[^"]+)"')

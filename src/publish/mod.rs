@@ -105,6 +105,7 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
     .await
     .expect("the walk does not panic")?;
     let hash_ms = t0.elapsed().as_millis() as u64;
+    warn_if_all_group_writable(&items);
 
     let client = s3_client(&opts.client).await;
     let store = Store::of(&opts.dest);
@@ -216,6 +217,26 @@ fn declared(given: &SharedPaths) -> Result<SharedPaths> {
     out.dirs.sort();
     out.files.sort();
     Ok(out)
+}
+
+/// Says so when most of the build's directories are group-writable: a
+/// build made under umask 002 (a desktop user's default on Debian) makes
+/// every node's copy group-writable, `public/` included, which is rarely
+/// what was meant. Kept, as the build has it (the bit is how a `storage/`
+/// the application's group writes into is published), but named.
+fn warn_if_all_group_writable(items: &[Item]) {
+    let writable = items.iter().filter(|i| matches!(i, Item::Other(Entry::WritableDir { .. }))).count();
+    if writable < 2 {
+        return;
+    }
+    let empty = items.iter().filter_map(|i| if let Item::Other(e) = i { e.dir_path() } else { None });
+    let dirs: std::collections::HashSet<&str> = items.iter().flat_map(|i| i.path().ancestors()).chain(empty).collect();
+    if writable * 2 > dirs.len() {
+        tracing::warn!(
+            "{writable} of the build's {} directories are group-writable (built under umask 002?): every node's copy will be too; publish with umask 022, or chmod -R g-w what the group must not write",
+            dirs.len()
+        );
+    }
 }
 
 /// What a publish declares shared: what it was given, and what the latest

@@ -560,11 +560,19 @@ fn content_of(ctx: &Ctx<'_>, id: &str, manifest: &Manifest) -> Result<String> {
     if manifest.header.id != id {
         return Err(Error::S3(format!("the manifest of release {id} says it is release {}; the store is damaged", manifest.header.id)));
     }
-    // With the shared paths it declares, when any: the same tree laid out
-    // with others is another release (as its publish named it).
-    let content = match &manifest.header.shared {
-        s if s.is_empty() => format!("{STORE_CONTENT}{}", manifest.header.tree),
-        s => format!("{STORE_CONTENT}{} shared:{}", manifest.header.tree, serde_json::to_string(s).expect("serializes")),
+    // Format 2 names its modes and the shared paths it declares too: the
+    // same tree with other group-writable directories or laid out with
+    // other shared paths is another release (as its publish named it).
+    // Format 1 keeps the tree alone, as nodes recorded it before.
+    let h = &manifest.header;
+    let content = match h.format {
+        1 => format!("{STORE_CONTENT}{}", h.tree),
+        _ => format!(
+            "{STORE_CONTENT}{} modes:{} shared:{}",
+            h.tree,
+            h.modes.map(|m| m.to_string()).unwrap_or_default(),
+            serde_json::to_string(&h.shared).expect("serializes")
+        ),
     };
     match ctx.registry.get(id) {
         // Published twice under one id (reused after a prune, before prunes

@@ -373,7 +373,7 @@ pub fn tree_digest(entries: &[Entry]) -> Digest {
     // waits for this over every entry of the release.
     let mut h = Hasher::new();
     let mut buf: Vec<u8> = Vec::with_capacity(BATCH + 8192);
-    for e in entries {
+    for (i, e) in entries.iter().enumerate() {
         match e {
             Entry::File(f) => {
                 buf.extend_from_slice(b"F\0");
@@ -384,8 +384,14 @@ pub fn tree_digest(entries: &[Entry]) -> Digest {
             Entry::Symlink { path, target } => write!(buf, "L\0{path}\0{target}").expect("writing to a Vec"),
             Entry::Dir { path } => write!(buf, "D\0{path}").expect("writing to a Vec"),
             // A directory's group write bit is [`modes_digest`]'s, as a
-            // file's is.
-            Entry::WritableDir { .. } => continue,
+            // file's is; an empty one is a directory of the tree as
+            // `Dir` is.
+            Entry::WritableDir { path } => {
+                if first_below(entries, i).is_some() {
+                    continue;
+                }
+                write!(buf, "D\0{path}").expect("writing to a Vec")
+            }
         }
         buf.push(b'\n');
         if buf.len() >= BATCH {
@@ -605,24 +611,14 @@ impl Manifest {
     }
 }
 
-/// Nothing may be below a file, a symlink or an empty directory. The
-/// entries are sorted, so what is below `a` (every path starting `a/`)
-/// starts where `a/` would be, and every entry between `a` and it starts
-/// with `a` (`a-b`, `a.c`): when the next entry does not, nothing is below
-/// `a`. Else one binary search. No memory beyond the entries.
+/// Nothing may be below a file, a symlink or an empty directory (see
+/// [`first_below`]).
 fn nothing_below_leaves(entries: &[Entry]) -> std::result::Result<(), String> {
-    let mut below = String::new();
     for (i, e) in entries.iter().enumerate() {
-        if matches!(e, Entry::WritableDir { .. })
-            || entries.get(i + 1).is_none_or(|next| !next.path().as_str().starts_with(e.path().as_str()))
-        {
+        if matches!(e, Entry::WritableDir { .. }) {
             continue;
         }
-        below.clear();
-        below.push_str(e.path().as_str());
-        below.push('/');
-        let at = entries.partition_point(|x| x.path().as_str() < below.as_str());
-        if let Some(child) = entries.get(at).map(Entry::path).filter(|c| c.as_str().starts_with(&below)) {
+        if let Some(child) = first_below(entries, i) {
             return Err(match e {
                 Entry::Dir { path } => format!("{path} is listed as an empty directory but has entries below it ({child})"),
                 _ => format!("{child} is below {}, which is not a directory", e.path()),
@@ -630,6 +626,21 @@ fn nothing_below_leaves(entries: &[Entry]) -> std::result::Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The first of the sorted `entries` below entry `i`, if any. What is below
+/// `a` (every path starting `a/`) starts where `a/` would be, and every
+/// entry between `a` and it starts with `a` (`a-b`, `a.c` sort first):
+/// when the next entry does not, nothing is below `a`. Else one binary
+/// search.
+fn first_below(entries: &[Entry], i: usize) -> Option<&RelPath> {
+    let path = entries[i].path().as_str();
+    if entries.get(i + 1).is_none_or(|next| !next.path().as_str().starts_with(path)) {
+        return None;
+    }
+    let below = format!("{path}/");
+    let at = entries.partition_point(|x| x.path().as_str() < below.as_str());
+    entries.get(at).map(Entry::path).filter(|c| c.as_str().starts_with(&below))
 }
 
 fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
@@ -651,6 +662,9 @@ fn parse_header(line: &[u8]) -> std::result::Result<Header, String> {
     }
     let header: Header = serde_json::from_slice(line).map_err(|e| format!("the header: {e}"))?;
     super::check_release_id(&header.id).map_err(|e| e.to_string())?;
+    if header.format < FORMAT && !header.shared.is_empty() {
+        return Err(format!("it is format {} but needs format {FORMAT} (shared paths)", header.format));
+    }
     let count = header.shared.dirs.len() + header.shared.files.len();
     if count > MAX_SHARED {
         return Err(format!("it declares {count} shared paths, more than {MAX_SHARED}"));
@@ -827,6 +841,17 @@ mod tests {
         assert_eq!(m.header.tree, plain.header.tree);
         assert_ne!(m.header.modes, plain.header.modes);
         assert_eq!(Manifest::parse(&m.to_bytes(), "test").unwrap(), m, "b/two.php below it is no error");
+        // An empty one is a directory of the tree, as an empty `Dir` is.
+        let with = |e: Option<Entry>| Manifest::new("r1".into(), "ci".into(), vec![], e.into_iter().collect()).header;
+        let (writable, dir, none) =
+            (with(Some(Entry::WritableDir { path: rel("logs") })), with(Some(Entry::Dir { path: rel("logs") })), with(None));
+        assert_eq!(writable.tree, dir.tree);
+        assert_ne!(writable.tree, none.tree);
+        assert_ne!(writable.modes, dir.modes);
+        // Not empty though `logs-old` sorts between it and what is below.
+        let tree_of = |entries: Vec<Entry>| Manifest::new("r1".into(), "ci".into(), vec![Digest::of(b"pack")], entries).header.tree;
+        let below = vec![file("logs-old", b"x", 0, 0), file("logs/today", b"y", 0, 1)];
+        assert_eq!(tree_of([below.clone(), vec![Entry::WritableDir { path: rel("logs") }]].concat()), tree_of(below));
         let mut text = String::new();
         zstd::stream::Decoder::new(&m.to_bytes()[..]).unwrap().read_to_string(&mut text).unwrap();
         let as_format_1: Vec<String> = text.lines().map(|l| l.replace("\"fleetsync_manifest\":2", "\"fleetsync_manifest\":1")).collect();
@@ -961,7 +986,7 @@ mod tests {
                     Entry::File(f) => format!("F\0{}\0{:o}\0{}\0{}\n", f.path, f.mode & !GROUP_WRITE, f.size, f.hash),
                     Entry::Symlink { path, target } => format!("L\0{path}\0{target}\n"),
                     Entry::Dir { path } => format!("D\0{path}\n"),
-                    Entry::WritableDir { .. } => continue,
+                    Entry::WritableDir { .. } => unreachable!("not in this test's entries"),
                 };
                 h.update(line.as_bytes());
             }
