@@ -6,7 +6,7 @@ the bench tree, the pull at the agent's default (low) priority and at
 `--priority normal`, on the same cores. Prints the ratios to the idle p99
 and the pulls' times against the un-niced pull's.
 
-    infra/local/bench web [--files 10000] [--clients 8] [--idle 10] [--repeat 5]
+    infra/local/bench web [--files 10000] [--clients 8] [--idle 10] [--repeat 5] [--s3-nice 19]
 
 Each pull runs --repeat times (low and normal priority taking turns, so
 that drift over the run hits both alike); a phase's latencies are those of
@@ -51,6 +51,17 @@ def pull(dest, state, source, rid, priority):
     return t0, time.time()
 
 
+def renice_s3(pid_file, nice):
+    """Every thread of the S3 server (started by infra/local/bench, its pid
+    in `pid_file`) at `nice`: a nice value is a thread's, and the threads
+    it starts later inherit it."""
+    with open(pid_file) as f:
+        pid = f.read().strip()
+    tids = os.listdir(f"/proc/{pid}/task")
+    run(["renice", "-n", str(nice), "-p", *tids])
+    print(f"the S3 server (pid {pid}, {len(tids)} threads) runs at nice {nice}", flush=True)
+
+
 def percentile(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
@@ -72,7 +83,11 @@ def main():
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--idle", type=float, default=20, help="seconds of idle load measured")
     ap.add_argument("--repeat", type=int, default=5, help="pulls per phase")
+    ap.add_argument("--s3-nice", type=int, help="run the S3 server at this nice value: on a real node S3 is remote, "
+                    "here it shares the web server's cores, and this shows how much of a pull's cost is the server's")
     a = ap.parse_args()
+    if a.s3_nice is not None:
+        renice_s3(os.path.join(os.path.dirname(os.path.abspath(a.work)), "weed.pid"), a.s3_nice)
     os.makedirs(a.work, exist_ok=True)
     bucket = "webbench"
     subprocess.run(["aws", "--endpoint-url", os.environ["AWS_ENDPOINT_URL_S3"], "s3", "mb", f"s3://{bucket}"],
