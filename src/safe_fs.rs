@@ -187,17 +187,16 @@ impl DestDir {
 
     /// Gives the directory `path` the group write bit (a release's
     /// group-writable directory), through no symlink (one on the way, or at
-    /// `path`, is an error): `false` when nothing is there.
-    pub(crate) fn add_group_write(&self, path: &RelPath) -> std::io::Result<bool> {
+    /// `path`, is an error); nothing when nothing is there.
+    pub(crate) fn add_group_write(&self, path: &RelPath) -> std::io::Result<()> {
         let parts: Vec<&str> = path.components().collect();
         let dir = match self.dir_fd(&parts, false) {
             Ok(dir) => dir,
-            Err(e) if is_absent(&e) => return Ok(false),
+            Err(e) if is_absent(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
         let st = rfs::fstat(&*dir)?;
-        rfs::fchmod(&*dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o020))?;
-        Ok(true)
+        rfs::fchmod(&*dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o020)).map_err(Into::into)
     }
 
     /// `lstat` of `path`, without following any symlink on the way.

@@ -285,13 +285,17 @@ def clients(client, n, stopping, word):
 def balance(a):
     os.makedirs(a.dir, exist_ok=True)
     port = free_port()
-    if a.recipe:
-        conf = nginx_conf(a.dir, "balancer", 1, balancer_recipe(a, port))
-        nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-        run([nginx], lambda: port_open(port), port, f"the balancer (see {a.dir})")
-        return
+    http = balancer_recipe(a, port) if a.recipe else sticky_balancer(a, port)
+    conf = nginx_conf(a.dir, "balancer", 1, http)
+    nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    run([nginx], lambda: port_open(port), port, f"the balancer (see {a.dir})")
+
+
+def sticky_balancer(a, port):
+    """The balancer that keeps each visitor on one node, as an ALB with
+    stickiness does."""
     servers = "\n".join(f"        server {u};" for u in a.upstream)
-    conf = nginx_conf(a.dir, "balancer", 1, f"""    upstream nodes {{
+    return f"""    upstream nodes {{
         hash $cookie_visitor consistent;
 {servers}
         keepalive 16;
@@ -303,16 +307,14 @@ def balance(a):
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}
-    }}""")
-    nginx = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-    run([nginx], lambda: port_open(port), port, f"the balancer (see {a.dir})")
+    }}"""
 
 
 def balancer_recipe(a, port):
     """infra/web/`a.recipe` with its marked lines made this world's, and
     each request's upstream answers logged to DIR/upstream.log (`/build/x
     404, 200`: asked of a node that lacked it, then of one that had it)."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "web", a.recipe)) as f:
+    with open(os.path.join(RECIPES, a.recipe)) as f:
         recipe = f.read()
     servers = "".join(f"\\1server {u};\n" for u in a.upstream)
     out, n = re.subn(r"^([ \t]*)server .*# fleetsync: servers\n", servers, recipe, flags=re.M)

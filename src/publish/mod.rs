@@ -94,8 +94,9 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
     if let Some(id) = &opts.release_id {
         check_release_id(id)?;
     }
-    // Checked before the build is read: a bad path costs nothing.
-    declared(&opts.shared)?;
+    // Checked (and normalised) before the build is read: a bad path costs
+    // nothing.
+    let given = declared(&opts.shared)?;
     let (dir, follow) = (opts.dir.clone(), opts.follow_symlinks);
     let items = tokio::task::spawn_blocking(move || -> Result<Vec<Item>> {
         let mut items = walk::walk(&dir, follow)?;
@@ -118,7 +119,7 @@ pub async fn publish(opts: &PublishOptions) -> Result<PublishReport> {
         _ => (None, None, None),
     };
 
-    let shared = declared(&inherit(&opts.shared, known.as_ref().map(|k| &k.header.shared), &opts.unshare)?)?;
+    let shared = declared(&inherit(&given, known.as_ref().map(|k| &k.header.shared), &opts.unshare)?)?;
     let mut plan = Plan::new(known.as_ref());
     // In path order, whatever order the file system listed them in: which
     // of two identical files uploads the content, and so the packs' bytes,
@@ -239,17 +240,16 @@ fn warn_if_all_group_writable(items: &[Item]) {
     }
 }
 
-/// What a publish declares shared: what it was given, and what the latest
-/// release declares unless `unshare` names it. A path the application
+/// What a publish declares shared: what it was given ([`declared`]), and
+/// what the latest release declares unless `unshare` names it. A path the application
 /// writes to must never stop being shared by accident (a hotfix published
 /// without the flags): its uploads would go into the release, and the next
 /// drift check would remove them. So stopping takes `--unshare PATH`.
 fn inherit(given: &SharedPaths, latest: Option<&SharedPaths>, unshare: &[String]) -> Result<SharedPaths> {
     let latest = latest.cloned().unwrap_or_default();
-    let norm = |p: &str| p.trim_end_matches('/').to_string();
-    let given_paths: Vec<String> = given.iter().map(|(p, _)| norm(p)).collect();
-    for u in unshare.iter().map(|u| norm(u)) {
-        if given_paths.contains(&u) {
+    let unshare: Vec<&str> = unshare.iter().map(|u| u.trim_end_matches('/')).collect();
+    for &u in &unshare {
+        if given.iter().any(|(p, _)| p == u) {
             return Err(Error::Config(format!("--unshare {u}: this publish also declares it shared; give one or the other")));
         }
         if !latest.iter().any(|(p, _)| p == u) {
@@ -261,7 +261,7 @@ fn inherit(given: &SharedPaths, latest: Option<&SharedPaths>, unshare: &[String]
     }
     let mut out = given.clone();
     for (p, file) in latest.iter() {
-        if !given_paths.iter().any(|g| g == p) && !unshare.iter().any(|u| norm(u) == p) {
+        if !given.iter().any(|(g, _)| g == p) && !unshare.contains(&p) {
             if file { &mut out.files } else { &mut out.dirs }.push(p.to_string());
         }
     }

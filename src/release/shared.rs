@@ -28,8 +28,7 @@ use super::layout::Releases;
 use crate::error::{Error, Result};
 use crate::keypath::RelPath;
 use crate::safe_fs::{DestDir, OnDisk};
-use crate::store::manifest::{Entry, Manifest};
-use crate::store::manifest::{SharedPaths, MAX_SHARED};
+use crate::store::manifest::{Entry, Manifest, SharedPaths, MAX_SHARED};
 
 /// Where shared paths live in DEST.
 pub const SHARED: &str = "shared";
