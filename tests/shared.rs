@@ -479,7 +479,8 @@ async fn kept_assets_outlive_one_deploy_and_never_replace_the_new_releases() {
 /// best-effort I/O at level 7; the before-switch command, a child of the
 /// agent, reports what the agent runs at), and the commands it starts run
 /// at the priority the agent was started with (a hook may start a daemon).
-/// `--priority normal` leaves the agent as started.
+/// `--priority normal` leaves the agent as started; `--priority idle` adds
+/// the idle CPU policy.
 #[tokio::test]
 async fn a_pull_runs_at_low_priority_unless_told_otherwise_and_its_hooks_as_started() {
     let b = Bucket::new("priority").await;
@@ -499,6 +500,19 @@ async fn a_pull_runs_at_low_priority_unless_told_otherwise_and_its_hooks_as_star
     assert_eq!(code, 0, "{stderr}");
     let got = read(&node.dest.join("current/priority.txt"));
     assert!(got.starts_with(&format!("{own} ")) && got.trim().ends_with(&format!("| {own}")), "as started (nice {own}): {got}");
+
+    // --priority idle: the agent under the idle CPU policy as well (`ps`
+    // names SCHED_IDLE `IDL`), its hooks as started (as this test runs:
+    // `TS`, the usual policy, unless it was started otherwise).
+    let ps = std::process::Command::new("ps").args(["-o", "cls=", "-p", &std::process::id().to_string()]).output().unwrap();
+    let own_class = String::from_utf8_lossy(&ps.stdout).trim().to_string();
+    let idle = Node::new();
+    let report = "echo \"$(ps -o cls= -p $PPID) $(ionice -p $PPID) | $(ps -o ni=,cls= -p $$)\" > priority.txt";
+    let (code, _, stderr) = pull(&idle, &source, &["--release-id", "r1", "--before-switch", report, "--priority", "idle"]);
+    assert_eq!(code, 0, "{stderr}");
+    let got = read(&idle.dest.join("current/priority.txt"));
+    let got: Vec<&str> = got.split_whitespace().collect();
+    assert_eq!(got, ["IDL", "best-effort:", "prio", "7", "|", &*own.to_string(), &*own_class], "an idle pull, its hook as started");
 
     // One thread (a one-core node at low priority): the in-place planner
     // holds a blocking thread for the whole listing while the downloads

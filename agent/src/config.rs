@@ -64,7 +64,7 @@ pub struct AgentConfig {
     pub keep_assets: Option<Vec<String>>,
     /// Release mode: how long a full drift check is trusted (`--verify-every`).
     pub verify_every: Option<fleetsync::duration::Seconds>,
-    /// `low` (default) or `normal`: the pull's CPU and I/O priority.
+    /// `low` (default), `idle` or `normal`: the pull's CPU and I/O priority.
     pub priority: Option<fleetsync::priority::Priority>,
     /// Threads for downloads, decompression and hashing (default: one per core).
     pub threads: Option<usize>,

@@ -208,7 +208,9 @@ struct PullArgs {
     #[arg(long, env = "FLEETSYNC_METRICS_FILE", value_name = "FILE", value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from))]
     metrics_file: Option<PathBuf>,
     /// CPU and I/O priority: low (nice 10, lowest best-effort I/O: the
-    /// server keeps serving while it pulls) or normal [default: low].
+    /// server keeps serving while it pulls), idle (low, and only the CPU
+    /// nothing else wants: the server notices less, and a pull on a node
+    /// whose cores are all busy waits) or normal [default: low].
     #[arg(long, value_enum)]
     priority: Option<PriorityArg>,
     /// Threads for downloads, decompression, hashing and writing [default:
@@ -417,6 +419,7 @@ enum LifecycleResult {
 #[derive(Clone, Copy, ValueEnum)]
 enum PriorityArg {
     Low,
+    Idle,
     Normal,
 }
 
@@ -449,12 +452,14 @@ fn try_main() -> anyhow::Result<i32> {
         _ => {}
     }
     let cfg: AgentConfig = config::FILE.load(cli.config.as_deref())?;
-    // Before any thread starts: each inherits the priority.
+    // Before the threads that work start: each inherits the priority (the
+    // stdin watcher above only waits).
     let (priority, threads) = match &cli.command {
         Command::Pull(args) => (
             match args.priority {
                 Some(PriorityArg::Normal) => fleetsync::priority::Priority::Normal,
                 Some(PriorityArg::Low) => fleetsync::priority::Priority::Low,
+                Some(PriorityArg::Idle) => fleetsync::priority::Priority::Idle,
                 None => cfg.priority.unwrap_or_default(),
             },
             args.threads.or(cfg.threads),
@@ -465,16 +470,16 @@ fn try_main() -> anyhow::Result<i32> {
     // Nice is per thread: a low-priority pull with tokio's default blocking
     // pool (up to 512 threads writing, decompressing and hashing for 64
     // downloads) has dozens runnable at once, and their weights add up to
-    // a good share of the cores however low each is. At low priority the
-    // pull therefore runs on one thread per core, workers and blocking
-    // pool alike (measured in BENCHMARKS.md, "What a pull costs a serving
-    // web server"); --threads sets another count. The blocking pool gets
-    // a few threads more than that: some of its tasks wait rather than
-    // work (the in-place planner holds one for the whole listing, each DNS
-    // lookup takes one), and a pool of one would leave them waiting on
-    // each other on a one-core node.
+    // a good share of the cores however low each is. At low (and idle)
+    // priority the pull therefore runs on one thread per core, workers
+    // and blocking pool alike (measured in BENCHMARKS.md, "What a pull
+    // costs a serving web server"); --threads sets another count. The
+    // blocking pool gets a few threads more than that: some of its tasks
+    // wait rather than work (the in-place planner holds one for the whole
+    // listing, each DNS lookup takes one), and a pool of one would leave
+    // them waiting on each other on a one-core node.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let cap = threads.filter(|n| *n > 0).or((priority == fleetsync::priority::Priority::Low).then_some(cores));
+    let cap = threads.filter(|n| *n > 0).or((priority != fleetsync::priority::Priority::Normal).then_some(cores));
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cap {
         runtime.worker_threads(n).max_blocking_threads(n + WAITING_BLOCKING_TASKS);
