@@ -4,8 +4,9 @@
 //! cores and disk).
 //!
 //! Set on the process before its threads start (Linux keeps both per
-//! thread, and new threads inherit them), so every worker, the blocking
-//! pool and the hooks it runs get it. The systemd unit sets the same with
+//! thread, and new threads inherit them), so every worker and the
+//! blocking pool get it; the hooks it runs get the priority it was started
+//! with back ([`as_started`]). The systemd unit sets the same with
 //! `Nice=` and `IOSchedulingClass=`; this covers the pulls `fleetsync sync`
 //! starts through SSM or SSH, which run outside the unit. Never raised: a
 //! process started nicer than this stays as it was.
@@ -28,16 +29,16 @@ pub enum Priority {
     #[default]
     Low,
     /// As [`Priority::Low`], and the CPU scheduler's idle policy
-    /// (SCHED_IDLE): the pull gets a core's time only when nothing else
-    /// wants it (a share of 3 against a normal process's 1024), and a
-    /// request that wakes takes the core back as soon as the pull is out
-    /// of the kernel rather than sharing it by weight. Measured on 2 cores
-    /// with PHP-FPM using half of them, it took a cold pull's p99 cost
-    /// from 3.74x to 2.07x for a pull 1.25x longer than at normal
-    /// priority (BENCHMARKS.md). Not the default: on a node whose cores
-    /// are all busy the pull all but stops until one is free, and a
-    /// deploy (a hotfix for the code keeping them busy) runs into its
-    /// timeout.
+    /// (SCHED_IDLE): within its cgroup the pull gets a core's time only
+    /// when nothing else wants it (a share of 3 against a normal
+    /// process's 1024), and a request that wakes takes the core back as
+    /// soon as the pull is out of the kernel rather than sharing it by
+    /// weight. Measured on 2 cores with PHP-FPM using half of them, it
+    /// took a cold pull's p99 cost from 3.2-4.3x to 1.9-2.2x for a pull
+    /// 1.15-1.19x longer than at normal priority (BENCHMARKS.md). Not the
+    /// default: on a node whose cores stay busy the pull can be starved,
+    /// and a deploy (a hotfix for the code keeping them busy) runs into
+    /// its timeout.
     Idle,
     /// As started.
     Normal,
@@ -105,9 +106,10 @@ pub fn apply(p: Priority) -> Result<()> {
 /// Has `cmd` start at the priority the agent was started with, not the
 /// pull's: a hook may start or restart a long-running process (a PM2
 /// daemon, an application server) that must not inherit nice 10 or the
-/// idle policy. Leaving SCHED_IDLE needs a privilege (CAP_SYS_NICE, or an
-/// RLIMIT_NICE that allows it) an agent not run as root may lack: the
-/// command then fails to start, naming why, rather than run idle.
+/// idle policy. Both need a privilege to undo (CAP_SYS_NICE, or an
+/// RLIMIT_NICE that allows it) that an agent not run as root may lack:
+/// a hook then stays at nice 10, but never idle: it fails to start
+/// instead, and [`why_not_started`] says why.
 pub fn as_started(cmd: &mut tokio::process::Command) {
     let Some(&Started { nice, policy, rt_priority, changed_policy }) = STARTED.get() else { return };
     // SAFETY: between fork and exec only system calls run, which is what
@@ -126,4 +128,13 @@ pub fn as_started(cmd: &mut tokio::process::Command) {
             Ok(())
         });
     }
+}
+
+/// Why a command [`as_started`] prepared could not start, when the reason
+/// is this module's: the idle policy could not be left (EPERM).
+pub fn why_not_started(e: &std::io::Error) -> Option<&'static str> {
+    let changed = STARTED.get().is_some_and(|s| s.changed_policy);
+    (changed && e.raw_os_error() == Some(libc::EPERM)).then_some(
+        "leaving the idle CPU policy of --priority idle needs root or CAP_SYS_NICE: run the agent as root, or use --priority low",
+    )
 }

@@ -514,6 +514,31 @@ async fn a_pull_runs_at_low_priority_unless_told_otherwise_and_its_hooks_as_star
     let got: Vec<&str> = got.split_whitespace().collect();
     assert_eq!(got, ["IDL", "best-effort:", "prio", "7", "|", &*own.to_string(), &*own_class], "an idle pull, its hook as started");
 
+    // An agent that is not root may not leave SCHED_IDLE (nor raise its
+    // nice value back) for its hooks: rather than run the hook idle, the
+    // pull fails naming why, and nothing goes live. Run as nobody, from a
+    // copy of the binary it can reach.
+    let nobody = Node::new();
+    std::fs::set_permissions(nobody.tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bin = nobody.tmp.path().join("fleetsync-agent");
+    std::fs::copy(common::agent_bin(), &bin).unwrap();
+    let home = nobody.tmp.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["pull", &source, "--releases", "--release-id", "r1", "--priority", "idle", "--before-switch", "true", "--dest"])
+        .arg(home.join("www"))
+        .arg("--state-dir")
+        .arg(home.join("state"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("could not run sh: leaving the idle CPU policy of --priority idle needs root or CAP_SYS_NICE"), "{stderr}");
+    assert!(!home.join("www/current").exists(), "nothing went live");
+
     // One thread (a one-core node at low priority): the in-place planner
     // holds a blocking thread for the whole listing while the downloads
     // need more (a DNS lookup each, against a named endpoint; this world's

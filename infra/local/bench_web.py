@@ -29,7 +29,7 @@ N` runs them at nice N instead (0: as started).
 
 Each phase runs --repeat times, the phases taking turns (so that drift
 over the run hits them all alike); a phase's latencies are those of every
-request that ran wholly inside one of its pulls, and its pull time is
+request that overlapped one of its pulls, and its pull time is
 their median. One pull is a second or two and a few hundred requests, too
 few for a p99 on its own. The p99 with no pull is taken over the first
 --idle seconds and over 1.5 s starting 0.5 s after each pull's tree was
@@ -132,7 +132,7 @@ class Disk:
             return
         atexit.register(self.close)
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, lambda *_: sys.exit(143))
+            signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
         image = os.path.join(work, "disk.img")
         try:
             with open(image, "wb") as f:
@@ -177,12 +177,19 @@ def responses(log):
     return sorted(out)
 
 
+# The longest a response can take (the visitors' timeout in web.py): how
+# far before a window to look for the responses that overlap it.
+LONGEST = 10.0
+
+
 def latencies(rs, start, end):
-    """The latencies in ms of the responses `rs` wholly inside [start, end]."""
-    i = bisect.bisect_left(rs, (start,))
+    """The latencies in ms of the responses `rs` that overlap [start, end]:
+    every request the pull could have delayed (counting only those wholly
+    inside would leave slow ones out more often than fast ones)."""
+    i = bisect.bisect_left(rs, (start - LONGEST,))
     out = []
-    while i < len(rs) and rs[i][0] <= end:
-        if rs[i][1] <= end:
+    while i < len(rs) and rs[i][0] < end:
+        if rs[i][1] > start:
             out.append((rs[i][1] - rs[i][0]) * 1000)
         i += 1
     return out
