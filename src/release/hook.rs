@@ -44,10 +44,10 @@ pub(super) async fn run(cmd: &str, layout: &Layout, id: &str, previous: Option<&
         .spawn()
     {
         Ok(child) => child,
-        Err(e) => match crate::priority::why_not_started(&e) {
-            Some(why) => return failed(format!("could not run sh: {why}")),
-            None => return failed(format!("could not run sh: {e}")),
-        },
+        Err(e) => {
+            let why = crate::priority::why_not_started(&e).map_or_else(|| e.to_string(), str::to_string);
+            return failed(format!("could not run sh: {why}"));
+        }
     };
     // Both streams into one buffer, in the order they arrive.
     let output = Arc::new(Mutex::new(Vec::new()));
